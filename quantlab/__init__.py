@@ -1,0 +1,72 @@
+"""quantlab: low-bit quantization and compression of LLM weights.
+
+Public API (imported lazily so ``import quantlab`` loads neither transformers nor CUDA):
+
+* :func:`quantize` - quantize a transformers causal LM in place (RTN, GPTQ, ...).
+* :func:`load` - load a quantlab checkpoint directory as a transformers model.
+* :func:`save` - write a quantized model as safetensors + config.json, atomically.
+* :func:`replace_linear` - swap ``nn.Linear`` layers of any torch model for RTN ``QuantLinear``.
+* :class:`QuantLinear` - the drop-in quantized linear layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["QuantLinear", "load", "quantize", "replace_linear", "save", "__version__"]
+
+if TYPE_CHECKING:
+    import torch
+
+    from quantlab.nn.linear import QuantLinear
+    from quantlab.pipeline import QuantizationReport
+
+
+def quantize(
+    model: Any,
+    method: str = "rtn",
+    tokenizer: Any = None,
+    calib: Any = None,
+    device: Any = None,
+    progress: bool = True,
+    **options: Any,
+) -> QuantizationReport:
+    """Quantize ``model`` in place with ``method`` (options are that method's config fields)."""
+    from quantlab.config import METHODS
+    from quantlab.pipeline import quantize_model
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    return quantize_model(model, METHODS[method](**options), tokenizer, calib, device, progress)
+
+
+def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """Load a quantlab checkpoint directory (see :mod:`quantlab.export.checkpoint`)."""
+    import torch
+
+    from quantlab.export.checkpoint import load_quantized
+
+    return load_quantized(path, device=device, dtype=dtype or torch.float32)
+
+
+def save(model: Any, out_dir: str, report: QuantizationReport, tokenizer: Any = None) -> Any:
+    """Save a model quantized by :func:`quantize` (``report`` is what it returned)."""
+    from quantlab.export.checkpoint import save_quantized
+
+    return save_quantized(model, out_dir, report.method, report.config, tokenizer, report.to_dict())
+
+
+def replace_linear(model: Any, **options: Any) -> list[str]:
+    """See :func:`quantlab.pipeline.replace_linear`."""
+    from quantlab.pipeline import replace_linear as _replace
+
+    return _replace(model, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QuantLinear":
+        from quantlab.nn.linear import QuantLinear
+
+        return QuantLinear
+    raise AttributeError(f"module 'quantlab' has no attribute {name!r}")

@@ -1,0 +1,260 @@
+"""Sequential, block-by-block activation capture.
+
+The first decoder block's inputs are caught once (the model runs only as far as block 0). Then each
+block is processed alone: hooks on its linears feed :class:`~quantlab.calib.stats.HessianAccumulator`
+statistics to a caller-supplied ``on_group`` callback (which quantizes those linears in place), and
+the block is replayed with its *quantized* weights to produce the next block's inputs. Peak memory is
+one block plus the calibration activations, which can live on an offload device.
+
+A *sequential group* is a set of linears that read the same input tensor (q/k/v, gate/up). Groups are
+solved in forward order ("true sequential"), so each group's statistics see the already-quantized
+groups before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantlab.calib.stats import HessianAccumulator
+
+__all__ = [
+    "BlockInputs",
+    "GroupCallback",
+    "capture_block_inputs",
+    "move_to",
+    "run_block",
+    "run_sequential",
+]
+
+GroupCallback = Callable[[int, nn.Module, Sequence[str], dict[str, HessianAccumulator]], None]
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the wanted inputs are captured."""
+
+
+@dataclass
+class BlockInputs:
+    """The inputs of one decoder block for every calibration batch.
+
+    Attributes:
+        hidden: per batch, ``[b, L, D]`` hidden states (on the storage device).
+        kwargs: per batch, the keyword arguments the model passed to the block (attention mask,
+            rotary position embeddings, ...), on the storage device.
+    """
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def move_to(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    # transformers 5 blocks return the hidden states; 4.x returns a tuple headed by them.
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    samples: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    storage_device: torch.device | str = "cpu",
+) -> BlockInputs:
+    """Run the model on ``samples`` ``[S, L]`` only as far as ``blocks[0]`` and keep its inputs."""
+    captured = BlockInputs()
+
+    def catch(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.to(storage_device))
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kw["use_cache"] = False
+        kw["past_key_values"] = None
+        captured.kwargs.append(move_to(kw, storage_device))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, samples.shape[0], batch_size):
+            batch = samples[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured.hidden) == 0:
+        raise RuntimeError("the first decoder block was never called; cannot capture its inputs")
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> list[torch.Tensor]:
+    """Outputs of ``block`` for every batch of ``inputs`` (stored where the inputs are)."""
+    outs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        out = _block_output(block(hidden.to(device), **move_to(kwargs, device)))
+        outs.append(out.to(hidden.device))
+    return outs
+
+
+def _hook_group(
+    block: nn.Module,
+    group: Sequence[str],
+    stats: dict[str, HessianAccumulator],
+    after: Callable[[], None] | None,
+) -> torch.utils.hooks.RemovableHandle:
+    """Feed the group's shared input to every member's accumulator, then call ``after``."""
+    first = block.get_submodule(group[0])
+
+    def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        for name in group:
+            stats[name].add(x)
+        if after is not None:
+            after()
+
+    return first.register_forward_pre_hook(pre_hook)
+
+
+def _new_stats(block: nn.Module, group: Sequence[str], device: torch.device | str) -> dict[str, HessianAccumulator]:
+    stats = {}
+    for name in group:
+        linear = block.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is {type(linear).__name__}, expected nn.Linear")
+        stats[name] = HessianAccumulator(linear.in_features, device)
+    return stats
+
+
+@torch.no_grad()
+def _process_block_single_pass(
+    index: int,
+    block: nn.Module,
+    groups: Sequence[Sequence[str]],
+    inputs: BlockInputs,
+    device: torch.device | str,
+    on_group: GroupCallback,
+) -> list[torch.Tensor]:
+    """One batch: solve each group inside the forward pass, just before its first linear runs.
+
+    With a single batch, a group's statistics are complete as soon as its input tensor exists, so the
+    group can be quantized in its forward pre-hook and the rest of the same forward pass already
+    runs on quantized weights: one forward per block yields both the true-sequential statistics and
+    the quantized replay.
+    """
+    handles = []
+    for group in groups:
+        stats = _new_stats(block, group, device)
+
+        def solve(group: Sequence[str] = group, stats: dict[str, HessianAccumulator] = stats) -> None:
+            on_group(index, block, group, stats)
+
+        handles.append(_hook_group(block, group, stats, solve))
+    try:
+        return run_block(block, inputs, device)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _process_block_staged(
+    index: int,
+    block: nn.Module,
+    groups: Sequence[Sequence[str]],
+    inputs: BlockInputs,
+    device: torch.device | str,
+    on_group: GroupCallback,
+    true_sequential: bool,
+) -> list[torch.Tensor]:
+    """Several batches: one (truncated) pass per group to gather statistics, then a full replay."""
+    stages = [list(groups)] if not true_sequential else [[g] for g in groups]
+    for stage in stages:
+        all_stats = [_new_stats(block, group, device) for group in stage]
+        stop_after_last = true_sequential
+
+        def stop() -> None:
+            raise _StopForward
+
+        handles = [
+            _hook_group(block, group, stats, stop if stop_after_last else None)
+            for group, stats in zip(stage, all_stats, strict=True)
+        ]
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+                try:
+                    block(hidden.to(device), **move_to(kwargs, device))
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for group, stats in zip(stage, all_stats, strict=True):
+            on_group(index, block, group, stats)
+    return run_block(block, inputs, device)
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    groups: Sequence[Sequence[str]],
+    samples: torch.Tensor,
+    on_group: GroupCallback,
+    on_block_done: Callable[[int, nn.Module], None] | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    storage_device: torch.device | str = "cpu",
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> None:
+    """Quantize ``blocks`` one after another on calibration ``samples`` ``[S, L]``.
+
+    For each block, ``on_group(block_index, block, group_names, stats)`` is called once per sequential
+    group and must quantize those linears in place (their weights replaced by the quantized values);
+    then the block is replayed to produce the next block's inputs, and ``on_block_done`` is called
+    (e.g. to swap the linears for packed modules). Blocks are moved to ``device`` one at a time and
+    back to where they were afterwards.
+
+    ``batch_size`` defaults to all samples in one batch, which enables the single-pass mode.
+    """
+    n = samples.shape[0]
+    batch_size = n if batch_size is None else max(1, min(batch_size, n))
+    inputs = capture_block_inputs(model, blocks, samples, batch_size, device, storage_device)
+    single_pass = len(inputs.hidden) == 1 and true_sequential
+    for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
+        block = blocks[index]
+        home = next(block.parameters()).device
+        block.to(device)
+        if single_pass:
+            outs = _process_block_single_pass(index, block, groups, inputs, device, on_group)
+        else:
+            outs = _process_block_staged(index, block, groups, inputs, device, on_group, true_sequential)
+        if on_block_done is not None:
+            on_block_done(index, block)
+        block.to(home)
+        inputs = BlockInputs(hidden=outs, kwargs=inputs.kwargs)

@@ -1,0 +1,255 @@
+"""``quantlab`` command line: ``quantize`` a model and ``eval`` a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _add_eval_args(p: argparse.ArgumentParser, text_default: str) -> None:
+    p.add_argument("--text", default=text_default,
+                   help="evaluation text: wiki-eval (offline default), lee, a .txt/.json/.parquet file, "
+                        "or a hub dataset (wikitext2-test, hf:<id>)")
+    p.add_argument("--eval-windows", type=int, default=10, help="windows of --eval-seq-len tokens")
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="activation/compute dtype of the model")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model, save it, and evaluate it")
+    q.add_argument("--model", default="default",
+                   help="'default' (bundled SmolLM2-135M-Instruct), a local model directory, or a hub id")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per-channel")
+    q.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
+    q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    q.add_argument("--calib", default="wiki-calib", help="calibration text source")
+    q.add_argument("--calib-samples", type=int, default=32)
+    q.add_argument("--calib-seq-len", type=int, default=512)
+    q.add_argument("--calib-batch-size", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ Hessian damping")
+    q.add_argument("--no-act-order", action="store_true",
+                   help="GPTQ: quantize columns left to right instead of by descending Hessian "
+                        "diagonal (act-order uses static groups, so it costs nothing at inference)")
+    q.add_argument("--no-true-sequential", action="store_true")
+    q.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    q.add_argument("--skip-baseline", action="store_true", help="do not evaluate the unquantized model")
+    _add_eval_args(q, "wiki-eval")
+
+    e = sub.add_parser("eval", help="perplexity (and a generation smoke check) of a model")
+    e.add_argument("--model", required=True, help="checkpoint directory, 'default', or a hub id")
+    e.add_argument("--prompt", default="What is the capital of France?",
+                   help="prompt for the greedy generation smoke check ('' to skip)")
+    _add_eval_args(e, "wiki-eval")
+    return parser
+
+
+def _method_config(args: argparse.Namespace) -> Any:
+    from quantlab.config import GPTQConfig, RTNConfig
+
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype)
+    if args.method == "rtn":
+        return RTNConfig(**common)
+    return GPTQConfig(
+        **common,
+        damp_percent=args.damp_percent,
+        act_order=not args.no_act_order,
+        true_sequential=not args.no_true_sequential,
+    )
+
+
+def _eval_ppl(model: Any, tokens: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from quantlab.eval.perplexity import perplexity
+
+    return perplexity(model, tokens, args.eval_seq_len, args.eval_windows, progress=not args.no_progress).to_dict()
+
+
+def _linear_storage(model: Any) -> tuple[int, int]:
+    """(stored bits of quantized linears, their weight count)."""
+    from quantlab.nn.linear import QuantLinear
+
+    bits = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            bits += m.meta.storage_bits()
+            weights += m.in_features * m.out_features
+    return bits, weights
+
+
+def _dtype_bits(dtype: str) -> float:
+    return 32.0 if dtype == "float32" else 16.0
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _print_table(title: str, rows: list[tuple[str, str]], to_stderr: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console(stderr=to_stderr).print(table)
+
+
+def _fmt_ppl(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3f}"
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.config import CalibConfig
+    from quantlab.export.checkpoint import save_quantized
+    from quantlab.models.loading import load_model
+    from quantlab.pipeline import quantize_model
+
+    t0 = time.perf_counter()
+    config = _method_config(args)
+    calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size)
+    loaded = load_model(args.model, args.dtype, args.device)
+    if loaded.quantized:
+        raise ValueError(f"--model {args.model} is already a quantlab checkpoint")
+    model, tok = loaded.model, loaded.tokenizer
+    tokens = None
+    baseline = None
+    if not args.no_eval:
+        tokens = token_stream(tok, load_text(args.text))
+        if not args.skip_baseline:
+            baseline = _eval_ppl(model, tokens, args)
+    fp_linear_bytes = sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    report = quantize_model(
+        model, config, tok, calib, device=args.device, progress=not args.no_progress
+    )
+    after = _eval_ppl(model, tokens, args) if tokens is not None else None
+    stored_bits, n_weights = _linear_storage(model)
+    report_dict = report.to_dict() | {"ppl": after, "ppl_baseline": baseline, "model": loaded.name}
+    out = save_quantized(model, args.out, config.method, config.to_dict(), tok, report_dict)
+    seconds = time.perf_counter() - t0
+    result = {
+        "model": loaded.name,
+        "method": config.method,
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "sym": config.sym,
+        "out": str(out),
+        "ppl": after["ppl"] if after else None,
+        "ppl_baseline": baseline["ppl"] if baseline else None,
+        "eval_tokens": after["tokens"] if after else None,
+        "bits_per_weight": stored_bits / max(n_weights, 1),
+        "quantized_weights": n_weights,
+        "checkpoint_bytes": _dir_size(out),
+        "fp_linear_bytes": fp_linear_bytes,
+        "quantized_linear_bytes": stored_bits // 8,
+        "quantize_seconds": report.seconds,
+        "seconds": seconds,
+        "layers": [
+            {"name": layer.name, "loss": layer.loss, "seconds": layer.seconds} for layer in report.layers
+        ],
+    }
+    rows = [
+        ("model", loaded.name),
+        ("method", f"{config.method} W{config.bits} g{config.group_size} {'sym' if config.sym else 'asym'}"),
+        ("quantized linears", f"{len(report.layers)} ({n_weights / 1e6:.1f} M weights)"),
+        ("bits / weight", f"{result['bits_per_weight']:.3f}"),
+        ("linear weights", f"{fp_linear_bytes / 2**20:.1f} MiB -> {stored_bits / 8 / 2**20:.1f} MiB"),
+        ("checkpoint size", f"{result['checkpoint_bytes'] / 2**20:.1f} MiB"),
+        ("ppl before", _fmt_ppl(result["ppl_baseline"])),
+        ("ppl after", _fmt_ppl(result["ppl"])),
+    ]
+    if result["ppl"] and result["ppl_baseline"]:
+        rows.append(("ppl change", f"{100 * (result['ppl'] / result['ppl_baseline'] - 1):+.2f} %"))
+    if after:
+        rows.append(("eval tokens", f"{after['tokens']} ({args.text})"))
+    losses = [layer.loss for layer in report.layers if layer.loss is not None]
+    if losses:
+        rows.append(("mean layer loss", f"{sum(losses) / len(losses):.4g}"))
+    rows += [
+        ("quantize time", f"{report.seconds:.1f} s"),
+        ("total time", f"{seconds:.1f} s"),
+        ("output", str(out)),
+    ]
+    _print_table("quantlab quantize", rows, to_stderr=args.json)
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.eval.generation import generate_text
+    from quantlab.models.loading import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, args.dtype, args.device)
+    tokens = token_stream(loaded.tokenizer, load_text(args.text))
+    ppl = _eval_ppl(loaded.model, tokens, args)
+    sample = generate_text(loaded.model, loaded.tokenizer, args.prompt) if args.prompt else None
+    stored_bits, n_weights = _linear_storage(loaded.model)
+    result = {
+        "model": loaded.name,
+        "path": loaded.path,
+        "quantized": loaded.quantized,
+        "ppl": ppl["ppl"],
+        "eval_tokens": ppl["tokens"],
+        # An unquantized model stores its linears in the compute dtype.
+        "bits_per_weight": stored_bits / n_weights if n_weights else _dtype_bits(args.dtype),
+        "generation": sample,
+        "seconds": time.perf_counter() - t0,
+    }
+    rows = [
+        ("model", f"{loaded.name} ({'quantized' if loaded.quantized else 'unquantized'})"),
+        ("text", args.text),
+        ("ppl", _fmt_ppl(result["ppl"])),
+        ("eval tokens", str(result["eval_tokens"])),
+        ("bits / weight", f"{result['bits_per_weight']:.3f}"),
+    ]
+    if sample is not None:
+        rows.append(("generation", f"{args.prompt!r} -> {sample!r}"))
+    rows.append(("time", f"{result['seconds']:.1f} s"))
+    _print_table("quantlab eval", rows, to_stderr=args.json)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+    except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as exc:
+        if os.environ.get("QUANTLAB_DEBUG"):
+            raise
+        print(f"quantlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

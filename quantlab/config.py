@@ -1,0 +1,149 @@
+"""Frozen, self-validating, versioned method configurations, and the registry of methods."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from quantlab.solvers.base import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+__all__ = [
+    "METHODS",
+    "CalibConfig",
+    "GPTQConfig",
+    "GroupwiseIntConfig",
+    "RTNConfig",
+    "config_from_dict",
+]
+
+_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration tokens come from and how many.
+
+    Attributes:
+        source: a text source understood by :func:`quantlab.calib.data.load_text`.
+        n_samples: number of token windows.
+        seq_len: tokens per window.
+        seed: seed of the window offsets.
+        batch_size: windows per forward pass (``None`` = all at once, which is fastest).
+    """
+
+    source: str = "wiki-calib"
+    n_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupwiseIntConfig:
+    """Options shared by every method that emits the groupwise integer format."""
+
+    method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    needs_calibration: ClassVar[bool] = False
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = False
+    scale_dtype: str = "float16"
+    modules_to_not_convert: tuple[str, ...] = field(default=("lm_head",))
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), "
+                f"got {self.group_size}"
+            )
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}")
+        object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        return {"method": self.method, "version": self.version, **d}
+
+
+@dataclass(frozen=True)
+class RTNConfig(GroupwiseIntConfig):
+    """Round-to-nearest: each group rounded to its own min/max grid; no calibration."""
+
+    method: ClassVar[str] = "rtn"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(GroupwiseIntConfig):
+    """GPTQ: Hessian-aware column-by-column rounding with error feedback.
+
+    Attributes:
+        damp_percent: damping added to the Hessian diagonal, as a fraction of its mean.
+        block_size: columns per lazy batch update.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: with ``act_order``, fix each group's grid before the reordering so the
+            checkpoint needs no ``g_idx`` permutation at inference.
+        true_sequential: solve q/k/v, o, gate/up, down one after another within a block.
+    """
+
+    method: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = True
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.act_order and not self.static_groups:
+            raise ValueError(
+                "act_order without static_groups needs a per-column g_idx at inference, which the "
+                "groupwise_int format does not store; keep static_groups=True"
+            )
+
+
+METHODS: dict[str, type[GroupwiseIntConfig]] = {
+    RTNConfig.method: RTNConfig,
+    GPTQConfig.method: GPTQConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> GroupwiseIntConfig:
+    """Rebuild a method config from :meth:`GroupwiseIntConfig.to_dict` output."""
+    data = dict(data)
+    method = data.pop("method", None)
+    version = data.pop("version", 1)
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; known: {sorted(METHODS)}")
+    cls = METHODS[method]
+    if version != cls.version:
+        raise ValueError(f"{method} config version {version} is not supported (expected {cls.version})")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {method} config fields: {sorted(unknown)}")
+    if "modules_to_not_convert" in data:
+        data["modules_to_not_convert"] = tuple(data["modules_to_not_convert"])
+    return cls(**data)

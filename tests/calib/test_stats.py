@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlab.calib.stats import HessianAccumulator
+
+
+def test_streaming_hessian_matches_direct_computation() -> None:
+    torch.manual_seed(0)
+    chunks = [torch.randn(3, 17, 24, dtype=torch.float64) for _ in range(5)]
+    chunks.append(torch.randn(1, 5, 24, dtype=torch.float64))
+    acc = HessianAccumulator(24)
+    for c in chunks:
+        acc.add(c.to(torch.bfloat16).float())  # any float dtype is accepted
+    x = torch.cat([c.to(torch.bfloat16).double().reshape(-1, 24) for c in chunks])
+    direct = 2 * x.t() @ x / x.shape[0]
+    assert acc.n_tokens == x.shape[0]
+    # fp32 accumulation of ~100 rows: relative error a few fp32 ulps of the entries' magnitude.
+    torch.testing.assert_close(acc.hessian().double(), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_split_into_batches_does_not_change_the_result() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(64, 16)
+    a, b = HessianAccumulator(16), HessianAccumulator(16)
+    a.add(x)
+    for part in x.split(7):
+        b.add(part)
+    torch.testing.assert_close(a.hessian(), b.hessian(), rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_width_and_empty_are_clear_errors() -> None:
+    acc = HessianAccumulator(8)
+    with pytest.raises(ValueError, match=r"expected inputs \[\.\.\., 8\]"):
+        acc.add(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        acc.hessian()

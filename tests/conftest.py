@@ -1,0 +1,69 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before transformers / datasets are imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="quantlab-hf-home-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct as an fp32 safetensors directory (converted once)."""
+    from quantlab.models.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_path: Path):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+@pytest.fixture
+def default_model(default_model_path: Path) -> torch.nn.Module:
+    """A fresh fp32 copy of the default model (tests may quantize it in place)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    """A randomly initialised 2-block Llama with quantizable shapes (hidden 128, MLP 256)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -1,0 +1,49 @@
+"""The command line on the real bundled model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quantlab.cli import main
+
+pytestmark = pytest.mark.model
+
+FAST_EVAL = ["--eval-windows", "1", "--eval-seq-len", "256", "--no-progress", "--json"]
+
+
+def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rtn"
+    assert main(["quantize", "--model", "default", "--method", "rtn", "--bits", "4",
+                 "--group-size", "64", "--out", str(out), *FAST_EVAL]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "quantlab quantize" in captured.err  # the summary table goes to stderr with --json
+    # 4 + 16/64 + 4/64 = 4.3125, plus the padding of 9-group zero streams of K=576 rows to 2 words.
+    assert 4.3125 < result["bits_per_weight"] < 4.37
+    assert result["ppl_baseline"] < result["ppl"] < 2 * result["ppl_baseline"]
+    assert result["eval_tokens"] == 256 and result["seconds"] > 0
+    assert len(result["layers"]) == 210
+    assert (out / "model.safetensors").is_file() and (out / "quantlab_report.json").is_file()
+
+    assert main(["eval", "--model", str(out), "--prompt", "", *FAST_EVAL]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    # The reloaded checkpoint scores exactly what the in-memory quantized model scored.
+    assert evaluated["ppl"] == pytest.approx(result["ppl"], rel=1e-6)
+    assert evaluated["quantized"] is True
+
+
+def test_bad_group_size_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["quantize", "--model", "default", "--group-size", "128", "--out", str(tmp_path / "x"),
+                 "--no-eval", "--no-progress"])
+    assert code == 2
+    assert "group_size 128 does not divide in_features 576" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_directory_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", "--model", str(tmp_path / "nothing"), "--no-progress"])
+    assert code == 2
+    assert "no such directory" in capsys.readouterr().err
