@@ -1,18 +1,20 @@
 """Sequential, block-by-block activation capture.
 
 The first decoder block's inputs are caught once (the model runs only as far as block 0). Then each
-block is processed alone: hooks on its linears feed :class:`~quantlab.calib.stats.HessianAccumulator`
-statistics to a caller-supplied ``on_group`` callback (which quantizes those linears in place), and
-the block is replayed with its *quantized* weights to produce the next block's inputs. Peak memory is
-one block plus the calibration activations, which can live on an offload device.
+block is processed alone: hooks on its linears feed
+:class:`~quantlab.calib.stats.HessianAccumulator` statistics to a caller-supplied ``on_group``
+callback (which quantizes those linears in place), and the block is replayed with its *quantized*
+weights to produce the next block's inputs. Peak memory is one block plus the calibration
+activations, which can live on an offload device.
 
-A *sequential group* is a set of linears that read the same input tensor (q/k/v, gate/up). Groups are
-solved in forward order ("true sequential"), so each group's statistics see the already-quantized
-groups before it.
+A *sequential group* is a set of linears that read the same input tensor (q/k/v, gate/up). Groups
+are solved in forward order ("true sequential"), so each group's statistics see the
+already-quantized groups before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,10 +102,8 @@ def capture_block_inputs(
     try:
         for start in range(0, samples.shape[0], batch_size):
             batch = samples[start : start + batch_size].to(device)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     if len(captured.hidden) == 0:
@@ -112,7 +112,9 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device | str) -> list[torch.Tensor]:
+def run_block(
+    block: nn.Module, inputs: BlockInputs, device: torch.device | str
+) -> list[torch.Tensor]:
     """Outputs of ``block`` for every batch of ``inputs`` (stored where the inputs are)."""
     outs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
@@ -140,7 +142,9 @@ def _hook_group(
     return first.register_forward_pre_hook(pre_hook)
 
 
-def _new_stats(block: nn.Module, group: Sequence[str], device: torch.device | str) -> dict[str, HessianAccumulator]:
+def _new_stats(
+    block: nn.Module, group: Sequence[str], device: torch.device | str
+) -> dict[str, HessianAccumulator]:
     stats = {}
     for name in group:
         linear = block.get_submodule(name)
@@ -161,8 +165,8 @@ def _process_block_single_pass(
 ) -> list[torch.Tensor]:
     """One batch: solve each group inside the forward pass, just before its first linear runs.
 
-    With a single batch, a group's statistics are complete as soon as its input tensor exists, so the
-    group can be quantized in its forward pre-hook and the rest of the same forward pass already
+    With a single batch, a group's statistics are complete as soon as its input tensor exists, so
+    the group can be quantized in its forward pre-hook and the rest of the same forward pass already
     runs on quantized weights: one forward per block yields both the true-sequential statistics and
     the quantized replay.
     """
@@ -170,7 +174,9 @@ def _process_block_single_pass(
     for group in groups:
         stats = _new_stats(block, group, device)
 
-        def solve(group: Sequence[str] = group, stats: dict[str, HessianAccumulator] = stats) -> None:
+        def solve(
+            group: Sequence[str] = group, stats: dict[str, HessianAccumulator] = stats
+        ) -> None:
             on_group(index, block, group, stats)
 
         handles.append(_hook_group(block, group, stats, solve))
@@ -206,10 +212,8 @@ def _process_block_staged(
         ]
         try:
             for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-                try:
+                with contextlib.suppress(_StopForward):
                     block(hidden.to(device), **move_to(kwargs, device))
-                except _StopForward:
-                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -234,11 +238,11 @@ def run_sequential(
 ) -> None:
     """Quantize ``blocks`` one after another on calibration ``samples`` ``[S, L]``.
 
-    For each block, ``on_group(block_index, block, group_names, stats)`` is called once per sequential
-    group and must quantize those linears in place (their weights replaced by the quantized values);
-    then the block is replayed to produce the next block's inputs, and ``on_block_done`` is called
-    (e.g. to swap the linears for packed modules). Blocks are moved to ``device`` one at a time and
-    back to where they were afterwards.
+    For each block, ``on_group(block_index, block, group_names, stats)`` is called once per
+    sequential group and must quantize those linears in place (their weights replaced by the
+    quantized values); then the block is replayed to produce the next block's inputs, and
+    ``on_block_done`` is called (e.g. to swap the linears for packed modules). Blocks are moved to
+    ``device`` one at a time and back to where they were afterwards.
 
     ``batch_size`` defaults to all samples in one batch, which enables the single-pass mode.
     """
@@ -253,7 +257,9 @@ def run_sequential(
         if single_pass:
             outs = _process_block_single_pass(index, block, groups, inputs, device, on_group)
         else:
-            outs = _process_block_staged(index, block, groups, inputs, device, on_group, true_sequential)
+            outs = _process_block_staged(
+                index, block, groups, inputs, device, on_group, true_sequential
+            )
         if on_block_done is not None:
             on_block_done(index, block)
         block.to(home)

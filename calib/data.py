@@ -59,7 +59,8 @@ def _gensim_test_data() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the offline default text comes from the 'gensim' package; install it with: {_GENSIM_HINT}"
+            "the offline default text comes from the 'gensim' package; install it with: "
+            f"{_GENSIM_HINT}"
         )
     return Path(spec.origin).parent / "test" / "test_data"
 
@@ -120,7 +121,9 @@ def _file_text(path: Path) -> str:
         if "text" not in data.column_names:
             raise ValueError(f"{path}: expected a 'text' column, found {data.column_names}")
         return "\n\n".join(t for t in data["text"] if t)
-    raise ValueError(f"{path}: unsupported text file type {suffix!r} (use .txt, .json, .jsonl or .parquet)")
+    raise ValueError(
+        f"{path}: unsupported text file type {suffix!r} (use .txt, .json, .jsonl or .parquet)"
+    )
 
 
 def load_text(source: str) -> str:
@@ -148,7 +151,8 @@ def load_text(source: str) -> str:
         return _file_text(path)
     raise ValueError(
         f"unknown text source {source!r}: use wiki-calib, wiki-eval, lee, "
-        f"{', '.join(HUB_DATASETS)}, hf:<dataset id>, or a path to a .txt/.json/.jsonl/.parquet file"
+        f"{', '.join(HUB_DATASETS)}, hf:<dataset id>, or a path to a .txt/.json/.jsonl/.parquet "
+        "file"
     )
 
 

@@ -11,8 +11,8 @@ class HessianAccumulator:
     """Accumulate ``H = 2 X^T X / n`` over the rows of a stream of inputs, in fp32.
 
     ``X`` is every token's input vector (``[n, K]`` after flattening batch and sequence). The sum is
-    kept as a running average (``H <- H * n / (n + m) + 2 x^T x / (n + m)``) so its magnitude does not
-    grow with the token count, which keeps fp32 accurate over long calibration runs.
+    kept as a running average (``H <- H * n / (n + m) + 2 x^T x / (n + m)``) so its magnitude does
+    not grow with the token count, which keeps fp32 accurate over long calibration runs.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:

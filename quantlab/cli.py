@@ -14,16 +14,23 @@ __all__ = ["main"]
 
 
 def _add_eval_args(p: argparse.ArgumentParser, text_default: str) -> None:
-    p.add_argument("--text", default=text_default,
-                   help="evaluation text: wiki-eval (offline default), lee, a .txt/.json/.parquet file, "
-                        "or a hub dataset (wikitext2-test, hf:<id>)")
+    p.add_argument(
+        "--text",
+        default=text_default,
+        help="evaluation text: wiki-eval (offline default), lee, a .txt/.json/.parquet file, "
+        "or a hub dataset (wikitext2-test, hf:<id>)",
+    )
     p.add_argument("--eval-windows", type=int, default=10, help="windows of --eval-seq-len tokens")
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="activation/compute dtype of the model")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="activation/compute dtype of the model",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model, save it, and evaluate it")
-    q.add_argument("--model", default="default",
-                   help="'default' (bundled SmolLM2-135M-Instruct), a local model directory, or a hub id")
+    q.add_argument(
+        "--model",
+        default="default",
+        help="'default' (bundled SmolLM2-135M-Instruct), a local model directory, or a hub id",
+    )
     q.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per-channel")
@@ -45,18 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-batch-size", type=int, default=None)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ Hessian damping")
-    q.add_argument("--no-act-order", action="store_true",
-                   help="GPTQ: quantize columns left to right instead of by descending Hessian "
-                        "diagonal (act-order uses static groups, so it costs nothing at inference)")
+    q.add_argument(
+        "--no-act-order",
+        action="store_true",
+        help="GPTQ: quantize columns left to right instead of by descending Hessian "
+        "diagonal (act-order uses static groups, so it costs nothing at inference)",
+    )
     q.add_argument("--no-true-sequential", action="store_true")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    q.add_argument("--skip-baseline", action="store_true", help="do not evaluate the unquantized model")
+    q.add_argument(
+        "--skip-baseline", action="store_true", help="do not evaluate the unquantized model"
+    )
     _add_eval_args(q, "wiki-eval")
 
     e = sub.add_parser("eval", help="perplexity (and a generation smoke check) of a model")
     e.add_argument("--model", required=True, help="checkpoint directory, 'default', or a hub id")
-    e.add_argument("--prompt", default="What is the capital of France?",
-                   help="prompt for the greedy generation smoke check ('' to skip)")
+    e.add_argument(
+        "--prompt",
+        default="What is the capital of France?",
+        help="prompt for the greedy generation smoke check ('' to skip)",
+    )
     _add_eval_args(e, "wiki-eval")
     return parser
 
@@ -64,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 def _method_config(args: argparse.Namespace) -> Any:
     from quantlab.config import GPTQConfig, RTNConfig
 
-    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype)
+    common = dict(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype
+    )
     if args.method == "rtn":
         return RTNConfig(**common)
     return GPTQConfig(
@@ -78,7 +98,9 @@ def _method_config(args: argparse.Namespace) -> Any:
 def _eval_ppl(model: Any, tokens: Any, args: argparse.Namespace) -> dict[str, Any]:
     from quantlab.eval.perplexity import perplexity
 
-    return perplexity(model, tokens, args.eval_seq_len, args.eval_windows, progress=not args.no_progress).to_dict()
+    return perplexity(
+        model, tokens, args.eval_seq_len, args.eval_windows, progress=not args.no_progress
+    ).to_dict()
 
 
 def _linear_storage(model: Any) -> tuple[int, int]:
@@ -128,7 +150,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     config = _method_config(args)
-    calib = CalibConfig(args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size)
+    calib = CalibConfig(
+        args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
+    )
     loaded = load_model(args.model, args.dtype, args.device)
     if loaded.quantized:
         raise ValueError(f"--model {args.model} is already a quantlab checkpoint")
@@ -170,15 +194,23 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "quantize_seconds": report.seconds,
         "seconds": seconds,
         "layers": [
-            {"name": layer.name, "loss": layer.loss, "seconds": layer.seconds} for layer in report.layers
+            {"name": layer.name, "loss": layer.loss, "seconds": layer.seconds}
+            for layer in report.layers
         ],
     }
     rows = [
         ("model", loaded.name),
-        ("method", f"{config.method} W{config.bits} g{config.group_size} {'sym' if config.sym else 'asym'}"),
+        (
+            "method",
+            f"{config.method} W{config.bits} g{config.group_size} "
+            f"{'sym' if config.sym else 'asym'}",
+        ),
         ("quantized linears", f"{len(report.layers)} ({n_weights / 1e6:.1f} M weights)"),
         ("bits / weight", f"{result['bits_per_weight']:.3f}"),
-        ("linear weights", f"{fp_linear_bytes / 2**20:.1f} MiB -> {stored_bits / 8 / 2**20:.1f} MiB"),
+        (
+            "linear weights",
+            f"{fp_linear_bytes / 2**20:.1f} MiB -> {stored_bits / 8 / 2**20:.1f} MiB",
+        ),
         ("checkpoint size", f"{result['checkpoint_bytes'] / 2**20:.1f} MiB"),
         ("ppl before", _fmt_ppl(result["ppl_baseline"])),
         ("ppl after", _fmt_ppl(result["ppl"])),

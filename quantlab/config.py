@@ -73,7 +73,9 @@ class GroupwiseIntConfig:
                 f"got {self.group_size}"
             )
         if self.scale_dtype not in _SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}")
+            raise ValueError(
+                f"scale_dtype must be one of {_SCALE_DTYPES}, got {self.scale_dtype!r}"
+            )
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +141,9 @@ def config_from_dict(data: dict[str, Any]) -> GroupwiseIntConfig:
         raise ValueError(f"unknown quantization method {method!r}; known: {sorted(METHODS)}")
     cls = METHODS[method]
     if version != cls.version:
-        raise ValueError(f"{method} config version {version} is not supported (expected {cls.version})")
+        raise ValueError(
+            f"{method} config version {version} is not supported (expected {cls.version})"
+        )
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:

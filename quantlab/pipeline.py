@@ -100,8 +100,14 @@ def _quantize_rtn(
             )
             set_submodule(blocks[i], name, _packed_layer(result, linear, config, full))
             report.layers.append(
-                LayerReport(full, *linear.weight.shape, config.bits, config.group_size, None,
-                            time.perf_counter() - start)
+                LayerReport(
+                    full,
+                    *linear.weight.shape,
+                    config.bits,
+                    config.group_size,
+                    None,
+                    time.perf_counter() - start,
+                )
             )
 
 
@@ -121,7 +127,9 @@ def _quantize_gptq(
     spec = resolve(model)
     blocks = get_submodule(model, spec.blocks)
     scale_dtype = dtype_from_name(config.scale_dtype)
-    samples = calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)
+    samples = calibration_samples(
+        tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed
+    )
     pending: dict[str, GroupwiseIntResult] = {}
 
     def on_group(
@@ -150,14 +158,22 @@ def _quantize_gptq(
             linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
             pending[name] = result
             report.layers.append(
-                LayerReport(full, *linear.weight.shape, config.bits, config.group_size, result.loss,
-                            time.perf_counter() - start)
+                LayerReport(
+                    full,
+                    *linear.weight.shape,
+                    config.bits,
+                    config.group_size,
+                    result.loss,
+                    time.perf_counter() - start,
+                )
             )
 
     def on_block_done(index: int, block: nn.Module) -> None:
         for name, result in pending.items():
             linear = block.get_submodule(name)
-            set_submodule(block, name, _packed_layer(result, linear, config, f"{spec.blocks}.{index}.{name}"))
+            set_submodule(
+                block, name, _packed_layer(result, linear, config, f"{spec.blocks}.{index}.{name}")
+            )
         pending.clear()
 
     groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
@@ -223,11 +239,12 @@ def replace_linear(
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = ("lm_head",),
 ) -> list[str]:
-    """Swap every matching ``nn.Linear`` of any torch model for an RTN-quantized :class:`QuantLinear`.
+    """Swap every matching ``nn.Linear`` of any torch model for an RTN-quantized
+    :class:`QuantLinear`.
 
     Names are matched with shell-style patterns against the module's dotted path. Layers whose
-    ``in_features`` the group size does not divide raise ``ValueError`` (exclude them or pick another
-    group size). Returns the names of the replaced modules.
+    ``in_features`` the group size does not divide raise ``ValueError`` (exclude them or pick
+    another group size). Returns the names of the replaced modules.
     """
     config = RTNConfig(bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
     targets = [

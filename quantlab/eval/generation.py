@@ -10,7 +10,9 @@ __all__ = ["generate_text"]
 
 
 @torch.no_grad()
-def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24, chat: bool = True) -> str:
+def generate_text(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24, chat: bool = True
+) -> str:
     """Greedy continuation of ``prompt`` (through the chat template when the tokenizer has one)."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
@@ -26,6 +28,8 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -45,7 +45,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing files, truncated, corrupt, or of an unknown layout."""
 
 
-def quantization_config_of(model: nn.Module, method: str, method_config: dict[str, Any]) -> dict[str, Any]:
+def quantization_config_of(
+    model: nn.Module, method: str, method_config: dict[str, Any]
+) -> dict[str, Any]:
     """The ``quantization_config`` dict describing every :class:`QuantLinear` in ``model``."""
     modules = {
         name: {
@@ -98,7 +100,9 @@ def save_quantized(
     state = _state_dict_without_shared(model)
     out = Path(out_dir)
     with atomic_directory(out) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quantlab": FORMAT_NAME})
+        save_file(
+            state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quantlab": FORMAT_NAME}
+        )
         (tmp / WEIGHTS_NAME).chmod(0o644)
         config = model.config.to_dict()
         config["quantization_config"] = qconfig
@@ -130,7 +134,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise CheckpointError(
-            f"{path}: truncated safetensors file: {size} bytes, header promises {8 + header_len + end}"
+            f"{path}: truncated safetensors file: {size} bytes, "
+            f"header promises {8 + header_len + end}"
         )
     return header
 
@@ -149,7 +154,9 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "quantlab":
-        raise CheckpointError(f"{cfg_path}: no quantlab quantization_config (quant_method 'quantlab')")
+        raise CheckpointError(
+            f"{cfg_path}: no quantlab quantization_config (quant_method 'quantlab')"
+        )
     if qcfg.get("format") != FORMAT_NAME or qcfg.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{cfg_path}: format {qcfg.get('format')!r} v{qcfg.get('format_version')} is not "

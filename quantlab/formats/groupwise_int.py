@@ -69,11 +69,17 @@ class GroupwiseIntMeta:
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Expected ``{suffix: (shape, dtype)}`` of the packed tensors (bias excluded)."""
         shapes = {
-            "qweight": ((self.out_features, packed_words(self.in_features, self.bits)), torch.int32),
+            "qweight": (
+                (self.out_features, packed_words(self.in_features, self.bits)),
+                torch.int32,
+            ),
             "scales": ((self.out_features, self.n_groups), dtype_from_name(self.scale_dtype)),
         }
         if not self.sym:
-            shapes["qzeros"] = ((self.out_features, packed_words(self.n_groups, self.bits)), torch.int32)
+            shapes["qzeros"] = (
+                (self.out_features, packed_words(self.n_groups, self.bits)),
+                torch.int32,
+            )
         return shapes
 
     def storage_bits(self) -> int:
@@ -151,7 +157,9 @@ def unpack(packed: PackedGroupwiseInt) -> GroupwiseIntResult:
     return GroupwiseIntResult(
         q=unpack_bitstream(packed.qweight, m.bits, m.in_features),
         scales=packed.scales.to(torch.float32),
-        zeros=None if packed.qzeros is None else unpack_bitstream(packed.qzeros, m.bits, m.n_groups),
+        zeros=None
+        if packed.qzeros is None
+        else unpack_bitstream(packed.qzeros, m.bits, m.n_groups),
         bits=m.bits,
         group_size=m.group_size,
     )

@@ -2,9 +2,9 @@
 
 After :func:`register` (which ``quantlab.load`` calls), a directory written by
 :func:`quantlab.export.checkpoint.save_quantized` loads with plain
-``AutoModelForCausalLM.from_pretrained(path)``: transformers builds the model on the meta device, our
-quantizer swaps the listed linears for :class:`~quantlab.nn.linear.QuantLinear`, and transformers
-streams the packed tensors in.
+``AutoModelForCausalLM.from_pretrained(path)``: transformers builds the model on the meta device,
+our quantizer swaps the listed linears for :class:`~quantlab.nn.linear.QuantLinear`, and
+transformers streams the packed tensors in.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ class QuantlabConfig(QuantizationConfigMixin):
         self.config = dict(config or {})
         self.extra = kwargs
         if format != FORMAT_NAME:
-            raise ValueError(f"unsupported quantlab format {format!r} (this version reads {FORMAT_NAME!r})")
+            raise ValueError(
+                f"unsupported quantlab format {format!r} (this version reads {FORMAT_NAME!r})"
+            )
         if format_version != FORMAT_VERSION:
             raise ValueError(
                 f"quantlab {format} layout version {format_version} is not supported "
@@ -90,7 +92,9 @@ class QuantlabHfQuantizer(HfQuantizer):
             try:
                 linear = model.get_submodule(name)
             except AttributeError as exc:
-                raise ValueError(f"quantization_config lists {name!r}, which the model lacks") from exc
+                raise ValueError(
+                    f"quantization_config lists {name!r}, which the model lacks"
+                ) from exc
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"{name} is {type(linear).__name__}, expected nn.Linear")
             layer = QuantLinear(

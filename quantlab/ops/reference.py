@@ -50,7 +50,9 @@ def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise TypeError(f"pack_bitstream expects an integer tensor, got {values.dtype}")
     v = values.to(torch.int64)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
-        raise ValueError(f"values out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]")
+        raise ValueError(
+            f"values out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]"
+        )
     n = v.shape[-1]
     words = packed_words(n, bits)
     lead = v.shape[:-1]
@@ -65,7 +67,9 @@ def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
     spill = (shift + bits) > 32
     if bool(spill.any()):
         idx = spill.nonzero().squeeze(1)
-        out.scatter_add_(1, (word[idx] + 1).expand(flat.shape[0], -1), flat[:, idx] >> (32 - shift[idx]))
+        out.scatter_add_(
+            1, (word[idx] + 1).expand(flat.shape[0], -1), flat[:, idx] >> (32 - shift[idx])
+        )
     # Reinterpret the uint32 bit patterns as int32.
     out = torch.where(out >= (1 << 31), out - (1 << 32), out).to(torch.int32)
     return out.reshape(*lead, words)
@@ -122,7 +126,8 @@ def groupwise_int_dequant(
     Args:
         qweight: int32 ``[N, packed_words(K, bits)]``, one bitstream per output row.
         scales: float ``[N, G]`` with ``G = K // group_size`` (``1`` when ``group_size == -1``).
-        qzeros: int32 ``[N, packed_words(G, bits)]`` or ``None`` for symmetric (zero ``2**(bits-1)``).
+        qzeros: int32 ``[N, packed_words(G, bits)]``, or ``None`` for symmetric weights
+            (zero point ``2**(bits-1)``).
         bits: weight bit width.
         group_size: input columns per group, or ``-1`` for one group per row.
         in_features: ``K``.

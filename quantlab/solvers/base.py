@@ -27,7 +27,8 @@ class GroupwiseIntResult:
     Attributes:
         q: int32 ``[N, K]`` integers in ``[0, 2**bits)``.
         scales: fp32 ``[N, G]``; values are already representable in the storage dtype.
-        zeros: int32 ``[N, G]`` in ``[0, 2**bits)``, or ``None`` for symmetric (zero ``2**(bits-1)``).
+        zeros: int32 ``[N, G]`` in ``[0, 2**bits)``, or ``None`` for symmetric weights
+            (zero point ``2**(bits-1)``).
         bits: bit width.
         group_size: columns per group, ``-1`` for per-channel.
         loss: the solver's estimate of ``||W X - Q X||^2`` (``None`` when it has none).
@@ -57,7 +58,9 @@ class GroupwiseIntResult:
             if self.zeros is None
             else self.zeros.to(torch.float32)
         )
-        w = (self.q.to(torch.float32).view(n, k // g, g) - z.unsqueeze(-1)) * self.scales.unsqueeze(-1)
+        w = (self.q.to(torch.float32).view(n, k // g, g) - z.unsqueeze(-1)) * self.scales.unsqueeze(
+            -1
+        )
         return w.view(n, k)
 
 
@@ -69,7 +72,8 @@ def check_bits(bits: int) -> None:
 def check_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(
-            f"group_size must be one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), got {group_size}"
+            f"group_size must be one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), got "
+            f"{group_size}"
         )
     if group_size != -1 and in_features % group_size != 0:
         divisors = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or in_features % g == 0]
@@ -81,7 +85,9 @@ def check_group_size(group_size: int, in_features: int, name: str = "weight") ->
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     if weight.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"{name}: expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}"
+        )
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating-point weight, got {weight.dtype}")
     finite = torch.isfinite(weight)

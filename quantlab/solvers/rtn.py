@@ -49,7 +49,9 @@ def group_params(
     return scale, zero.to(torch.int32)
 
 
-def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_to_grid(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Integers ``clamp(round(w / s) + z, 0, 2**bits - 1)`` (broadcasting ``scale``/``zero``)."""
     maxq = (1 << bits) - 1
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)

@@ -18,7 +18,9 @@ def _samples() -> torch.Tensor:
 
 def test_captured_inputs_are_the_embedding_outputs(tiny_llama: nn.Module) -> None:
     x = _samples()
-    inputs = capture_block_inputs(tiny_llama, tiny_llama.model.layers, x, batch_size=2, device="cpu")
+    inputs = capture_block_inputs(
+        tiny_llama, tiny_llama.model.layers, x, batch_size=2, device="cpu"
+    )
     assert len(inputs.hidden) == 2 and inputs.n_tokens == 3 * 24
     with torch.no_grad():
         ref = tiny_llama(x, output_hidden_states=True).hidden_states[0]
@@ -41,7 +43,9 @@ def _direct_hessians(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 2])
-def test_sequential_statistics_match_a_plain_forward(tiny_llama: nn.Module, batch_size: int | None) -> None:
+def test_sequential_statistics_match_a_plain_forward(
+    tiny_llama: nn.Module, batch_size: int | None
+) -> None:
     """Without quantization, block-by-block replay must see exactly the model's own activations."""
     x = _samples()
     direct = _direct_hessians(tiny_llama, x)
@@ -52,8 +56,15 @@ def test_sequential_statistics_match_a_plain_forward(tiny_llama: nn.Module, batc
         for name in group:
             seen[f"{i}.{name}"] = stats[name].hessian()
 
-    run_sequential(tiny_llama, tiny_llama.model.layers, spec.sequential_groups, x, on_group,
-                   batch_size=batch_size, progress=False)
+    run_sequential(
+        tiny_llama,
+        tiny_llama.model.layers,
+        spec.sequential_groups,
+        x,
+        on_group,
+        batch_size=batch_size,
+        progress=False,
+    )
     assert set(seen) == set(direct)
     for key in direct:
         torch.testing.assert_close(seen[key], direct[key], rtol=1e-4, atol=1e-5)
@@ -69,15 +80,23 @@ def test_single_pass_and_staged_modes_agree_when_quantizing(tiny_llama: nn.Modul
         model.load_state_dict(tiny_llama.state_dict())
         seen: dict[str, torch.Tensor] = {}
 
-        def on_group(i: int, block: nn.Module, group: Sequence[str], stats: dict,
-                     seen: dict = seen) -> None:
+        def on_group(
+            i: int, block: nn.Module, group: Sequence[str], stats: dict, seen: dict = seen
+        ) -> None:
             for name in group:
                 seen[f"{i}.{name}"] = stats[name].hessian().clone()
                 linear = block.get_submodule(name)
                 linear.weight.data.copy_(rtn_quantize(linear.weight, 2, 32).dequantize())
 
-        run_sequential(model, model.model.layers, spec.sequential_groups, x, on_group,
-                       batch_size=batch_size, progress=False)
+        run_sequential(
+            model,
+            model.model.layers,
+            spec.sequential_groups,
+            x,
+            on_group,
+            batch_size=batch_size,
+            progress=False,
+        )
         results.append(seen)
     fp = _direct_hessians(tiny_llama, x)
     for key in fp:

@@ -16,8 +16,25 @@ FAST_EVAL = ["--eval-windows", "1", "--eval-seq-len", "256", "--no-progress", "-
 
 def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rtn"
-    assert main(["quantize", "--model", "default", "--method", "rtn", "--bits", "4",
-                 "--group-size", "64", "--out", str(out), *FAST_EVAL]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                "default",
+                "--method",
+                "rtn",
+                "--bits",
+                "4",
+                "--group-size",
+                "64",
+                "--out",
+                str(out),
+                *FAST_EVAL,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert "quantlab quantize" in captured.err  # the summary table goes to stderr with --json
@@ -35,15 +52,30 @@ def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert evaluated["quantized"] is True
 
 
-def test_bad_group_size_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["quantize", "--model", "default", "--group-size", "128", "--out", str(tmp_path / "x"),
-                 "--no-eval", "--no-progress"])
+def test_bad_group_size_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "quantize",
+            "--model",
+            "default",
+            "--group-size",
+            "128",
+            "--out",
+            str(tmp_path / "x"),
+            "--no-eval",
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "group_size 128 does not divide in_features 576" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
-def test_missing_model_directory_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_model_directory_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["eval", "--model", str(tmp_path / "nothing"), "--no-progress"])
     assert code == 2
     assert "no such directory" in capsys.readouterr().err

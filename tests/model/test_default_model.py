@@ -20,8 +20,9 @@ def eval_tokens(default_tokenizer) -> torch.Tensor:  # noqa: ANN001
     return token_stream(default_tokenizer, load_text("wiki-eval"))
 
 
-def test_rtn_w4_degrades_mildly_and_round_trips(default_model, default_tokenizer, eval_tokens,
-                                                tmp_path: Path) -> None:  # noqa: ANN001
+def test_rtn_w4_degrades_mildly_and_round_trips(
+    default_model, default_tokenizer, eval_tokens, tmp_path: Path
+) -> None:  # noqa: ANN001
     fp = perplexity(default_model, eval_tokens, seq_len=512, max_windows=2, progress=False).ppl
     report = quantlab.quantize(default_model, "rtn", bits=4, group_size=64, progress=False)
     assert len(report.layers) == 30 * 7
@@ -38,8 +39,11 @@ def test_rtn_w4_degrades_mildly_and_round_trips(default_model, default_tokenizer
 
 
 def test_group_128_is_refused_with_the_layers_that_would_work(default_model) -> None:  # noqa: ANN001
-    with pytest.raises(ValueError, match=r"group_size 128 does not divide in_features 576 of "
-                                         r"model\.layers\.0\.self_attn\.q_proj.*\[-1, 32, 64\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"group_size 128 does not divide in_features 576 of "
+        r"model\.layers\.0\.self_attn\.q_proj.*\[-1, 32, 64\]",
+    ):
         quantlab.quantize(default_model, "rtn", bits=4, group_size=128, progress=False)
 
 
@@ -54,7 +58,9 @@ def test_unsupported_architecture_says_what_to_add() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*quantlab/models/arch.py"):
+    with pytest.raises(
+        ValueError, match="unsupported architecture 'gpt2'.*quantlab/models/arch.py"
+    ):
         quantlab.quantize(model, "rtn", progress=False)
 
 

@@ -10,7 +10,9 @@ from quantlab.nn import QuantLinear
 from quantlab.solvers.rtn import rtn_quantize
 
 
-def _layer(out_f: int, in_f: int, bits: int, group: int, sym: bool, bias: bool) -> tuple[QuantLinear, torch.Tensor]:
+def _layer(
+    out_f: int, in_f: int, bits: int, group: int, sym: bool, bias: bool
+) -> tuple[QuantLinear, torch.Tensor]:
     torch.manual_seed(out_f + in_f + bits)
     w = torch.randn(out_f, in_f)
     b = torch.randn(out_f) if bias else None
@@ -18,19 +20,25 @@ def _layer(out_f: int, in_f: int, bits: int, group: int, sym: bool, bias: bool) 
     return QuantLinear.from_packed(pack(result), b), result.dequantize()
 
 
-@pytest.mark.parametrize(("out_f", "in_f", "bits", "group", "sym", "bias"), [
-    (7, 64, 4, 32, False, True),
-    (33, 192, 3, 64, True, False),
-    (96, 576, 4, 64, False, True),
-    (16, 128, 2, -1, False, False),
-    (5, 96, 8, 32, True, True),
-])
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "bits", "group", "sym", "bias"),
+    [
+        (7, 64, 4, 32, False, True),
+        (33, 192, 3, 64, True, False),
+        (96, 576, 4, 64, False, True),
+        (16, 128, 2, -1, False, False),
+        (5, 96, 8, 32, True, True),
+    ],
+)
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 5)])
-def test_forward_matches_dense_reference(out_f: int, in_f: int, bits: int, group: int, sym: bool,
-                                         bias: bool, lead: tuple[int, ...]) -> None:
+def test_forward_matches_dense_reference(
+    out_f: int, in_f: int, bits: int, group: int, sym: bool, bias: bool, lead: tuple[int, ...]
+) -> None:
     layer, w = _layer(out_f, in_f, bits, group, sym, bias)
     x = torch.randn(*lead, in_f)
-    ref = torch.nn.functional.linear(x.double(), w.double(), None if layer.bias is None else layer.bias.double())
+    ref = torch.nn.functional.linear(
+        x.double(), w.double(), None if layer.bias is None else layer.bias.double()
+    )
     y = layer(x)
     assert y.shape == (*lead, out_f) and y.dtype == torch.float32
     # fp32 accumulation over K terms: error bounded by K * eps * sum|x||w| (loosely, 1e-5 relative).
@@ -64,12 +72,17 @@ def test_state_dict_round_trip_and_dequantized_weight() -> None:
     assert torch.equal(fresh(x), layer(x))
     assert torch.equal(fresh.dequantized_weight(), w)
     assert set(layer.state_dict()) == {"qweight", "scales", "qzeros", "bias"}
-    assert set(QuantLinear(64, 12, bias=False, sym=True, group_size=32).state_dict()) == {"qweight", "scales"}
+    assert set(QuantLinear(64, 12, bias=False, sym=True, group_size=32).state_dict()) == {
+        "qweight",
+        "scales",
+    }
 
 
 def test_replace_linear_on_any_torch_model() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
     x = torch.randn(5, 64)
     ref = model(x)
     replaced = quantlab.replace_linear(model, bits=8, group_size=32, exclude=("4",))

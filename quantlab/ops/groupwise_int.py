@@ -1,0 +1,119 @@
+"""``torch.ops.quantlab.groupwise_int_*``: compiled kernels where built, the PyTorch reference
+elsewhere.
+
+The op schemas are defined by the compiled extension when it is present; otherwise (and for any
+device the build has no kernel for, e.g. CUDA tensors with a CPU-only build) the reference
+implementations in :mod:`quantlab.ops.reference` are registered under the same names, so callers
+always go through one op. Fake (meta) implementations make the ops traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantlab.ops import reference
+from quantlab.ops._extension import has_kernel, load_extension
+
+__all__ = ["backend", "dequant", "matmul"]
+
+_SCHEMAS = {
+    "groupwise_int_dequant": (
+        "groupwise_int_dequant(Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+        "int group_size, int in_features, ScalarType out_dtype) -> Tensor"
+    ),
+    "groupwise_int_mm": (
+        "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+        "int group_size) -> Tensor"
+    ),
+}
+_REFERENCES = {
+    "groupwise_int_dequant": reference.groupwise_int_dequant,
+    "groupwise_int_mm": reference.groupwise_int_mm,
+}
+_LIBS: list[torch.library.Library] = []  # keep the registrations alive
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.quantlab, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _register() -> None:
+    load_extension()
+    missing = [name for name in _SCHEMAS if not _op_defined(name)]
+    if missing:
+        lib = torch.library.Library("quantlab", "FRAGMENT")
+        for name in missing:
+            lib.define(_SCHEMAS[name])
+        _LIBS.append(lib)
+    impl = torch.library.Library("quantlab", "IMPL")
+    for name, ref in _REFERENCES.items():
+        for key in ("CPU", "CUDA"):
+            compiled = has_kernel(name, key)
+            _KERNELS[(name, key)] = compiled
+            if not compiled:
+                impl.impl(name, ref, key)
+    _LIBS.append(impl)
+
+    @torch.library.register_fake("quantlab::groupwise_int_dequant")
+    def _dequant_fake(
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        qzeros: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return qweight.new_empty((qweight.shape[0], in_features), dtype=out_dtype)
+
+    @torch.library.register_fake("quantlab::groupwise_int_mm")
+    def _mm_fake(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        qzeros: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+_register()
+
+
+def backend(device_type: str) -> str:
+    """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+    return f"{device_type}-kernel" if _KERNELS.get(("groupwise_int_mm", key)) else "reference"
+
+
+def dequant(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense ``[N, K]`` weight; layout in :func:`quantlab.ops.reference.groupwise_int_dequant`."""
+    return torch.ops.quantlab.groupwise_int_dequant(
+        qweight, scales, qzeros, bits, group_size, in_features, out_dtype
+    )
+
+
+def matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype``; see :mod:`quantlab.ops.reference`."""
+    return torch.ops.quantlab.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
