@@ -1,0 +1,106 @@
+// torch bindings of the groupwise integer kernels: schemas, argument checks, CPU implementations.
+// This directory is the only part of csrc/ that includes torch headers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "bindings/groupwise_int_checks.h"
+#include "groupwise_int/cpu_kernels.h"
+
+namespace quantlab {
+namespace {
+
+groupwise_int::CpuParams cpu_params(const GroupwiseIntArgs& a, const at::Tensor& qweight,
+                                    const at::Tensor& scales32,
+                                    const c10::optional<at::Tensor>& qzeros) {
+  groupwise_int::CpuParams p{};
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  p.scales = scales32.data_ptr<float>();
+  p.qzeros = qzeros.has_value() ? reinterpret_cast<const uint32_t*>(qzeros->data_ptr<int32_t>())
+                                : nullptr;
+  p.n = a.n;
+  p.k = a.k;
+  p.group_size = a.group_size;
+  p.bits = static_cast<int>(a.bits);
+  return p;
+}
+
+// Rows per task: enough work per task to amortise scheduling, small enough to balance 2+ threads.
+int64_t row_grain(int64_t k) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)); }
+
+at::Tensor dequant_cpu(const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& qzeros, int64_t bits, int64_t group_size,
+                       int64_t in_features, at::ScalarType out_dtype) {
+  const GroupwiseIntArgs a =
+      check_groupwise_int(qweight, scales, qzeros, bits, group_size, in_features, "cpu");
+  const at::Tensor qw = qweight.contiguous();
+  const at::Tensor s32 = scales.to(at::kFloat).contiguous();
+  const c10::optional<at::Tensor> qz =
+      qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
+  at::Tensor out = at::empty({a.n, a.k}, qweight.options().dtype(at::kFloat));
+  const groupwise_int::CpuParams p = cpu_params(a, qw, s32, qz);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, a.n, row_grain(a.k), [&](int64_t begin, int64_t end) {
+    groupwise_int::dequant_cpu(p, dst, begin, end);
+  });
+  return out_dtype == at::kFloat ? out : out.to(out_dtype);
+}
+
+at::Tensor mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const c10::optional<at::Tensor>& qzeros, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "groupwise_int_mm: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "groupwise_int_mm: x must be on the CPU, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "groupwise_int_mm: x must be floating point, got ", x.scalar_type());
+  const GroupwiseIntArgs a =
+      check_groupwise_int(qweight, scales, qzeros, bits, group_size, x.size(1), "cpu");
+  const int64_t m = x.size(0);
+  if (m > kGemvMaxRows) {
+    // Past a few rows the matmul is compute-bound: dequantize once and use the BLAS GEMM.
+    const at::Tensor w = dequant_cpu(qweight, scales, qzeros, bits, group_size, a.k, at::kFloat);
+    return at::matmul(x.to(at::kFloat), w.t()).to(x.scalar_type());
+  }
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor qw = qweight.contiguous();
+  const at::Tensor s32 = scales.to(at::kFloat).contiguous();
+  const c10::optional<at::Tensor> qz =
+      qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
+  const groupwise_int::CpuParams p = cpu_params(a, qw, s32, qz);
+  at::Tensor xsum = at::empty({m, a.k / a.group_size}, x32.options());
+  groupwise_int::group_sums_cpu(p, x32.data_ptr<float>(), m, xsum.data_ptr<float>());
+  at::Tensor y = at::empty({m, a.n}, x32.options());
+  const float* xp = x32.data_ptr<float>();
+  const float* sp = xsum.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, a.n, row_grain(a.k), [&](int64_t begin, int64_t end) {
+    groupwise_int::gemv_cpu(p, xp, sp, m, yp, begin, end);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+std::string cpu_path(int64_t bits, int64_t group_size, int64_t in_features) {
+  groupwise_int::CpuParams p{};
+  p.bits = static_cast<int>(bits);
+  p.k = in_features;
+  p.group_size = group_size == -1 ? in_features : group_size;
+  return groupwise_int::gemv_cpu_path(p);
+}
+
+}  // namespace
+}  // namespace quantlab
+
+TORCH_LIBRARY(quantlab, m) {
+  m.def(
+      "groupwise_int_dequant(Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+      "int group_size, int in_features, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+      "int group_size) -> Tensor");
+  m.def("groupwise_int_cpu_path(int bits, int group_size, int in_features) -> str",
+        &quantlab::cpu_path);
+}
+
+TORCH_LIBRARY_IMPL(quantlab, CPU, m) {
+  m.impl("groupwise_int_dequant", &quantlab::dequant_cpu);
+  m.impl("groupwise_int_mm", &quantlab::mm_cpu);
+}

@@ -1,0 +1,81 @@
+"""Build of quantlab and its extension ``quantlab._C``.
+
+Environment knobs:
+
+* ``QUANTLAB_BUILD_EXT=0``: pure-Python install (every op then runs its PyTorch reference).
+* ``FORCE_CUDA=1``: build the CUDA kernels even if no GPU is visible (needs nvcc and a CUDA build of
+  torch). Without it, CUDA kernels are built when torch is a CUDA build and nvcc is found.
+* ``TORCH_CUDA_ARCH_LIST``: default ``8.0;8.6;8.9;9.0a``.
+* ``MAX_JOBS``: parallel compile jobs (ninja).
+
+Build with ``pip install -e . --no-build-isolation`` (or ``python setup.py build_ext --inplace``)
+so the extension links against the torch that is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("FORCE_CUDA") == "1":
+        return True
+    if os.environ.get("FORCE_CUDA") == "0":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and shutil.which("nvcc") is not None
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("QUANTLAB_BUILD_EXT", "1") == "0":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cpu_sources = [s for s in _sources("**/*.cpp") if not s.endswith("_cuda.cpp")]
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    include_dirs = [str(CSRC)]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0a")
+        sources = cpu_sources + _sources("**/*_cuda.cpp") + _sources("**/*.cu")
+        ext = CUDAExtension(
+            "quantlab._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("QUANTLAB_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+        )
+    else:
+        ext = CppExtension(
+            "quantlab._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["quantlab", "quantlab.*"], exclude=["quantlab.calib*"])
+    + ["quantlab.calib"],
+    package_dir={"quantlab.calib": "calib"},
+    package_data={"quantlab.calib": ["texts/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,152 @@
+"""Compiled groupwise-int kernels against the PyTorch reference (the layout's specification)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantlab.formats.groupwise_int import pack
+from quantlab.ops import groupwise_int as ops
+from quantlab.ops import reference
+from quantlab.ops._extension import extension_error, has_kernel
+from quantlab.solvers.rtn import rtn_quantize
+from tests.shapes import M_VALUES, NK_SHAPES
+from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
+
+ROOT = Path(__file__).resolve().parents[2]
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not has_kernel("groupwise_int_mm", "cpu"), reason=f"CPU kernel not built: {extension_error()}"
+)
+
+
+def _case(n: int, k: int, bits: int, group: int, sym: bool, device: str = "cpu") -> tuple:
+    torch.manual_seed(n * 7919 + k * 31 + bits)
+    r = rtn_quantize(torch.randn(n, k), bits, group, sym)
+    p = pack(r)
+    to = {"device": device}
+    qz = None if p.qzeros is None else p.qzeros.to(**to)
+    return p.qweight.to(**to), p.scales.to(**to), qz, r.dequantize().to(**to)
+
+
+PARAMS = [
+    (bits, group, sym)
+    for bits in (2, 3, 4, 8)
+    for group in (32, 64, 128, -1)
+    for sym in (False, True)
+]
+
+
+def _groups_ok(k: int, group: int) -> bool:
+    return group == -1 or k % group == 0
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("bits", "group", "sym"), PARAMS)
+@pytest.mark.parametrize(("n", "k"), NK_SHAPES)
+def test_cpu_dequant_is_exact(n: int, k: int, bits: int, group: int, sym: bool) -> None:
+    if not _groups_ok(k, group):
+        pytest.skip("group does not divide K")
+    qw, s, qz, dense = _case(n, k, bits, group, sym)
+    out = ops.dequant(qw, s, qz, bits, group, k, torch.float32)
+    assert torch.equal(out, reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32))
+    assert torch.equal(out, dense)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("bits", "group", "sym"), PARAMS)
+@pytest.mark.parametrize(("n", "k"), NK_SHAPES)
+@pytest.mark.parametrize("m", M_VALUES)
+def test_cpu_matmul_matches_fp64_oracle(m: int, n: int, k: int, bits: int, group: int, sym: bool) -> None:
+    if not _groups_ok(k, group):
+        pytest.skip("group does not divide K")
+    qw, s, qz, dense = _case(n, k, bits, group, sym)
+    x = torch.randn(m, k)
+    y = ops.matmul(x, qw, s, qz, bits, group)
+    oracle = x.double() @ dense.double().t()
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all())
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+def test_cpu_matmul_low_precision_activations(dtype: torch.dtype, m: int) -> None:
+    qw, s, qz, dense = _case(96, 576, 4, 64, False)
+    x = torch.randn(m, 576).to(dtype)
+    y = ops.matmul(x, qw, s, qz, 4, 64)
+    assert y.dtype == dtype
+    oracle = x.double() @ dense.double().t()
+    torch_err = ((x @ dense.to(dtype).t()).double() - oracle).abs().max()
+    assert float((y.double() - oracle).abs().max()) <= 2 * float(torch_err) + LOW_PRECISION_SLACK
+
+
+@needs_cpu_kernel
+def test_cpu_path_is_vectorized_where_expected() -> None:
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("CPU without AVX2")
+    assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == "avx2"
+    assert torch.ops.quantlab.groupwise_int_cpu_path(3, 64, 576) == "scalar"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.update(bits=5), "bits must be 2, 3, 4 or 8"),
+        (lambda a: a.update(group=100), "group_size 100 does not divide in_features 576"),
+        (lambda a: a.update(qw=a["qw"][:, :-1].contiguous()), r"qweight must be \[N, 72\]"),
+        (lambda a: a.update(qw=a["qw"].float()), "qweight must be int32"),
+        (lambda a: a.update(s=a["s"][:, :3]), r"scales must be \[16, 9\]"),
+        (lambda a: a.update(qz=a["qz"][:1]), r"qzeros must be \[16, 2\]"),
+    ],
+)
+def test_bad_arguments_are_named(mutate, message: str) -> None:  # noqa: ANN001
+    qw, s, qz, _ = _case(16, 576, 4, 64, False)
+    args = {"qw": qw, "s": s, "qz": qz, "bits": 4, "group": 64}
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.quantlab.groupwise_int_mm(
+            torch.randn(2, 576), args["qw"], args["s"], args["qz"], args["bits"], args["group"]
+        )
+
+
+def test_compile_traces_the_op() -> None:
+    qw, s, qz, dense = _case(24, 128, 4, 32, False)
+    fn = torch.compile(lambda x: ops.matmul(x, qw, s, qz, 4, 32) * 2, fullgraph=True)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(fn(x), 2 * ops.matmul(x, qw, s, qz, 4, 32))
+
+
+def test_kernels_are_torch_free() -> None:
+    """Only csrc/bindings/ may include torch headers; kernels take raw pointers."""
+    offenders = []
+    for path in (ROOT / "csrc").rglob("*"):
+        if path.suffix in {".h", ".cuh", ".cpp", ".cu"} and "bindings" not in path.parts:
+            if re.search(r"#include\s*[<\"](torch|ATen|c10)/", path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bits", "group", "sym"), PARAMS)
+@pytest.mark.parametrize(("n", "k"), NK_SHAPES)
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_matmul_matches_oracle(m: int, n: int, k: int, bits: int, group: int, sym: bool,
+                                    dtype: torch.dtype) -> None:
+    if not _groups_ok(k, group):
+        pytest.skip("group does not divide K")
+    qw, s, qz, dense = _case(n, k, bits, group, sym, "cuda")
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    assert torch.equal(ops.dequant(qw, s, qz, bits, group, k, torch.float32), dense)
+    y = ops.matmul(x, qw, s, qz, bits, group)
+    oracle = x.double() @ dense.double().t()
+    if dtype == torch.float32:
+        assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all())
+    else:
+        torch_err = ((x @ dense.to(dtype).t()).double() - oracle).abs().max()
+        assert float((y.double() - oracle).abs().max()) <= 2 * float(torch_err) + LOW_PRECISION_SLACK
