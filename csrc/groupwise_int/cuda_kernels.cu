@@ -1,0 +1,189 @@
+// Groupwise-int CUDA kernels: dequantization and a warp-per-row GEMV for batches of 1-8.
+//
+// GEMV: one warp owns one output row. Each lane walks the row in chunks of 8 consecutive weights
+// (one 32-bit word at 4 bits), so a warp reads 32 consecutive words (128 contiguous bytes) per step
+// and every weight is read exactly once for all M rows of x. A chunk never spans two groups when
+// the group size is a multiple of 8 (all supported group sizes are), so the scale and zero are
+// loaded once per chunk. Partial sums are reduced with warp shuffles.
+//
+// This is the portable baseline every later kernel (tensor-core GEMM, split-K) is checked against;
+// it is correct for any K (a scalar tail handles K % 8) and any bit width, including 3-bit values
+// that straddle words.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common/bitstream.h"
+#include "groupwise_int/cuda_kernels.cuh"
+
+namespace quantlab::groupwise_int {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 8;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float zero_point(const CudaWeight& w, int64_t row, int64_t g) {
+  if (w.qzeros == nullptr) return static_cast<float>(1u << (w.bits - 1));
+  const int64_t groups = w.k / w.group_size;
+  return static_cast<float>(
+      extract_value(w.qzeros + row * packed_words(groups, w.bits), g, w.bits));
+}
+
+template <typename T>
+__global__ void dequant_kernel(CudaWeight w, T* __restrict__ out) {
+  const int64_t total = w.n * w.k;
+  const int64_t groups = w.k / w.group_size;
+  const int64_t words = packed_words(w.k, w.bits);
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / w.k;
+    const int64_t col = idx - row * w.k;
+    const int64_t g = col / w.group_size;
+    const float q = static_cast<float>(extract_value(w.qweight + row * words, col, w.bits));
+    out[idx] = from_float<T>((q - zero_point(w, row, g)) * w.scales[row * groups + g]);
+  }
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+    gemv_kernel(CudaWeight w, const T* __restrict__ x, T* __restrict__ y) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (row >= w.n) return;
+  const int64_t groups = w.k / w.group_size;
+  const uint32_t* qrow = w.qweight + row * packed_words(w.k, w.bits);
+  const float* srow = w.scales + row * groups;
+  float acc[M];
+#pragma unroll
+  for (int i = 0; i < M; ++i) acc[i] = 0.0f;
+
+  const int64_t full = (w.k / 8) * 8;
+  const bool chunk_in_one_group = (w.group_size % 8) == 0;
+  for (int64_t k0 = static_cast<int64_t>(lane) * 8; k0 < full; k0 += kWarp * 8) {
+    float q[8];
+    if (w.bits == 4) {
+      const uint32_t word = qrow[k0 >> 3];  // k0 is a multiple of 8: one aligned word
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[j] = static_cast<float>((word >> (4 * j)) & 0xFu);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[j] = static_cast<float>(extract_value(qrow, k0 + j, w.bits));
+    }
+    if (chunk_in_one_group) {
+      const int64_t g = k0 / w.group_size;
+      const float s = srow[g];
+      const float z = zero_point(w, row, g);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) q[j] = (q[j] - z) * s;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int64_t g = (k0 + j) / w.group_size;
+        q[j] = (q[j] - zero_point(w, row, g)) * srow[g];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+      const T* xr = x + i * w.k + k0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i] = fmaf(q[j], to_float<T>(xr[j]), acc[i]);
+    }
+  }
+  // Tail: K not a multiple of 8 (only possible per-channel).
+  for (int64_t kk = full + lane; kk < w.k; kk += kWarp) {
+    const int64_t g = kk / w.group_size;
+    const float wv = (static_cast<float>(extract_value(qrow, kk, w.bits)) - zero_point(w, row, g)) *
+                     srow[g];
+#pragma unroll
+    for (int i = 0; i < M; ++i) acc[i] = fmaf(wv, to_float<T>(x[i * w.k + kk]), acc[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    float v = acc[i];
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) y[i * w.n + row] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+cudaError_t dequant_typed(const CudaWeight& w, void* out, cudaStream_t stream) {
+  const int threads = 256;
+  const int64_t total = w.n * w.k;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535));
+  dequant_kernel<T><<<blocks, threads, 0, stream>>>(w, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+template <typename T, int M>
+cudaError_t gemv_typed_m(const CudaWeight& w, const void* x, void* y, cudaStream_t stream) {
+  const int blocks = static_cast<int>((w.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  gemv_kernel<T, M><<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(w, static_cast<const T*>(x),
+                                                                   static_cast<T*>(y));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t gemv_typed(const CudaWeight& w, const void* x, void* y, int64_t m,
+                       cudaStream_t stream) {
+  switch (m) {
+    case 1: return gemv_typed_m<T, 1>(w, x, y, stream);
+    case 2: return gemv_typed_m<T, 2>(w, x, y, stream);
+    case 3: return gemv_typed_m<T, 3>(w, x, y, stream);
+    case 4: return gemv_typed_m<T, 4>(w, x, y, stream);
+    case 5: return gemv_typed_m<T, 5>(w, x, y, stream);
+    case 6: return gemv_typed_m<T, 6>(w, x, y, stream);
+    case 7: return gemv_typed_m<T, 7>(w, x, y, stream);
+    case 8: return gemv_typed_m<T, 8>(w, x, y, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dequant(const CudaWeight& w, void* out, DType out_dtype, cudaStream_t stream) {
+  if (w.n <= 0 || w.k <= 0) return cudaSuccess;
+  switch (out_dtype) {
+    case DType::kFloat32: return dequant_typed<float>(w, out, stream);
+    case DType::kFloat16: return dequant_typed<__half>(w, out, stream);
+    case DType::kBFloat16: return dequant_typed<__nv_bfloat16>(w, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_gemv(const CudaWeight& w, const void* x, void* y, int64_t m, DType dtype,
+                        cudaStream_t stream) {
+  if (m < 1 || m > kGemvMaxRows) return cudaErrorInvalidValue;
+  if (w.n <= 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32: return gemv_typed<float>(w, x, y, m, stream);
+    case DType::kFloat16: return gemv_typed<__half>(w, x, y, m, stream);
+    case DType::kBFloat16: return gemv_typed<__nv_bfloat16>(w, x, y, m, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace quantlab::groupwise_int
