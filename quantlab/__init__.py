@@ -42,11 +42,16 @@ def quantize(
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
-    """Load a quantlab checkpoint directory (see :mod:`quantlab.export.checkpoint`)."""
+    """Load a quantized checkpoint directory: quantlab's own layout or the GPTQ layout."""
     import torch
 
     from quantlab.export.checkpoint import load_quantized
+    from quantlab.models.loading import checkpoint_kind
 
+    if checkpoint_kind(str(path)) == "gptq":
+        from quantlab.export.gptq_checkpoint import load_gptq
+
+        return load_gptq(path, device=device, dtype=dtype or torch.float32)
     return load_quantized(path, device=device, dtype=dtype or torch.float32)
 
 

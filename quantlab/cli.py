@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
     q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    q.add_argument(
+        "--format",
+        default="quantlab",
+        choices=["quantlab", "gptq"],
+        help="checkpoint layout: quantlab's own, or the GPTQ layout transformers/vLLM read",
+    )
     q.add_argument("--calib", default="wiki-calib", help="calibration text source")
     q.add_argument("--calib-samples", type=int, default=32)
     q.add_argument("--calib-seq-len", type=int, default=512)
@@ -174,7 +180,13 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     after = _eval_ppl(model, tokens, args) if tokens is not None else None
     stored_bits, n_weights = _linear_storage(model)
     report_dict = report.to_dict() | {"ppl": after, "ppl_baseline": baseline, "model": loaded.name}
-    out = save_quantized(model, args.out, config.method, config.to_dict(), tok, report_dict)
+    if args.format == "gptq":
+        from quantlab.export.gptq_checkpoint import save_gptq
+
+        out, layout = save_gptq(model, args.out, config.to_dict(), tok, report_dict)
+    else:
+        out = save_quantized(model, args.out, config.method, config.to_dict(), tok, report_dict)
+        layout = "quantlab groupwise_int v1"
     seconds = time.perf_counter() - t0
     result = {
         "model": loaded.name,
@@ -183,6 +195,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "group_size": config.group_size,
         "sym": config.sym,
         "out": str(out),
+        "format": layout,
         "ppl": after["ppl"] if after else None,
         "ppl_baseline": baseline["ppl"] if baseline else None,
         "eval_tokens": after["tokens"] if after else None,
@@ -225,7 +238,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     rows += [
         ("quantize time", f"{report.seconds:.1f} s"),
         ("total time", f"{seconds:.1f} s"),
-        ("output", str(out)),
+        ("output", f"{out} ({layout})"),
     ]
     _print_table("quantlab quantize", rows, to_stderr=args.json)
     return result

@@ -33,7 +33,9 @@ __all__ = [
     "quantization_config_of",
     "read_safetensors_header",
     "save_quantized",
+    "state_dict_without_shared",
     "validate_checkpoint",
+    "write_checkpoint",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -71,7 +73,7 @@ def quantization_config_of(
     }
 
 
-def _state_dict_without_shared(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_dict_without_shared(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with tied tensors stored once (safetensors refuses shared storage)."""
     seen: dict[tuple[int, int, torch.dtype], str] = {}
     out: dict[str, torch.Tensor] = {}
@@ -84,28 +86,25 @@ def _state_dict_without_shared(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(
+def write_checkpoint(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
-    method: str,
-    method_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    quantization_config: dict[str, Any],
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (with its QuantLinear modules) to ``out_dir`` atomically.
+    """Write ``state``, the config with ``quantization_config`` and the tokenizer, atomically.
 
-    An existing ``out_dir`` is replaced only once the new directory is complete.
+    Shared by every checkpoint layout quantlab writes; an existing ``out_dir`` is replaced only
+    once the new directory is complete.
     """
-    qconfig = quantization_config_of(model, method, method_config)
-    state = _state_dict_without_shared(model)
     out = Path(out_dir)
     with atomic_directory(out) as tmp:
-        save_file(
-            state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "quantlab": FORMAT_NAME}
-        )
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / WEIGHTS_NAME).chmod(0o644)
         config = model.config.to_dict()
-        config["quantization_config"] = qconfig
+        config["quantization_config"] = quantization_config
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -115,6 +114,20 @@ def save_quantized(
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return out
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    method: str,
+    method_config: dict[str, Any],
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (with its QuantLinear modules) to ``out_dir`` in quantlab's own layout."""
+    qconfig = quantization_config_of(model, method, method_config)
+    state = state_dict_without_shared(model)
+    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report)
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 
 from quantlab.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
-__all__ = ["LoadedModel", "load_model", "resolve_model_path"]
+__all__ = ["LoadedModel", "checkpoint_kind", "load_model", "resolve_model_path"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,12 +41,13 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
     return spec, spec  # a hub id such as "meta-llama/Llama-3.1-8B"
 
 
-def _is_quantlab_checkpoint(path: str) -> bool:
+def checkpoint_kind(path: str) -> str | None:
+    """``"quantlab"``, ``"gptq"`` (or another quant_method) for a quantized directory, else None."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qcfg.get("quant_method") == "quantlab"
+    return qcfg.get("quant_method")
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -60,10 +61,11 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
-    if _is_quantlab_checkpoint(path):
-        from quantlab.export.checkpoint import load_quantized
+    kind = checkpoint_kind(path)
+    if kind in ("quantlab", "gptq"):
+        from quantlab import load
 
-        model = load_quantized(path, device=device, dtype=DTYPES[dtype])
+        model = load(path, device=device, dtype=DTYPES[dtype])
         return LoadedModel(model, tokenizer, name, path, quantized=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])

@@ -1,0 +1,163 @@
+"""Checkpoints in the GPTQ layout that transformers (GPTQModel/optimum) and vLLM load.
+
+Writing converts every :class:`~quantlab.nn.linear.QuantLinear` of a model to the GPTQ tensors of
+:mod:`quantlab.export.gptq_format` (``qweight``/``qzeros``/``scales``/``g_idx``) and stores a
+``quantization_config`` with ``quant_method: "gptq"`` and an explicit ``checkpoint_format``.
+quantlab's act-order uses static groups, so every ``g_idx`` is ``k // group_size`` and the config
+says ``desc_act: false``: loaders take their fast no-reordering path. Reading turns such a
+checkpoint (quantlab's or another tool's, as long as its ``g_idx`` is trivial) back into
+QuantLinear layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from quantlab.export.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    read_safetensors_header,
+    state_dict_without_shared,
+    write_checkpoint,
+)
+from quantlab.export.gptq_format import (
+    from_gptq_tensors,
+    gptq_quantization_config,
+    to_gptq_tensors,
+)
+from quantlab.formats.groupwise_int import pack, unpack
+from quantlab.nn.linear import QuantLinear
+from quantlab.solvers.base import GroupwiseIntResult
+
+__all__ = ["GPTQ_SUFFIXES", "load_gptq", "save_gptq"]
+
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _shared_encoding(layers: dict[str, QuantLinear]) -> tuple[int, int, bool]:
+    encodings = {(m.meta.bits, m.meta.group_size, m.meta.sym) for m in layers.values()}
+    if len(encodings) != 1:
+        raise ValueError(
+            "the GPTQ layout has one bits/group_size/sym for the whole model; "
+            f"found {sorted(encodings)}"
+        )
+    return encodings.pop()
+
+
+def save_gptq(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    method_config: dict[str, Any],
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+    checkpoint_format: str = "auto",
+) -> tuple[Path, str]:
+    """Write ``model`` in the GPTQ layout; return ``(directory, checkpoint_format used)``.
+
+    ``checkpoint_format="auto"`` writes v1 (``"gptq"``, zero points stored minus one, readable by
+    every GPTQ loader) unless an asymmetric group has zero point 0, which v1 cannot represent; then
+    it writes ``"gptq_v2"`` (true zero points).
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no QuantLinear modules; quantize it before saving")
+    bits, group_size, sym = _shared_encoding(layers)
+    results = {name: unpack(m.packed()) for name, m in layers.items()}
+    fmt = checkpoint_format
+    if fmt == "auto":
+        v1_ok = all(r.zeros is None or int(r.zeros.min()) >= 1 for r in results.values())
+        fmt = "gptq" if v1_ok else "gptq_v2"
+    state = state_dict_without_shared(model)
+    for name, r in results.items():
+        for suffix in ("qweight", "scales", "qzeros"):
+            state.pop(f"{name}.{suffix}", None)
+        tensors = to_gptq_tensors(r.q, r.scales, r.zeros, bits, group_size, fmt, torch.float16)
+        state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
+    qconfig = gptq_quantization_config(
+        bits,
+        group_size,
+        sym,
+        desc_act=False,
+        checkpoint_format=fmt,
+        damp_percent=float(method_config.get("damp_percent", 0.0)),
+        true_sequential=bool(method_config.get("true_sequential", False)),
+        static_groups=bool(method_config.get("act_order", False)),
+    )
+    qconfig["meta"]["quantlab_method"] = method_config.get("method", "unknown")
+    qconfig["meta"]["quantlab_act_order"] = bool(method_config.get("act_order", False))
+    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report), fmt
+
+
+def load_gptq(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    root = Path(path)
+    weights = root / WEIGHTS_NAME
+    cfg_path = root / "config.json"
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise CheckpointError(f"{root}: missing {f.name}")
+    qcfg = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    if qcfg.get("quant_method") != "gptq":
+        raise CheckpointError(
+            f"{cfg_path}: not a GPTQ checkpoint (quant_method {qcfg.get('quant_method')!r})"
+        )
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    sym = bool(qcfg.get("sym", True))
+    fmt = qcfg.get("checkpoint_format", "gptq")
+    header = read_safetensors_header(weights)
+    names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
+    state = load_file(weights)
+    for name in names:
+        missing = [s for s in GPTQ_SUFFIXES if f"{name}.{s}" not in state]
+        if missing:
+            raise CheckpointError(f"{weights}: {name} lacks {missing}")
+        tensors = {s: state.pop(f"{name}.{s}") for s in GPTQ_SUFFIXES}
+        q, scales, zeros = from_gptq_tensors(tensors, bits, group_size, fmt, sym=sym)
+        packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
+        state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
+
+    config = AutoConfig.from_pretrained(root)
+    config.quantization_config = None
+    del config.quantization_config
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in names:
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent),
+            child,
+            QuantLinear(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                dtype=dtype,
+            ),
+        )
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{weights}: tensors do not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model.tie_weights()
+    return model.to(device).eval()
