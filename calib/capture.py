@@ -129,13 +129,11 @@ def _hook_group(
     stats: dict[str, HessianAccumulator],
     after: Callable[[], None] | None,
 ) -> torch.utils.hooks.RemovableHandle:
-    """Feed the group's shared input to every member's accumulator, then call ``after``."""
+    """Feed the group's shared input to its accumulator, then call ``after``."""
     first = block.get_submodule(group[0])
 
     def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0]
-        for name in group:
-            stats[name].add(x)
+        stats[group[0]].add(args[0])  # members share one accumulator (same input)
         if after is not None:
             after()
 
@@ -145,13 +143,20 @@ def _hook_group(
 def _new_stats(
     block: nn.Module, group: Sequence[str], device: torch.device | str
 ) -> dict[str, HessianAccumulator]:
-    stats = {}
+    """Statistics for one sequential group: a single accumulator mapped to every member.
+
+    Members read the same input, so one ``X^T X`` serves them all (for q/k/v, a third of the work).
+    """
+    widths = set()
     for name in group:
         linear = block.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is {type(linear).__name__}, expected nn.Linear")
-        stats[name] = HessianAccumulator(linear.in_features, device)
-    return stats
+        widths.add(linear.in_features)
+    if len(widths) != 1:
+        raise ValueError(f"sequential group {list(group)} mixes input widths {sorted(widths)}")
+    shared = HessianAccumulator(widths.pop(), device)
+    return dict.fromkeys(group, shared)
 
 
 @torch.no_grad()

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
+    q.add_argument(
+        "--clip-search",
+        action="store_true",
+        help="shrink each group's range where that lowers its rounding error",
+    )
     q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     q.add_argument(
@@ -89,7 +94,11 @@ def _method_config(args: argparse.Namespace) -> Any:
     from quantlab.config import GPTQConfig, RTNConfig
 
     common = dict(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        scale_dtype=args.scale_dtype,
+        clip_search=args.clip_search,
     )
     if args.method == "rtn":
         return RTNConfig(**common)

@@ -52,7 +52,16 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class GroupwiseIntConfig:
-    """Options shared by every method that emits the groupwise integer format."""
+    """Options shared by every method that emits the groupwise integer format.
+
+    Attributes:
+        bits: 2, 3, 4 or 8.
+        group_size: 32, 64, 128, or -1 for one group per output channel.
+        sym: symmetric grid (zero point 2^(bits-1)) instead of min/max with an integer zero point.
+        scale_dtype: storage dtype of the scales.
+        clip_search: shrink each group's range where that lowers its rounding error.
+        modules_to_not_convert: module names (or shell patterns) left in full precision.
+    """
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
@@ -62,6 +71,7 @@ class GroupwiseIntConfig:
     group_size: int = 64
     sym: bool = False
     scale_dtype: str = "float16"
+    clip_search: bool = False
     modules_to_not_convert: tuple[str, ...] = field(default=("lm_head",))
 
     def __post_init__(self) -> None:

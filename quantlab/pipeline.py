@@ -96,7 +96,13 @@ def _quantize_rtn(
             linear = blocks[i].get_submodule(name)
             start = time.perf_counter()
             result = rtn_quantize(
-                linear.weight, config.bits, config.group_size, config.sym, scale_dtype, name=full
+                linear.weight,
+                config.bits,
+                config.group_size,
+                config.sym,
+                scale_dtype,
+                name=full,
+                clip_search=config.clip_search,
             )
             set_submodule(blocks[i], name, _packed_layer(result, linear, config, full))
             report.layers.append(
@@ -153,6 +159,7 @@ def _quantize_gptq(
                 static_groups=config.static_groups,
                 scale_dtype=scale_dtype,
                 name=full,
+                clip_search=config.clip_search,
             )
             # Later groups and blocks must see this layer's quantized output.
             linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))

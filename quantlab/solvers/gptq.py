@@ -130,6 +130,7 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
     max_damp_retries: int = 5,
+    clip_search: bool = False,
 ) -> GroupwiseIntResult:
     """Quantize one linear weight with GPTQ.
 
@@ -151,6 +152,8 @@ def gptq_quantize(
         scale_dtype: storage dtype the scales are rounded to before use.
         name: layer name used in warnings and errors.
         max_damp_retries: how often to retry a failed Cholesky with tenfold damping.
+        clip_search: fit each group's grid with the range-shrink search of
+            :func:`quantlab.solvers.rtn.group_params` instead of plain min/max.
 
     Returns:
         :class:`GroupwiseIntResult` with ``q`` int32 ``[N, K]``, ``scales`` fp32 ``[N, G]``,
@@ -194,7 +197,7 @@ def gptq_quantize(
     # Precomputed grids: per-channel (one group of K) or static groups. None = dynamic groups.
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None
     if not grouped or act_order:
-        s, z = group_params(w.reshape(n * n_groups, g), bits, sym, scale_dtype)
+        s, z = group_params(w.reshape(n * n_groups, g), bits, sym, scale_dtype, clip_search)
         fixed = (s.view(n, n_groups), z.view(n, n_groups))
 
     perm: torch.Tensor | None = None
@@ -239,7 +242,7 @@ def gptq_quantize(
             if fixed is None:
                 if col % g == 0:
                     # Dynamic group: fit the grid on the group's already-updated values.
-                    s, z = group_params(wb[i : i + g].t(), bits, sym, scale_dtype)
+                    s, z = group_params(wb[i : i + g].t(), bits, sym, scale_dtype, clip_search)
                     dyn_scales.append(s)
                     dyn_zeros.append(z)
                     scale, zero = s, z.to(torch.float32)
