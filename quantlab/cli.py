@@ -49,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
     q.add_argument(
         "--clip-search",
-        action="store_true",
-        help="shrink each group's range where that lowers its rounding error",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shrink each group's range where that lowers its rounding error "
+        "(default: on for gptq, off for rtn)",
     )
     q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
@@ -94,12 +96,10 @@ def _method_config(args: argparse.Namespace) -> Any:
     from quantlab.config import GPTQConfig, RTNConfig
 
     common = dict(
-        bits=args.bits,
-        group_size=args.group_size,
-        sym=args.sym,
-        scale_dtype=args.scale_dtype,
-        clip_search=args.clip_search,
+        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype
     )
+    if args.clip_search is not None:
+        common["clip_search"] = args.clip_search
     if args.method == "rtn":
         return RTNConfig(**common)
     return GPTQConfig(

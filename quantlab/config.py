@@ -117,6 +117,9 @@ class GPTQConfig(GroupwiseIntConfig):
     method: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
 
+    # GPTQ's reference quantizer offers this range search ("mse"); on SmolLM2 W4 g64 it takes the
+    # eval ppl from 23.97 to 23.19, so it is on by default here.
+    clip_search: bool = True
     damp_percent: float = 0.01
     block_size: int = 128
     act_order: bool = True
