@@ -44,7 +44,11 @@ def _extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = [s for s in _sources("**/*.cpp") if not s.endswith("_cuda.cpp")]
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # No -mavx2/-march here: the AVX2 kernels are per-function target attributes picked at run
+    # time, so the wheel stays loadable on any x86-64. OpenMP resolves to the libgomp.so.1 torch
+    # already loaded (same soname), so both share one thread pool and torch.set_num_threads.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = {"extra_link_args": ["-fopenmp"], "libraries": ["gomp"]}
     include_dirs = [str(CSRC)]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0a")
@@ -58,6 +62,7 @@ def _extensions() -> tuple[list, dict]:
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
             },
+            **link,
         )
     else:
         ext = CppExtension(
@@ -65,6 +70,7 @@ def _extensions() -> tuple[list, dict]:
             cpu_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            **link,
         )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

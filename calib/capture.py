@@ -72,6 +72,25 @@ def move_to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def _move_outside_blocks(
+    model: nn.Module, blocks: nn.ModuleList, device: torch.device | str
+) -> None:
+    """Move every parameter and buffer that is not inside ``blocks`` to ``device``, in place.
+
+    Used so the embedding, rotary tables and head run where the blocks are processed while the
+    blocks themselves stay where they live (one at a time is moved in). ``param.data`` is replaced
+    rather than the Parameter object, so tied weights (embedding = lm_head) stay tied.
+    """
+    inside = set(blocks.modules())
+    for module in model.modules():
+        if module in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buf.to(device)
+
+
 def _block_output(out: Any) -> torch.Tensor:
     # transformers 5 blocks return the hidden states; 4.x returns a tuple headed by them.
     return out[0] if isinstance(out, tuple | list) else out
@@ -253,7 +272,12 @@ def run_sequential(
     """
     n = samples.shape[0]
     batch_size = n if batch_size is None else max(1, min(batch_size, n))
-    inputs = capture_block_inputs(model, blocks, samples, batch_size, device, storage_device)
+    outside_home = next(model.parameters()).device
+    _move_outside_blocks(model, blocks, device)
+    try:
+        inputs = capture_block_inputs(model, blocks, samples, batch_size, device, storage_device)
+    finally:
+        _move_outside_blocks(model, blocks, outside_home)
     single_pass = len(inputs.hidden) == 1 and true_sequential
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]

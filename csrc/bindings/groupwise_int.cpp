@@ -1,7 +1,6 @@
 // torch bindings of the groupwise integer kernels: schemas, argument checks, CPU implementations.
 // This directory is the only part of csrc/ that includes torch headers.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "bindings/groupwise_int_checks.h"
@@ -25,9 +24,6 @@ groupwise_int::CpuParams cpu_params(const GroupwiseIntArgs& a, const at::Tensor&
   return p;
 }
 
-// Rows per task: enough work per task to amortise scheduling, small enough to balance 2+ threads.
-int64_t row_grain(int64_t k) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)); }
-
 at::Tensor dequant_cpu(const at::Tensor& qweight, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& qzeros, int64_t bits, int64_t group_size,
                        int64_t in_features, at::ScalarType out_dtype) {
@@ -38,11 +34,8 @@ at::Tensor dequant_cpu(const at::Tensor& qweight, const at::Tensor& scales,
   const c10::optional<at::Tensor> qz =
       qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
   at::Tensor out = at::empty({a.n, a.k}, qweight.options().dtype(at::kFloat));
-  const groupwise_int::CpuParams p = cpu_params(a, qw, s32, qz);
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, a.n, row_grain(a.k), [&](int64_t begin, int64_t end) {
-    groupwise_int::dequant_cpu(p, dst, begin, end);
-  });
+  // The kernel threads over rows itself (OpenMP, the runtime torch uses).
+  groupwise_int::dequant_cpu(cpu_params(a, qw, s32, qz), out.data_ptr<float>());
   return out_dtype == at::kFloat ? out : out.to(out_dtype);
 }
 
@@ -65,16 +58,9 @@ at::Tensor mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const at::Tensor s32 = scales.to(at::kFloat).contiguous();
   const c10::optional<at::Tensor> qz =
       qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
-  const groupwise_int::CpuParams p = cpu_params(a, qw, s32, qz);
-  at::Tensor xsum = at::empty({m, a.k / a.group_size}, x32.options());
-  groupwise_int::group_sums_cpu(p, x32.data_ptr<float>(), m, xsum.data_ptr<float>());
   at::Tensor y = at::empty({m, a.n}, x32.options());
-  const float* xp = x32.data_ptr<float>();
-  const float* sp = xsum.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, a.n, row_grain(a.k), [&](int64_t begin, int64_t end) {
-    groupwise_int::gemv_cpu(p, xp, sp, m, yp, begin, end);
-  });
+  groupwise_int::gemv_cpu(cpu_params(a, qw, s32, qz), x32.data_ptr<float>(), m,
+                          y.data_ptr<float>());
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

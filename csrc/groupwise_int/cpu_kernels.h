@@ -3,6 +3,10 @@
 // Layout read: qweight uint32 [N, packed_words(K, bits)] (one bitstream per output row), scales
 // fp32 [N, G], qzeros uint32 [N, packed_words(G, bits)] or null (symmetric, zero 2^(bits-1)).
 // w[n, k] = (q[n, k] - z[n, k / g]) * s[n, k / g].
+//
+// Threading: every entry point splits output rows over an OpenMP parallel region. Built against
+// torch this is the same libgomp runtime torch uses (same soname, loaded once), so
+// torch.set_num_threads() also governs these kernels and no second thread pool appears.
 #pragma once
 
 #include <cstdint>
@@ -10,34 +14,28 @@
 namespace quantlab::groupwise_int {
 
 struct CpuParams {
-  const uint32_t* qweight;  // [N, words_k]
+  const uint32_t* qweight;  // [N, words_k], rows contiguous
   const float* scales;      // [N, G]
   const uint32_t* qzeros;   // [N, words_g] or nullptr
   int64_t n;                // output features
   int64_t k;                // input features
-  int64_t group_size;       // columns per group (K for per-channel)
+  int64_t group_size;       // columns per group (K for per-channel); must divide k
   int bits;                 // 2, 3, 4 or 8
 };
 
-// Kernels work on a range of output rows [row_begin, row_end) so the caller can split rows across
-// threads with its own pool (the torch binding uses at::parallel_for, i.e. torch's OpenMP pool,
-// which keeps one OpenMP runtime in the process and honours torch.set_num_threads).
+// out [N, K] fp32 = dequantized weight. Bit-exact with the reference ((q - z) then * s, in fp32).
+void dequant_cpu(const CpuParams& p, float* out);
 
-// out [N, K] fp32 = dequantized weight, rows [row_begin, row_end).
-void dequant_cpu(const CpuParams& p, float* out, int64_t row_begin, int64_t row_end);
-
-// x group sums: xsum [M, G], xsum[i, g] = sum of x[i, g*gs : (g+1)*gs]. gemv_cpu needs them; they
-// are computed once per call, not per row.
-void group_sums_cpu(const CpuParams& p, const float* x, int64_t m, float* xsum);
-
-// y [M, N] = x [M, K] @ W^T for rows [row_begin, row_end), fp32 in and out, fp32 accumulation.
-// Fast for M <= 8 (the weight is unpacked once per group and reused across the M rows); correct
-// for any M (rows of x are processed in chunks of 8). Uses AVX2+FMA when the running CPU has them
-// (checked at run time), a portable scalar path otherwise.
-void gemv_cpu(const CpuParams& p, const float* x, const float* xsum, int64_t m, float* y,
-              int64_t row_begin, int64_t row_end);
+// y [M, N] = x [M, K] @ W^T, fp32 in and out, fp32 accumulation; x and y contiguous.
+// Built for M <= 8 (each unpacked weight is reused across all rows of x); larger M is processed in
+// chunks of 8 rows, which is correct but slower than dequantize + BLAS GEMM.
+// Uses AVX2+FMA when the running CPU has them (checked at run time; the binary itself only assumes
+// x86-64) and group_size % 8 == 0; a portable scalar path otherwise.
+void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y);
 
 // Which path gemv_cpu takes on this CPU for these parameters: "avx2" or "scalar".
+// Setting the environment variable QUANTLAB_CPU_ISA=scalar before the first call forces the scalar
+// path (to test it on AVX2 machines).
 const char* gemv_cpu_path(const CpuParams& p);
 
 }  // namespace quantlab::groupwise_int

@@ -61,9 +61,10 @@ def save_gptq(
 ) -> tuple[Path, str]:
     """Write ``model`` in the GPTQ layout; return ``(directory, checkpoint_format used)``.
 
-    ``checkpoint_format="auto"`` writes v1 (``"gptq"``, zero points stored minus one, readable by
-    every GPTQ loader) unless an asymmetric group has zero point 0, which v1 cannot represent; then
-    it writes ``"gptq_v2"`` (true zero points).
+    ``checkpoint_format="auto"`` writes v1 (``"gptq"``, zero points stored minus one) for symmetric
+    weights: every GPTQ loader reads it and vLLM's Marlin path takes it. Asymmetric weights get
+    ``"gptq_v2"`` (true zero points): v1 cannot store a zero point of 0, and GPTQModel refuses
+    asymmetric v1 checkpoints from other producers for that reason.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
@@ -72,8 +73,7 @@ def save_gptq(
     results = {name: unpack(m.packed()) for name, m in layers.items()}
     fmt = checkpoint_format
     if fmt == "auto":
-        v1_ok = all(r.zeros is None or int(r.zeros.min()) >= 1 for r in results.values())
-        fmt = "gptq" if v1_ok else "gptq_v2"
+        fmt = "gptq" if sym else "gptq_v2"
     state = state_dict_without_shared(model)
     for name, r in results.items():
         for suffix in ("qweight", "scales", "qzeros"):
@@ -86,7 +86,9 @@ def save_gptq(
         sym,
         desc_act=False,
         checkpoint_format=fmt,
-        damp_percent=float(method_config.get("damp_percent", 0.0)),
+        # Loaders validate damp_percent in (0, 1) even for weights no Hessian produced (RTN);
+        # meta.quantlab_method says which method really made them.
+        damp_percent=float(method_config.get("damp_percent", 0.01)),
         true_sequential=bool(method_config.get("true_sequential", False)),
         static_groups=bool(method_config.get("act_order", False)),
     )
