@@ -209,21 +209,41 @@ QUANTLAB_AVX2 void dequant_rows_avx2(const Ctx& c, int64_t r0, int64_t r1) {
   }
 }
 
+// Zero-point term of one output row for the group-sum kernel: sum_g s_g z_g xsum[i, g], per x row.
+// Kept out of the vector loop so that loop's per-group epilogue is a single FMA per row.
+template <int M>
+inline void zero_terms(const Ctx& c, int64_t n, float* out) {
+  const CpuParams& p = *c.p;
+  const float* srow = p.scales + n * c.groups;
+  for (int i = 0; i < M; ++i) {
+    const float* xs = c.xsum + i * c.groups;
+    float t = 0.0f;
+    if (p.qzeros == nullptr) {
+      for (int64_t g = 0; g < c.groups; ++g) t += srow[g] * xs[g];
+      t *= static_cast<float>(1u << (p.bits - 1));
+    } else {
+      const uint32_t* zrow = p.qzeros + n * c.words_g;
+      for (int64_t g = 0; g < c.groups; ++g)
+        t += srow[g] * static_cast<float>(extract_value(zrow, g, p.bits)) * xs[g];
+    }
+    out[i] = t;
+  }
+}
+
 // Group-sum kernel, R output rows starting at n0, M rows of x (M <= 2).
 template <int BITS, int M, int R>
 QUANTLAB_AVX2 inline void tile_groupsum(const Ctx& c, int64_t n0) {
   const CpuParams& p = *c.p;
   const int64_t gs = p.group_size;
   const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r)
+  const float* srows[R];
+  for (int r = 0; r < R; ++r) {
     rows[r] = reinterpret_cast<const uint8_t*>(p.qweight + (n0 + r) * c.words_k);
+    srows[r] = p.scales + (n0 + r) * c.groups;
+  }
   __m256 total[R][M];
-  float correction[R][M];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) {
-      total[r][i] = _mm256_setzero_ps();
-      correction[r][i] = 0.0f;
-    }
+    for (int i = 0; i < M; ++i) total[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < c.groups; ++g) {
     __m256 acc[R][M];
     for (int r = 0; r < R; ++r)
@@ -238,17 +258,15 @@ QUANTLAB_AVX2 inline void tile_groupsum(const Ctx& c, int64_t n0) {
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = p.scales[(n0 + r) * c.groups + g];
-      const float sz = s * zero_point(c, n0 + r, g);
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int i = 0; i < M; ++i) {
-        total[r][i] = _mm256_fmadd_ps(sv, acc[r][i], total[r][i]);
-        correction[r][i] += sz * c.xsum[i * c.groups + g];
-      }
+      const __m256 sv = _mm256_broadcast_ss(srows[r] + g);
+      for (int i = 0; i < M; ++i) total[r][i] = _mm256_fmadd_ps(sv, acc[r][i], total[r][i]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) c.y[i * p.n + n0 + r] = hsum(total[r][i]) - correction[r][i];
+  for (int r = 0; r < R; ++r) {
+    float zt[M];
+    zero_terms<M>(c, n0 + r, zt);
+    for (int i = 0; i < M; ++i) c.y[i * p.n + n0 + r] = hsum(total[r][i]) - zt[i];
+  }
 }
 
 // Dequantizing kernel, R output rows starting at n0, columns [k_begin, k_end) (multiples of 8).
