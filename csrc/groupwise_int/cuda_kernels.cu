@@ -1,8 +1,8 @@
 // Groupwise-int CUDA kernels: dequantization and a warp-per-row GEMV for batches of 1-8.
 //
 // GEMV: one warp owns one output row. Each lane walks the row in chunks of 8 consecutive weights
-// (one 32-bit word at 4 bits), so a warp reads 32 consecutive words (128 contiguous bytes) per step
-// and every weight is read exactly once for all M rows of x. A chunk never spans two groups when
+// (8 * bits contiguous stream bits: one word at 4 bits), so a warp reads one contiguous span of
+// 32 * bits words per step and every weight is read exactly once for all M rows of x. A chunk never spans two groups when
 // the group size is a multiple of 8 (all supported group sizes are), so the scale and zero are
 // loaded once per chunk. Partial sums are reduced with warp shuffles.
 //
@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "common/bitstream.h"
+#include "common/cuda_check.h"
 #include "groupwise_int/cuda_kernels.cuh"
 
 namespace quantlab::groupwise_int {
@@ -52,6 +53,34 @@ __device__ __forceinline__ float zero_point(const CudaWeight& w, int64_t row, in
       extract_value(w.qzeros + row * packed_words(groups, w.bits), g, w.bits));
 }
 
+// Codes of columns [k0, k0 + 8) (k0 a multiple of 8) as floats, from at most two aligned word
+// reads. The 8 codes are 8 * bits contiguous stream bits starting at bit k0 * bits; for bits <= 4
+// they fit in one 32-bit funnel shift of the (at most) two words they touch, and for 8 bits they
+// are exactly two whole words. A second word is read only when the chunk reaches into it, so the
+// read never passes the end of the row (3-bit chunks straddle words, 2/4-bit ones never do).
+__device__ __forceinline__ void codes8(const uint32_t* __restrict__ row, int64_t k0, int bits,
+                                       float (&q)[8]) {
+  if (bits == 8) {
+    const uint32_t lo = row[k0 >> 2];
+    const uint32_t hi = row[(k0 >> 2) + 1];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      q[j] = static_cast<float>((lo >> (8 * j)) & 0xFFu);
+      q[j + 4] = static_cast<float>((hi >> (8 * j)) & 0xFFu);
+    }
+    return;
+  }
+  const int64_t bit = k0 * bits;
+  const int64_t word = bit >> 5;
+  const int shift = static_cast<int>(bit & 31);
+  const uint32_t lo = row[word];
+  const uint32_t hi = shift + 8 * bits > 32 ? row[word + 1] : 0u;
+  const uint32_t chunk = __funnelshift_r(lo, hi, shift);
+  const uint32_t mask = (1u << bits) - 1u;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) q[j] = static_cast<float>((chunk >> (j * bits)) & mask);
+}
+
 template <typename T>
 __global__ void dequant_kernel(CudaWeight w, T* __restrict__ out) {
   const int64_t total = w.n * w.k;
@@ -84,14 +113,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   const bool chunk_in_one_group = (w.group_size % 8) == 0;
   for (int64_t k0 = static_cast<int64_t>(lane) * 8; k0 < full; k0 += kWarp * 8) {
     float q[8];
-    if (w.bits == 4) {
-      const uint32_t word = qrow[k0 >> 3];  // k0 is a multiple of 8: one aligned word
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[j] = static_cast<float>((word >> (4 * j)) & 0xFu);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) q[j] = static_cast<float>(extract_value(qrow, k0 + j, w.bits));
-    }
+    codes8(qrow, k0, w.bits, q);
     if (chunk_in_one_group) {
       const int64_t g = k0 / w.group_size;
       const float s = srow[g];
@@ -135,7 +157,7 @@ cudaError_t dequant_typed(const CudaWeight& w, void* out, cudaStream_t stream) {
   const int64_t total = w.n * w.k;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535));
   dequant_kernel<T><<<blocks, threads, 0, stream>>>(w, static_cast<T*>(out));
-  return cudaGetLastError();
+  QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
 
 template <typename T, int M>
@@ -143,7 +165,7 @@ cudaError_t gemv_typed_m(const CudaWeight& w, const void* x, void* y, cudaStream
   const int blocks = static_cast<int>((w.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
   gemv_kernel<T, M><<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(w, static_cast<const T*>(x),
                                                                    static_cast<T*>(y));
-  return cudaGetLastError();
+  QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
 
 template <typename T>

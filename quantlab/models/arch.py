@@ -10,11 +10,37 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ARCHS", "ArchSpec", "UnsupportedArchitectureError", "get_submodule", "resolve"]
+__all__ = [
+    "ARCHS",
+    "ArchSpec",
+    "SmoothMap",
+    "UnsupportedArchitectureError",
+    "get_submodule",
+    "resolve",
+]
 
 
 class UnsupportedArchitectureError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class SmoothMap:
+    """Linears that all read the output of one op, so per-input-channel scales can be folded.
+
+    Multiplying the linears' input columns by ``s`` and dividing ``prev``'s output by ``s`` leaves
+    the block's function unchanged (AWQ and BitStack both rely on this).
+
+    Attributes:
+        prev: path, inside a block, of the op producing the linears' input (a norm or a linear).
+        linears: paths of the linears that read it.
+        inspect: the module whose output AWQ scores when searching the scales (the whole
+            attention or MLP where that is exact and cheap, else the linear itself).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
 
 
 @dataclass(frozen=True)
@@ -30,6 +56,8 @@ class ArchSpec:
         embed: dotted path of the token embedding.
         final_norm: dotted path of the norm before the head.
         lm_head: dotted path of the output projection.
+        smooth_maps: where input scales can be folded, in forward order (empty: not supported).
+        norm_weight_offset: the family's norms multiply by ``weight + offset`` (Gemma: 1).
     """
 
     family: str
@@ -39,6 +67,8 @@ class ArchSpec:
     embed: str
     final_norm: str
     lm_head: str
+    smooth_maps: tuple[SmoothMap, ...] = ()
+    norm_weight_offset: float = 0.0
 
     @property
     def block_linears(self) -> tuple[str, ...]:
@@ -52,16 +82,43 @@ _LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+# v_proj -> o_proj folds only when their widths match (no grouped-query attention); see
+# SmoothMap users, which skip a map whose shapes do not line up.
+_LLAMA_SMOOTH = (
+    SmoothMap(
+        "input_layernorm",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "self_attn",
+    ),
+    SmoothMap("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    SmoothMap("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    SmoothMap("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+
 ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec(
         family="llama",
-        # Families that share Llama's module names (q/k/v/o, gate/up/down, model.layers).
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo2"),
+        # Families that share Llama's module names and block structure.
+        model_types=("llama", "mistral", "qwen2", "qwen3", "granite"),
         blocks="model.layers",
         sequential_groups=_LLAMA_GROUPS,
         embed="model.embed_tokens",
         final_norm="model.norm",
         lm_head="lm_head",
+        smooth_maps=_LLAMA_SMOOTH,
+    ),
+    ArchSpec(
+        # Same linear names; Gemma's norms scale by (1 + weight), and Gemma 2 normalises the
+        # attention output, so its MLP input comes from pre_feedforward_layernorm. Smoothing maps
+        # are not described yet: GPTQ/RTN work, scale-folding methods raise.
+        family="gemma",
+        model_types=("gemma", "gemma2"),
+        blocks="model.layers",
+        sequential_groups=_LLAMA_GROUPS,
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        lm_head="lm_head",
+        norm_weight_offset=1.0,
     ),
 )
 
