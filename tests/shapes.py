@@ -5,7 +5,8 @@ from __future__ import annotations
 # Batch rows: 1-8 take the GEMV path, larger ones the dequantize + GEMM path.
 M_VALUES = (1, 2, 3, 5, 8, 15, 16, 17, 33)
 
-# (N, K): SmolLM2-135M's four linear shapes plus odd ones (N not a multiple of 8, K of 32 only).
+# (N, K): SmolLM2-135M's four linear shapes plus odd ones (N not a multiple of 8, K of 32 only,
+# K not a multiple of 8).
 NK_SHAPES = (
     (576, 576),
     (192, 576),
@@ -14,4 +15,5 @@ NK_SHAPES = (
     (7, 96),
     (33, 160),
     (1, 128),
+    (5, 100),  # K % 8 != 0: only per-channel groups divide it; exercises the scalar path
 )

@@ -50,7 +50,11 @@ def extension_error() -> str | None:
 
 
 def has_kernel(op_name: str, device_type: str) -> bool:
-    """Whether ``quantlab::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda")."""
+    """Whether ``quantlab::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda").
+
+    Once :mod:`quantlab.ops.groupwise_int` is imported every device has one (the reference fills
+    the gaps); ask :func:`quantlab.ops.groupwise_int.backend` whether it is a compiled kernel.
+    """
     load_extension()
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type)
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,25 +71,99 @@ def test_cpu_matmul_matches_fp64_oracle(
     assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all())
 
 
+LOW_PRECISION_CASES = [
+    (n, k, bits, group, sym)
+    for n, k, group in ((96, 576, 64), (33, 160, 32), (7, 96, -1))
+    for bits in (2, 3, 4, 8)
+    for sym in (False, True)
+]
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 8, 17])
-def test_cpu_matmul_low_precision_activations(dtype: torch.dtype, m: int) -> None:
-    qw, s, qz, dense = _case(96, 576, 4, 64, False)
-    x = torch.randn(m, 576).to(dtype)
-    y = ops.matmul(x, qw, s, qz, 4, 64)
-    assert y.dtype == dtype
+@pytest.mark.parametrize(CASE_NAMES, LOW_PRECISION_CASES)
+def test_cpu_matmul_low_precision_activations(
+    dtype: torch.dtype, m: int, n: int, k: int, bits: int, group: int, sym: bool
+) -> None:
+    qw, s, qz, dense = _case(n, k, bits, group, sym)
+    x = torch.randn(m, k).to(dtype)
+    y = ops.matmul(x, qw, s, qz, bits, group)
+    assert y.dtype == dtype and y.shape == (m, n)
     oracle = x.double() @ dense.double().t()
     torch_err = ((x @ dense.to(dtype).t()).double() - oracle).abs().max()
     assert float((y.double() - oracle).abs().max()) <= 2 * float(torch_err) + LOW_PRECISION_SLACK
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_kernels_accept_every_scale_dtype(scale_dtype: torch.dtype) -> None:
+    qw, s, qz, _ = _case(40, 192, 4, 64, False)
+    s = s.to(scale_dtype)
+    dense = reference.groupwise_int_dequant(qw, s, qz, 4, 64, 192, torch.float32)
+    assert torch.equal(ops.dequant(qw, s, qz, 4, 64, 192, torch.float32), dense)
+    assert torch.equal(ops.dequant(qw, s, qz, 4, 64, 192, torch.bfloat16), dense.to(torch.bfloat16))
+    x = torch.randn(3, 192)
+    y = ops.matmul(x, qw, s, qz, 4, 64)
+    oracle = x.double() @ dense.double().t()
+    assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all())
+
+
+_SCALAR_SCRIPT = """
+import torch
+from quantlab.ops import groupwise_int as ops, reference
+from quantlab.ops.reference import pack_bitstream
+assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == "scalar"
+torch.manual_seed(0)
+for bits in (2, 3, 4, 8):
+    for n, k, g in ((33, 160, 32), (64, 576, 64), (5, 100, -1)):
+        for sym in (False, True):
+            groups = 1 if g == -1 else k // g
+            qw = pack_bitstream(torch.randint(0, 2**bits, (n, k)), bits)
+            s = torch.rand(n, groups) + 0.01
+            qz = None if sym else pack_bitstream(torch.randint(0, 2**bits, (n, groups)), bits)
+            dense = reference.groupwise_int_dequant(qw, s, qz, bits, g, k, torch.float32)
+            assert torch.equal(ops.dequant(qw, s, qz, bits, g, k, torch.float32), dense)
+            for m in (1, 2, 5, 8, 11):
+                x = torch.randn(m, k)
+                y = torch.ops.quantlab.groupwise_int_mm(x, qw, s, qz, bits, g)
+                bound = k * 1.2e-7 * (x.abs().double() @ dense.abs().double().t())
+                assert bool(((y.double() - x.double() @ dense.double().t()).abs() <= bound).all())
+print("scalar-ok")
+"""
+
+
+@needs_cpu_kernel
+def test_cpu_scalar_path_matches_reference() -> None:
+    """The portable path (non-AVX2 CPUs) is forced with QUANTLAB_CPU_ISA=scalar in a subprocess,
+    because the choice is made once per process."""
+    env = {**os.environ, "QUANTLAB_CPU_ISA": "scalar"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCALAR_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scalar-ok" in done.stdout
+
+
+@needs_cpu_kernel
 def test_cpu_path_is_vectorized_where_expected() -> None:
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         pytest.skip("CPU without AVX2")
-    assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == "avx2"
-    assert torch.ops.quantlab.groupwise_int_cpu_path(3, 64, 576) == "scalar"
+    for bits in (2, 3, 4, 8):
+        assert torch.ops.quantlab.groupwise_int_cpu_path(bits, 64, 576) == "avx2"
+    # Groups that are not whole 8-column chunks fall back to the scalar path.
+    assert torch.ops.quantlab.groupwise_int_cpu_path(4, -1, 100) == "scalar"
+
+
+def test_every_device_has_an_implementation() -> None:
+    """CUDA tensors reach the reference when the build has no CUDA kernel, so the op never fails
+    with 'no kernel registered'."""
+    for name in ("groupwise_int_mm", "groupwise_int_dequant"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantlab::{name}", key)
+    assert ops.backend("cpu") in {"cpu-kernel", "reference"}
+    if torch.version.cuda is None:  # a CPU torch cannot have built the CUDA kernels
+        assert ops.backend("cuda") == "reference"
 
 
 @needs_cpu_kernel
@@ -99,16 +176,34 @@ def test_cpu_path_is_vectorized_where_expected() -> None:
         (lambda a: a.update(qw=a["qw"].float()), "qweight must be int32"),
         (lambda a: a.update(s=a["s"][:, :3]), r"scales must be \[16, 9\]"),
         (lambda a: a.update(qz=a["qz"][:1]), r"qzeros must be \[16, 2\]"),
+        (lambda a: a.update(qz=a["qz"].long()), "qzeros must be int32"),
+        (lambda a: a.update(s=a["s"].to(torch.int32)), "scales must be floating point"),
+        (lambda a: a.update(group=0), "group_size must be -1"),
+        (
+            lambda a: a.update(x=torch.randn(2, 512)),
+            r"qweight must be \[N, 64\] for in_features 512",
+        ),
+        (lambda a: a.update(x=torch.randn(2, 3, 576)), r"x must be 2-D"),
+        (lambda a: a.update(x=torch.ones(2, 576, dtype=torch.int32)), "x must be floating point"),
     ],
 )
 def test_bad_arguments_are_named(mutate, message: str) -> None:  # noqa: ANN001
     qw, s, qz, _ = _case(16, 576, 4, 64, False)
-    args = {"qw": qw, "s": s, "qz": qz, "bits": 4, "group": 64}
+    args = {"x": torch.randn(2, 576), "qw": qw, "s": s, "qz": qz, "bits": 4, "group": 64}
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.quantlab.groupwise_int_mm(
-            torch.randn(2, 576), args["qw"], args["s"], args["qz"], args["bits"], args["group"]
-        )
+        ops.matmul(args["x"], args["qw"], args["s"], args["qz"], args["bits"], args["group"])
+
+
+@needs_cpu_kernel
+def test_bad_dequant_arguments_are_named() -> None:
+    qw, s, qz, _ = _case(16, 576, 4, 64, False)
+    with pytest.raises(RuntimeError, match="bits must be 2, 3, 4 or 8"):
+        ops.dequant(qw, s, qz, 6, 64, 576)
+    with pytest.raises(RuntimeError, match="in_features must be positive"):
+        ops.dequant(qw, s, qz, 4, 64, 0)
+    with pytest.raises(RuntimeError, match="group_size 100 does not divide in_features 576"):
+        ops.dequant(qw, s, qz, 4, 100, 576)
 
 
 def test_compile_traces_the_op() -> None:
