@@ -20,6 +20,7 @@ from quantlab.config import CalibConfig, GPTQConfig, GroupwiseIntConfig, RTNConf
 from quantlab.formats.groupwise_int import dtype_from_name, pack
 from quantlab.models.arch import get_submodule, resolve
 from quantlab.nn.linear import QuantLinear
+from quantlab.nn.swap import set_submodule
 from quantlab.solvers.base import GroupwiseIntResult
 from quantlab.solvers.rtn import rtn_quantize
 
@@ -28,7 +29,6 @@ __all__ = [
     "QuantizationReport",
     "quantize_model",
     "replace_linear",
-    "set_submodule",
 ]
 
 
@@ -63,12 +63,6 @@ class QuantizationReport:
             "seconds": self.seconds,
             "layers": [asdict(layer) for layer in self.layers],
         }
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, module)
 
 
 def _packed_layer(

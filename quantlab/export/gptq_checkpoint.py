@@ -34,6 +34,7 @@ from quantlab.export.gptq_format import (
 )
 from quantlab.formats.groupwise_int import pack, unpack
 from quantlab.nn.linear import QuantLinear
+from quantlab.nn.swap import swap_in_quant_linear
 from quantlab.solvers.base import GroupwiseIntResult
 
 __all__ = ["GPTQ_SUFFIXES", "load_gptq", "save_gptq"]
@@ -138,21 +139,7 @@ def load_gptq(
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in names:
-        linear = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent),
-            child,
-            QuantLinear(
-                linear.in_features,
-                linear.out_features,
-                bias=linear.bias is not None,
-                bits=bits,
-                group_size=group_size,
-                sym=sym,
-                dtype=dtype,
-            ),
-        )
+        swap_in_quant_linear(model, name, bits, group_size, sym)
     result = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in result.missing_keys if k not in tied]

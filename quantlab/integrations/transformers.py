@@ -22,6 +22,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION, dtype_from_name
 from quantlab.nn.linear import QuantLinear
+from quantlab.nn.swap import swap_in_quant_linear
 
 __all__ = ["QUANT_METHOD", "QuantlabConfig", "QuantlabHfQuantizer", "register"]
 
@@ -89,27 +90,14 @@ class QuantlabHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name, spec in self.quantization_config.modules.items():
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError as exc:
-                raise ValueError(
-                    f"quantization_config lists {name!r}, which the model lacks"
-                ) from exc
-            if not isinstance(linear, nn.Linear):
-                raise ValueError(f"{name} is {type(linear).__name__}, expected nn.Linear")
-            layer = QuantLinear(
-                linear.in_features,
-                linear.out_features,
-                bias=linear.bias is not None,
+            swap_in_quant_linear(
+                model,
+                name,
                 bits=int(spec["bits"]),
                 group_size=int(spec["group_size"]),
                 sym=bool(spec["sym"]),
                 scale_dtype=str(spec.get("scale_dtype", "float16")),
-                device=linear.weight.device,
-                dtype=linear.weight.dtype,
             )
-            parent_path, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         # transformers may cast floating tensors to the requested model dtype; scales keep theirs.
