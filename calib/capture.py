@@ -27,8 +27,11 @@ from quantlab.calib.stats import HessianAccumulator
 
 __all__ = [
     "BlockInputs",
+    "ModuleCall",
+    "run_block_with_taps",
     "GroupCallback",
     "capture_block_inputs",
+    "move_outside_blocks",
     "move_to",
     "run_block",
     "run_sequential",
@@ -72,7 +75,7 @@ def move_to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def _move_outside_blocks(
+def move_outside_blocks(
     model: nn.Module, blocks: nn.ModuleList, device: torch.device | str
 ) -> None:
     """Move every parameter and buffer that is not inside ``blocks`` to ``device``, in place.
@@ -140,6 +143,80 @@ def run_block(
         out = _block_output(block(hidden.to(device), **move_to(kwargs, device)))
         outs.append(out.to(hidden.device))
     return outs
+
+
+@dataclass
+class ModuleCall:
+    """One call of a submodule inside a block, kept so the submodule can be re-run alone.
+
+    Attributes:
+        hidden: its main input (first positional argument or ``hidden_states``).
+        args: the remaining positional arguments.
+        kwargs: the keyword arguments (attention mask, rotary embeddings, ...).
+        as_keyword: ``hidden`` was passed as ``hidden_states=``.
+    """
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    as_keyword: bool
+
+    def replay(self, module: nn.Module) -> torch.Tensor:
+        if self.as_keyword:
+            out = module(*self.args, hidden_states=self.hidden, **self.kwargs)
+        else:
+            out = module(self.hidden, *self.args, **self.kwargs)
+        return _block_output(out)
+
+
+@torch.no_grad()
+def run_block_with_taps(
+    block: nn.Module,
+    inputs: BlockInputs,
+    device: torch.device | str,
+    taps: dict[str, Callable[[torch.Tensor], None]],
+    record: Sequence[str] = (),
+    record_batches: int = 1,
+) -> tuple[list[torch.Tensor], dict[str, list[ModuleCall]]]:
+    """Run ``block`` on every batch, feeding submodules' inputs to ``taps`` and keeping calls.
+
+    Args:
+        taps: submodule path -> callback receiving that submodule's input on every batch.
+        record: submodule paths whose calls (input and arguments) are kept, on ``device``, for
+            the first ``record_batches`` batches.
+
+    Returns:
+        The block outputs per batch (stored where the inputs are) and the recorded calls.
+    """
+    calls: dict[str, list[ModuleCall]] = {name: [] for name in record}
+    batch = 0
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            as_keyword = not args
+            hidden = kwargs["hidden_states"] if as_keyword else args[0]
+            if name in taps:
+                taps[name](hidden)
+            if name in calls and batch < record_batches:
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls[name].append(ModuleCall(hidden, tuple(args[1:]), rest, as_keyword))
+
+        return hook
+
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(make_hook(name), with_kwargs=True)
+        for name in dict.fromkeys([*taps, *record])
+    ]
+    outs = []
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            out = _block_output(block(hidden.to(device), **move_to(kwargs, device)))
+            outs.append(out.to(hidden.device))
+            batch += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, calls
 
 
 def _hook_group(
@@ -273,11 +350,11 @@ def run_sequential(
     n = samples.shape[0]
     batch_size = n if batch_size is None else max(1, min(batch_size, n))
     outside_home = next(model.parameters()).device
-    _move_outside_blocks(model, blocks, device)
+    move_outside_blocks(model, blocks, device)
     try:
         inputs = capture_block_inputs(model, blocks, samples, batch_size, device, storage_device)
     finally:
-        _move_outside_blocks(model, blocks, outside_home)
+        move_outside_blocks(model, blocks, outside_home)
     single_pass = len(inputs.hidden) == 1 and true_sequential
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         block = blocks[index]

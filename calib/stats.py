@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HessianAccumulator"]
+__all__ = ["ChannelStatsAccumulator", "HessianAccumulator"]
 
 
 class HessianAccumulator:
@@ -38,3 +38,46 @@ class HessianAccumulator:
         if self.n_tokens == 0:
             raise ValueError("no calibration tokens reached this layer; its Hessian is empty")
         return self.sum
+
+
+class ChannelStatsAccumulator:
+    """Per-input-channel mean ``|x|`` and the diagonal ``group_size`` blocks of ``X^T X / n``.
+
+    What AWQ needs from a linear's inputs: the activation magnitude that drives its scale search,
+    and each quantization group's Gram matrix, which prices a group's rounding error on the
+    calibration tokens for the clip search. Both are running averages in fp32; cost is
+    ``n * K * group_size`` per batch rather than the full Hessian's ``n * K^2``.
+    """
+
+    def __init__(
+        self, in_features: int, group_size: int, device: torch.device | str = "cpu"
+    ) -> None:
+        g = in_features if group_size == -1 else group_size
+        if g <= 0 or in_features % g != 0:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.in_features = in_features
+        self.group = g
+        self.abs_mean = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(in_features // g, g, g, dtype=torch.float32, device=device)
+        self.n_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[..., K]``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features).to(device=self.gram.device, dtype=torch.float32)
+        m = rows.shape[0]
+        if m == 0:
+            return
+        total = self.n_tokens + m
+        keep = self.n_tokens / total
+        self.abs_mean.mul_(keep).add_(rows.abs().sum(dim=0), alpha=1.0 / total)
+        grouped = rows.view(m, -1, self.group).transpose(0, 1)  # [G, m, g]
+        self.gram.mul_(keep).baddbmm_(grouped.transpose(1, 2), grouped, alpha=1.0 / total)
+        self.n_tokens = total
+
+    def check(self) -> None:
+        if self.n_tokens == 0:
+            raise ValueError("no calibration tokens reached this layer; its statistics are empty")
+        if not bool(torch.isfinite(self.abs_mean).all()):
+            raise ValueError("calibration activations contain NaN/Inf")

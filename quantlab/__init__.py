@@ -42,7 +42,8 @@ def quantize(
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
-    """Load a quantized checkpoint directory: quantlab's own layout or the GPTQ layout."""
+    """Load a quantized checkpoint directory: quantlab's own layout, or the GPTQ or AWQ (GEMM)
+    layout."""
     import torch
 
     from quantlab.export.checkpoint import load_quantized
@@ -52,6 +53,10 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> An
         from quantlab.export.gptq_checkpoint import load_gptq
 
         return load_gptq(path, device=device, dtype=dtype or torch.float32)
+    if checkpoint_kind(str(path)) == "awq":
+        from quantlab.export.awq_checkpoint import load_awq
+
+        return load_awq(path, device=device, dtype=dtype or torch.float32)
     return load_quantized(path, device=device, dtype=dtype or torch.float32)
 
 

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="'default' (bundled SmolLM2-135M-Instruct), a local model directory, or a hub id",
     )
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
@@ -52,15 +52,16 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="shrink each group's range where that lowers its rounding error "
-        "(default: on for gptq, off for rtn)",
+        "(default: on for gptq, off for rtn and awq, whose own clip search is activation-aware)",
     )
     q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     q.add_argument(
         "--format",
         default="quantlab",
-        choices=["quantlab", "gptq"],
-        help="checkpoint layout: quantlab's own, or the GPTQ layout transformers/vLLM read",
+        choices=["quantlab", "gptq", "awq"],
+        help="checkpoint layout: quantlab's own, or the GPTQ or AWQ (GEMM, 4-bit) layout "
+        "transformers/vLLM read",
     )
     q.add_argument("--calib", default="wiki-calib", help="calibration text source")
     q.add_argument("--calib-samples", type=int, default=32)
@@ -75,6 +76,26 @@ def _parser() -> argparse.ArgumentParser:
         "diagonal (act-order uses static groups, so it costs nothing at inference)",
     )
     q.add_argument("--no-true-sequential", action="store_true")
+    q.add_argument(
+        "--awq-rounding",
+        default="rtn",
+        choices=["rtn", "gptq"],
+        help="AWQ: round the scaled, clipped weights to nearest (AWQ proper) or with GPTQ",
+    )
+    q.add_argument(
+        "--awq-scales",
+        default="duo",
+        choices=["duo", "plain", "both"],
+        help="AWQ scale form: x^a/w^(1-a) (duo, AutoAWQ's default), x^a (plain, the paper's), "
+        "or search both",
+    )
+    q.add_argument(
+        "--awq-search-samples",
+        type=int,
+        default=8,
+        help="AWQ: calibration sequences each scale candidate is scored on",
+    )
+    q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clip search")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     q.add_argument(
         "--skip-baseline", action="store_true", help="do not evaluate the unquantized model"
@@ -93,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _method_config(args: argparse.Namespace) -> Any:
-    from quantlab.config import GPTQConfig, RTNConfig
+    from quantlab.config import AWQConfig, GPTQConfig, RTNConfig
 
     common = dict(
         bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype
@@ -102,6 +123,17 @@ def _method_config(args: argparse.Namespace) -> Any:
         common["clip_search"] = args.clip_search
     if args.method == "rtn":
         return RTNConfig(**common)
+    if args.method == "awq":
+        return AWQConfig(
+            **common,
+            scale_modes=("plain", "duo") if args.awq_scales == "both" else (args.awq_scales,),
+            search_samples=args.awq_search_samples,
+            apply_clip=not args.no_awq_clip,
+            rounding=args.awq_rounding,
+            damp_percent=args.damp_percent,
+            act_order=not args.no_act_order,
+            true_sequential=not args.no_true_sequential,
+        )
     return GPTQConfig(
         **common,
         damp_percent=args.damp_percent,
@@ -165,6 +197,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     config = _method_config(args)
+    if args.format == "awq":
+        from quantlab.export.awq_format import awq_quantization_config
+
+        # Refuse an unexportable encoding before spending the quantization time.
+        awq_quantization_config(config.bits, config.group_size)
     calib = CalibConfig(
         args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
     )
@@ -193,6 +230,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         from quantlab.export.gptq_checkpoint import save_gptq
 
         out, layout = save_gptq(model, args.out, config.to_dict(), tok, report_dict)
+    elif args.format == "awq":
+        from quantlab.export.awq_checkpoint import save_awq
+
+        out = save_awq(model, args.out, config.to_dict(), tok, report_dict)
+        layout = "awq gemm"
     else:
         out = save_quantized(model, args.out, config.method, config.to_dict(), tok, report_dict)
         layout = "quantlab groupwise_int v1"

@@ -16,7 +16,7 @@ from torch import nn
 
 from quantlab.models.arch import SmoothMap
 
-__all__ = ["fold_input_scales", "smooth_map_applies"]
+__all__ = ["fold_input_scales", "fold_smooth_map", "smooth_map_applies"]
 
 
 def _output_width(prev: nn.Module) -> int | None:
@@ -29,11 +29,28 @@ def _output_width(prev: nn.Module) -> int | None:
 
 
 def smooth_map_applies(block: nn.Module, smooth: SmoothMap) -> bool:
-    """Whether ``smooth`` can fold in this block (e.g. v_proj -> o_proj needs equal widths)."""
+    """Whether ``smooth`` can fold in this block (e.g. v_proj -> o_proj needs equal widths; with
+    grouped-query attention they differ and the map is skipped)."""
     prev = block.get_submodule(smooth.prev)
     width = _output_width(prev)
-    return width is not None and all(
-        block.get_submodule(name).in_features == width for name in smooth.linears
+    if width is None or (smooth.prev_slices > 1 and not isinstance(prev, nn.Linear)):
+        return False
+    return all(
+        block.get_submodule(name).in_features * smooth.prev_slices == width
+        for name in smooth.linears
+    )
+
+
+def fold_smooth_map(
+    block: nn.Module, smooth: SmoothMap, scales: torch.Tensor, norm_weight_offset: float = 0.0
+) -> None:
+    """Fold ``scales`` along one of an architecture's smoothing maps inside ``block``."""
+    fold_input_scales(
+        block.get_submodule(smooth.prev),
+        [block.get_submodule(name) for name in smooth.linears],
+        scales,
+        norm_weight_offset,
+        smooth.prev_slices,
     )
 
 
@@ -43,6 +60,7 @@ def fold_input_scales(
     linears: Sequence[nn.Linear],
     scales: torch.Tensor,
     norm_weight_offset: float = 0.0,
+    prev_slices: int = 1,
 ) -> None:
     """Scale the linears' input columns by ``scales`` and ``prev``'s output by ``1 / scales``.
 
@@ -52,6 +70,8 @@ def fold_input_scales(
         linears: the linears reading ``prev``'s output; each ``in_features == len(scales)``.
         scales: positive finite ``[K]``.
         norm_weight_offset: see ``prev``.
+        prev_slices: ``prev`` (a linear) produces this many equal slices and the linears read the
+            last one; only those rows are divided.
     """
     if scales.dim() != 1:
         raise ValueError(f"scales must be 1-D [K], got shape {tuple(scales.shape)}")
@@ -60,8 +80,13 @@ def fold_input_scales(
         raise ValueError("scales must be finite and positive")
     k = s.shape[0]
     width = _output_width(prev)
-    if width != k:
-        raise ValueError(f"{type(prev).__name__} produces {width} channels, scales have {k}")
+    if prev_slices < 1 or (prev_slices > 1 and not isinstance(prev, nn.Linear)):
+        raise ValueError(f"prev_slices={prev_slices} needs prev to be an nn.Linear")
+    if width != k * prev_slices:
+        raise ValueError(
+            f"{type(prev).__name__} produces {width} channels, scales have {k}"
+            + (f" x {prev_slices} slices" if prev_slices > 1 else "")
+        )
     for lin in linears:
         if lin.in_features != k:
             raise ValueError(f"linear with in_features {lin.in_features} cannot take {k} scales")
@@ -70,9 +95,12 @@ def fold_input_scales(
         t.copy_(new.to(t.dtype))
 
     if isinstance(prev, nn.Linear):
-        update(prev.weight, prev.weight.float() / s.to(prev.weight.device).unsqueeze(1))
+        rows = slice(width - k, width)
+        weight = prev.weight[rows]
+        update(weight, weight.float() / s.to(weight.device).unsqueeze(1))
         if prev.bias is not None:
-            update(prev.bias, prev.bias.float() / s.to(prev.bias.device))
+            bias = prev.bias[rows]
+            update(bias, bias.float() / s.to(bias.device))
     else:
         weight = prev.weight
         sw = s.to(weight.device)

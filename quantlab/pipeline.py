@@ -16,9 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.config import CalibConfig, GPTQConfig, GroupwiseIntConfig, RTNConfig
+from quantlab.config import AWQConfig, CalibConfig, GPTQConfig, GroupwiseIntConfig, RTNConfig
 from quantlab.formats.groupwise_int import dtype_from_name, pack
-from quantlab.models.arch import get_submodule, resolve
+from quantlab.models.arch import ArchSpec, get_submodule, resolve
 from quantlab.nn.linear import QuantLinear
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.base import GroupwiseIntResult
@@ -50,6 +50,7 @@ class QuantizationReport:
     calib: dict[str, Any] | None
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -62,6 +63,7 @@ class QuantizationReport:
             "calib": self.calib,
             "seconds": self.seconds,
             "layers": [asdict(layer) for layer in self.layers],
+            "details": self.details,
         }
 
 
@@ -76,60 +78,83 @@ def _excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or name == p or name.endswith("." + p) for p in patterns)
 
 
+def _rtn_block(
+    index: int,
+    block: nn.Module,
+    spec: ArchSpec,
+    config: GroupwiseIntConfig,
+    report: QuantizationReport,
+) -> None:
+    scale_dtype = dtype_from_name(config.scale_dtype)
+    for name in spec.block_linears:
+        full = f"{spec.blocks}.{index}.{name}"
+        if _excluded(full, config.modules_to_not_convert):
+            continue
+        linear = block.get_submodule(name)
+        start = time.perf_counter()
+        result = rtn_quantize(
+            linear.weight,
+            config.bits,
+            config.group_size,
+            config.sym,
+            scale_dtype,
+            name=full,
+            clip_search=config.clip_search,
+        )
+        set_submodule(block, name, _packed_layer(result, linear, config, full))
+        report.layers.append(
+            LayerReport(
+                full,
+                *linear.weight.shape,
+                config.bits,
+                config.group_size,
+                None,
+                time.perf_counter() - start,
+            )
+        )
+
+
 def _quantize_rtn(
     model: nn.Module, config: RTNConfig, report: QuantizationReport, progress: bool
 ) -> None:
     spec = resolve(model)
     blocks = get_submodule(model, spec.blocks)
-    scale_dtype = dtype_from_name(config.scale_dtype)
     for i in tqdm(range(len(blocks)), desc="rtn", disable=not progress):
-        for name in spec.block_linears:
-            full = f"{spec.blocks}.{i}.{name}"
-            if _excluded(full, config.modules_to_not_convert):
-                continue
-            linear = blocks[i].get_submodule(name)
-            start = time.perf_counter()
-            result = rtn_quantize(
-                linear.weight,
-                config.bits,
-                config.group_size,
-                config.sym,
-                scale_dtype,
-                name=full,
-                clip_search=config.clip_search,
+        _rtn_block(i, blocks[i], spec, config, report)
+
+
+def _calibration_samples(
+    tokenizer: Any, calib: CalibConfig, method: str, given: torch.Tensor | None
+) -> torch.Tensor:
+    from quantlab.calib.data import calibration_samples
+
+    if given is not None:
+        if given.dim() != 2 or given.dtype not in (torch.int32, torch.int64) or given.numel() == 0:
+            raise ValueError(
+                f"samples must be a non-empty 2-D integer [S, L] tensor of token ids, got "
+                f"{given.dtype} {tuple(given.shape)}"
             )
-            set_submodule(blocks[i], name, _packed_layer(result, linear, config, full))
-            report.layers.append(
-                LayerReport(
-                    full,
-                    *linear.weight.shape,
-                    config.bits,
-                    config.group_size,
-                    None,
-                    time.perf_counter() - start,
-                )
-            )
+        return given.to(torch.int64)
+    if tokenizer is None:
+        raise ValueError(f"{method} needs a tokenizer for its calibration text")
+    return calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)
 
 
 def _quantize_gptq(
     model: nn.Module,
     config: GPTQConfig,
     calib: CalibConfig,
-    tokenizer: Any,
+    samples: torch.Tensor,
     report: QuantizationReport,
     device: torch.device,
     progress: bool,
 ) -> None:
     from quantlab.calib.capture import run_sequential
-    from quantlab.calib.data import calibration_samples
     from quantlab.solvers.gptq import gptq_quantize
 
     spec = resolve(model)
     blocks = get_submodule(model, spec.blocks)
     scale_dtype = dtype_from_name(config.scale_dtype)
-    samples = calibration_samples(
-        tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed
-    )
     pending: dict[str, GroupwiseIntResult] = {}
 
     def on_group(
@@ -192,6 +217,42 @@ def _quantize_gptq(
     )
 
 
+def _quantize_awq(
+    model: nn.Module,
+    config: AWQConfig,
+    calib: CalibConfig,
+    samples: torch.Tensor,
+    report: QuantizationReport,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    from quantlab.awq_smoothing import apply_awq
+
+    spec = resolve(model)
+
+    def round_block(index: int, block: nn.Module) -> None:
+        _rtn_block(index, block, spec, config, report)
+
+    smoothing = apply_awq(
+        model,
+        spec,
+        samples,
+        config,
+        device,
+        batch_size=calib.batch_size,
+        on_block=round_block if config.rounding == "rtn" else None,
+        progress=progress,
+    )
+    report.details["awq"] = {
+        "seconds": smoothing.seconds,
+        "maps": [asdict(m) for m in smoothing.maps],
+        "skipped_maps": smoothing.skipped_maps,
+        "clipped": len(smoothing.clipped),
+    }
+    if config.rounding == "gptq":
+        _quantize_gptq(model, config.gptq_config(), calib, samples, report, device, progress)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -200,6 +261,7 @@ def quantize_model(
     calib: CalibConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    samples: torch.Tensor | None = None,
 ) -> QuantizationReport:
     """Quantize a transformers causal LM in place; its block linears become :class:`QuantLinear`.
 
@@ -209,6 +271,8 @@ def quantize_model(
         tokenizer: needed by calibrated methods to tokenize the calibration text.
         calib: calibration options (defaults to :class:`CalibConfig`'s defaults).
         device: where blocks are processed (default: where the model is).
+        samples: calibration token ids ``[S, L]`` to use instead of drawing ``calib``'s windows
+            from its text source (then no tokenizer is needed).
     """
     start = time.perf_counter()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -218,12 +282,16 @@ def quantize_model(
         config=config.to_dict(),
         calib=calib.to_dict() if config.needs_calibration else None,
     )
+    if samples is not None and config.needs_calibration:
+        report.calib = {"source": "given token ids", "shape": list(samples.shape)}
     if isinstance(config, RTNConfig):
         _quantize_rtn(model, config, report, progress)
     elif isinstance(config, GPTQConfig):
-        if tokenizer is None:
-            raise ValueError("GPTQ needs a tokenizer for its calibration text")
-        _quantize_gptq(model, config, calib, tokenizer, report, device, progress)
+        samples = _calibration_samples(tokenizer, calib, "GPTQ", samples)
+        _quantize_gptq(model, config, calib, samples, report, device, progress)
+    elif isinstance(config, AWQConfig):
+        samples = _calibration_samples(tokenizer, calib, "AWQ", samples)
+        _quantize_awq(model, config, calib, samples, report, device, progress)
     else:
         raise ValueError(f"method {config.method!r} is not available in quantize_model")
     report.seconds = time.perf_counter() - start

@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab.fold import fold_input_scales, smooth_map_applies
-from quantlab.models.arch import get_submodule, resolve
+from quantlab.fold import fold_input_scales, fold_smooth_map, smooth_map_applies
+from quantlab.models.arch import (
+    UnsupportedArchitectureError,
+    get_submodule,
+    resolve,
+    smooth_maps_for,
+)
+from tests.families import FAMILIES, tiny_model
 
 
 def _fold_everywhere(model: nn.Module, seed: int) -> int:
@@ -16,10 +22,10 @@ def _fold_everywhere(model: nn.Module, seed: int) -> int:
         for smooth in spec.smooth_maps:
             if not smooth_map_applies(block, smooth):
                 continue
-            linears = [block.get_submodule(n) for n in smooth.linears]
+            k = block.get_submodule(smooth.linears[0]).in_features
             # Log-normal scales spanning ~e^-1.5 .. e^1.5, like AWQ's.
-            s = torch.exp(0.5 * torch.randn(linears[0].in_features, generator=gen))
-            fold_input_scales(block.get_submodule(smooth.prev), linears, s, spec.norm_weight_offset)
+            s = torch.exp(0.5 * torch.randn(k, generator=gen))
+            fold_smooth_map(block, smooth, s, spec.norm_weight_offset)
             folded += 1
     return folded
 
@@ -58,3 +64,39 @@ def test_bad_scales_are_refused() -> None:
         fold_input_scales(norm, [lin], torch.tensor([1.0] * 7 + [0.0]))
     with pytest.raises(ValueError, match="produces 8 channels, scales have 6"):
         fold_input_scales(norm, [lin], torch.ones(6))
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_family_folds_without_changing_its_output(model_type: str, gqa: bool) -> None:
+    model = tiny_model(model_type, gqa)
+    spec = resolve(model)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+    folded = _fold_everywhere(model, seed=3)
+    # Every map folds except v -> o (and Phi-3's fused qkv -> o) under grouped-query attention;
+    # OPT has no GQA option.
+    per_block = len(spec.smooth_maps) - (1 if gqa and model_type != "opt" else 0)
+    assert folded == 2 * per_block
+    with torch.no_grad():
+        out = model(x).logits
+    # fp32 forward of a 2-block model: reassociation noise is ~1e-7 relative.
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_post_norm_opt_has_no_smoothing_maps() -> None:
+    model = tiny_model("opt")
+    model.config.do_layer_norm_before = False
+    with pytest.raises(UnsupportedArchitectureError, match="do_layer_norm_before"):
+        smooth_maps_for(model, resolve(model))
+
+
+def test_sliced_fold_scales_only_the_last_slice() -> None:
+    prev, nxt = nn.Linear(8, 3 * 4), nn.Linear(4, 5)
+    w_prev = prev.weight.detach().clone()
+    fold_input_scales(prev, [nxt], torch.full((4,), 2.0), prev_slices=3)
+    assert torch.equal(prev.weight[:8], w_prev[:8])
+    torch.testing.assert_close(prev.weight[8:], w_prev[8:] / 2)
+    with pytest.raises(ValueError, match="x 2 slices"):
+        fold_input_scales(prev, [nxt], torch.ones(4), prev_slices=2)

@@ -29,6 +29,7 @@ from quantlab.nn.linear import QuantLinear
 __all__ = [
     "CheckpointError",
     "WEIGHTS_NAME",
+    "instantiate_quantized",
     "load_quantized",
     "quantization_config_of",
     "read_safetensors_header",
@@ -206,3 +207,41 @@ def load_quantized(
     model.to(device)
     model.eval()
     return model
+
+
+def instantiate_quantized(
+    root: Path,
+    state: dict[str, torch.Tensor],
+    quantized: list[str],
+    bits: int,
+    group_size: int,
+    sym: bool,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """Build the transformers model of ``root/config.json`` with :class:`QuantLinear` at the
+    ``quantized`` paths and load ``state`` (quantlab tensors) into it, strictly.
+
+    Used by the loaders of foreign layouts (GPTQ, AWQ) once they have converted the tensors.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from quantlab.nn.swap import swap_in_quant_linear
+
+    config = AutoConfig.from_pretrained(root)
+    config.quantization_config = None
+    del config.quantization_config
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in quantized:
+        swap_in_quant_linear(model, name, bits, group_size, sym)
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{root / WEIGHTS_NAME}: tensors do not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model.tie_weights()
+    return model.eval()

@@ -23,6 +23,7 @@ from torch import nn
 from quantlab.export.checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
+    instantiate_quantized,
     read_safetensors_header,
     state_dict_without_shared,
     write_checkpoint,
@@ -34,7 +35,6 @@ from quantlab.export.gptq_format import (
 )
 from quantlab.formats.groupwise_int import pack, unpack
 from quantlab.nn.linear import QuantLinear
-from quantlab.nn.swap import swap_in_quant_linear
 from quantlab.solvers.base import GroupwiseIntResult
 
 __all__ = ["GPTQ_SUFFIXES", "load_gptq", "save_gptq"]
@@ -104,9 +104,6 @@ def load_gptq(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     root = Path(path)
     weights = root / WEIGHTS_NAME
     cfg_path = root / "config.json"
@@ -133,20 +130,4 @@ def load_gptq(
         packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
         state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
 
-    config = AutoConfig.from_pretrained(root)
-    config.quantization_config = None
-    del config.quantization_config
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in names:
-        swap_in_quant_linear(model, name, bits, group_size, sym)
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{weights}: tensors do not match the model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    model.tie_weights()
-    return model.to(device).eval()
+    return instantiate_quantized(root, state, names, bits, group_size, sym, dtype).to(device)

@@ -42,7 +42,7 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
 
 
 def checkpoint_kind(path: str) -> str | None:
-    """``"quantlab"``, ``"gptq"`` (or another quant_method) for a quantized directory, else None."""
+    """The quant_method ("quantlab", "gptq", "awq", ...) of a quantized directory, else None."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return None
@@ -62,7 +62,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     except OSError as exc:
         raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
     kind = checkpoint_kind(path)
-    if kind in ("quantlab", "gptq"):
+    if kind in ("quantlab", "gptq", "awq"):
         from quantlab import load
 
         model = load(path, device=device, dtype=DTYPES[dtype])

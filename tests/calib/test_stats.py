@@ -36,3 +36,39 @@ def test_wrong_width_and_empty_are_clear_errors() -> None:
         acc.add(torch.randn(2, 9))
     with pytest.raises(ValueError, match="no calibration tokens"):
         acc.hessian()
+
+
+@pytest.mark.parametrize("group_size", [8, -1])
+def test_channel_stats_match_direct_computation(group_size: int) -> None:
+    from quantlab.calib.stats import ChannelStatsAccumulator
+
+    torch.manual_seed(2)
+    chunks = [torch.randn(2, 9, 24) * torch.linspace(0.1, 3, 24) for _ in range(4)]
+    acc = ChannelStatsAccumulator(24, group_size)
+    for c in chunks:
+        acc.add(c)
+    x = torch.cat([c.reshape(-1, 24) for c in chunks]).double()
+    g = 24 if group_size == -1 else group_size
+    assert acc.n_tokens == x.shape[0]
+    torch.testing.assert_close(acc.abs_mean.double(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
+    for i in range(24 // g):
+        xg = x[:, i * g : (i + 1) * g]
+        # fp32 running averages of 72 rows: a few ulps of entries of size ~10.
+        torch.testing.assert_close(
+            acc.gram[i].double(), xg.t() @ xg / x.shape[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_channel_stats_refuse_bad_input() -> None:
+    from quantlab.calib.stats import ChannelStatsAccumulator
+
+    with pytest.raises(ValueError, match="does not divide"):
+        ChannelStatsAccumulator(24, 10)
+    acc = ChannelStatsAccumulator(24, 8)
+    with pytest.raises(ValueError, match="empty"):
+        acc.check()
+    with pytest.raises(ValueError, match=r"\[\.\.\., 24\]"):
+        acc.add(torch.zeros(3, 16))
+    acc.add(torch.full((2, 24), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        acc.check()

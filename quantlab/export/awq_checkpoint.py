@@ -1,0 +1,116 @@
+"""Checkpoints in the AutoAWQ GEMM layout (``quant_method: "awq"``) that transformers and vLLM load.
+
+Writing converts every :class:`~quantlab.nn.linear.QuantLinear` to the tensors of
+:mod:`quantlab.export.awq_format`; linears left in float precision are listed in
+``modules_to_not_convert``. Reading turns an AWQ GEMM checkpoint (quantlab's or AutoAWQ's /
+llm-compressor's) back into QuantLinear layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from quantlab.export.awq_format import awq_quantization_config, from_awq_tensors, to_awq_tensors
+from quantlab.export.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    instantiate_quantized,
+    read_safetensors_header,
+    state_dict_without_shared,
+    write_checkpoint,
+)
+from quantlab.formats.groupwise_int import pack, unpack
+from quantlab.nn.linear import QuantLinear
+from quantlab.solvers.base import GroupwiseIntResult
+
+__all__ = ["AWQ_SUFFIXES", "load_awq", "save_awq"]
+
+AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
+
+
+def save_awq(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    method_config: dict[str, Any],
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` in the AWQ GEMM layout (4-bit, one group size for the whole model)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no QuantLinear modules; quantize it before saving")
+    encodings = {(m.meta.bits, m.meta.group_size) for m in layers.values()}
+    if len(encodings) != 1:
+        raise ValueError(
+            f"the AWQ layout has one bits/group_size for the whole model; found {sorted(encodings)}"
+        )
+    bits, group_size = encodings.pop()
+    state = state_dict_without_shared(model)
+    for name, layer in layers.items():
+        r = unpack(layer.packed())
+        for suffix in AWQ_SUFFIXES:
+            state.pop(f"{name}.{suffix}", None)
+        tensors = to_awq_tensors(r.q, r.scales, r.zeros, bits, group_size)
+        state.update({f"{name}.{k}": v for k, v in tensors.items()})
+        bias = state.get(f"{name}.bias")
+        if bias is not None:
+            # AWQ kernels add an fp16 bias.
+            state[f"{name}.bias"] = bias.to(torch.float16)
+    float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    qconfig = awq_quantization_config(bits, group_size, float_linears or None)
+    qconfig["quantlab"] = {"method": method_config.get("method", "unknown")}
+    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report)
+
+
+def load_awq(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers."""
+    root = Path(path)
+    weights = root / WEIGHTS_NAME
+    cfg_path = root / "config.json"
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise CheckpointError(f"{root}: missing {f.name}")
+    qcfg = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    if qcfg.get("quant_method") != "awq":
+        raise CheckpointError(
+            f"{cfg_path}: not an AWQ checkpoint (quant_method {qcfg.get('quant_method')!r})"
+        )
+    version = str(qcfg.get("version", qcfg.get("format", "gemm"))).lower()
+    if version != "gemm":
+        raise CheckpointError(
+            f"{cfg_path}: AWQ version {version!r}; quantlab reads the GEMM layout only"
+        )
+    if not qcfg.get("zero_point", True):
+        raise CheckpointError(f"{cfg_path}: AWQ without zero points is not supported")
+    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+    group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+    header = read_safetensors_header(weights)
+    names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
+    state = load_file(weights)
+    for name in names:
+        missing = [s for s in AWQ_SUFFIXES if f"{name}.{s}" not in state]
+        if missing:
+            raise CheckpointError(f"{weights}: {name} lacks {missing}")
+        tensors = {s: state.pop(f"{name}.{s}") for s in AWQ_SUFFIXES}
+        try:
+            q, scales, zeros = from_awq_tensors(tensors, bits, group_size)
+        except ValueError as exc:
+            raise CheckpointError(f"{weights}: {name}: {exc}") from exc
+        packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
+        state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
+        bias = state.get(f"{name}.bias")
+        if bias is not None:
+            state[f"{name}.bias"] = bias.to(dtype)
+    # AWQ stores zero points even for symmetric weights; they load as explicit zeros.
+    return instantiate_quantized(root, state, names, bits, group_size, False, dtype).to(device)
