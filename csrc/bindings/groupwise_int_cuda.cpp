@@ -1,8 +1,13 @@
 // CUDA implementations of the groupwise_int ops (compiled only in CUDA builds).
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <string>
 
 #include "bindings/groupwise_int_checks.h"
 #include "groupwise_int/cuda_kernels.cuh"
@@ -60,6 +65,75 @@ at::Tensor dequant_cuda(const at::Tensor& qweight, const at::Tensor& scales,
   return out;
 }
 
+// Batches above kGemvMaxRows and up to this many rows run the fused tensor-core GEMM
+// (cuda_gemm.cu); from 256 rows on the GEMM is compute-bound and dequantize + cuBLAS wins.
+constexpr int64_t kFusedGemmMaxRows = groupwise_int::kGemmMaxRows;
+static_assert(kFusedGemmMaxRows == 255, "the fused GEMM takes M < 256");
+
+enum class CudaPath { kGemv, kGemm, kDequantMatmul };
+
+const char* path_name(CudaPath p) {
+  switch (p) {
+    case CudaPath::kGemv: return "gemv";
+    case CudaPath::kGemm: return "gemm";
+    case CudaPath::kDequantMatmul: return "dequant-matmul";
+  }
+  return "?";
+}
+
+// Shape and encoding only (no pointers): enough to decide the path.
+groupwise_int::CudaWeight weight_shape(int64_t n, int64_t k, int64_t group_size, int64_t bits) {
+  groupwise_int::CudaWeight w{};
+  w.n = n;
+  w.k = k;
+  w.group_size = group_size == -1 ? k : group_size;
+  w.bits = static_cast<int>(bits);
+  return w;
+}
+
+// An attribute of the current device (plain runtime API: ATen/cuda/CUDAContext.h would pull in
+// the cuBLAS/cuSPARSE headers for two integers).
+int current_device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
+  return value;
+}
+
+// The fused GEMM needs fp16/bf16 activations, a weight it supports and wmma (sm_80+) on the
+// current device.
+bool gemm_applies(at::ScalarType dtype, const groupwise_int::CudaWeight& w) {
+  return (dtype == at::kHalf || dtype == at::kBFloat16) && groupwise_int::gemm_supported(w) &&
+         current_device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8;
+}
+
+CudaPath pick_path(int64_t m, at::ScalarType dtype, const groupwise_int::CudaWeight& w) {
+  if (m <= groupwise_int::kGemvMaxRows) return CudaPath::kGemv;
+  if (m <= kFusedGemmMaxRows && gemm_applies(dtype, w)) return CudaPath::kGemm;
+  return CudaPath::kDequantMatmul;
+}
+
+// y = x @ W^T with the fused GEMM. split_k 0: the SM-count heuristic; >= 1: forced (clamped).
+void run_gemm(const groupwise_int::CudaWeight& w, const at::Tensor& xc, at::Tensor& y,
+              int64_t split_k) {
+  const int64_t m = xc.size(0);
+  const int splits =
+      split_k > 0
+          ? static_cast<int>(std::min<int64_t>(split_k, groupwise_int::kGemmMaxSplits))
+          : groupwise_int::gemm_pick_splits(
+                m, w.n, w.k, current_device_attribute(cudaDevAttrMultiProcessorCount));
+  const size_t bytes = groupwise_int::gemm_workspace_bytes(m, w.n, w.k, splits);
+  at::Tensor workspace;
+  if (bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))},
+                          xc.options().dtype(at::kFloat));
+  }
+  check_launch(groupwise_int::launch_gemm(w, xc.data_ptr(), y.data_ptr(), m,
+                                          kernel_dtype(xc.scalar_type(), "x"), splits,
+                                          bytes > 0 ? workspace.data_ptr<float>() : nullptr,
+                                          c10::cuda::getCurrentCUDAStream()),
+               "gemm");
+}
+
 at::Tensor mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const c10::optional<at::Tensor>& qzeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2, "groupwise_int_mm: x must be 2-D [M, K], got ", x.sizes());
@@ -69,14 +143,21 @@ at::Tensor mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       check_groupwise_int(qweight, scales, qzeros, bits, group_size, x.size(1), "cuda");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
-  if (m > groupwise_int::kGemvMaxRows) {
-    // Compute-bound regime: dequantize in the activation dtype and let cuBLAS run the GEMM.
+  const CudaPath path =
+      pick_path(m, x.scalar_type(), weight_shape(a.n, a.k, a.group_size, a.bits));
+  if (path == CudaPath::kDequantMatmul) {
+    // Compute-bound regime (or fp32 activations): dequantize in the activation dtype and let
+    // cuBLAS run the GEMM.
     const at::Tensor w = dequant_cuda(qweight, scales, qzeros, bits, group_size, a.k, x.scalar_type());
     return at::matmul(x, w.t());
   }
   const PreparedWeight p = prepare(a, qweight, scales, qzeros);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({m, a.n}, x.options());
+  if (path == CudaPath::kGemm) {
+    run_gemm(p.w, xc, y, /*split_k=*/0);
+    return y;
+  }
   check_launch(groupwise_int::launch_gemv(p.w, xc.data_ptr(), y.data_ptr(), m,
                                           kernel_dtype(x.scalar_type(), "x"),
                                           c10::cuda::getCurrentCUDAStream()),
@@ -84,10 +165,58 @@ at::Tensor mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   return y;
 }
 
+// The fused GEMM alone, for any M >= 1, with split-K forced (split_k >= 1) or chosen by the
+// heuristic (split_k == 0): lets tests and benchmarks reach every configuration.
+at::Tensor gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& qzeros, int64_t bits, int64_t group_size,
+                     int64_t split_k) {
+  TORCH_CHECK(x.dim() == 2, "groupwise_int_gemm_cuda: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.is_cuda() && x.device() == qweight.device(),
+              "groupwise_int_gemm_cuda: x must be on ", qweight.device(), ", got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "groupwise_int_gemm_cuda: x must be fp16 or bf16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) >= 1, "groupwise_int_gemm_cuda: x must have at least one row");
+  TORCH_CHECK(split_k >= 0, "groupwise_int_gemm_cuda: split_k must be >= 0, got ", split_k);
+  const GroupwiseIntArgs a =
+      check_groupwise_int(qweight, scales, qzeros, bits, group_size, x.size(1), "cuda");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(gemm_applies(x.scalar_type(), weight_shape(a.n, a.k, a.group_size, a.bits)),
+              "groupwise_int_gemm_cuda: unsupported here (needs sm_80+ and a group size that is a "
+              "multiple of 8 or per-channel), got group_size ", group_size);
+  const PreparedWeight p = prepare(a, qweight, scales, qzeros);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), a.n}, x.options());
+  run_gemm(p.w, xc, y, split_k);
+  return y;
+}
+
+// Which CUDA path groupwise_int_mm takes for these arguments on the current device.
+std::string cuda_path(int64_t m, int64_t out_features, int64_t in_features, int64_t bits,
+                      int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(in_features > 0 && out_features > 0 && m >= 0,
+              "groupwise_int_cuda_path: sizes must be positive");
+  TORCH_CHECK(group_size == -1 || (group_size > 0 && in_features % group_size == 0),
+              "groupwise_int_cuda_path: group_size ", group_size, " does not divide in_features ",
+              in_features);
+  return path_name(pick_path(m, dtype, weight_shape(out_features, in_features, group_size, bits)));
+}
+
 }  // namespace
 }  // namespace quantlab
+
+// CUDA-only ops (they exist only in CUDA builds; tests skip when they are absent).
+TORCH_LIBRARY_FRAGMENT(quantlab, m) {
+  m.def(
+      "groupwise_int_gemm_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+      "int group_size, int split_k) -> Tensor");
+  m.def(
+      "groupwise_int_cuda_path(int m, int out_features, int in_features, int bits, int group_size, "
+      "ScalarType dtype) -> str",
+      &quantlab::cuda_path);
+}
 
 TORCH_LIBRARY_IMPL(quantlab, CUDA, m) {
   m.impl("groupwise_int_dequant", &quantlab::dequant_cuda);
   m.impl("groupwise_int_mm", &quantlab::mm_cuda);
+  m.impl("groupwise_int_gemm_cuda", &quantlab::gemm_cuda);
 }

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace quantlab::groupwise_int {
@@ -33,5 +34,30 @@ constexpr int kGemvMaxRows = 8;
 // y [M, N] = x [M, K] @ W^T for 1 <= M <= kGemvMaxRows; x and y share `dtype`; fp32 accumulation.
 cudaError_t launch_gemv(const CudaWeight& w, const void* x, void* y, int64_t m, DType dtype,
                         cudaStream_t stream);
+
+// ---- Tensor-core GEMM for mid-size batches (cuda_gemm.cu) ----
+// y [M, N] = x [M, K] @ W^T for fp16 / bf16 x and y (fp32 accumulation), any M >= 1, bits 2, 3, 4
+// and 8, group sizes that are a multiple of 8 or per-channel; needs sm_80+ (nvcuda::wmma). The
+// torch adapter sends kGemvMaxRows < M <= kGemmMaxRows here; larger batches are compute-bound and
+// go through dequantize + cuBLAS.
+constexpr int kGemmMaxRows = 255;
+// Most K splits launch_gemm uses (more are clamped).
+constexpr int kGemmMaxSplits = 16;
+
+// Whether launch_gemm takes this weight (bits, group size, grid limits).
+bool gemm_supported(const CudaWeight& w);
+
+// Split-K count for an M x N x K problem on a GPU with `sm_count` SMs: 1 when the output tiles
+// already fill the GPU, more when they are few and K is long.
+int gemm_pick_splits(int64_t m, int64_t n, int64_t k, int sm_count);
+
+// Bytes of fp32 workspace launch_gemm needs for `splits` (0 when no split is made).
+size_t gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int splits);
+
+// `splits` >= 1 (clamped to the K tiles and kGemmMaxSplits); `workspace` must hold
+// gemm_workspace_bytes(m, n, k, splits) bytes, and may be null when that is 0. x and y are
+// row-major and contiguous, in `dtype` (kFloat16 or kBFloat16); x may have any 2-byte alignment.
+cudaError_t launch_gemm(const CudaWeight& w, const void* x, void* y, int64_t m, DType dtype,
+                        int splits, float* workspace, cudaStream_t stream);
 
 }  // namespace quantlab::groupwise_int
