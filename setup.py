@@ -1,4 +1,4 @@
-"""Build of quantlab and its extension ``quantlab._C``.
+"""Build of quantlab and its kernel libraries ``quantlab._C_<family>`` (one per csrc/ family).
 
 Environment knobs:
 
@@ -7,6 +7,7 @@ Environment knobs:
   torch). Without it, CUDA kernels are built when torch is a CUDA build and nvcc is found.
 * ``TORCH_CUDA_ARCH_LIST``: default ``8.0;8.6;8.9;9.0a``.
 * ``MAX_JOBS``: parallel compile jobs (ninja).
+* ``QUANTLAB_BUILD_ONLY=fam1,fam2``: build only these kernel families (csrc/ directories).
 
 Build with ``pip install -e . --no-build-isolation`` (or ``python setup.py build_ext --inplace``)
 so the extension links against the torch that is installed.
@@ -38,41 +39,63 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 
+def _components() -> list[str]:
+    """Kernel families: every directory of csrc/ except the shared ``common`` and ``bindings``.
+
+    Each becomes its own library ``quantlab._C_<family>``, so one family's build problem never
+    takes the others' kernels down, and rebuilding one leaves the rest untouched.
+    """
+    return sorted(
+        p.name for p in CSRC.iterdir() if p.is_dir() and p.name not in ("common", "bindings")
+    )
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("QUANTLAB_BUILD_EXT", "1") == "0":
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cpu_sources = [s for s in _sources("**/*.cpp") if not s.endswith("_cuda.cpp")]
     # No -mavx2/-march here: the AVX2 kernels are per-function target attributes picked at run
     # time, so the wheel stays loadable on any x86-64. OpenMP resolves to the libgomp.so.1 torch
     # already loaded (same soname), so both share one thread pool and torch.set_num_threads.
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     link = {"extra_link_args": ["-fopenmp"], "libraries": ["gomp"]}
     include_dirs = [str(CSRC)]
-    if _want_cuda():
+    cuda = _want_cuda()
+    if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0a")
-        sources = cpu_sources + _sources("**/*_cuda.cpp") + _sources("**/*.cu")
-        ext = CUDAExtension(
-            "quantlab._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=[("QUANTLAB_WITH_CUDA", "1")],
-            extra_compile_args={
-                "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
-            },
-            **link,
-        )
-    else:
-        ext = CppExtension(
-            "quantlab._C",
-            cpu_sources,
-            include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags},
-            **link,
-        )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    extensions = []
+    only = [f for f in os.environ.get("QUANTLAB_BUILD_ONLY", "").split(",") if f]
+    for family in _components():
+        if only and family not in only:
+            continue
+        # Layout of a family: csrc/<family>/*.cpp (torch-free CPU kernels), csrc/<family>/*.cu
+        # (torch-free CUDA kernels), csrc/bindings/<family>.cpp (schemas + CPU impls) and
+        # csrc/bindings/<family>_cuda.cpp (CUDA impls).
+        cpu_sources = _sources(f"{family}/*.cpp") + _sources(f"bindings/{family}.cpp")
+        cuda_sources = _sources(f"bindings/{family}_cuda.cpp") + _sources(f"{family}/*.cu")
+        if cuda and cuda_sources:
+            ext = CUDAExtension(
+                f"quantlab._C_{family}",
+                cpu_sources + cuda_sources,
+                include_dirs=include_dirs,
+                define_macros=[("QUANTLAB_WITH_CUDA", "1")],
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                },
+                **link,
+            )
+        else:
+            ext = CppExtension(
+                f"quantlab._C_{family}",
+                cpu_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags},
+                **link,
+            )
+        extensions.append(ext)
+    return extensions, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -33,12 +33,11 @@ def quantize(
     **options: Any,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``method`` (options are that method's config fields)."""
-    from quantlab.config import METHODS
+    from quantlab.methods import get_method
     from quantlab.pipeline import quantize_model
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-    return quantize_model(model, METHODS[method](**options), tokenizer, calib, device, progress)
+    config = get_method(method).config_cls(**options)
+    return quantize_model(model, config, tokenizer, calib, device, progress)
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:

@@ -43,7 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="'default' (bundled SmolLM2-135M-Instruct), a local model directory, or a hub id",
     )
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"])
+    from quantlab.methods import methods
+
+    table = methods()
+    q.add_argument(
+        "--method",
+        default="rtn",
+        choices=list(table),
+        help="; ".join(f"{name}: {m.help}" for name, m in table.items() if m.help),
+    )
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
@@ -61,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         default="quantlab",
         choices=["quantlab", "gptq", "awq"],
         help="checkpoint layout: quantlab's own, or the GPTQ or AWQ (GEMM, 4-bit) layout "
-        "transformers/vLLM read",
+        "transformers/vLLM read (groupwise-integer methods only)",
     )
     q.add_argument("--calib", default="wiki-calib", help="calibration text source")
     q.add_argument("--calib-samples", type=int, default=32)
@@ -76,26 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         "diagonal (act-order uses static groups, so it costs nothing at inference)",
     )
     q.add_argument("--no-true-sequential", action="store_true")
-    q.add_argument(
-        "--awq-rounding",
-        default="rtn",
-        choices=["rtn", "gptq"],
-        help="AWQ: round the scaled, clipped weights to nearest (AWQ proper) or with GPTQ",
-    )
-    q.add_argument(
-        "--awq-scales",
-        default="duo",
-        choices=["duo", "plain", "both"],
-        help="AWQ scale form: x^a/w^(1-a) (duo, AutoAWQ's default), x^a (plain, the paper's), "
-        "or search both",
-    )
-    q.add_argument(
-        "--awq-search-samples",
-        type=int,
-        default=8,
-        help="AWQ: calibration sequences each scale candidate is scored on",
-    )
-    q.add_argument("--no-awq-clip", action="store_true", help="AWQ: skip the clip search")
+    for name, method in table.items():
+        if method.add_arguments is not None:
+            method.add_arguments(q.add_argument_group(f"{name} options"))
     q.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     q.add_argument(
         "--skip-baseline", action="store_true", help="do not evaluate the unquantized model"
@@ -114,32 +105,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _method_config(args: argparse.Namespace) -> Any:
-    from quantlab.config import AWQConfig, GPTQConfig, RTNConfig
+    from quantlab.methods import get_method
 
-    common = dict(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype
-    )
-    if args.clip_search is not None:
-        common["clip_search"] = args.clip_search
-    if args.method == "rtn":
-        return RTNConfig(**common)
-    if args.method == "awq":
-        return AWQConfig(
-            **common,
-            scale_modes=("plain", "duo") if args.awq_scales == "both" else (args.awq_scales,),
-            search_samples=args.awq_search_samples,
-            apply_clip=not args.no_awq_clip,
-            rounding=args.awq_rounding,
-            damp_percent=args.damp_percent,
-            act_order=not args.no_act_order,
-            true_sequential=not args.no_true_sequential,
+    method = get_method(args.method)
+    if args.format not in method.export_formats:
+        raise ValueError(
+            f"--format {args.format} is not available for --method {args.method} "
+            f"(it writes: {', '.join(method.export_formats)})"
         )
-    return GPTQConfig(
-        **common,
-        damp_percent=args.damp_percent,
-        act_order=not args.no_act_order,
-        true_sequential=not args.no_true_sequential,
-    )
+    return method.config_from_args(args)
 
 
 def _eval_ppl(model: Any, tokens: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,18 +126,22 @@ def _eval_ppl(model: Any, tokens: Any, args: argparse.Namespace) -> dict[str, An
 
 def _linear_storage(model: Any) -> tuple[int, int]:
     """(stored bits of quantized linears, their weight count)."""
-    from quantlab.nn.linear import QuantLinear
+    from quantlab.nn.registry import quantized_modules
 
     bits = weights = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            bits += m.meta.storage_bits()
-            weights += m.in_features * m.out_features
+    for _, m in quantized_modules(model):
+        bits += m.storage_bits()
+        weights += m.in_features * m.out_features
     return bits, weights
 
 
 def _dtype_bits(dtype: str) -> float:
     return 32.0 if dtype == "float32" else 16.0
+
+
+def _checkpoint_format(path: Path) -> str:
+    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    return f"{qcfg['format']} v{qcfg['format_version']}"
 
 
 def _dir_size(path: Path) -> int:
@@ -237,14 +215,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         layout = "awq gemm"
     else:
         out = save_quantized(model, args.out, config.method, config.to_dict(), tok, report_dict)
-        layout = "quantlab groupwise_int v1"
+        layout = f"quantlab {_checkpoint_format(out)}"
     seconds = time.perf_counter() - t0
     result = {
         "model": loaded.name,
         "method": config.method,
-        "bits": config.bits,
-        "group_size": config.group_size,
-        "sym": config.sym,
+        "config": config.to_dict(),
+        "bits": getattr(config, "bits", None),
+        "group_size": getattr(config, "group_size", None),
+        "sym": getattr(config, "sym", None),
         "out": str(out),
         "format": layout,
         "ppl": after["ppl"] if after else None,
@@ -264,11 +243,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     }
     rows = [
         ("model", loaded.name),
-        (
-            "method",
-            f"{config.method} W{config.bits} g{config.group_size} "
-            f"{'sym' if config.sym else 'asym'}",
-        ),
+        ("method", config.describe()),
         ("quantized linears", f"{len(report.layers)} ({n_weights / 1e6:.1f} M weights)"),
         ("bits / weight", f"{result['bits_per_weight']:.3f}"),
         (

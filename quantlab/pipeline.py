@@ -1,6 +1,8 @@
-"""Whole-model orchestration: resolve the architecture, calibrate, solve, pack, swap modules.
+"""Whole-model entry points: :func:`quantize_model` (any registered method) and
+:func:`replace_linear` (RTN on any torch model), and the report both fill.
 
-This is the only module that brings calib, solvers, formats and nn together; it holds no math.
+Each method's orchestration (which solver on which layer with which statistics) lives in its
+module of :mod:`quantlab.methods`; this module holds the parts they share and no math.
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from quantlab.calib.stats import HessianAccumulator
-from quantlab.config import AWQConfig, CalibConfig, GPTQConfig, GroupwiseIntConfig, RTNConfig
+from quantlab.config import CalibConfig, GroupwiseIntConfig, RTNConfig
 from quantlab.formats.groupwise_int import dtype_from_name, pack
-from quantlab.models.arch import ArchSpec, get_submodule, resolve
+from quantlab.methods import MethodContext, get_method
 from quantlab.nn.linear import QuantLinear
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.base import GroupwiseIntResult
@@ -27,6 +27,9 @@ from quantlab.solvers.rtn import rtn_quantize
 __all__ = [
     "LayerReport",
     "QuantizationReport",
+    "calibration_samples_for",
+    "excluded",
+    "packed_layer",
     "quantize_model",
     "replace_linear",
 ]
@@ -34,11 +37,14 @@ __all__ = [
 
 @dataclass
 class LayerReport:
+    """One quantized layer: shape, encoding (``bits``: per weight, may be fractional;
+    ``group_size``: ``None`` where the format has no groups), the solver's loss, its time."""
+
     name: str
     out_features: int
     in_features: int
-    bits: int
-    group_size: int
+    bits: float
+    group_size: int | None
     loss: float | None
     seconds: float
 
@@ -67,65 +73,23 @@ class QuantizationReport:
         }
 
 
-def _packed_layer(
+def packed_layer(
     result: GroupwiseIntResult, linear: nn.Linear, config: GroupwiseIntConfig, name: str
 ) -> QuantLinear:
+    """The :class:`QuantLinear` holding ``result``, on ``linear``'s device with its bias."""
     layer = QuantLinear.from_packed(pack(result, config.scale_dtype), linear.bias, name=name)
     return layer.to(linear.weight.device)
 
 
-def _excluded(name: str, patterns: Sequence[str]) -> bool:
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether module path ``name`` matches one of ``modules_to_not_convert``'s patterns."""
     return any(fnmatch.fnmatch(name, p) or name == p or name.endswith("." + p) for p in patterns)
 
 
-def _rtn_block(
-    index: int,
-    block: nn.Module,
-    spec: ArchSpec,
-    config: GroupwiseIntConfig,
-    report: QuantizationReport,
-) -> None:
-    scale_dtype = dtype_from_name(config.scale_dtype)
-    for name in spec.block_linears:
-        full = f"{spec.blocks}.{index}.{name}"
-        if _excluded(full, config.modules_to_not_convert):
-            continue
-        linear = block.get_submodule(name)
-        start = time.perf_counter()
-        result = rtn_quantize(
-            linear.weight,
-            config.bits,
-            config.group_size,
-            config.sym,
-            scale_dtype,
-            name=full,
-            clip_search=config.clip_search,
-        )
-        set_submodule(block, name, _packed_layer(result, linear, config, full))
-        report.layers.append(
-            LayerReport(
-                full,
-                *linear.weight.shape,
-                config.bits,
-                config.group_size,
-                None,
-                time.perf_counter() - start,
-            )
-        )
-
-
-def _quantize_rtn(
-    model: nn.Module, config: RTNConfig, report: QuantizationReport, progress: bool
-) -> None:
-    spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
-    for i in tqdm(range(len(blocks)), desc="rtn", disable=not progress):
-        _rtn_block(i, blocks[i], spec, config, report)
-
-
-def _calibration_samples(
+def calibration_samples_for(
     tokenizer: Any, calib: CalibConfig, method: str, given: torch.Tensor | None
 ) -> torch.Tensor:
+    """Calibration token ids ``[S, L]``: ``given`` (checked), else ``calib``'s windows."""
     from quantlab.calib.data import calibration_samples
 
     if given is not None:
@@ -140,134 +104,23 @@ def _calibration_samples(
     return calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)
 
 
-def _quantize_gptq(
-    model: nn.Module,
-    config: GPTQConfig,
-    calib: CalibConfig,
-    samples: torch.Tensor,
-    report: QuantizationReport,
-    device: torch.device,
-    progress: bool,
-) -> None:
-    from quantlab.calib.capture import run_sequential
-    from quantlab.solvers.gptq import gptq_quantize
-
-    spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
-    scale_dtype = dtype_from_name(config.scale_dtype)
-    pending: dict[str, GroupwiseIntResult] = {}
-
-    def on_group(
-        index: int, block: nn.Module, group: Sequence[str], stats: dict[str, HessianAccumulator]
-    ) -> None:
-        for name in group:
-            full = f"{spec.blocks}.{index}.{name}"
-            if _excluded(full, config.modules_to_not_convert):
-                continue
-            linear = block.get_submodule(name)
-            start = time.perf_counter()
-            result = gptq_quantize(
-                linear.weight.detach(),
-                stats[name].hessian(),
-                bits=config.bits,
-                group_size=config.group_size,
-                sym=config.sym,
-                damp_percent=config.damp_percent,
-                block_size=config.block_size,
-                act_order=config.act_order,
-                static_groups=config.static_groups,
-                scale_dtype=scale_dtype,
-                name=full,
-                clip_search=config.clip_search,
-            )
-            # Later groups and blocks must see this layer's quantized output.
-            linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
-            pending[name] = result
-            report.layers.append(
-                LayerReport(
-                    full,
-                    *linear.weight.shape,
-                    config.bits,
-                    config.group_size,
-                    result.loss,
-                    time.perf_counter() - start,
-                )
-            )
-
-    def on_block_done(index: int, block: nn.Module) -> None:
-        for name, result in pending.items():
-            linear = block.get_submodule(name)
-            set_submodule(
-                block, name, _packed_layer(result, linear, config, f"{spec.blocks}.{index}.{name}")
-            )
-        pending.clear()
-
-    groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
-    run_sequential(
-        model,
-        blocks,
-        groups,
-        samples,
-        on_group,
-        on_block_done,
-        batch_size=calib.batch_size,
-        device=device,
-        true_sequential=config.true_sequential,
-        progress=progress,
-    )
-
-
-def _quantize_awq(
-    model: nn.Module,
-    config: AWQConfig,
-    calib: CalibConfig,
-    samples: torch.Tensor,
-    report: QuantizationReport,
-    device: torch.device,
-    progress: bool,
-) -> None:
-    from quantlab.awq_smoothing import apply_awq
-
-    spec = resolve(model)
-
-    def round_block(index: int, block: nn.Module) -> None:
-        _rtn_block(index, block, spec, config, report)
-
-    smoothing = apply_awq(
-        model,
-        spec,
-        samples,
-        config,
-        device,
-        batch_size=calib.batch_size,
-        on_block=round_block if config.rounding == "rtn" else None,
-        progress=progress,
-    )
-    report.details["awq"] = {
-        "seconds": smoothing.seconds,
-        "maps": [asdict(m) for m in smoothing.maps],
-        "skipped_maps": smoothing.skipped_maps,
-        "clipped": len(smoothing.clipped),
-    }
-    if config.rounding == "gptq":
-        _quantize_gptq(model, config.gptq_config(), calib, samples, report, device, progress)
-
-
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    config: GroupwiseIntConfig,
+    config: Any,
     tokenizer: Any = None,
     calib: CalibConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     samples: torch.Tensor | None = None,
 ) -> QuantizationReport:
-    """Quantize a transformers causal LM in place; its block linears become :class:`QuantLinear`.
+    """Quantize a transformers causal LM in place; its block linears become quantized layers
+    (:class:`QuantLinear` or the method's own layer format).
 
     Args:
         model: a model whose architecture :func:`quantlab.models.arch.resolve` knows.
-        config: the method's configuration (``RTNConfig``, ``GPTQConfig``, ...).
+        config: the method's configuration (``RTNConfig``, ``GPTQConfig``, ...; any method of
+            :func:`quantlab.methods.methods`).
         tokenizer: needed by calibrated methods to tokenize the calibration text.
         calib: calibration options (defaults to :class:`CalibConfig`'s defaults).
         device: where blocks are processed (default: where the model is).
@@ -284,16 +137,14 @@ def quantize_model(
     )
     if samples is not None and config.needs_calibration:
         report.calib = {"source": "given token ids", "shape": list(samples.shape)}
-    if isinstance(config, RTNConfig):
-        _quantize_rtn(model, config, report, progress)
-    elif isinstance(config, GPTQConfig):
-        samples = _calibration_samples(tokenizer, calib, "GPTQ", samples)
-        _quantize_gptq(model, config, calib, samples, report, device, progress)
-    elif isinstance(config, AWQConfig):
-        samples = _calibration_samples(tokenizer, calib, "AWQ", samples)
-        _quantize_awq(model, config, calib, samples, report, device, progress)
-    else:
-        raise ValueError(f"method {config.method!r} is not available in quantize_model")
+    method = get_method(config.method)
+    if not isinstance(config, method.config_cls):
+        raise TypeError(
+            f"method {config.method!r} expects a {method.config_cls.__name__}, got "
+            f"{type(config).__name__}"
+        )
+    context = MethodContext(tokenizer, calib, report, device, progress, given_samples=samples)
+    method.run(model, config, context)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -321,12 +172,12 @@ def replace_linear(
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and any(fnmatch.fnmatch(name, p) for p in include)
-        and not _excluded(name, exclude)
+        and not excluded(name, exclude)
     ]
     for name in targets:
         linear = model.get_submodule(name)
         result = rtn_quantize(
             linear.weight, bits, group_size, sym, dtype_from_name(scale_dtype), name=name
         )
-        set_submodule(model, name, _packed_layer(result, linear, config, name))
+        set_submodule(model, name, packed_layer(result, linear, config, name))
     return targets

@@ -36,4 +36,5 @@ fi
 
 echo "[setup] building the extension (incremental)"
 python setup.py -q build_ext --inplace
-python -c "import quantlab.ops._extension as e; assert e.extension_loaded(), e.extension_error(); print('[setup] extension loaded')"
+families=$(find csrc -mindepth 1 -maxdepth 1 -type d ! -name common ! -name bindings -printf '%f\n' | sort | paste -sd,)
+python -c "import sys, quantlab.ops._extension as e; e.check_built(sys.argv[1].split(','))" "$families"

@@ -12,7 +12,7 @@ from quantlab.nn.linear import QuantLinear
 from quantlab.pipeline import quantize_model
 from tests.families import FAMILIES, tiny_model
 
-_FAST = dict(n_grid=4, search_samples=2)
+_FAST = dict(n_grid=4, search_samples=2, scale_modes=("duo",), coarse_to_fine=False)
 
 
 def _samples(n: int = 4, length: int = 32) -> torch.Tensor:

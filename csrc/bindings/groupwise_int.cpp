@@ -75,7 +75,7 @@ std::string cpu_path(int64_t bits, int64_t group_size, int64_t in_features) {
 }  // namespace
 }  // namespace quantlab
 
-TORCH_LIBRARY(quantlab, m) {
+TORCH_LIBRARY_FRAGMENT(quantlab, m) {
   m.def(
       "groupwise_int_dequant(Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
       "int group_size, int in_features, ScalarType out_dtype) -> Tensor");

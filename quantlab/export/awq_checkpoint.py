@@ -21,6 +21,7 @@ from quantlab.export.awq_format import awq_quantization_config, from_awq_tensors
 from quantlab.export.checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
+    groupwise_specs,
     instantiate_quantized,
     read_safetensors_header,
     state_dict_without_shared,
@@ -113,4 +114,6 @@ def load_awq(
         if bias is not None:
             state[f"{name}.bias"] = bias.to(dtype)
     # AWQ stores zero points even for symmetric weights; they load as explicit zeros.
-    return instantiate_quantized(root, state, names, bits, group_size, False, dtype).to(device)
+    return instantiate_quantized(
+        root, state, groupwise_specs(names, bits, group_size, False), dtype
+    ).to(device)

@@ -23,12 +23,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantlab.export.atomic import atomic_directory
-from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION
-from quantlab.nn.linear import QuantLinear
+from quantlab.formats.groupwise_int import FORMAT_NAME
+from quantlab.nn.registry import (
+    FormatError,
+    layer_class,
+    module_spec,
+    quantized_modules,
+    registered_formats,
+)
 
 __all__ = [
     "CheckpointError",
     "WEIGHTS_NAME",
+    "groupwise_specs",
+    "module_defaults",
     "instantiate_quantized",
     "load_quantized",
     "quantization_config_of",
@@ -48,26 +56,32 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing files, truncated, corrupt, or of an unknown layout."""
 
 
+def module_defaults(qcfg: dict[str, Any]) -> dict[str, Any]:
+    """Format fields a module spec inherits from the top level (checkpoints written before
+    modules recorded their own format hold only ``groupwise_int`` modules)."""
+    name = qcfg.get("format", FORMAT_NAME)
+    if name == "mixed":
+        return {}
+    return {"format": name, "format_version": qcfg.get("format_version", 1)}
+
+
 def quantization_config_of(
     model: nn.Module, method: str, method_config: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ``quantization_config`` dict describing every :class:`QuantLinear` in ``model``."""
-    modules = {
-        name: {
-            "bits": m.meta.bits,
-            "group_size": m.meta.group_size,
-            "sym": m.meta.sym,
-            "scale_dtype": m.meta.scale_dtype,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-    }
+    """The ``quantization_config`` dict describing every quantized module in ``model``.
+
+    Each entry of ``modules`` carries its layer format and version; the top-level ``format`` is
+    that format when all modules share it (``"mixed"`` otherwise).
+    """
+    modules = {name: module_spec(m) for name, m in quantized_modules(model)}
     if not modules:
-        raise ValueError("the model has no QuantLinear modules; quantize it before saving")
+        raise ValueError("the model has no quantized modules; quantize it before saving")
+    formats = {spec["format"] for spec in modules.values()}
+    versions = {spec["format_version"] for spec in modules.values()}
     return {
         "quant_method": "quantlab",
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format": formats.pop() if len(formats) == 1 else "mixed",
+        "format_version": versions.pop() if len(versions) == 1 else 0,
         "method": method,
         "config": method_config,
         "modules": modules,
@@ -171,23 +185,41 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{cfg_path}: no quantlab quantization_config (quant_method 'quantlab')"
         )
-    if qcfg.get("format") != FORMAT_NAME or qcfg.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{cfg_path}: format {qcfg.get('format')!r} v{qcfg.get('format_version')} is not "
-            f"readable by this quantlab ({FORMAT_NAME} v{FORMAT_VERSION})"
-        )
+    modules = qcfg.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{cfg_path}: quantization_config lists no quantized modules")
+    default_format = module_defaults(qcfg)
+    if default_format:
+        try:
+            layer_class(default_format)
+        except FormatError as exc:
+            readable = ", ".join(
+                f"{name} v{cls.format_version}" for name, cls in registered_formats().items()
+            )
+            raise CheckpointError(
+                f"{cfg_path}: format {default_format['format']!r} "
+                f"v{default_format['format_version']} is not readable by this quantlab "
+                f"({readable})"
+            ) from exc
+    classes = {}
+    for name, spec in modules.items():
+        try:
+            classes[name] = layer_class({**default_format, **spec})
+        except FormatError as exc:
+            raise CheckpointError(f"{cfg_path}: module {name}: {exc}") from exc
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{root}: missing {WEIGHTS_NAME}")
     header = read_safetensors_header(weights)
-    for name, spec in qcfg.get("modules", {}).items():
-        needed = ["qweight", "scales"] + ([] if spec.get("sym") else ["qzeros"])
-        for suffix in needed:
+    for name, spec in modules.items():
+        for suffix, want in classes[name].checkpoint_tensors(spec).items():
             if f"{name}.{suffix}" not in header:
                 raise CheckpointError(f"{weights}: tensor {name}.{suffix} is missing")
             dtype = header[f"{name}.{suffix}"]["dtype"]
-            if suffix != "scales" and dtype != "I32":
-                raise CheckpointError(f"{weights}: {name}.{suffix} has dtype {dtype}, expected I32")
+            if want is not None and dtype != want:
+                raise CheckpointError(
+                    f"{weights}: {name}.{suffix} has dtype {dtype}, expected {want}"
+                )
     return qcfg
 
 
@@ -209,32 +241,43 @@ def load_quantized(
     return model
 
 
+def groupwise_specs(
+    names: list[str], bits: int, group_size: int, sym: bool, scale_dtype: str = "float16"
+) -> dict[str, dict[str, Any]]:
+    """Module specs of ``groupwise_int`` layers, one encoding for all ``names``."""
+    spec = {
+        "format": FORMAT_NAME,
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "scale_dtype": scale_dtype,
+    }
+    return {name: dict(spec) for name in names}
+
+
 def instantiate_quantized(
     root: Path,
     state: dict[str, torch.Tensor],
-    quantized: list[str],
-    bits: int,
-    group_size: int,
-    sym: bool,
+    specs: dict[str, dict[str, Any]],
     dtype: torch.dtype,
 ) -> nn.Module:
-    """Build the transformers model of ``root/config.json`` with :class:`QuantLinear` at the
-    ``quantized`` paths and load ``state`` (quantlab tensors) into it, strictly.
+    """Build the transformers model of ``root/config.json`` with an empty quantized layer of
+    ``specs[path]``'s format at each listed path, and load ``state`` into it, strictly.
 
-    Used by the loaders of foreign layouts (GPTQ, AWQ) once they have converted the tensors.
+    Used by loaders that read the tensors themselves: foreign layouts (GPTQ, AWQ) once they have
+    converted them to quantlab's, and loaders that take only part of a checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from quantlab.nn.swap import swap_in_quant_linear
+    from quantlab.nn.swap import swap_in_empty
 
     config = AutoConfig.from_pretrained(root)
     config.quantization_config = None
     del config.quantization_config
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in quantized:
-        swap_in_quant_linear(model, name, bits, group_size, sym)
+    layers = [swap_in_empty(model, name, spec) for name, spec in specs.items()]
     result = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in result.missing_keys if k not in tied]
@@ -243,5 +286,8 @@ def instantiate_quantized(
             f"{root / WEIGHTS_NAME}: tensors do not match the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+    for layer in layers:
+        if hasattr(layer, "after_load"):
+            layer.after_load()
     model.tie_weights()
     return model.eval()

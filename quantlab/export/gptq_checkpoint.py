@@ -23,6 +23,7 @@ from torch import nn
 from quantlab.export.checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
+    groupwise_specs,
     instantiate_quantized,
     read_safetensors_header,
     state_dict_without_shared,
@@ -130,4 +131,6 @@ def load_gptq(
         packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
         state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
 
-    return instantiate_quantized(root, state, names, bits, group_size, sym, dtype).to(device)
+    return instantiate_quantized(
+        root, state, groupwise_specs(names, bits, group_size, sym), dtype
+    ).to(device)

@@ -20,9 +20,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION, dtype_from_name
-from quantlab.nn.linear import QuantLinear
-from quantlab.nn.swap import swap_in_quant_linear
+from quantlab.export.checkpoint import module_defaults
+from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION
+from quantlab.nn.registry import FormatError, layer_class, quantized_modules
+from quantlab.nn.swap import swap_in_empty
 
 __all__ = ["QUANT_METHOD", "QuantlabConfig", "QuantlabHfQuantizer", "register"]
 
@@ -33,11 +34,12 @@ class QuantlabConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a quantlab checkpoint.
 
     Attributes:
-        format: packed format name (``groupwise_int``).
+        format: the layer format of every module (``groupwise_int``, ...), or ``"mixed"``; modules
+            record their own ``format`` and ``format_version``.
         format_version: layout version of that format.
         method: the method that produced the weights (``rtn``, ``gptq``, ...).
-        modules: ``{module path: {"bits", "group_size", "sym", "scale_dtype"}}`` for every
-            quantized linear.
+        modules: ``{module path: spec}`` for every quantized module (the spec's fields are its
+            format's, see :mod:`quantlab.nn.registry`).
         config: the method's full configuration (informational).
     """
 
@@ -54,18 +56,15 @@ class QuantlabConfig(QuantizationConfigMixin):
         self.format = format
         self.format_version = format_version
         self.method = method
-        self.modules = dict(modules or {})
+        defaults = module_defaults({"format": format, "format_version": format_version})
+        self.modules = {name: {**defaults, **spec} for name, spec in (modules or {}).items()}
         self.config = dict(config or {})
         self.extra = kwargs
-        if format != FORMAT_NAME:
-            raise ValueError(
-                f"unsupported quantlab format {format!r} (this version reads {FORMAT_NAME!r})"
-            )
-        if format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"quantlab {format} layout version {format_version} is not supported "
-                f"(this version reads version {FORMAT_VERSION})"
-            )
+        for name, spec in self.modules.items():
+            try:
+                layer_class(spec)
+            except FormatError as exc:
+                raise ValueError(f"module {name}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,22 +89,12 @@ class QuantlabHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         for name, spec in self.quantization_config.modules.items():
-            swap_in_quant_linear(
-                model,
-                name,
-                bits=int(spec["bits"]),
-                group_size=int(spec["group_size"]),
-                sym=bool(spec["sym"]),
-                scale_dtype=str(spec.get("scale_dtype", "float16")),
-            )
+            swap_in_empty(model, name, spec)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        # transformers may cast floating tensors to the requested model dtype; scales keep theirs.
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                want = dtype_from_name(module.meta.scale_dtype)
-                if module.scales.dtype != want:
-                    module.scales = module.scales.to(want)
+        for _, module in quantized_modules(model):
+            if hasattr(module, "after_load"):
+                module.after_load()
         return model
 
     def is_serializable(self) -> bool:

@@ -3,15 +3,25 @@ format."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
-from quantlab.formats.groupwise_int import GroupwiseIntMeta, PackedGroupwiseInt
+from quantlab.formats.groupwise_int import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GroupwiseIntMeta,
+    PackedGroupwiseInt,
+    dtype_from_name,
+)
+from quantlab.nn.registry import register_layer_format
 from quantlab.ops import groupwise_int as gw_ops
 
 __all__ = ["QuantLinear"]
 
 
+@register_layer_format
 class QuantLinear(nn.Module):
     """Linear layer ``y = x @ W.T + b`` with ``W`` held as packed groupwise integers.
 
@@ -23,6 +33,9 @@ class QuantLinear(nn.Module):
     input's dtype; the matmul runs through ``torch.ops.quantlab.groupwise_int_mm`` (a compiled
     kernel when one exists for the device, the PyTorch reference otherwise).
     """
+
+    format_name: ClassVar[str] = FORMAT_NAME
+    format_version: ClassVar[int] = FORMAT_VERSION
 
     def __init__(
         self,
@@ -84,6 +97,45 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
+
+    def module_spec(self) -> dict[str, Any]:
+        m = self.meta
+        return {
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "sym": m.sym,
+            "scale_dtype": m.scale_dtype,
+        }
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, spec: dict[str, Any]) -> QuantLinear:
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            bits=int(spec["bits"]),
+            group_size=int(spec["group_size"]),
+            sym=bool(spec["sym"]),
+            scale_dtype=str(spec.get("scale_dtype", "float16")),
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+
+    @classmethod
+    def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
+        names: dict[str, str | None] = {"qweight": "I32", "scales": None}
+        if not spec.get("sym"):
+            names["qzeros"] = "I32"
+        return names
+
+    def storage_bits(self) -> int:
+        return self.meta.storage_bits()
+
+    def after_load(self) -> None:
+        # transformers may cast floating tensors to the requested model dtype; scales keep theirs.
+        want = dtype_from_name(self.meta.scale_dtype)
+        if self.scales.dtype != want:
+            self.scales = self.scales.to(want)
 
     def packed(self) -> PackedGroupwiseInt:
         return PackedGroupwiseInt(self.qweight, self.scales, self.qzeros, self.meta)

@@ -1,5 +1,9 @@
-"""Find and load the compiled ``quantlab._C`` library (never compiled on import, never touches
-CUDA)."""
+"""Find and load the compiled kernel libraries ``quantlab._C_<family>`` (never compiled on import,
+never touches CUDA).
+
+Every kernel family (a directory of ``csrc/``: ``groupwise_int``, ...) is its own shared library,
+loaded on first use by the ops module of that family.
+"""
 
 from __future__ import annotations
 
@@ -7,57 +11,67 @@ import importlib.util
 
 import torch
 
-__all__ = ["extension_error", "extension_loaded", "has_kernel", "load_extension"]
+__all__ = ["check_built", "extension_error", "extension_loaded", "has_kernel", "load_extension"]
 
-_STATE: dict[str, object] = {"loaded": False, "error": None, "tried": False}
+DEFAULT_FAMILY = "groupwise_int"
+_LOADED: dict[str, bool] = {}
+_ERRORS: dict[str, str] = {}
 _BUILD_HINT = (
     "build it with `python setup.py build_ext --inplace` (or `make setup`); "
     "FORCE_CUDA=1 adds the CUDA kernels"
 )
 
 
-def load_extension() -> bool:
-    """Load ``quantlab._C`` once; return whether it is available."""
-    if _STATE["tried"]:
-        return bool(_STATE["loaded"])
-    _STATE["tried"] = True
+def load_extension(family: str = DEFAULT_FAMILY) -> bool:
+    """Load ``quantlab._C_<family>`` once; return whether it is available."""
+    if family in _LOADED:
+        return _LOADED[family]
+    _LOADED[family] = False
+    module = f"quantlab._C_{family}"
     try:
-        spec = importlib.util.find_spec("quantlab._C")
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError) as exc:
-        spec = None
-        _STATE["error"] = str(exc)
+        _ERRORS[family] = f"{module}: {exc}"
+        return False
     if spec is None or spec.origin is None:
-        _STATE["error"] = _STATE["error"] or f"quantlab._C is not built; {_BUILD_HINT}"
+        _ERRORS[family] = f"{module} is not built; {_BUILD_HINT}"
         return False
     try:
-        # A plain shared library registering ops with TORCH_LIBRARY; it has no Python module init.
+        # A plain shared library registering ops with TORCH_LIBRARY_FRAGMENT; no Python init.
         torch.ops.load_library(spec.origin)
     except OSError as exc:
-        _STATE["error"] = f"could not load {spec.origin}: {exc}; rebuild it ({_BUILD_HINT})"
+        _ERRORS[family] = f"could not load {spec.origin}: {exc}; rebuild it ({_BUILD_HINT})"
         return False
-    _STATE["loaded"] = True
+    _LOADED[family] = True
     return True
 
 
-def extension_loaded() -> bool:
-    return load_extension()
+def extension_loaded(family: str = DEFAULT_FAMILY) -> bool:
+    return load_extension(family)
 
 
-def extension_error() -> str | None:
-    """Why the extension is unavailable (``None`` when it is loaded)."""
-    load_extension()
-    return None if _STATE["loaded"] else str(_STATE["error"])
+def extension_error(family: str = DEFAULT_FAMILY) -> str | None:
+    """Why ``family``'s library is unavailable (``None`` when it is loaded)."""
+    return None if load_extension(family) else _ERRORS.get(family, "unknown error")
 
 
-def has_kernel(op_name: str, device_type: str) -> bool:
+def has_kernel(op_name: str, device_type: str, family: str = DEFAULT_FAMILY) -> bool:
     """Whether ``quantlab::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda").
 
-    Once :mod:`quantlab.ops.groupwise_int` is imported every device has one (the reference fills
-    the gaps); ask :func:`quantlab.ops.groupwise_int.backend` whether it is a compiled kernel.
+    Once the family's ops module is imported every device has one (the reference fills the gaps);
+    that module's ``backend`` says whether it is a compiled kernel.
     """
-    load_extension()
+    load_extension(family)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type)
     try:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"quantlab::{op_name}", key))
     except RuntimeError:  # the op is not defined at all
         return False
+
+
+def check_built(families: list[str]) -> None:
+    """Raise ``RuntimeError`` naming every family in ``families`` whose library does not load."""
+    broken = {f: extension_error(f) for f in families if not load_extension(f)}
+    if broken:
+        raise RuntimeError("; ".join(f"{f}: {err}" for f, err in broken.items()))
+    print(f"[setup] kernel libraries loaded: {', '.join(families)}")

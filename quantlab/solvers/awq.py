@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from quantlab.solvers.base import check_bits, check_group_size
-from quantlab.solvers.rtn import group_params, quantize_to_grid
 
 __all__ = [
     "ScaleSearchResult",
@@ -48,13 +47,34 @@ def fake_quantize(
     sym: bool = False,
     scale_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """``weight`` ``[N, K]`` rounded to its groupwise min/max grid, in fp32 (RTN, no clip)."""
+    """``weight`` ``[N, K]`` rounded to its groupwise min/max grid, in fp32.
+
+    The same grid as :func:`quantlab.solvers.rtn.rtn_quantize` without clip search (the tests
+    check equality), computed in place in fp32 without the integer round trip: the searches call
+    this thousands of times.
+    """
     n, k = weight.shape
     g = k if group_size == -1 else group_size
+    maxq = float((1 << bits) - 1)
     w = weight.detach().to(torch.float32).reshape(-1, g)
-    scale, zero = group_params(w, bits, sym, scale_dtype)
-    q = quantize_to_grid(w, scale.unsqueeze(1), zero.unsqueeze(1), bits)
-    return ((q - zero.unsqueeze(1)).to(torch.float32) * scale.unsqueeze(1)).view(n, k)
+    lo, hi = torch.aminmax(w, dim=1)
+    lo = lo.clamp_(max=0.0)
+    hi = hi.clamp_(min=0.0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    empty = hi == lo
+    lo = torch.where(empty, -1.0, lo)
+    hi = torch.where(empty, 1.0, hi)
+    scale = ((hi - lo) / maxq).to(scale_dtype).to(torch.float32)
+    scale = scale.clamp_(min=torch.finfo(scale_dtype).tiny).unsqueeze(1)
+    if sym:
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+    else:
+        zero = torch.round(-lo.unsqueeze(1) / scale).clamp_(0.0, maxq)
+    out = w / scale
+    out.round_().add_(zero).clamp_(0.0, maxq).sub_(zero).mul_(scale)
+    return out.view(n, k)
 
 
 def weight_channel_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tensor:

@@ -164,3 +164,17 @@ def test_apply_clip_clamps_each_group() -> None:
     assert torch.equal(lin.weight.detach(), expected)
     with pytest.raises(ValueError, match="does not fit"):
         apply_clip(lin, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize(("bits", "g"), [(4, 64), (3, 32), (2, -1), (8, 128)])
+def test_fake_quantize_is_exactly_rtn(bits: int, g: int, sym: bool) -> None:
+    from quantlab.solvers.rtn import rtn_quantize
+
+    torch.manual_seed(bits)
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 3
+    w[0] = 0.0  # an all-zero row takes the [-1, 1] range
+    w[1, :128] = w[1, :128].abs()  # all-positive groups: the range still includes 0
+    for dtype in (torch.float16, torch.bfloat16):
+        expected = rtn_quantize(w, bits, g, sym, dtype).dequantize()
+        assert torch.equal(fake_quantize(w, bits, g, sym, dtype), expected)

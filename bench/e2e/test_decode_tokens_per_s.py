@@ -1,0 +1,163 @@
+"""Greedy decode tokens/s of the bundled SmolLM2-135M: the float model vs the same model with
+every linear layer but ``lm_head`` swapped for an RTN W4 g64 ``QuantLinear``
+(``quantlab.replace_linear``).
+
+fp32 on the CPU, bf16 on a GPU when one is present. Each round starts from a fresh KV cache
+(prefill of a short prompt, untimed, in the round's setup) and times ``NEW_TOKENS`` single-token
+forward passes with ``use_cache=True`` and an argmax (a hand-written loop rather than
+``generate``, so that the timing holds the model and nothing else). ``tokens/s`` counts every
+sequence in the batch: ``batch * NEW_TOKENS / median``. The lm_head (576 x 49152) stays in the
+float dtype in both variants, as quantlab leaves it by default.
+
+SmolLM2-135M's 106 M linear weights take ~57 MB at W4 g64 (4.31 bits): they fit in the L2 of an
+RTX 4090 and nearly in an H100's 50 MB, so the GPU figures do not show HBM-bound decode; they show
+per-layer launch and kernel overhead. Nothing here asserts a speed.
+
+Run: ``pytest bench/e2e/test_decode_tokens_per_s.py --benchmark-only`` (about 30 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import time
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+
+import quantlab
+from quantlab.ops import groupwise_int as ops
+
+if TYPE_CHECKING:
+    from pytest_benchmark.fixture import BenchmarkFixture
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+NEW_TOKENS = 32
+BATCHES = (1, 4)
+# Each round is ~1-3 s on 2 CPU cores; a GPU round is tens of milliseconds.
+ROUNDS = 5 if DEVICE == "cuda" else 2
+BITS, GROUP = 4, 64
+VARIANTS = ("float", f"w{BITS}g{GROUP}")
+PROMPT = "The three most important things to check before a long hike are"
+
+
+@cache
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _device_name() -> str:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.models.default_model import default_model_dir
+
+    path = default_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+    quantized = copy.deepcopy(model)
+    replaced = quantlab.replace_linear(quantized, bits=BITS, group_size=GROUP)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE)
+    return {
+        "float": model,
+        VARIANTS[1]: quantized,
+        "replaced": len(replaced),
+        "ids": ids,
+        "name": path.name,
+    }
+
+
+@torch.inference_mode()
+def _prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    out = model(input_ids=ids, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+@torch.inference_mode()
+def _decode(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+    _sync()
+    return token
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_decode(
+    benchmark: BenchmarkFixture, models: dict[str, Any], batch: int, variant: str
+) -> None:
+    model = models[variant]
+    ids = models["ids"].expand(batch, -1).contiguous()
+    dtype_name = str(DTYPE).removeprefix("torch.")
+    benchmark.group = f"decode {models['name']} {DEVICE} {dtype_name} batch={batch}"
+    prefill_s: list[float] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        _sync()
+        start = time.perf_counter()
+        cache, token = _prefill(model, ids)
+        _sync()
+        prefill_s.append(time.perf_counter() - start)
+        return (model, cache, token, NEW_TOKENS), {}
+
+    # One untimed pass: first-call costs (allocator growth, kernel selection, lazy imports).
+    args, _ = setup()
+    _decode(*args[:3], 2)
+    benchmark.pedantic(_decode, setup=setup, rounds=ROUNDS, iterations=1)
+    seconds = benchmark.stats.stats.median
+    info = benchmark.extra_info
+    info.update(
+        suite="decode",
+        model=models["name"],
+        variant=variant,
+        batch=batch,
+        new_tokens=NEW_TOKENS,
+        prompt_tokens=int(ids.shape[1]),
+        device=_device_name(),
+        device_type=DEVICE,
+        dtype=dtype_name,
+        torch=torch.__version__,
+        commit=_git_commit(),
+        time_s=seconds,
+        prefill_ms=1e3 * sorted(prefill_s)[len(prefill_s) // 2],
+        ms_per_step=1e3 * seconds / NEW_TOKENS,
+        **{"tokens/s": batch * NEW_TOKENS / seconds},
+    )
+    if variant != "float":
+        info["quantized_linears"] = models["replaced"]
+        info["backend"] = ops.backend(DEVICE)

@@ -1,0 +1,104 @@
+"""AWQ: activation-aware scales and clips folded into the float model, then RTN (or GPTQ)
+rounding."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from torch import nn
+
+from quantlab.awq_smoothing import apply_awq
+from quantlab.config import AWQConfig
+from quantlab.methods import Method, MethodContext, register_method
+from quantlab.methods.gptq import gptq_options, run_gptq
+from quantlab.methods.rtn import groupwise_options, rtn_block
+from quantlab.models.arch import resolve
+
+
+def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
+    spec = resolve(model)
+    samples = ctx.samples("AWQ")
+
+    def round_block(index: int, block: nn.Module) -> None:
+        rtn_block(index, block, spec, config, ctx.report)
+
+    smoothing = apply_awq(
+        model,
+        spec,
+        samples,
+        config,
+        ctx.device,
+        batch_size=ctx.calib.batch_size,
+        on_block=round_block if config.rounding == "rtn" else None,
+        progress=ctx.progress,
+    )
+    ctx.report.details["awq"] = {
+        "seconds": smoothing.seconds,
+        "maps": [asdict(m) for m in smoothing.maps],
+        "skipped_maps": smoothing.skipped_maps,
+        "clipped": len(smoothing.clipped),
+    }
+    if config.rounding == "gptq":
+        run_gptq(
+            model,
+            config.gptq_config(),
+            ctx.calib,
+            samples,
+            ctx.report,
+            ctx.device,
+            ctx.progress,
+        )
+
+
+def _add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--awq-rounding",
+        default="rtn",
+        choices=["rtn", "gptq"],
+        help="round the scaled, clipped weights to nearest (AWQ proper) or with GPTQ",
+    )
+    group.add_argument(
+        "--awq-scales",
+        default="both",
+        choices=["duo", "plain", "both"],
+        help="scale form: x^a/w^(1-a) (duo, AutoAWQ's default), x^a (plain, the paper's), "
+        "or search both (default; the better one per layer group)",
+    )
+    group.add_argument(
+        "--awq-search-samples",
+        type=int,
+        default=4,
+        help="calibration sequences each scale candidate is scored on",
+    )
+    group.add_argument("--no-awq-clip", action="store_true", help="skip the clip search")
+    group.add_argument(
+        "--awq-full-grid",
+        action="store_true",
+        help="score all 20 grid points instead of every other one and the best's neighbours",
+    )
+
+
+def _config_from_args(args: argparse.Namespace) -> AWQConfig:
+    return AWQConfig(
+        **groupwise_options(args),
+        scale_modes=("plain", "duo") if args.awq_scales == "both" else (args.awq_scales,),
+        search_samples=args.awq_search_samples,
+        coarse_to_fine=not args.awq_full_grid,
+        apply_clip=not args.no_awq_clip,
+        rounding=args.awq_rounding,
+        **gptq_options(args),
+    )
+
+
+register_method(
+    Method(
+        name="awq",
+        config_cls=AWQConfig,
+        run=_run,
+        config_from_args=_config_from_args,
+        add_arguments=_add_arguments,
+        export_formats=("quantlab", "gptq", "awq"),
+        help="activation-aware scale search and clipping",
+    )
+)

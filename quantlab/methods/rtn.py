@@ -1,0 +1,86 @@
+"""RTN: every group rounded to its own min/max grid, no calibration."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantlab.config import GroupwiseIntConfig, RTNConfig
+from quantlab.formats.groupwise_int import dtype_from_name
+from quantlab.methods import Method, MethodContext, register_method
+from quantlab.models.arch import ArchSpec, get_submodule, resolve
+from quantlab.nn.swap import set_submodule
+from quantlab.pipeline import LayerReport, QuantizationReport, excluded, packed_layer
+from quantlab.solvers.rtn import rtn_quantize
+
+__all__ = ["groupwise_options", "rtn_block"]
+
+
+def groupwise_options(args: argparse.Namespace) -> dict[str, object]:
+    """The shared ``--bits/--group-size/--sym/--scale-dtype/--clip-search`` options as config
+    fields (``clip_search`` only when given, so each method keeps its own default)."""
+    options: dict[str, object] = dict(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype
+    )
+    if args.clip_search is not None:
+        options["clip_search"] = args.clip_search
+    return options
+
+
+def rtn_block(
+    index: int,
+    block: nn.Module,
+    spec: ArchSpec,
+    config: GroupwiseIntConfig,
+    report: QuantizationReport,
+) -> None:
+    """Round every linear of one decoder block and swap in its packed layer."""
+    scale_dtype = dtype_from_name(config.scale_dtype)
+    for name in spec.block_linears:
+        full = f"{spec.blocks}.{index}.{name}"
+        if excluded(full, config.modules_to_not_convert):
+            continue
+        linear = block.get_submodule(name)
+        start = time.perf_counter()
+        result = rtn_quantize(
+            linear.weight,
+            config.bits,
+            config.group_size,
+            config.sym,
+            scale_dtype,
+            name=full,
+            clip_search=config.clip_search,
+        )
+        set_submodule(block, name, packed_layer(result, linear, config, full))
+        report.layers.append(
+            LayerReport(
+                full,
+                *linear.weight.shape,
+                config.bits,
+                config.group_size,
+                None,
+                time.perf_counter() - start,
+            )
+        )
+
+
+def _run(model: nn.Module, config: RTNConfig, ctx: MethodContext) -> None:
+    spec = resolve(model)
+    blocks = get_submodule(model, spec.blocks)
+    for i in tqdm(range(len(blocks)), desc="rtn", disable=not ctx.progress):
+        rtn_block(i, blocks[i], spec, config, ctx.report)
+
+
+register_method(
+    Method(
+        name="rtn",
+        config_cls=RTNConfig,
+        run=_run,
+        config_from_args=lambda args: RTNConfig(**groupwise_options(args)),
+        export_formats=("quantlab", "gptq", "awq"),
+        help="round to nearest, groupwise integers (no calibration)",
+    )
+)
