@@ -6,7 +6,9 @@
         [--out docs/benchmarks-generated.md] [--plot docs/img/speedup_vs_batch.png | --no-plot]
 
 Reads the suites under ``bench/``: the GPU kernel suite (``extra_info["suite"] ==
-"gpu_groupwise_int"``: quantlab vs cuBLAS vs ``_weight_int4pack_mm``), the CPU kernel suite
+"gpu_groupwise_int"``: quantlab vs cuBLAS vs ``_weight_int4pack_mm``, and the previous kernels
+``quantlab-v1`` where measured; ``"gpu_bandwidth"``: the device-to-device copy bandwidth of the
+same run, which the kernels' TB/s are shown against), the CPU kernel suite
 (``test_cpu_groupwise_int``: kernel vs dequant + mm vs dense fp32), the decode suite
 (``extra_info["suite"] == "decode"``), and lists anything else under "Other benchmarks". One table
 per device. A baseline that did not run (fp16 or W8 for int4pack, a skipped or failed test) shows
@@ -31,7 +33,7 @@ DEFAULT_MD = Path("docs/benchmarks-generated.md")
 DEFAULT_PLOT = Path("docs/img/speedup_vs_batch.png")
 MISSING = "–"
 
-GPU_VARIANTS = ("quantlab", "cublas", "int4pack")
+GPU_VARIANTS = ("quantlab", "cublas", "int4pack", "quantlab-v1")
 CPU_VARIANTS = ("kernel", "dequant+matmul", "dense fp32")
 
 
@@ -133,6 +135,9 @@ def _classify(bench: dict[str, Any], run: Run) -> Entry | None:
         key = (info.get("case"), int(info.get("m", 0)), info.get("dtype"))
         device = str(info.get("device") or "unknown GPU")
         return Entry("gpu", device, key, str(info.get("variant")), seconds, info, bench, run)
+    if suite == "gpu_bandwidth":
+        device = str(info.get("device") or "unknown GPU")
+        return Entry("gpu_bw", device, ("copy",), "copy", seconds, info, bench, run)
     if suite == "decode":
         variant = "float" if info.get("variant") == "float" else "quantized"
         key = (info.get("model"), info.get("dtype"), int(info.get("batch", 0)))
@@ -213,10 +218,24 @@ def _all_entries(rows: dict[tuple[Any, ...], dict[str, Entry]]) -> list[Entry]:
     return [e for variants in rows.values() for e in variants.values()]
 
 
+def _copy_tb_s(report: Report, device: str) -> float | None:
+    """The device-to-device copy bandwidth measured on ``device`` (read + write), if any."""
+    entry = report.rows("gpu_bw").get(device, {}).get(("copy",), {}).get("copy")
+    value = entry.info.get("TB/s") if entry else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _percent(value: float | None, ceiling: float | None) -> str:
+    if value is None or ceiling is None:
+        return MISSING
+    return f"{100 * value / ceiling:.0f}%"
+
+
 def _gpu_sections(report: Report) -> list[str]:
     lines: list[str] = []
     for device, rows in report.rows("gpu").items():
         entries = _all_entries(rows)
+        copy_bw = _copy_tb_s(report, device)
         l2 = _distinct(entries, "l2_bytes")
         l2_text = f"{int(l2) / 2**20:.0f} MiB" if l2.isdigit() else l2
         lines += [
@@ -229,7 +248,14 @@ def _gpu_sections(report: Report) -> list[str]:
             "Median time per call in microseconds (CUDA events, weights rotated over at least "
             "2 x L2 bytes). Speedup = baseline time / quantlab time; TB/s = bytes of packed "
             "weight + scales + zeros per call / quantlab time; int4pack = "
-            "`torch.ops.aten._weight_int4pack_mm` (bf16, W4 only).",
+            "`torch.ops.aten._weight_int4pack_mm` (bf16, W4 only); v1 = quantlab's previous "
+            "kernels on the exported layout (full runs only). "
+            + (
+                f"Device-to-device copy bandwidth measured in the same run: {copy_bw:.2f} TB/s "
+                '(bytes read + written); "% of copy" = quantlab TB/s over it.'
+                if copy_bw
+                else "No copy-bandwidth probe in these runs."
+            ),
             "",
         ]
         ordered = sorted(
@@ -238,8 +264,8 @@ def _gpu_sections(report: Report) -> list[str]:
         )
         body = []
         for (case, m, dtype), variants in ordered:
-            q, c, t = (variants.get(v) for v in GPU_VARIANTS)
-            any_entry = q or c or t
+            q, c, t, v1 = (variants.get(v) for v in GPU_VARIANTS)
+            any_entry = q or c or t or v1
             assert any_entry is not None
             layer = str(any_entry.info.get("layer") or case)
             bits, group = any_entry.info.get("bits"), any_entry.info.get("group")
@@ -258,6 +284,9 @@ def _gpu_sections(report: Report) -> list[str]:
                     _num(_tb_s(c)),
                     _num(_tflops(q)),
                     str(q.info.get("path", MISSING)) if q else MISSING,
+                    _percent(_tb_s(q), copy_bw),
+                    _num(v1.seconds * 1e6) if v1 else MISSING,
+                    _ratio(v1, q),
                 ]
             )
         lines += _table(
@@ -275,6 +304,9 @@ def _gpu_sections(report: Report) -> list[str]:
                 "cuBLAS TB/s",
                 "quantlab TFLOP/s",
                 "path",
+                "% of copy",
+                "v1 µs",
+                "vs v1",
             ],
             body,
         )

@@ -18,11 +18,15 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_89,code=sm_89
        -gencode arch=compute_90a,code=sm_90a)
+# torch's CUDAExtension compiles with these; without them here, an implicit float <-> half/bf16
+# conversion would pass this check and fail the real build.
+torch_defines=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+               -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 start=$(date +%s)
 pids=()
 for src in "${sources[@]}"; do
   obj="$out/$(echo "$src" | tr '/' '_').o"
-  "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -Icsrc "${archs[@]}" \
+  "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -Icsrc "${torch_defines[@]}" "${archs[@]}" \
     -c "$src" -o "$obj" &
   pids+=("$!")
 done

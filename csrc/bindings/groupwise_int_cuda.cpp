@@ -7,10 +7,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "bindings/groupwise_int_checks.h"
 #include "groupwise_int/cuda_kernels.cuh"
+#include "groupwise_int/cuda_mma.cuh"
 
 namespace quantlab {
 namespace {
@@ -201,6 +204,117 @@ std::string cuda_path(int64_t m, int64_t out_features, int64_t in_features, int6
   return path_name(pick_path(m, dtype, weight_shape(out_features, in_features, group_size, bits)));
 }
 
+
+// ---- The mma kernel on repacked weights (cuda_mma.cu; layout: groupwise_int_repack.py) ----
+
+// The kernel's group size for a layer's: per-channel weights are one group over the padded K.
+int64_t mma_kernel_group(int64_t group_size, int64_t in_features) {
+  return group_size == -1 ? groupwise_int::mma_k_pad(in_features) : group_size;
+}
+
+groupwise_int::DType mma_scale_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16,
+              "groupwise_int_mma_mm: scales must be fp16 or bf16, got ", t);
+  return kernel_dtype(t, "scales");
+}
+
+void check_mma_shape(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                     std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.scalar_type() == dtype, "groupwise_int_mma_mm: ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "groupwise_int_mma_mm: ", name, " must be ",
+              c10::IntArrayRef(shape), " (the repacked layout of groupwise_int_repack.py), got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "groupwise_int_mma_mm: ", name, " must be contiguous");
+}
+
+at::Tensor mma_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                       int64_t in_features, int64_t out_features, int64_t split_k) {
+  TORCH_CHECK(x.dim() == 2, "groupwise_int_mma_mm: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "groupwise_int_mma_mm: x must be fp16 or bf16, got ", x.scalar_type());
+  TORCH_CHECK(bits == 4 || bits == 8, "groupwise_int_mma_mm: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(in_features > 0 && in_features % 8 == 0,
+              "groupwise_int_mma_mm: in_features must be a positive multiple of 8, got ",
+              in_features);
+  TORCH_CHECK(out_features > 0, "groupwise_int_mma_mm: out_features must be positive, got ",
+              out_features);
+  TORCH_CHECK(x.size(1) == in_features, "groupwise_int_mma_mm: x must be [M, ", in_features,
+              "], got ", x.sizes());
+  TORCH_CHECK(group_size == -1 || (group_size > 0 && group_size % 16 == 0 &&
+                                   in_features % group_size == 0),
+              "groupwise_int_mma_mm: group_size must be -1 or a multiple of 16 dividing "
+              "in_features ", in_features, ", got ", group_size);
+  TORCH_CHECK(split_k >= 0, "groupwise_int_mma_mm: split_k must be >= 0, got ", split_k);
+  const int64_t kgroup = mma_kernel_group(group_size, in_features);
+  const int64_t n_tiles = groupwise_int::mma_n_pad(out_features) / groupwise_int::kMmaTileN;
+  const int64_t k16 = groupwise_int::mma_k_pad(in_features) / 16;
+  const int64_t groups = groupwise_int::mma_groups(in_features, kgroup);
+  check_mma_shape(qweight, "qweight", at::kInt, {k16, n_tiles, 32, bits});
+  check_mma_shape(scales, "scales", scales.scalar_type(), {groups, n_tiles, 8, 8});
+  if (zeros.has_value()) check_mma_shape(*zeros, "zeros", at::kInt, {groups, n_tiles, 8, bits / 4});
+  TORCH_CHECK(x.is_cuda() && qweight.device() == x.device() && scales.device() == x.device() &&
+                  (!zeros || zeros->device() == x.device()),
+              "groupwise_int_mma_mm: x, qweight, scales and zeros must be on one CUDA device");
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(current_device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8,
+              "groupwise_int_mma_mm: needs sm_80 or newer");
+  groupwise_int::MmaWeight w{};
+  w.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  w.scales = scales.data_ptr();
+  w.zeros = zeros ? reinterpret_cast<const uint32_t*>(zeros->data_ptr<int32_t>()) : nullptr;
+  w.scale_dtype = mma_scale_dtype(scales.scalar_type());
+  w.n = out_features;
+  w.k = in_features;
+  w.group_size = kgroup;
+  w.bits = static_cast<int>(bits);
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, out_features}, x.options());
+  if (m == 0) return y;
+  // 16-byte activation loads: a view that starts off a 16-byte boundary is copied.
+  at::Tensor xc = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) xc = xc.clone();
+  const groupwise_int::DType act = kernel_dtype(x.scalar_type(), "x");
+  const int splits = groupwise_int::mma_resolve_splits(
+      w, m, act, static_cast<int>(std::min<int64_t>(split_k, groupwise_int::kMmaMaxSplits)),
+      current_device_attribute(cudaDevAttrMultiProcessorCount));
+  const size_t bytes = groupwise_int::mma_workspace_bytes(w, m, splits);
+  const int64_t n_counters = groupwise_int::mma_counter_count(w, m, splits);
+  at::Tensor workspace, counters;
+  if (bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(bytes / sizeof(float))}, x.options().dtype(at::kFloat));
+    counters = at::zeros({n_counters}, x.options().dtype(at::kInt));
+  }
+  check_launch(groupwise_int::launch_mma(w, xc.data_ptr(), y.data_ptr(), m, act, splits,
+                                         bytes > 0 ? workspace.data_ptr<float>() : nullptr,
+                                         bytes > 0 ? counters.data_ptr<int32_t>() : nullptr,
+                                         c10::cuda::getCurrentCUDAStream()),
+               "mma");
+  return y;
+}
+
+// The split count groupwise_int_mma_mm runs for these arguments on the current device.
+int64_t mma_splits(int64_t m, int64_t out_features, int64_t in_features, int64_t bits,
+                   int64_t group_size, at::ScalarType scale_dtype, at::ScalarType act_dtype,
+                   int64_t split_k) {
+  TORCH_CHECK(m >= 1 && out_features > 0 && in_features > 0 && split_k >= 0,
+              "groupwise_int_mma_splits: m, out_features, in_features must be positive and "
+              "split_k >= 0");
+  groupwise_int::MmaWeight w{};
+  w.n = out_features;
+  w.k = in_features;
+  w.group_size = mma_kernel_group(group_size, in_features);
+  w.bits = static_cast<int>(bits);
+  w.scale_dtype = mma_scale_dtype(scale_dtype);
+  TORCH_CHECK(groupwise_int::mma_supported(w.bits, w.k, w.group_size, w.scale_dtype),
+              "groupwise_int_mma_splits: the mma kernel does not take this weight");
+  return groupwise_int::mma_resolve_splits(
+      w, m, kernel_dtype(act_dtype, "act_dtype"),
+      static_cast<int>(std::min<int64_t>(split_k, groupwise_int::kMmaMaxSplits)),
+      current_device_attribute(cudaDevAttrMultiProcessorCount));
+}
+
 }  // namespace
 }  // namespace quantlab
 
@@ -213,10 +327,18 @@ TORCH_LIBRARY_FRAGMENT(quantlab, m) {
       "groupwise_int_cuda_path(int m, int out_features, int in_features, int bits, int group_size, "
       "ScalarType dtype) -> str",
       &quantlab::cuda_path);
+  m.def(
+      "groupwise_int_mma_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+      "int group_size, int in_features, int out_features, int split_k) -> Tensor");
+  m.def(
+      "groupwise_int_mma_splits(int m, int out_features, int in_features, int bits, "
+      "int group_size, ScalarType scale_dtype, ScalarType act_dtype, int split_k) -> int",
+      &quantlab::mma_splits);
 }
 
 TORCH_LIBRARY_IMPL(quantlab, CUDA, m) {
   m.impl("groupwise_int_dequant", &quantlab::dequant_cuda);
   m.impl("groupwise_int_mm", &quantlab::mm_cuda);
   m.impl("groupwise_int_gemm_cuda", &quantlab::gemm_cuda);
+  m.impl("groupwise_int_mma_mm", &quantlab::mma_mm_cuda);
 }

@@ -17,8 +17,32 @@ from quantlab.formats.groupwise_int import (
 )
 from quantlab.nn.registry import register_layer_format
 from quantlab.ops import groupwise_int as gw_ops
+from quantlab.ops.groupwise_int_repack import (
+    MAX_ROWS,
+    RepackedWeight,
+    fast_path_reason,
+    mma_layout,
+    repack,
+)
 
 __all__ = ["QuantLinear"]
+
+# Non-persistent buffers holding the weight in the CUDA tensor-core kernel's layout
+# (quantlab/ops/groupwise_int_repack.py); never saved, always re-derived from the exported ones.
+_KERNEL_BUFFERS = ("mma_qweight", "mma_scales", "mma_zeros")
+_MMA_ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _mma_device_ok(device: torch.device) -> bool:
+    return (
+        device.type == "cuda"
+        and gw_ops.has_mma_kernel()
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    module.prepare_kernel_layout()
 
 
 @register_layer_format
@@ -32,6 +56,15 @@ class QuantLinear(nn.Module):
     ``forward`` accepts any ``[..., K]`` input in fp32/fp16/bf16 and returns ``[..., N]`` in the
     input's dtype; the matmul runs through ``torch.ops.quantlab.groupwise_int_mm`` (a compiled
     kernel when one exists for the device, the PyTorch reference otherwise).
+
+    On a CUDA device (sm_80+, CUDA build) a weight the tensor-core kernel takes
+    (:func:`quantlab.ops.groupwise_int_repack.fast_path_reason`) is also held repacked in that
+    kernel's layout, in the non-persistent buffers ``mma_qweight``/``mma_scales``/``mma_zeros``
+    (not in the state dict; checkpoints keep the exported layout). They are made once, outside
+    ``forward``: whenever the layer's tensors move or change dtype (``.to``/``.cuda``), after a
+    ``load_state_dict`` and in ``after_load``/``from_packed`` (:meth:`prepare_kernel_layout`), so
+    a ``torch.compile(fullgraph=True)`` forward only reads them. fp16/bf16 batches of 1 to
+    ``MAX_ROWS`` rows then run ``groupwise_int_mma_mm``; everything else ``groupwise_int_mm``.
     """
 
     format_name: ClassVar[str] = FORMAT_NAME
@@ -64,6 +97,10 @@ class QuantLinear(nn.Module):
             )
         else:
             self.register_parameter("bias", None)
+        for name in _KERNEL_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        self._mma_source: tuple | None = None
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @property
     def bits(self) -> int:
@@ -96,6 +133,7 @@ class QuantLinear(nn.Module):
             layer.qzeros = packed.qzeros.contiguous()
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        layer.prepare_kernel_layout()
         return layer
 
     def module_spec(self) -> dict[str, Any]:
@@ -136,6 +174,66 @@ class QuantLinear(nn.Module):
         want = dtype_from_name(self.meta.scale_dtype)
         if self.scales.dtype != want:
             self.scales = self.scales.to(want)
+        self.prepare_kernel_layout()
+
+    # -- the tensor-core kernel's copy of the weight ------------------------------------------
+
+    def _source_key(self) -> tuple:
+        """Identity of the exported tensors the repacked copy was made from (storage, version,
+        dtype), so an eager forward notices in-place edits or replaced buffers."""
+        return tuple(
+            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+            for t in (self.qweight, self.scales, self.qzeros)
+        )
+
+    def prepare_kernel_layout(self) -> bool:
+        """(Re)build the repacked copy for the CUDA tensor-core kernel, or drop it where that
+        kernel does not apply (CPU tensors, no CUDA build, an encoding it does not take).
+        Returns whether the layer now holds one."""
+        for name in _KERNEL_BUFFERS:
+            setattr(self, name, None)
+        self._mma_source = None
+        device = self.qweight.device
+        reason = fast_path_reason(self.bits, self.group_size, self.in_features, self.scales.dtype)
+        if reason is not None or not _mma_device_ok(device):
+            return False
+        with torch.no_grad():
+            rep = repack(
+                self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features
+            )
+        self.mma_qweight, self.mma_scales, self.mma_zeros = rep.qweight, rep.scales, rep.zeros
+        self._mma_source = self._source_key()
+        return True
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # Drop the repacked copy first (no point converting it), then derive it again from the
+        # converted exported tensors.
+        for name in _KERNEL_BUFFERS:
+            self._buffers[name] = None
+        super()._apply(fn, recurse)
+        self.prepare_kernel_layout()
+        return self
+
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """``"mma"`` when ``forward(x)`` runs the tensor-core kernel on the repacked weight,
+        ``"groupwise_int_mm"`` otherwise."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        use = (
+            self.mma_qweight is not None
+            and x.is_cuda
+            and x.dtype in _MMA_ACT_DTYPES
+            and 1 <= rows <= MAX_ROWS
+        )
+        return "mma" if use else "groupwise_int_mm"
+
+    def repacked(self) -> RepackedWeight | None:
+        """The repacked copy as a :class:`RepackedWeight` (``None`` when there is none)."""
+        if self.mma_qweight is None:
+            return None
+        layout = mma_layout(
+            self.bits, self.group_size, self.in_features, self.out_features, self.meta.sym
+        )
+        return RepackedWeight(self.mma_qweight, self.mma_scales, self.mma_zeros, layout)
 
     def packed(self) -> PackedGroupwiseInt:
         return PackedGroupwiseInt(self.qweight, self.scales, self.qzeros, self.meta)
@@ -158,14 +256,27 @@ class QuantLinear(nn.Module):
                 f"QuantLinear expects input [..., {self.in_features}], got {tuple(x.shape)}"
             )
         lead = x.shape[:-1]
-        y = gw_ops.matmul(
-            x.reshape(-1, self.in_features),
-            self.qweight,
-            self.scales,
-            self.qzeros,
-            self.bits,
-            self.group_size,
-        )
+        x2 = x.reshape(-1, self.in_features)
+        # Eager only: the exported tensors were edited in place or replaced since the repack.
+        stale = self.kernel_path(x2) == "mma" and not torch.compiler.is_compiling()
+        if stale and self._mma_source != self._source_key():
+            self.prepare_kernel_layout()
+        if self.kernel_path(x2) == "mma":
+            y = torch.ops.quantlab.groupwise_int_mma_mm(
+                x2,
+                self.mma_qweight,
+                self.mma_scales,
+                self.mma_zeros,
+                self.bits,
+                self.group_size,
+                self.in_features,
+                self.out_features,
+                0,
+            )
+        else:
+            y = gw_ops.matmul(
+                x2, self.qweight, self.scales, self.qzeros, self.bits, self.group_size
+            )
         y = y.view(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -13,8 +13,9 @@ import torch
 
 from quantlab.ops import reference
 from quantlab.ops._extension import has_kernel, load_extension
+from quantlab.ops.groupwise_int_repack import RepackedWeight, mma_mm_reference
 
-__all__ = ["backend", "dequant", "matmul"]
+__all__ = ["backend", "dequant", "has_mma_kernel", "matmul", "mma_matmul"]
 
 _SCHEMAS = {
     "groupwise_int_dequant": (
@@ -25,10 +26,17 @@ _SCHEMAS = {
         "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
         "int group_size) -> Tensor"
     ),
+    # The tensor-core kernel on weights repacked by quantlab.ops.groupwise_int_repack.repack
+    # (CUDA builds define it with its kernel; elsewhere it runs that module's reference).
+    "groupwise_int_mma_mm": (
+        "groupwise_int_mma_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+        "int group_size, int in_features, int out_features, int split_k) -> Tensor"
+    ),
 }
 _REFERENCES = {
     "groupwise_int_dequant": reference.groupwise_int_dequant,
     "groupwise_int_mm": reference.groupwise_int_mm,
+    "groupwise_int_mma_mm": mma_mm_reference,
 }
 _LIBS: list[torch.library.Library] = []  # keep the registrations alive
 _KERNELS: dict[tuple[str, str], bool] = {}
@@ -82,6 +90,20 @@ def _register() -> None:
     ) -> torch.Tensor:
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
+    @torch.library.register_fake("quantlab::groupwise_int_mma_mm")
+    def _mma_mm_fake(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        split_k: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], out_features))
+
 
 _register()
 
@@ -90,6 +112,11 @@ def backend(device_type: str) -> str:
     """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
     return f"{device_type}-kernel" if _KERNELS.get(("groupwise_int_mm", key)) else "reference"
+
+
+def has_mma_kernel() -> bool:
+    """Whether this build has the CUDA tensor-core kernel of ``groupwise_int_mma_mm``."""
+    return bool(_KERNELS.get(("groupwise_int_mma_mm", "CUDA")))
 
 
 def dequant(
@@ -117,3 +144,20 @@ def matmul(
 ) -> torch.Tensor:
     """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype``; see :mod:`quantlab.ops.reference`."""
     return torch.ops.quantlab.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
+
+
+def mma_matmul(x: torch.Tensor, rep: RepackedWeight, split_k: int = 0) -> torch.Tensor:
+    """``x [M, K] @ W.T`` on a repacked weight (fp16/bf16 ``x``); ``split_k`` 0 lets the kernel
+    choose, ``>= 1`` forces that many K ranges (clamped)."""
+    lay = rep.layout
+    return torch.ops.quantlab.groupwise_int_mma_mm(
+        x,
+        rep.qweight,
+        rep.scales,
+        rep.zeros,
+        lay.bits,
+        lay.group_size,
+        lay.in_features,
+        lay.out_features,
+        split_k,
+    )

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# One short session on a lent GPU machine (a bare copy of the working tree, no network): build the
+# CUDA extension, run the GPU tests, the quick GPU kernel benchmark and the decode benchmark, and
+# leave everything under $OUT for scripts/bench_report.py. Every step has a time box and a
+# failure never stops the later steps; a summary is printed last.
+#
+#   bash scripts/gpu_session.sh                # OUT defaults to out/gpu_session
+#   QUANTLAB_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_session.sh   # the tree has no .git there
+#
+# Time boxes (seconds, environment overrides): T_SETUP 60, T_BUILD 240, T_TESTS 120 (mma tests),
+# T_BENCH 150, T_DECODE 60, T_TESTS_OTHER 90 (the other CUDA kernel tests, last); at most 12
+# minutes if every step ran to its limit, about 6-8 in a normal run (the build is the long pole:
+# ~2-3 min on 16 cores for one architecture).
+#
+# Why not scripts/setup_env.sh: it installs torch and the requirements from a package index, and
+# the GPU machine reaches none (nor can a 2.14.1 CUDA torch wheel travel: the tree that goes there
+# is capped at 64 MiB). This script uses the image's own python3 (its CUDA torch, transformers,
+# pytest, pytest-benchmark, matplotlib), adds quantlab to it without dependencies, and builds
+# only the groupwise_int family for the machine's own architecture (TORCH_CUDA_ARCH_LIST from the
+# device, 9.0a on Hopper) with ninja.
+#
+# Files under $OUT (at most 8 come back from a lent machine): session.log (every step's output),
+# env.txt (nvidia-smi, versions, commit, step results), junit_mma.xml, junit_cuda.xml,
+# bench_kernels.json, bench_decode.json, benchmarks-generated.md and speedup_vs_batch.png.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-out/gpu_session}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+ENV_TXT="$OUT/env.txt"
+: >"$LOG"
+: >"$ENV_TXT"
+PYTHON=${PYTHON:-python3}
+T_SETUP=${T_SETUP:-60}
+T_BUILD=${T_BUILD:-240}
+T_TESTS=${T_TESTS:-120}
+T_TESTS_OTHER=${T_TESTS_OTHER:-90}
+T_BENCH=${T_BENCH:-150}
+T_DECODE=${T_DECODE:-60}
+export PYTHONUNBUFFERED=1
+export QUANTLAB_COMMIT=${QUANTLAB_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+session_start=$(date +%s)
+declare -a SUMMARY=()
+
+# step NAME SECONDS COMMAND...: run with a time limit, log it, record "NAME: ok|FAILED (rc)|TIMEOUT".
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start rc
+  start=$(date +%s)
+  echo "=== [$name] (limit ${limit}s): $*" | tee -a "$LOG"
+  # SIGINT first: pytest stops like on Ctrl-C and still writes its JUnit file and summary.
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  local took=$(( $(date +%s) - start ))
+  local result="ok"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] || [ "$rc" -eq 130 ]; then
+    result="TIMEOUT after ${took}s"
+  elif [ "$rc" -ne 0 ]; then
+    result="FAILED (rc $rc) after ${took}s"
+  else
+    result="ok in ${took}s"
+  fi
+  echo "=== [$name] $result" | tee -a "$LOG"
+  SUMMARY+=("$name: $result")
+  return "$rc"
+}
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "commit: $QUANTLAB_COMMIT"
+  echo "host: $(uname -a)"
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,ecc.mode.current --format=csv 2>&1 || true
+  nvcc --version 2>&1 | tail -2 || echo "no nvcc"
+  "$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
+} >>"$ENV_TXT"
+
+# Steps that are shell functions run as `bash -c NAME` (timeout runs programs, not functions).
+# The image's python3 is itself a venv (/opt/torch/.venv): a venv made over it would not see its
+# torch, so quantlab is installed into it directly (editable, no dependencies, no index); if that
+# fails, a .pth file puts the checkout on its path (and quantlab.calib, which the installed
+# package maps from calib/, on quantlab's). QUANTLAB_GPU_SKIP_INSTALL=1 skips both (dry runs).
+setup() {
+  if [ "${QUANTLAB_GPU_SKIP_INSTALL:-0}" != 1 ]; then
+    if ! QUANTLAB_BUILD_EXT=0 "$PYTHON" -m pip install -q --no-index --no-deps \
+        --no-build-isolation -e .; then
+      echo "editable install failed; adding a .pth file for the checkout instead"
+      local site
+      site=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || return 1
+      printf '%s\nimport quantlab; quantlab.__path__.append("%s")\n' "$PWD" "$PWD" \
+        >"$site/quantlab-checkout.pth" || return 1
+    fi
+  fi
+  "$PYTHON" -c "import torch, quantlab.ops, quantlab.nn, quantlab.calib; assert torch.cuda.is_available(), 'no CUDA device'"
+}
+export -f setup
+export PYTHON
+step setup "$T_SETUP" bash -c setup
+
+ARCH=$("$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(f'{major}.{minor}' + ('a' if major == 9 else ''))" 2>>"$LOG" || echo "9.0a")
+echo "arch: $ARCH" >>"$ENV_TXT"
+build() {
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" QUANTLAB_BUILD_ONLY=groupwise_int \
+    MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" setup.py build_ext --inplace || return 1
+  "$PYTHON" - <<'PY'
+from quantlab.ops import groupwise_int as ops
+from quantlab.ops._extension import extension_error
+assert ops.backend("cuda") == "cuda-kernel", extension_error()
+assert ops.has_mma_kernel(), "the build has no mma kernel"
+print("CUDA kernels loaded: groupwise_int_mm and groupwise_int_mma_mm")
+PY
+}
+export -f build
+export ARCH
+step build "$T_BUILD" bash -c build
+
+step tests-mma "$T_TESTS" "$PYTHON" -m pytest -x -q -m gpu -p no:cacheprovider \
+  --junitxml="$OUT/junit_mma.xml" tests/ops/test_groupwise_int_mma_cuda.py
+step bench-kernels "$T_BENCH" env QUANTLAB_BENCH_QUICK=1 "$PYTHON" -m pytest -q --benchmark-only \
+  -p no:cacheprovider --benchmark-json="$OUT/bench_kernels.json" \
+  bench/kernels/test_gpu_groupwise_int.py
+step bench-decode "$T_DECODE" env QUANTLAB_DECODE_MODEL=random-llama3-8b QUANTLAB_DECODE_LAYERS=8 \
+  "$PYTHON" -m pytest -q --benchmark-only -p no:cacheprovider \
+  --benchmark-json="$OUT/bench_decode.json" bench/e2e/test_decode_tokens_per_s.py
+
+# The previous kernels' GPU tests last: the ones above matter most if time runs out, and an
+# interrupted pytest still leaves a JUnit file of what ran.
+step tests-cuda "$T_TESTS_OTHER" "$PYTHON" -m pytest -x -q -m gpu -p no:cacheprovider \
+  --junitxml="$OUT/junit_cuda.xml" tests/ops/test_groupwise_int_gemm_cuda.py \
+  tests/ops/test_groupwise_int_ops.py
+
+jsons=()
+for f in "$OUT/bench_kernels.json" "$OUT/bench_decode.json"; do [ -s "$f" ] && jsons+=("$f"); done
+if [ "${#jsons[@]}" -gt 0 ]; then
+  step report 60 "$PYTHON" scripts/bench_report.py "${jsons[@]}" --out "$OUT/benchmarks-generated.md" \
+    --plot "$OUT/speedup_vs_batch.png"
+else
+  SUMMARY+=("report: skipped (no benchmark JSON)")
+fi
+
+summarize() {
+  echo "== quantlab GPU session: commit $QUANTLAB_COMMIT, $(( $(date +%s) - session_start )) s =="
+  for line in "${SUMMARY[@]}"; do echo "  $line"; done
+  for x in "$OUT"/junit_*.xml; do
+    [ -s "$x" ] || continue
+    "$PYTHON" - "$x" <<'PY' 2>/dev/null || true
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print(f"  {sys.argv[1].rsplit('/', 1)[-1]}: {t['tests']} tests, {t['failures']} failures, "
+      f"{t['errors']} errors, {t['skipped']} skipped")
+for s in suites:
+    for case in s.iter("testcase"):
+        for bad in list(case.findall("failure")) + list(case.findall("error")):
+            print(f"    FAIL {case.get('name')}: {(bad.get('message') or '')[:160]}")
+PY
+  done
+  if [ -s "$OUT/bench_kernels.json" ]; then
+    "$PYTHON" - "$OUT/bench_kernels.json" <<'PY' 2>/dev/null || true
+import json, sys
+data = json.load(open(sys.argv[1]))
+rows = [b["extra_info"] for b in data["benchmarks"]]
+bw = [r["TB/s"] for r in rows if r.get("suite") == "gpu_bandwidth"]
+print(f"  copy bandwidth: {bw[0]:.2f} TB/s" if bw else "  copy bandwidth: not measured")
+q = [r for r in rows if r.get("variant") == "quantlab"]
+for r in sorted(q, key=lambda r: (r["case"], r["dtype"], r["m"])):
+    sc, si = r.get("speedup_vs_cublas"), r.get("speedup_vs_int4pack")
+    print(f"  {r['case']} {r['dtype']} M={r['m']}: {r['time_s'] * 1e6:.1f} us, "
+          f"{r['weight TB/s']:.2f} TB/s, vs cuBLAS {sc and f'{sc:.2f}x'}, "
+          f"vs int4pack {si and f'{si:.2f}x'} [{r.get('path')}]")
+PY
+  fi
+  if [ -s "$OUT/bench_decode.json" ]; then
+    "$PYTHON" - "$OUT/bench_decode.json" <<'PY' 2>/dev/null || true
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    r = b["extra_info"]
+    print(f"  decode {r['model']} batch {r['batch']} {r['variant']}: {r['tokens/s']:.0f} tok/s"
+          + (f" [{r.get('kernel_path')}]" if r.get("kernel_path") else ""))
+PY
+  fi
+}
+summarize | tee -a "$LOG" | tee -a "$ENV_TXT"

@@ -1,0 +1,270 @@
+"""The tensor-core mma kernel (csrc/groupwise_int/cuda_mma*.cu) on repacked weights, against the
+PyTorch reference, and QuantLinear's dispatch to it. Needs a CUDA device (sm_80+) and a CUDA
+build of the extension; skipped otherwise.
+
+Tolerance: the kernel's B fragments are bit-identical to ``W.to(dtype)`` (checked on the CPU by
+tests/ops/test_groupwise_int_repack.py), the products of two fp16/bf16 numbers are exact in
+fp32, and the sums run in fp32 in some order with one final rounding. So against the fp64 oracle
+``x @ W.to(dtype).T`` every output is within ``fp32_dot_bound(x, W.to(dtype))`` plus half an ulp
+of the dtype (``eps * |y|``), plus 2**-24 for fp16 results in the subnormal range. A misplaced or
+mis-decoded weight moves an output by about ``|x_k w_k|`` ~ 1, far outside that.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlab.formats.groupwise_int import GroupwiseIntMeta, PackedGroupwiseInt
+from quantlab.nn import QuantLinear
+from quantlab.nn import linear as linear_module
+from quantlab.ops import groupwise_int as ops
+from quantlab.ops import groupwise_int_repack as rp
+from quantlab.ops import reference
+from quantlab.ops._extension import extension_error
+from tests.tolerances import fp32_dot_bound
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if not ops.has_mma_kernel():
+        return f"mma kernel not built: {extension_error() or 'the extension has no CUDA'}"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return "the mma kernel needs sm_80+"
+    return None
+
+
+_REASON = _skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _weight(
+    n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator(device="cuda").manual_seed(n * 7919 + k * 31 + bits * 3 + int(sym))
+    groups = 1 if group == -1 else k // group
+    q = torch.randint(0, 2**bits, (n, k), device="cuda", generator=gen)
+    s = (torch.rand(n, groups, device="cuda", generator=gen) + 0.5) * (2.0 / 2**bits)
+    qz = None
+    if not sym:
+        z = torch.randint(0, 2**bits, (n, groups), device="cuda", generator=gen)
+        qz = reference.pack_bitstream(z, bits)
+    return reference.pack_bitstream(q, bits), s.to(scale_dtype), qz
+
+
+def _x(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(m * 131 + k)
+    return torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+
+
+def _assert_close(y: torch.Tensor, x: torch.Tensor, w_dt: torch.Tensor) -> None:
+    """The module docstring's bound; also: every output written (no NaN from poison)."""
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], w_dt.shape[0])
+    assert not bool(y.isnan().any())
+    oracle = x.double() @ w_dt.double().t()
+    eps = torch.finfo(x.dtype).eps
+    bound = fp32_dot_bound(x, w_dt) + eps * y.double().abs() + 2.0**-24
+    err = (y.double() - oracle).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+def _case(m: int, n: int, k: int, bits: int, group: int, sym: bool, sdt: torch.dtype, act):  # noqa: ANN001, ANN202
+    qw, s, qz = _weight(n, k, bits, group, sym, sdt)
+    rep = rp.repack(qw, s, qz, bits, group, k)
+    w_dt = reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32).to(act)
+    return rep, w_dt, _x(m, k, act)
+
+
+# Batches 1-8 (one m16 tile, formerly the GEMV), 16/17/32/33/64/65 (tile edges), up to 255;
+# N from one warp slab to past several CTAs, not a multiple of 64; K from one stage to
+# Llama-sized, not a multiple of 64.
+SHAPE_CASES = [
+    (m, n, k)
+    for m in (1, 3, 8, 16, 17, 33, 65, 255)
+    for n, k in ((64, 64), (100, 96), (300, 576), (4096, 4096), (1000, 1032))
+]
+
+
+@pytest.mark.parametrize("split_k", [1, 3, 0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPE_CASES)
+def test_mma_shapes_match_reference(
+    m: int, n: int, k: int, dtype: torch.dtype, split_k: int
+) -> None:
+    group = 64 if k % 64 == 0 else (32 if k % 32 == 0 else -1)  # K = 1032: per-channel only
+    rep, w_dt, x = _case(m, n, k, 4, group, False, dtype, dtype)
+    _assert_close(ops.mma_matmul(x, rep, split_k), x, w_dt)
+
+
+FORMAT_CASES = [
+    (bits, group, sym, sdt)
+    for bits in rp.SUPPORTED_BITS
+    for group in (32, 64, 128, -1)
+    for sym in (False, True)
+    for sdt in DTYPES
+]
+
+
+@pytest.mark.parametrize("act", DTYPES)
+@pytest.mark.parametrize(("bits", "group", "sym", "scale_dtype"), FORMAT_CASES)
+def test_mma_every_format_matches_reference(
+    bits: int, group: int, sym: bool, scale_dtype: torch.dtype, act: torch.dtype
+) -> None:
+    """Both dequant modes (half math where scale dtype == act dtype, fp32 otherwise), 4 and 8
+    bits, every group size, with and without split-K, on a shape with padded N and K."""
+    for m, n, k, split_k in ((5, 200, 384, 1), (40, 72, 1152, 4)):
+        if group != -1 and k % group:
+            continue
+        rep, w_dt, x = _case(m, n, k, bits, group, sym, scale_dtype, act)
+        _assert_close(ops.mma_matmul(x, rep, split_k), x, w_dt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mma_split_k_is_deterministic_and_consistent(dtype: torch.dtype) -> None:
+    rep, w_dt, x = _case(9, 4096, 4096, 4, 128, False, dtype, dtype)
+    one = ops.mma_matmul(x, rep, 1)
+    for split_k in (0, 2, 5, 16, 64):
+        first = ops.mma_matmul(x, rep, split_k)
+        for _ in range(3):  # the order of the partial sums never depends on CTA timing
+            assert torch.equal(ops.mma_matmul(x, rep, split_k), first), split_k
+        _assert_close(first, x, w_dt)
+        eps = torch.finfo(dtype).eps
+        allowed = 2 * fp32_dot_bound(x, w_dt) + eps * (one.double().abs() + first.double().abs())
+        assert bool(((first.double() - one.double()).abs() <= allowed + 2.0**-23).all())
+
+
+def test_mma_split_heuristic_fills_the_gpu() -> None:
+    splits = torch.ops.quantlab.groupwise_int_mma_splits
+    for dtype in DTYPES:
+        # 4096 columns are 16 CTAs: far fewer than the SMs, so K is split.
+        assert splits(1, 4096, 4096, 4, 128, torch.float16, dtype, 0) > 1
+        assert splits(1, 4096, 4096, 4, 128, torch.float16, dtype, 3) == 3
+        assert splits(1, 4096, 4096, 4, 128, torch.float16, dtype, 999) == rp.MAX_SPLITS
+        assert splits(1, 64, 64, 4, 64, torch.float16, dtype, 0) == 1  # a single k tile
+
+
+def test_mma_unaligned_x_and_empty_batch() -> None:
+    rep, w_dt, x = _case(33, 100, 576, 4, 64, False, torch.float16, torch.float16)
+    want = ops.mma_matmul(x, rep, 1)
+    flat = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
+    flat[1:] = x.reshape(-1)
+    shifted = flat[1:].view_as(x)
+    assert shifted.data_ptr() % 16 != 0
+    assert torch.equal(ops.mma_matmul(shifted, rep, 1), want)
+    assert ops.mma_matmul(x[:0], rep).shape == (0, 100)
+
+
+def test_mma_cuda_graph_replay() -> None:
+    rep, w_dt, x = _case(4, 4096, 4096, 4, 128, False, torch.bfloat16, torch.bfloat16)
+    want = ops.mma_matmul(x, rep)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.mma_matmul(x, rep)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.mma_matmul(x, rep)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_mma_bad_arguments_are_named() -> None:
+    rep, _, x = _case(3, 64, 128, 4, 64, False, torch.float16, torch.float16)
+    lay = rep.layout
+    mm = torch.ops.quantlab.groupwise_int_mma_mm
+    args = (rep.qweight, rep.scales, rep.zeros, 4, 64, 128, 64, 0)
+    with pytest.raises(RuntimeError, match="x must be fp16 or bf16"):
+        mm(x.float(), *args)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 128\]"):
+        mm(x[:, :64], *args)
+    with pytest.raises(RuntimeError, match="qweight must be"):
+        mm(x, rep.qweight[:4], *args[1:])
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        mm(x, rep.qweight, rep.scales, rep.zeros, 3, 64, 128, 64, 0)
+    with pytest.raises(RuntimeError, match="scales must be fp16 or bf16"):
+        mm(x, rep.qweight, rep.scales.float(), rep.zeros, 4, 64, 128, 64, 0)
+    with pytest.raises(RuntimeError, match="split_k must be >= 0"):
+        mm(x, rep.qweight, rep.scales, rep.zeros, 4, 64, 128, 64, -1)
+    assert lay.n_groups == 2
+
+
+def _layer(n: int, k: int, bits: int, group: int, sym: bool, sdt: str) -> QuantLinear:
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[sdt]
+    qw, s, qz = _weight(n, k, bits, group, sym, dtype)
+    meta = GroupwiseIntMeta(k, n, bits, group, sym, sdt)
+    return QuantLinear.from_packed(PackedGroupwiseInt(qw, s, qz, meta))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quant_linear_dispatch_across_every_boundary(dtype: torch.dtype) -> None:
+    """Batches 1..300: mma up to MAX_ROWS, then the generic op (dequantize + cuBLAS); both match
+    the reference, and the boundary batches agree with the reference through either path."""
+    layer = _layer(576, 576, 4, 64, False, "float16")
+    assert layer.mma_qweight is not None
+    w_dt = layer.dequantized_weight(torch.float32).to(dtype)
+    for m in (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 128, 254, 255, 256, 257, 300):
+        x = _x(m, 576, dtype)
+        want_path = "mma" if m <= rp.MAX_ROWS else "groupwise_int_mm"
+        assert layer.kernel_path(x) == want_path, m
+        y = layer(x)
+        if want_path == "mma":
+            _assert_close(y, x, w_dt)
+        else:
+            oracle = x.double() @ w_dt.double().t()
+            torch_err = float(((x @ w_dt.t()).double() - oracle).abs().max())
+            assert float((y.double() - oracle).abs().max()) <= 2 * torch_err + 1e-3
+    # fp32 activations and 3-bit weights never take the mma path.
+    assert layer.kernel_path(_x(4, 576, torch.float32)) == "groupwise_int_mm"
+    assert _layer(64, 128, 3, 64, False, "float16").mma_qweight is None
+
+
+def test_quant_linear_repacks_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = linear_module.repack
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "repack", counting)
+    layer = _layer(256, 512, 4, 128, True, "bfloat16")
+    assert len(calls) == 1
+    x = _x(4, 512, torch.bfloat16)
+    first = layer(x)
+    for _ in range(5):
+        assert torch.equal(layer(x), first)
+    assert len(calls) == 1  # not per call
+    # An in-place edit of the exported weight is noticed (eager) and repacked once.
+    layer.qweight.bitwise_xor_(0x11111111)
+    changed = layer(x)
+    assert len(calls) == 2 and not torch.equal(changed, first)
+    w_dt = layer.dequantized_weight(torch.float32).to(torch.bfloat16)
+    _assert_close(changed, x, w_dt)
+    # Moving to the CPU drops the kernel copy; back on the GPU it is rebuilt.
+    layer.cpu()
+    assert layer.mma_qweight is None
+    layer.cuda()
+    assert layer.mma_qweight is not None and len(calls) == 3
+
+
+def test_quant_linear_state_dict_and_load() -> None:
+    src = _layer(128, 256, 4, 64, False, "float16")
+    assert set(src.state_dict()) == {"qweight", "scales", "qzeros"}
+    dst = QuantLinear(256, 128, bias=False, bits=4, group_size=64, sym=False).cuda()
+    dst.load_state_dict(src.state_dict())
+    x = _x(3, 256, torch.float16)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_quant_linear_compiles_fullgraph_on_cuda() -> None:
+    layer = _layer(512, 1024, 4, 128, False, "bfloat16")
+    fn = torch.compile(layer, fullgraph=True)
+    for m in (1, 4, 100):
+        x = _x(m, 1024, torch.bfloat16)
+        assert torch.equal(fn(x), layer(x))

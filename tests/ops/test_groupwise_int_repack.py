@@ -1,0 +1,181 @@
+"""The mma kernel layout on the CPU: repack, its inverse, and the emulation of the kernel's
+fragment reads (quantlab/ops/groupwise_int_repack.py) against the reference dequantization.
+
+The emulator reads the repacked tensors the way csrc/groupwise_int/cuda_mma_kernel.cuh's threads
+do; every check here is exact (torch.equal) except the emulated product, whose fp64 sums are
+compared with an fp64 oracle up to the one rounding to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlab.formats.groupwise_int import pack
+from quantlab.nn import QuantLinear
+from quantlab.ops import groupwise_int as ops
+from quantlab.ops import groupwise_int_repack as rp
+from quantlab.ops import reference
+from quantlab.solvers.rtn import rtn_quantize
+
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _weight(n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype) -> tuple:
+    """Random codes over the full range (top bit of words set included), random zero points,
+    scales of ~2 / 2**bits (exported layout)."""
+    gen = torch.Generator().manual_seed(n * 7919 + k * 31 + bits * 3 + int(sym) + group)
+    groups = 1 if group == -1 else k // group
+    q = torch.randint(0, 2**bits, (n, k), generator=gen)
+    qw = reference.pack_bitstream(q, bits)
+    s = ((torch.rand(n, groups, generator=gen) + 0.5) * (2.0 / 2**bits)).to(scale_dtype)
+    qz = None
+    if not sym:
+        qz = reference.pack_bitstream(torch.randint(0, 2**bits, (n, groups), generator=gen), bits)
+    return qw, s, qz
+
+
+# (N, K): one tile, N not a multiple of 64 (padded columns), K not a multiple of 64 (padded k
+# inside and past the last group), N past one CTA (256 columns); every encoding on each. Plus a
+# real SmolLM2 shape (k/v 192 x 576) for the default encoding.
+SHAPES = ((64, 64), (100, 96), (7, 160), (260, 128))
+CASES = [
+    (n, k, bits, group, sym, sdt)
+    for n, k in SHAPES
+    for bits in rp.SUPPORTED_BITS
+    for group in (32, 64, 128, -1)
+    for sym in (False, True)
+    for sdt in SCALE_DTYPES
+    if group == -1 or k % group == 0
+] + [(192, 576, 4, 64, False, torch.float16), (192, 576, 8, -1, True, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("n", "k", "bits", "group", "sym", "scale_dtype"), CASES)
+def test_kernel_reads_reproduce_the_reference_weight(
+    n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype
+) -> None:
+    qw, s, qz = _weight(n, k, bits, group, sym, scale_dtype)
+    rep = rp.repack(qw, s, qz, bits, group, k)
+    ref = reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32)
+    assert {name: tuple(t.shape) for name, t in _tensors(rep).items()} == rep.layout.shapes()
+    # The inverse of the producer, and the kernel's view of the same bytes (both dequant modes:
+    # half math where the scale dtype is the activation dtype, fp32 otherwise).
+    assert torch.equal(rp.dequant_repacked(rep), ref)
+    for act in ACT_DTYPES:
+        assert torch.equal(rp.emulate_b_fragments(rep, act), ref.to(act)), act
+
+
+def _tensors(rep: rp.RepackedWeight) -> dict[str, torch.Tensor]:
+    out = {"qweight": rep.qweight, "scales": rep.scales}
+    if rep.zeros is not None:
+        out["zeros"] = rep.zeros
+    return out
+
+
+def test_padding_is_zero_and_every_word_is_a_real_code() -> None:
+    """Padded columns / k carry code 0, scale 0 and zero point 0: their weights are exactly 0."""
+    n, k = 100, 96
+    qw, s, qz = _weight(n, k, 4, 32, False, torch.float16)
+    rep = rp.repack(qw, s, qz, 4, 32, k)
+    lay = rep.layout
+    assert (lay.n_pad, lay.k_pad, lay.n_groups) == (128, 128, 4)
+    full = rp.RepackedWeight(
+        rep.qweight, rep.scales, rep.zeros, rp.mma_layout(4, 32, lay.k_pad, lay.n_pad, False)
+    )
+    dense = rp.dequant_repacked(full)
+    assert torch.equal(dense[n:], torch.zeros_like(dense[n:]))
+    assert torch.equal(dense[:, k:], torch.zeros_like(dense[:, k:]))
+
+
+@pytest.mark.parametrize("act", ACT_DTYPES)
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (5, 96), (16, 576), (17, 160), (40, 64)])
+def test_ldmatrix_mapping_reads_the_activation_tile(m: int, k: int, act: torch.dtype) -> None:
+    """[A-ldmatrix]: the A operand PTX's layout reads out of the ldmatrix registers is x,
+    zero-padded past M and K."""
+    x = torch.randn(m, k).to(act)
+    k_pad = -(-k // rp.STAGE_K) * rp.STAGE_K
+    _, seen = rp.emulate_a_fragments(x, k_pad)
+    want = torch.zeros(-(-m // 16) * 16, k_pad, dtype=act)
+    want[:m, :k] = x
+    assert torch.equal(seen, want)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 16])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "bits", "group", "sym"),
+    [(1, 300, 256, 4, 64, False), (17, 100, 96, 8, 32, True), (33, 64, 192, 4, -1, False)],
+)
+def test_emulated_product_matches_the_oracle(
+    m: int, n: int, k: int, bits: int, group: int, sym: bool, splits: int
+) -> None:
+    """The whole emulated kernel: fragments, mma, [split-K] ranges and [epilogue] positions;
+    every output written (no NaN left) and equal to the fp64 oracle of x @ W.to(dtype).T up to
+    the final rounding."""
+    for act in ACT_DTYPES:
+        qw, s, qz = _weight(n, k, bits, group, sym, act)
+        rep = rp.repack(qw, s, qz, bits, group, k)
+        x = torch.randn(m, k).to(act)
+        y = rp.emulate_mm(x, rep, splits)
+        assert not bool(y.isnan().any())
+        w = reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32).to(act)
+        oracle = x.double() @ w.double().t()
+        eps = torch.finfo(act).eps
+        assert bool(((y.double() - oracle).abs() <= eps * oracle.abs() + 1e-6).all())
+
+
+@pytest.mark.parametrize("k_tiles", [1, 2, 3, 7, 9, 64, 224])
+def test_split_plan_partitions_k(k_tiles: int) -> None:
+    for requested in range(1, 20):
+        splits, per = rp.split_plan(k_tiles, requested)
+        assert 1 <= splits <= min(requested, rp.MAX_SPLITS, k_tiles)
+        ranges = [(z * per, min(k_tiles, (z + 1) * per)) for z in range(splits)]
+        assert all(lo < hi for lo, hi in ranges)  # none empty
+        covered = [t for lo, hi in ranges for t in range(lo, hi)]
+        assert covered == list(range(k_tiles))
+
+
+def test_mma_op_reference_matches_the_generic_op() -> None:
+    """``groupwise_int_mma_mm`` on the CPU (its reference) agrees with ``groupwise_int_mm`` up to
+    the rounding of W to the activation dtype; its shape contract is what the fake impl says."""
+    torch.manual_seed(0)
+    r = rtn_quantize(torch.randn(96, 192), 4, 64, False)
+    p = pack(r)
+    rep = rp.repack(p.qweight, p.scales, p.qzeros, 4, 64, 192)
+    x = torch.randn(3, 192).to(torch.bfloat16)
+    y = ops.mma_matmul(x, rep)
+    want = (x.float() @ r.dequantize().to(torch.bfloat16).float().t()).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    with pytest.raises(ValueError, match="x must be fp16 or bf16"):
+        ops.mma_matmul(x.float(), rep)
+
+
+def test_fast_path_refusals_are_named() -> None:
+    assert rp.fast_path_reason(4, 64, 576, torch.float16) is None
+    assert rp.fast_path_reason(8, -1, 100 * 8, torch.bfloat16) is None
+    assert "3-bit" in rp.fast_path_reason(3, 64, 576, torch.float16)
+    assert "float32 scales" in rp.fast_path_reason(4, 64, 576, torch.float32)
+    assert "multiple of 8" in rp.fast_path_reason(4, -1, 100, torch.float16)
+    assert "multiple of 16" in rp.fast_path_reason(4, 8, 64, torch.float16)
+    qw, s, qz = _weight(8, 64, 4, 32, False, torch.float32)
+    with pytest.raises(ValueError, match="does not take this weight: torch.float32 scales"):
+        rp.repack(qw, s, qz, 4, 32, 64)
+
+
+def test_quant_linear_keeps_no_kernel_copy_on_the_cpu() -> None:
+    """The repacked buffers exist only on CUDA; they are never in the state dict."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_packed(pack(rtn_quantize(torch.randn(64, 128), 4, 64, False)))
+    assert layer.mma_qweight is None and not layer.prepare_kernel_layout()
+    assert layer.kernel_path(torch.randn(2, 128)) == "groupwise_int_mm"
+    assert set(layer.state_dict()) == {"qweight", "scales", "qzeros"}
+
+
+def test_quant_linear_compiles_fullgraph_with_the_kernel_buffers() -> None:
+    """torch.compile(fullgraph=True) traces QuantLinear's dispatch (the mma buffers are plain
+    module state; on the CPU the generic op runs)."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_packed(pack(rtn_quantize(torch.randn(32, 64), 4, 32, False)))
+    fn = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(fn(x), layer(x))
