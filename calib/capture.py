@@ -34,6 +34,7 @@ __all__ = [
     "move_outside_blocks",
     "move_to",
     "run_block",
+    "run_block_until",
     "run_sequential",
 ]
 
@@ -219,16 +220,49 @@ def run_block_with_taps(
     return outs, calls
 
 
+@torch.no_grad()
+def run_block_until(
+    block: nn.Module, inputs: BlockInputs, device: torch.device | str, name: str
+) -> list[torch.Tensor]:
+    """The input of submodule ``name`` of ``block`` for every batch of ``inputs``, on ``device``.
+
+    Each forward pass stops as soon as ``name`` is reached, so the rest of the block is not run.
+    """
+    caught: list[torch.Tensor] = []
+
+    def catch(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        caught.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    handle = block.get_submodule(name).register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            with contextlib.suppress(_StopForward):
+                block(hidden.to(device), **move_to(kwargs, device))
+    finally:
+        handle.remove()
+    if len(caught) != len(inputs.hidden):
+        raise RuntimeError(f"{name} was not called on every batch of the block's forward pass")
+    return caught
+
+
 def _hook_group(
     block: nn.Module,
     group: Sequence[str],
     stats: dict[str, HessianAccumulator],
     after: Callable[[], None] | None,
+    paused: Callable[[], bool] | None = None,
 ) -> torch.utils.hooks.RemovableHandle:
-    """Feed the group's shared input to its accumulator, then call ``after``."""
+    """Feed the group's shared input to its accumulator, then call ``after``.
+
+    While ``paused()`` is true the hook does nothing: forward passes that ``on_group`` itself runs
+    (statistics of other inputs, such as Fair-GPTQ's sentence pairs) must not count.
+    """
     first = block.get_submodule(group[0])
 
     def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        if paused is not None and paused():
+            return
         stats[group[0]].add(args[0])  # members share one accumulator (same input)
         if after is not None:
             after()
@@ -272,15 +306,20 @@ def _process_block_single_pass(
     the quantized replay.
     """
     handles = []
+    solving = [False]
     for group in groups:
         stats = _new_stats(block, group, device)
 
         def solve(
             group: Sequence[str] = group, stats: dict[str, HessianAccumulator] = stats
         ) -> None:
-            on_group(index, block, group, stats)
+            solving[0] = True
+            try:
+                on_group(index, block, group, stats)
+            finally:
+                solving[0] = False
 
-        handles.append(_hook_group(block, group, stats, solve))
+        handles.append(_hook_group(block, group, stats, solve, paused=lambda: solving[0]))
     try:
         return run_block(block, inputs, device)
     finally:
@@ -343,7 +382,9 @@ def run_sequential(
     sequential group and must quantize those linears in place (their weights replaced by the
     quantized values); then the block is replayed to produce the next block's inputs, and
     ``on_block_done`` is called (e.g. to swap the linears for packed modules). Blocks are moved to
-    ``device`` one at a time and back to where they were afterwards.
+    ``device`` one at a time and back to where they were afterwards. ``on_group`` may itself run
+    ``block`` on other inputs (e.g. with :func:`run_block_until`); the statistics hooks ignore
+    those passes.
 
     ``batch_size`` defaults to all samples in one batch, which enables the single-pass mode.
     """

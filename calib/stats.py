@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ChannelStatsAccumulator", "HessianAccumulator"]
+__all__ = ["ChannelStatsAccumulator", "HessianAccumulator", "PairDifferenceAccumulator"]
 
 
 class HessianAccumulator:
@@ -38,6 +38,45 @@ class HessianAccumulator:
         if self.n_tokens == 0:
             raise ValueError("no calibration tokens reached this layer; its Hessian is empty")
         return self.sum
+
+
+class PairDifferenceAccumulator:
+    """Accumulate Fair-GPTQ's group-bias matrix ``D = 2 (X0 - X1)^T (X0 - X1) / n``, in fp32.
+
+    ``X0`` and ``X1`` are a layer's inputs at *aligned* token positions of the two sentences of
+    stereotype / anti-stereotype pairs (row ``i`` of ``x0`` is compared with row ``i`` of ``x1``;
+    :mod:`quantlab.calib.paired` decides which positions are aligned), and ``n`` counts those
+    positions. It is a :class:`HessianAccumulator` of the differences, so ``D`` has the same
+    normalisation as GPTQ's ``H`` and the two can be added.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.in_features = in_features
+        self._differences = HessianAccumulator(in_features, device)
+        self.n_pairs = 0
+
+    @property
+    def n_positions(self) -> int:
+        return self._differences.n_tokens
+
+    def add(self, x0: torch.Tensor, x1: torch.Tensor, n_pairs: int) -> None:
+        """Add aligned inputs ``x0``, ``x1`` ``[m, K]`` (any float dtype) of ``n_pairs`` pairs."""
+        if x0.shape != x1.shape or x0.dim() != 2 or x0.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected two aligned [m, {self.in_features}] inputs, got {tuple(x0.shape)} and "
+                f"{tuple(x1.shape)}"
+            )
+        # Subtract in fp32: the two rows are close, so a low-precision difference loses digits.
+        self._differences.add(x0.to(torch.float32) - x1.to(torch.float32))
+        self.n_pairs += n_pairs
+
+    def matrix(self) -> torch.Tensor:
+        """``2 (X0 - X1)^T (X0 - X1) / n`` as fp32 ``[K, K]``."""
+        if self.n_positions == 0:
+            raise ValueError(
+                "no aligned pair positions reached this layer; its group-bias matrix is empty"
+            )
+        return self._differences.sum
 
 
 class ChannelStatsAccumulator:

@@ -31,6 +31,33 @@ def _add_eval_args(p: argparse.ArgumentParser, text_default: str) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="activation/compute dtype of the model",
     )
+    f = p.add_argument_group("fairness (stereotype score)")
+    f.add_argument(
+        "--fairness",
+        action="store_true",
+        help="also report the stereotype score: the share of stereotype / anti-stereotype pairs "
+        "where the model prefers the stereotypical sentence (50%% = no preference)",
+    )
+    f.add_argument(
+        "--fairness-pairs",
+        default="quantlab",
+        help="pairs: quantlab (shipped), stereoset, crows-pairs (hub), or a CrowS-Pairs .csv / "
+        "StereoSet .json / .jsonl file",
+    )
+    f.add_argument(
+        "--fairness-split",
+        default="heldout",
+        choices=["heldout", "calib", "all"],
+        help="which half of the pairs (Fair-GPTQ calibrates on 'calib')",
+    )
+    f.add_argument(
+        "--fairness-normalization",
+        default="sum",
+        choices=["sum", "mean"],
+        help="compare sentence log-likelihoods summed over tokens, or per token",
+    )
+    f.add_argument("--fairness-batch-size", type=int, default=32)
+    f.add_argument("--fairness-max-pairs", type=int, default=None, help="score only the first N")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,6 +151,35 @@ def _eval_ppl(model: Any, tokens: Any, args: argparse.Namespace) -> dict[str, An
     ).to_dict()
 
 
+def _eval_fairness(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from quantlab.calib.pairs import load_pairs, split_pairs
+    from quantlab.eval.fairness import stereotype_score
+
+    pairs = split_pairs(load_pairs(args.fairness_pairs), args.fairness_split)
+    if args.fairness_max_pairs is not None:
+        pairs = pairs[: args.fairness_max_pairs]
+    result = stereotype_score(
+        model,
+        tokenizer,
+        pairs,
+        batch_size=args.fairness_batch_size,
+        normalization=args.fairness_normalization,
+        progress=not args.no_progress,
+    )
+    return result.to_dict() | {"pairs": args.fairness_pairs, "split": args.fairness_split}
+
+
+def _fmt_fairness(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "-"
+    lo, hi = d["ci95"]
+    cats = ", ".join(f"{k} {100 * v['score']:.1f}" for k, v in d["by_category"].items())
+    return (
+        f"{100 * d['score']:.1f} % (95% CI {100 * lo:.1f}-{100 * hi:.1f}, {d['n_pairs']} pairs; "
+        f"{cats})"
+    )
+
+
 def _linear_storage(model: Any) -> tuple[int, int]:
     """(stored bits of quantized linears, their weight count)."""
     from quantlab.nn.registry import quantized_modules
@@ -189,10 +245,13 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = loaded.model, loaded.tokenizer
     tokens = None
     baseline = None
+    fairness_before = fairness_after = None
     if not args.no_eval:
         tokens = token_stream(tok, load_text(args.text))
         if not args.skip_baseline:
             baseline = _eval_ppl(model, tokens, args)
+    if args.fairness and not args.skip_baseline:
+        fairness_before = _eval_fairness(model, tok, args)
     fp_linear_bytes = sum(
         m.weight.numel() * m.weight.element_size()
         for m in model.modules()
@@ -202,8 +261,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         model, config, tok, calib, device=args.device, progress=not args.no_progress
     )
     after = _eval_ppl(model, tokens, args) if tokens is not None else None
+    if args.fairness:
+        fairness_after = _eval_fairness(model, tok, args)
     stored_bits, n_weights = _linear_storage(model)
     report_dict = report.to_dict() | {"ppl": after, "ppl_baseline": baseline, "model": loaded.name}
+    if args.fairness:
+        report_dict |= {"stereotype": fairness_after, "stereotype_baseline": fairness_before}
     if args.format == "gptq":
         from quantlab.export.gptq_checkpoint import save_gptq
 
@@ -236,6 +299,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "quantized_linear_bytes": stored_bits // 8,
         "quantize_seconds": report.seconds,
         "seconds": seconds,
+        "stereotype": fairness_after,
+        "stereotype_baseline": fairness_before,
         "layers": [
             {"name": layer.name, "loss": layer.loss, "seconds": layer.seconds}
             for layer in report.layers
@@ -258,6 +323,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(("ppl change", f"{100 * (result['ppl'] / result['ppl_baseline'] - 1):+.2f} %"))
     if after:
         rows.append(("eval tokens", f"{after['tokens']} ({args.text})"))
+    if args.fairness:
+        rows.append(("stereotype score before", _fmt_fairness(fairness_before)))
+        rows.append(("stereotype score after", _fmt_fairness(fairness_after)))
     losses = [layer.loss for layer in report.layers if layer.loss is not None]
     if losses:
         rows.append(("mean layer loss", f"{sum(losses) / len(losses):.4g}"))
@@ -280,6 +348,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     tokens = token_stream(loaded.tokenizer, load_text(args.text))
     ppl = _eval_ppl(loaded.model, tokens, args)
     sample = generate_text(loaded.model, loaded.tokenizer, args.prompt) if args.prompt else None
+    fairness = _eval_fairness(loaded.model, loaded.tokenizer, args) if args.fairness else None
     stored_bits, n_weights = _linear_storage(loaded.model)
     result = {
         "model": loaded.name,
@@ -290,6 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         # An unquantized model stores its linears in the compute dtype.
         "bits_per_weight": stored_bits / n_weights if n_weights else _dtype_bits(args.dtype),
         "generation": sample,
+        "stereotype": fairness,
         "seconds": time.perf_counter() - t0,
     }
     rows = [
@@ -299,6 +369,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         ("eval tokens", str(result["eval_tokens"])),
         ("bits / weight", f"{result['bits_per_weight']:.3f}"),
     ]
+    if fairness is not None:
+        rows.append(("stereotype score", _fmt_fairness(fairness)))
     if sample is not None:
         rows.append(("generation", f"{args.prompt!r} -> {sample!r}"))
     rows.append(("time", f"{result['seconds']:.1f} s"))

@@ -31,6 +31,10 @@ _BUILTIN = (
     "quantlab.methods.rtn",
     "quantlab.methods.gptq",
     "quantlab.methods.awq",
+    "quantlab.methods.bitstack",
+    "quantlab.methods.ternary",
+    "quantlab.methods.fair_gptq",
+    "quantlab.methods.pvq",
 )
 _METHODS: dict[str, Method] = {}
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from quantlab.calib.capture import run_sequential
@@ -20,7 +22,7 @@ from quantlab.pipeline import LayerReport, QuantizationReport, excluded, packed_
 from quantlab.solvers.base import GroupwiseIntResult
 from quantlab.solvers.gptq import gptq_quantize
 
-__all__ = ["gptq_options", "run_gptq"]
+__all__ = ["GPTQTerms", "gptq_options", "run_gptq"]
 
 
 def gptq_options(args: argparse.Namespace) -> dict[str, object]:
@@ -33,6 +35,38 @@ def gptq_options(args: argparse.Namespace) -> dict[str, object]:
     )
 
 
+class GPTQTerms:
+    """Hooks for a method that adds terms to GPTQ's per-layer objective (Fair-GPTQ does).
+
+    :func:`run_gptq` calls them at fixed points of the block-by-block pass; this base class adds
+    nothing, so GPTQ with it is GPTQ.
+    """
+
+    def start(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+        """Before the first block (e.g. catch the block inputs of extra sequences)."""
+
+    def solver_options(
+        self,
+        index: int,
+        block: nn.Module,
+        group: Sequence[str],
+        stats: dict[str, HessianAccumulator],
+    ) -> dict[str, dict[str, Any]]:
+        """Extra :func:`gptq_quantize` keyword arguments per linear of ``group``, computed just
+        before the group is quantized (the block's earlier groups already are). ``"hessian"``
+        replaces the calibration Hessian. May run ``block`` on other inputs."""
+        return {}
+
+    def layer_done(
+        self, index: int, name: str, weight: torch.Tensor, result: GroupwiseIntResult
+    ) -> None:
+        """After one linear is quantized; ``weight`` is its weight before quantization."""
+
+    def block_done(self, index: int, block: nn.Module) -> None:
+        """After every group of block ``index`` is quantized (its linears still hold the
+        dequantized weights, not yet the packed layers)."""
+
+
 def run_gptq(
     model: nn.Module,
     config: GPTQConfig,
@@ -41,25 +75,31 @@ def run_gptq(
     report: QuantizationReport,
     device: object,
     progress: bool,
+    terms: GPTQTerms | None = None,
 ) -> None:
-    """GPTQ over every block of ``model`` on calibration ``samples`` ``[S, L]``."""
+    """GPTQ over every block of ``model`` on calibration ``samples`` ``[S, L]``, with the extra
+    objective ``terms`` of a derived method."""
     spec = resolve(model)
     blocks = get_submodule(model, spec.blocks)
     scale_dtype = dtype_from_name(config.scale_dtype)
     pending: dict[str, GroupwiseIntResult] = {}
+    terms = terms or GPTQTerms()
 
     def on_group(
         index: int, block: nn.Module, group: Sequence[str], stats: dict[str, HessianAccumulator]
     ) -> None:
+        options = terms.solver_options(index, block, group, stats)
         for name in group:
             full = f"{spec.blocks}.{index}.{name}"
             if excluded(full, config.modules_to_not_convert):
                 continue
             linear = block.get_submodule(name)
             start = time.perf_counter()
+            extra = dict(options.get(name, {}))
+            hessian = extra.pop("hessian", None)
             result = gptq_quantize(
                 linear.weight.detach(),
-                stats[name].hessian(),
+                stats[name].hessian() if hessian is None else hessian,
                 bits=config.bits,
                 group_size=config.group_size,
                 sym=config.sym,
@@ -70,7 +110,9 @@ def run_gptq(
                 scale_dtype=scale_dtype,
                 name=full,
                 clip_search=config.clip_search,
+                **extra,
             )
+            terms.layer_done(index, name, linear.weight.detach(), result)
             # Later groups and blocks must see this layer's quantized output.
             linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
             pending[name] = result
@@ -86,6 +128,7 @@ def run_gptq(
             )
 
     def on_block_done(index: int, block: nn.Module) -> None:
+        terms.block_done(index, block)
         for name, result in pending.items():
             linear = block.get_submodule(name)
             set_submodule(
@@ -94,6 +137,7 @@ def run_gptq(
         pending.clear()
 
     groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
+    terms.start(model, blocks, torch.device(device))  # type: ignore[arg-type]
     run_sequential(
         model,
         blocks,

@@ -62,7 +62,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     except OSError as exc:
         raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
     kind = checkpoint_kind(path)
-    if kind in ("quantlab", "gptq", "awq"):
+    if kind in ("quantlab", "gptq", "awq", "bitnet"):
         from quantlab import load
 
         model = load(path, device=device, dtype=DTYPES[dtype])

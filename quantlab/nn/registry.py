@@ -41,7 +41,12 @@ __all__ = [
 ]
 
 # Modules that define (and on import register) the built-in layer formats.
-_BUILTIN = ("quantlab.nn.linear",)
+_BUILTIN = (
+    "quantlab.nn.linear",
+    "quantlab.nn.bitstack_linear",
+    "quantlab.nn.ternary_linear",
+    "quantlab.nn.pvq_linear",
+)
 _FORMATS: dict[str, type[nn.Module]] = {}
 _REQUIRED = ("module_spec", "empty_like", "checkpoint_tensors", "storage_bits")
 

@@ -131,6 +131,10 @@ def gptq_quantize(
     name: str = "weight",
     max_damp_retries: int = 5,
     clip_search: bool = False,
+    *,
+    fair_hessian: torch.Tensor | None = None,
+    fair_alpha: float = 0.0,
+    sum_hessians: bool = True,
 ) -> GroupwiseIntResult:
     """Quantize one linear weight with GPTQ.
 
@@ -154,11 +158,21 @@ def gptq_quantize(
         max_damp_retries: how often to retry a failed Cholesky with tenfold damping.
         clip_search: fit each group's grid with the range-shrink search of
             :func:`quantlab.solvers.rtn.group_params` instead of plain min/max.
+        fair_hessian: Fair-GPTQ's group-bias matrix ``D = 2 (X0 - X1)(X0 - X1)^T / m`` ``[K, K]``
+            (:class:`quantlab.calib.stats.PairDifferenceAccumulator`). With ``fair_alpha > 0`` the
+            weight is first moved to the minimiser of ``||W X - V X||^2 + fair_alpha ||V (X0 -
+            X1)||^2`` (:func:`quantlab.solvers.fair_gptq.debias_shift`) and GPTQ rounds that
+            target; grids (static groups included) are fitted on it. ``None`` or
+            ``fair_alpha=0`` is plain GPTQ, bit for bit.
+        fair_alpha: weight of the group-bias term.
+        sum_hessians: invert ``H + fair_alpha D`` for the shift (exact); ``False`` inverts ``H``
+            (the reference's first-order variant).
 
     Returns:
         :class:`GroupwiseIntResult` with ``q`` int32 ``[N, K]``, ``scales`` fp32 ``[N, G]``,
         ``zeros`` int32 ``[N, G]`` (``None`` if ``sym``) and ``loss`` =
-        :func:`proxy_loss` of the result against the undamped ``hessian``.
+        :func:`proxy_loss` of the result against the undamped ``hessian`` and the original weight
+        (with a fairness term, the intended shift counts as error too).
     """
     check_weight(weight, name)
     check_bits(bits)
@@ -171,6 +185,9 @@ def gptq_quantize(
         raise ValueError(f"{name}: damp_percent must be finite and >= 0, got {damp_percent}")
     if max_damp_retries < 0:
         raise ValueError(f"{name}: max_damp_retries must be >= 0, got {max_damp_retries}")
+    fair = fair_hessian is not None and fair_alpha != 0.0
+    if fair_hessian is None and fair_alpha != 0.0:
+        raise ValueError(f"{name}: fair_alpha={fair_alpha} needs a fair_hessian")
     grouped = group_size != -1
     if act_order and grouped and not static_groups:
         raise ValueError(
@@ -192,6 +209,15 @@ def gptq_quantize(
     dead = torch.diagonal(h) == 0
     if bool(dead.any()):
         h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+    if fair:
+        # Imported here: fair_gptq reuses this module's damped inverse.
+        from quantlab.solvers.fair_gptq import debias_shift
+
+        assert fair_hessian is not None
+        w = debias_shift(
+            w, hessian, fair_hessian, fair_alpha, damp_percent, sum_hessians, name, max_damp_retries
+        )
         w[:, dead] = 0.0
 
     # Precomputed grids: per-channel (one group of K) or static groups. None = dynamic groups.

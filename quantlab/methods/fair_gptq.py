@@ -1,0 +1,386 @@
+"""Fair-GPTQ: GPTQ with a group-bias term, calibrated on stereotype / anti-stereotype pairs.
+
+Everything GPTQ does is unchanged (:func:`quantlab.methods.gptq.run_gptq`: the calibration text's
+Hessians, act-order, clip search, true-sequential replay). Fair-GPTQ adds a
+:class:`~quantlab.methods.gptq.GPTQTerms`: the calibration half of a pair set runs in lockstep
+through the model (:class:`quantlab.calib.paired.PairStream`); for each debiased linear the
+group-bias matrix ``D`` of its paired inputs is accumulated just before the linear is quantized,
+and :func:`quantlab.solvers.gptq.gptq_quantize` gets ``fair_hessian=D, fair_alpha=alpha``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quantlab.calib.paired import ALIGNMENTS, PairStream, pair_batches
+from quantlab.calib.pairs import SPLITS, load_pairs, split_pairs
+from quantlab.calib.stats import HessianAccumulator
+from quantlab.config import GPTQConfig
+from quantlab.methods import Method, MethodContext, register_method
+from quantlab.methods.gptq import GPTQTerms, gptq_options, run_gptq
+from quantlab.methods.rtn import groupwise_options
+from quantlab.models.arch import ArchSpec, get_submodule, resolve
+from quantlab.solvers.base import GroupwiseIntResult
+from quantlab.solvers.fair_gptq import check_fair_alpha, group_bias_term
+
+__all__ = ["FairGPTQConfig", "fair_layer_indices"]
+
+# The output projections (they write into the residual stream), per architecture family's naming:
+# Llama/Mistral/Qwen/Gemma/Phi-3 o_proj and down_proj, OPT out_proj and fc2. Patterns that match
+# nothing in a model are ignored as long as one matches.
+_OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj", "self_attn.out_proj", "fc2")
+_LAYER_PRESETS = ("all", "lower", "upper", "lower-upper")
+
+
+def _parse_layer_list(spec: str) -> list[int]:
+    layers: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if sep else first
+        except ValueError:
+            raise ValueError(
+                f"fair_layers: {part!r} is not a layer index or range; use {_LAYER_PRESETS} or "
+                "indices and ranges such as '0,1,28-29'"
+            ) from None
+        if first < 0 or last < first:
+            raise ValueError(f"fair_layers: bad range {part!r} (need 0 <= first <= last)")
+        layers += range(first, last + 1)
+    if not layers:
+        raise ValueError("fair_layers: empty layer list")
+    return sorted(set(layers))
+
+
+def fair_layer_indices(spec: str, n_layers: int) -> list[int]:
+    """Decoder-block indices a ``fair_layers`` spec selects in a model with ``n_layers`` blocks.
+
+    ``all``; ``lower`` / ``upper``: the first / last ``k`` blocks, ``k`` = 10% of the depth
+    rounded up, then up to an even number (the reference's Fair-GPTQ_l / _u); ``lower-upper``:
+    ``k / 2`` at each end (_lu); or a list of indices and ranges (``"0,1,28-29"``).
+    """
+    if spec == "all":
+        return list(range(n_layers))
+    if spec in ("lower", "upper", "lower-upper"):
+        k = math.ceil(n_layers * 10 / 100)
+        k += k % 2
+        k = min(k, n_layers)
+        if spec == "lower":
+            return list(range(k))
+        if spec == "upper":
+            return list(range(n_layers - k, n_layers))
+        half = max(1, k // 2)
+        return sorted(set(range(half)) | set(range(n_layers - half, n_layers)))
+    layers = _parse_layer_list(spec)
+    if layers[-1] >= n_layers:
+        raise ValueError(
+            f"fair_layers {spec!r} selects block {layers[-1]}, but the model has {n_layers} "
+            f"blocks (0..{n_layers - 1})"
+        )
+    return layers
+
+
+@dataclass(frozen=True)
+class FairGPTQConfig(GPTQConfig):
+    """Fair-GPTQ: GPTQ plus ``fair_alpha * ||Q (X0 - X1)||^2`` on the debiased linears.
+
+    Attributes:
+        fair_alpha: weight of the group-bias term (0 = plain GPTQ).
+        fair_layers: decoder blocks whose linears are debiased (see :func:`fair_layer_indices`).
+        fair_modules: names (or shell patterns) inside a block of the debiased linears; the
+            default is the output projections.
+        fair_pairs: pair source (:func:`quantlab.calib.pairs.load_pairs`).
+        fair_pairs_split: which half of the source calibrates (the other is for evaluation).
+        fair_max_pairs: use only the first this many calibration pairs (``None`` = all).
+        fair_sum_hessians: exact shift (invert ``H + alpha D``) or first-order (invert ``H``).
+        fair_pairs_in_hessian: add the pair sentences' tokens to the ordinary Hessian of the
+            debiased linears (weighted by token count), as the reference, which calibrates on
+            pairs only, implicitly does.
+        fair_alignment: which token positions of a pair are compared
+            (:func:`quantlab.calib.paired.align_positions`).
+        fair_pair_batch: pairs per forward batch.
+    """
+
+    method: ClassVar[str] = "fair-gptq"
+
+    fair_alpha: float = 0.1
+    fair_layers: str = "all"
+    fair_modules: tuple[str, ...] = _OUTPUT_PROJECTIONS
+    fair_pairs: str = "quantlab"
+    fair_pairs_split: str = "calib"
+    fair_max_pairs: int | None = None
+    fair_sum_hessians: bool = True
+    fair_pairs_in_hessian: bool = False
+    fair_alignment: str = "span"
+    fair_pair_batch: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fair_alpha(self.fair_alpha, "fair-gptq")
+        if self.fair_layers not in _LAYER_PRESETS:
+            _parse_layer_list(self.fair_layers)
+        object.__setattr__(self, "fair_modules", tuple(self.fair_modules))
+        if not self.fair_modules or not all(isinstance(m, str) and m for m in self.fair_modules):
+            raise ValueError(
+                f"fair_modules must be a non-empty list of module names, got {self.fair_modules}"
+            )
+        if self.fair_pairs_split not in SPLITS:
+            raise ValueError(
+                f"fair_pairs_split must be one of {SPLITS}, got {self.fair_pairs_split!r}"
+            )
+        if self.fair_max_pairs is not None and self.fair_max_pairs < 1:
+            raise ValueError(f"fair_max_pairs must be >= 1 or None, got {self.fair_max_pairs}")
+        if self.fair_alignment not in ALIGNMENTS:
+            raise ValueError(
+                f"fair_alignment must be one of {ALIGNMENTS}, got {self.fair_alignment!r}"
+            )
+        if self.fair_pair_batch < 1:
+            raise ValueError(f"fair_pair_batch must be >= 1, got {self.fair_pair_batch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["fair_modules"] = list(self.fair_modules)
+        return d
+
+    def describe(self) -> str:
+        modules = ",".join(m.rsplit(".", 1)[-1] for m in self.fair_modules)
+        return f"{super().describe()} alpha={self.fair_alpha:g} layers={self.fair_layers} {modules}"
+
+    def gptq_config(self) -> GPTQConfig:
+        """The plain GPTQ configuration underneath."""
+        return GPTQConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTQConfig)})
+
+
+def _debiased_names(spec: ArchSpec, patterns: Sequence[str]) -> list[str]:
+    names = [
+        name
+        for name in spec.block_linears
+        if any(name == p or fnmatch.fnmatch(name, p) or name.endswith("." + p) for p in patterns)
+    ]
+    if not names:
+        raise ValueError(
+            f"fair_modules {list(patterns)} match no linear of a {spec.family} block; its linears "
+            f"are {list(spec.block_linears)}"
+        )
+    return names
+
+
+class _FairTerms(GPTQTerms):
+    """The group-bias term: ``D`` per debiased linear from the pair stream."""
+
+    def __init__(
+        self,
+        config: FairGPTQConfig,
+        stream: PairStream,
+        layers: Sequence[int],
+        names: Sequence[str],
+        blocks_path: str,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.stream = stream
+        self.layers = set(layers)
+        self.last_layer = max(layers)
+        self.names = set(names)
+        self.blocks_path = blocks_path
+        self.device = device
+        self.bias_matrices: dict[tuple[int, str], torch.Tensor] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.seconds = 0.0
+
+    def start(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+        start = time.perf_counter()
+        self.stream.start(model, blocks, self.device)
+        self.seconds += time.perf_counter() - start
+
+    def solver_options(
+        self,
+        index: int,
+        block: nn.Module,
+        group: Sequence[str],
+        stats: dict[str, HessianAccumulator],
+    ) -> dict[str, dict[str, Any]]:
+        debiased = [n for n in group if n in self.names] if index in self.layers else []
+        if not debiased:
+            return {}
+        start = time.perf_counter()
+        diff, pair_hessian = self.stream.accumulate(
+            index, block, group[0], self.device, with_hessian=self.config.fair_pairs_in_hessian
+        )
+        d = diff.matrix()
+        options: dict[str, Any] = dict(
+            fair_hessian=d,
+            fair_alpha=self.config.fair_alpha,
+            sum_hessians=self.config.fair_sum_hessians,
+        )
+        if pair_hessian is not None:
+            # Token-weighted average of the two Hessians, i.e. one Hessian over both token sets.
+            text = stats[group[0]]
+            n_text, n_pairs = text.n_tokens, pair_hessian.n_tokens
+            options["hessian"] = (text.hessian() * n_text + pair_hessian.hessian() * n_pairs) / (
+                n_text + n_pairs
+            )
+        for name in debiased:
+            self.bias_matrices[(index, name)] = d
+        self.seconds += time.perf_counter() - start
+        return dict.fromkeys(debiased, options)
+
+    def layer_done(
+        self, index: int, name: str, weight: torch.Tensor, result: GroupwiseIntResult
+    ) -> None:
+        d = self.bias_matrices.pop((index, name), None)
+        if d is None:
+            return
+        before = group_bias_term(weight, d)
+        after = group_bias_term(result.dequantize(), d)
+        self.rows.append(
+            {
+                "name": f"{self.blocks_path}.{index}.{name}",
+                "bias_term_before": before,
+                "bias_term_after": after,
+                "bias_term_ratio": after / before if before > 0 else None,
+                "loss": result.loss,
+            }
+        )
+
+    def block_done(self, index: int, block: nn.Module) -> None:
+        start = time.perf_counter()
+        if index < self.last_layer:
+            self.stream.advance(index, block, self.device)
+        elif index == self.last_layer:
+            self.stream.release()  # no later block is debiased
+        self.seconds += time.perf_counter() - start
+
+
+def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
+    samples = ctx.samples("Fair-GPTQ")
+    if config.fair_alpha == 0.0:
+        # No group-bias term: exactly GPTQ, without the cost of capturing the pairs.
+        run_gptq(
+            model, config.gptq_config(), ctx.calib, samples, ctx.report, ctx.device, ctx.progress
+        )
+        ctx.report.details["fair-gptq"] = {"alpha": 0.0, "debiased": []}
+        return
+    if ctx.tokenizer is None:
+        raise ValueError("fair-gptq needs a tokenizer to encode its calibration sentence pairs")
+    spec = resolve(model)
+    blocks = get_submodule(model, spec.blocks)
+    layers = fair_layer_indices(config.fair_layers, len(blocks))
+    names = _debiased_names(spec, config.fair_modules)
+    pairs = split_pairs(load_pairs(config.fair_pairs), config.fair_pairs_split)
+    if config.fair_max_pairs is not None:
+        pairs = pairs[: config.fair_max_pairs]
+    if not pairs:
+        raise ValueError(f"the {config.fair_pairs_split} half of {config.fair_pairs!r} is empty")
+    batches = pair_batches(ctx.tokenizer, pairs, config.fair_pair_batch, config.fair_alignment)
+    stream = PairStream(batches)
+    terms = _FairTerms(config, stream, layers, names, spec.blocks, ctx.device)
+    run_gptq(
+        model,
+        config.gptq_config(),
+        ctx.calib,
+        samples,
+        ctx.report,
+        ctx.device,
+        ctx.progress,
+        terms=terms,
+    )
+    ratios = [r["bias_term_ratio"] for r in terms.rows if r["bias_term_ratio"] is not None]
+    ctx.report.details["fair-gptq"] = {
+        "alpha": config.fair_alpha,
+        "pairs": len(pairs),
+        "pair_source": config.fair_pairs,
+        "pair_split": config.fair_pairs_split,
+        "pair_positions": int(sum(b.stereo_index.numel() for b in batches)),
+        "layers": layers,
+        "modules": names,
+        "pair_seconds": terms.seconds,
+        "mean_bias_term_ratio": sum(ratios) / len(ratios) if ratios else None,
+        "debiased": terms.rows,
+    }
+
+
+def _add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--fair-alpha",
+        type=float,
+        default=0.1,
+        help="weight of the group-bias term alpha * ||Q (X0 - X1)||^2 (0 = plain GPTQ)",
+    )
+    group.add_argument(
+        "--fair-layers",
+        default="all",
+        help="debiased decoder blocks: all, lower, upper, lower-upper (10%% of the depth, as the "
+        "reference's _l/_u/_lu), or indices/ranges such as 0,1,28-29",
+    )
+    group.add_argument(
+        "--fair-modules",
+        default=",".join(_OUTPUT_PROJECTIONS),
+        help="comma-separated linears (names inside a block, shell patterns allowed) to debias "
+        "(default: the output projections)",
+    )
+    group.add_argument(
+        "--fair-pairs",
+        default="quantlab",
+        help="calibration pairs: quantlab (shipped), stereoset, crows-pairs (hub), or a "
+        "CrowS-Pairs .csv / StereoSet .json / .jsonl file; its calibration half is used",
+    )
+    group.add_argument("--fair-max-pairs", type=int, default=None, help="cap on calibration pairs")
+    group.add_argument(
+        "--fair-sum-hessians",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="exact shift W (H + aD)^-1 H (default) or the first-order W - W aD H^-1",
+    )
+    group.add_argument(
+        "--fair-pairs-in-hessian",
+        action="store_true",
+        help="add the pair sentences' tokens to the ordinary Hessian of the debiased linears",
+    )
+    group.add_argument(
+        "--fair-alignment",
+        default="span",
+        choices=list(ALIGNMENTS),
+        help="compare pair tokens around the differing span (default) or position by position",
+    )
+
+
+def _config_from_args(args: argparse.Namespace) -> FairGPTQConfig:
+    return FairGPTQConfig(
+        **groupwise_options(args),
+        **gptq_options(args),
+        fair_alpha=args.fair_alpha,
+        fair_layers=args.fair_layers,
+        fair_modules=tuple(m.strip() for m in args.fair_modules.split(",") if m.strip()),
+        fair_pairs=args.fair_pairs,
+        fair_max_pairs=args.fair_max_pairs,
+        fair_sum_hessians=args.fair_sum_hessians,
+        fair_pairs_in_hessian=args.fair_pairs_in_hessian,
+        fair_alignment=args.fair_alignment,
+    )
+
+
+register_method(
+    Method(
+        name="fair-gptq",
+        config_cls=FairGPTQConfig,
+        run=_run,
+        config_from_args=_config_from_args,
+        add_arguments=_add_arguments,
+        export_formats=("quantlab", "gptq", "awq"),
+        help="GPTQ with a group-bias term from stereotype/anti-stereotype pairs",
+    )
+)

@@ -1,0 +1,107 @@
+"""``torch.ops.quantlab.bitstack_*``: compiled kernels where built, the PyTorch reference
+elsewhere.
+
+The schemas come from the compiled library ``quantlab._C_bitstack`` when it is present; otherwise
+(and for any device the build has no kernel for) :mod:`quantlab.ops.bitstack_reference` is
+registered under the same names, so callers always go through one op. Fake (meta) implementations
+make the ops traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantlab.ops import bitstack_reference as reference
+from quantlab.ops._extension import has_kernel, load_extension
+
+__all__ = ["FAMILY", "backend", "cpu_path", "dequant", "matmul"]
+
+FAMILY = "bitstack"
+_SCHEMAS = {
+    "bitstack_dequant": (
+        "bitstack_dequant(Tensor signs, Tensor u, Tensor v, int in_features, "
+        "ScalarType out_dtype) -> Tensor"
+    ),
+    "bitstack_mm": "bitstack_mm(Tensor x, Tensor signs, Tensor u, Tensor v) -> Tensor",
+}
+_REFERENCES = {
+    "bitstack_dequant": reference.bitstack_dequant,
+    "bitstack_mm": reference.bitstack_mm,
+}
+_LIBS: list[torch.library.Library] = []  # keep the registrations alive
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.quantlab, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _register() -> None:
+    load_extension(FAMILY)
+    missing = [name for name in _SCHEMAS if not _op_defined(name)]
+    if missing:
+        lib = torch.library.Library("quantlab", "FRAGMENT")
+        for name in missing:
+            lib.define(_SCHEMAS[name])
+        _LIBS.append(lib)
+    impl = torch.library.Library("quantlab", "IMPL")
+    for name, ref in _REFERENCES.items():
+        for key in ("CPU", "CUDA"):
+            compiled = has_kernel(name, key, family=FAMILY)
+            _KERNELS[(name, key)] = compiled
+            if not compiled:
+                impl.impl(name, ref, key)
+    _LIBS.append(impl)
+
+    @torch.library.register_fake("quantlab::bitstack_dequant")
+    def _dequant_fake(
+        signs: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        in_features: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return signs.new_empty((signs.shape[1], in_features), dtype=out_dtype)
+
+    @torch.library.register_fake("quantlab::bitstack_mm")
+    def _mm_fake(
+        x: torch.Tensor, signs: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], signs.shape[1]))
+
+
+_register()
+
+
+def backend(device_type: str) -> str:
+    """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+    return f"{device_type}-kernel" if _KERNELS.get(("bitstack_mm", key)) else "reference"
+
+
+def cpu_path(m: int, rank: int) -> str:
+    """The CPU kernel's path for ``m`` rows at ``rank``: ``"lut-avx512"``, ``"lut-avx2"``,
+    ``"lut-scalar"`` or ``"tiled-gemm"``; ``"reference"`` without the compiled library."""
+    if not _KERNELS.get(("bitstack_mm", "CPU")):
+        return "reference"
+    return str(torch.ops.quantlab.bitstack_cpu_path(m, rank))
+
+
+def dequant(
+    signs: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    in_features: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense ``[N, K]`` weight of the stacked blocks (see ``bitstack_reference``)."""
+    return torch.ops.quantlab.bitstack_dequant(signs, u, v, in_features, out_dtype)
+
+
+def matmul(x: torch.Tensor, signs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ Ŵ^T`` -> ``[M, N]`` in ``x.dtype``, without forming ``Ŵ``."""
+    return torch.ops.quantlab.bitstack_mm(x, signs, u, v)

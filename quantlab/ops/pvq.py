@@ -1,0 +1,127 @@
+"""``torch.ops.quantlab.pvq_*``: compiled kernels where built, the PyTorch reference elsewhere.
+
+* ``pvq_decode(codes, row_scales, levels, dim, pulses, in_features, out_dtype)`` -> the dense
+  rotated weight ``W' [N, in_features]``.
+* ``pvq_mm(x, codes, row_scales, levels, dim, pulses)`` -> ``x @ W'^T`` (``x`` already rotated).
+
+Same pattern as :mod:`quantlab.ops.groupwise_int`: the schemas come from ``quantlab._C_pvq`` when
+it is built (else they are defined here), the reference of :mod:`quantlab.ops.pvq_reference` is
+registered for every device without a compiled kernel, and fake impls make the ops traceable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantlab.ops import pvq_reference as reference
+from quantlab.ops._extension import has_kernel, load_extension
+
+__all__ = ["FAMILY", "backend", "cpu_path", "decode", "matmul"]
+
+FAMILY = "pvq"
+_SCHEMAS = {
+    "pvq_decode": (
+        "pvq_decode(Tensor codes, Tensor row_scales, Tensor levels, int dim, int pulses, "
+        "int in_features, ScalarType out_dtype) -> Tensor"
+    ),
+    "pvq_mm": (
+        "pvq_mm(Tensor x, Tensor codes, Tensor row_scales, Tensor levels, int dim, int pulses) "
+        "-> Tensor"
+    ),
+}
+_REFERENCES = {"pvq_decode": reference.pvq_decode, "pvq_mm": reference.pvq_mm}
+_LIBS: list[torch.library.Library] = []  # keep the registrations alive
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.quantlab, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _register() -> None:
+    load_extension(FAMILY)
+    missing = [name for name in _SCHEMAS if not _op_defined(name)]
+    if missing:
+        lib = torch.library.Library("quantlab", "FRAGMENT")
+        for name in missing:
+            lib.define(_SCHEMAS[name])
+        _LIBS.append(lib)
+    impl = torch.library.Library("quantlab", "IMPL")
+    for name, ref in _REFERENCES.items():
+        for key in ("CPU", "CUDA"):
+            compiled = has_kernel(name, key, family=FAMILY)
+            _KERNELS[(name, key)] = compiled
+            if not compiled:
+                impl.impl(name, ref, key)
+    _LIBS.append(impl)
+
+    @torch.library.register_fake("quantlab::pvq_decode")
+    def _decode_fake(
+        codes: torch.Tensor,
+        row_scales: torch.Tensor,
+        levels: torch.Tensor,
+        dim: int,
+        pulses: int,
+        in_features: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return codes.new_empty((row_scales.shape[0], in_features), dtype=out_dtype)
+
+    @torch.library.register_fake("quantlab::pvq_mm")
+    def _mm_fake(
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        row_scales: torch.Tensor,
+        levels: torch.Tensor,
+        dim: int,
+        pulses: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], row_scales.shape[0]))
+
+
+_register()
+
+
+def backend(device_type: str) -> str:
+    """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+    return f"{device_type}-kernel" if _KERNELS.get(("pvq_mm", key)) else "reference"
+
+
+def cpu_path() -> str:
+    """The CPU kernel's dot-product path (``"avx2"`` or ``"scalar"``), ``"reference"`` when the
+    kernel is not built."""
+    if not _KERNELS.get(("pvq_mm", "CPU")):
+        return "reference"
+    return torch.ops.quantlab.pvq_cpu_path()
+
+
+def decode(
+    codes: torch.Tensor,
+    row_scales: torch.Tensor,
+    levels: torch.Tensor,
+    dim: int,
+    pulses: int,
+    in_features: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense rotated weight ``[N, in_features]``; layout in :mod:`quantlab.ops.pvq_reference`."""
+    return torch.ops.quantlab.pvq_decode(
+        codes, row_scales, levels, dim, pulses, in_features, out_dtype
+    )
+
+
+def matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    row_scales: torch.Tensor,
+    levels: torch.Tensor,
+    dim: int,
+    pulses: int,
+) -> torch.Tensor:
+    """``x [M, K] @ W'^T`` -> ``[M, N]`` in ``x.dtype`` (``x`` in the rotated space)."""
+    return torch.ops.quantlab.pvq_mm(x, codes, row_scales, levels, dim, pulses)

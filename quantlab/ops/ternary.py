@@ -1,0 +1,208 @@
+"""``torch.ops.quantlab.ternary_*``: compiled kernels where built, the PyTorch reference elsewhere.
+
+* ``ternary_dequant``: packed (i2 / tq1) -> dense ``s * t``.
+* ``ternary_mm``: ``A8(x) @ W.T`` on the stored layout (i2 / tq1); the CUDA kernel reads i2 rows
+  directly (2-bit decode + ``dp4a`` on int8 activations).
+* ``ternary_lut_pack`` / ``ternary_lut_mm``: the CPU kernel's layout (built once per layer, with
+  :func:`lut_scales` for the scales) and the table-lookup matmul on it (T-MAC-style ``pshufb``
+  lookups on AVX2).
+
+All matmuls share one definition (``A8`` = BitNet's per-token int8 absmax activations, exact
+integer sums per scale group): :mod:`quantlab.ops.reference_ternary`. The library
+``quantlab._C_ternary`` defines the schemas when built; otherwise they are defined here, and the
+reference is registered for every device without a compiled kernel. Fake impls make the ops
+traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantlab.ops import reference_ternary as reference
+from quantlab.ops._extension import has_kernel, load_extension
+
+__all__ = [
+    "FAMILY",
+    "backend",
+    "cpu_path",
+    "dequant",
+    "lut_mm",
+    "lut_pack",
+    "lut_scales",
+    "matmul",
+]
+
+FAMILY = "ternary"
+_SCHEMAS = {
+    "ternary_dequant": (
+        "ternary_dequant(Tensor qweight, Tensor scales, str packing, int in_features, "
+        "int group_size, ScalarType out_dtype) -> Tensor"
+    ),
+    "ternary_mm": (
+        "ternary_mm(Tensor x, Tensor qweight, Tensor scales, str packing, int in_features, "
+        "int group_size) -> Tensor"
+    ),
+    "ternary_lut_pack": (
+        "ternary_lut_pack(Tensor qweight, str packing, int out_features, int in_features) -> Tensor"
+    ),
+    "ternary_lut_mm": (
+        "ternary_lut_mm(Tensor x, Tensor lut, Tensor lut_scales, int out_features, "
+        "int in_features, int group_size) -> Tensor"
+    ),
+}
+
+
+def _lut_pack_reference(
+    qweight: torch.Tensor, packing: str, out_features: int, in_features: int
+) -> torch.Tensor:
+    t = reference.unpack_trits(qweight, packing, in_features)
+    if t.shape[0] != out_features:
+        raise ValueError(f"qweight has {t.shape[0]} rows, out_features is {out_features}")
+    return reference.lut_pack(t)
+
+
+_REFERENCES = {
+    "ternary_dequant": reference.ternary_dequant,
+    "ternary_mm": reference.ternary_mm,
+    "ternary_lut_pack": _lut_pack_reference,
+    "ternary_lut_mm": reference.ternary_lut_mm,
+}
+_LIBS: list[torch.library.Library] = []  # keep the registrations alive
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.quantlab, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _register() -> None:
+    load_extension(FAMILY)
+    missing = [name for name in _SCHEMAS if not _op_defined(name)]
+    if missing:
+        lib = torch.library.Library("quantlab", "FRAGMENT")
+        for name in missing:
+            lib.define(_SCHEMAS[name])
+        _LIBS.append(lib)
+    impl = torch.library.Library("quantlab", "IMPL")
+    for name, ref in _REFERENCES.items():
+        for key in ("CPU", "CUDA"):
+            compiled = has_kernel(name, key, family=FAMILY)
+            _KERNELS[(name, key)] = compiled
+            if not compiled:
+                impl.impl(name, ref, key)
+    _LIBS.append(impl)
+
+    @torch.library.register_fake("quantlab::ternary_dequant")
+    def _dequant_fake(
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        packing: str,
+        in_features: int,
+        group_size: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return qweight.new_empty((qweight.shape[0], in_features), dtype=out_dtype)
+
+    @torch.library.register_fake("quantlab::ternary_mm")
+    def _mm_fake(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        packing: str,
+        in_features: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    @torch.library.register_fake("quantlab::ternary_lut_pack")
+    def _lut_pack_fake(
+        qweight: torch.Tensor, packing: str, out_features: int, in_features: int
+    ) -> torch.Tensor:
+        return qweight.new_empty(reference.lut_shape(out_features, in_features))
+
+    @torch.library.register_fake("quantlab::ternary_lut_mm")
+    def _lut_mm_fake(
+        x: torch.Tensor,
+        lut: torch.Tensor,
+        lut_scales: torch.Tensor,
+        out_features: int,
+        in_features: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], out_features))
+
+
+_register()
+
+
+def backend(device_type: str, op: str = "ternary_lut_mm") -> str:
+    """Which implementation ``op`` runs on ``device_type``: compiled kernel or reference."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+    return f"{device_type}-kernel" if _KERNELS.get((op, key)) else "reference"
+
+
+def cpu_path(m: int, out_features: int, in_features: int, group_size: int) -> str:
+    """Which path the CPU ``ternary_lut_mm`` kernel takes for ``m`` rows: ``"lut-avx2"``,
+    ``"lut-scalar"`` or ``"dequant-matmul"`` (``"reference"`` without the compiled library)."""
+    if not _KERNELS.get(("ternary_lut_mm", "CPU")):
+        return "reference"
+    return torch.ops.quantlab.ternary_cpu_path(m, out_features, in_features, group_size)
+
+
+def dequant(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    packing: str,
+    in_features: int,
+    group_size: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense ``[N, K]`` weight ``s * t``; see :func:`reference_ternary.ternary_dequant`."""
+    return torch.ops.quantlab.ternary_dequant(
+        qweight, scales, packing, in_features, group_size, out_dtype
+    )
+
+
+def matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    packing: str,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``A8(x) [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype`` on the stored layout."""
+    return torch.ops.quantlab.ternary_mm(x, qweight, scales, packing, in_features, group_size)
+
+
+def lut_pack(
+    qweight: torch.Tensor, packing: str, out_features: int, in_features: int
+) -> torch.Tensor:
+    """The CPU LUT layout ``[ceil(N / 16), ceil(K / 8), 32]`` uint8 of a packed weight."""
+    return torch.ops.quantlab.ternary_lut_pack(qweight, packing, out_features, in_features)
+
+
+def lut_scales(
+    scales: torch.Tensor, out_features: int, in_features: int, group_size: int
+) -> torch.Tensor:
+    """The CPU LUT kernel's fp32 scale layout (``[1, 1, 1]`` or ``[tiles, G, 16]``)."""
+    return reference.lut_pack_scales(scales, out_features, in_features, group_size)
+
+
+def lut_mm(
+    x: torch.Tensor,
+    lut: torch.Tensor,
+    lut_scales: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``A8(x) [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype`` on the LUT layouts (:func:`lut_pack`,
+    :func:`lut_scales`)."""
+    return torch.ops.quantlab.ternary_lut_mm(
+        x, lut, lut_scales, out_features, in_features, group_size
+    )

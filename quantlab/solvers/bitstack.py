@@ -1,0 +1,233 @@
+"""BitStack's math on one weight: activation scales and the iterative absolute-value
+decomposition (AVD) into ~1-bit residual blocks.
+
+Scales (once, before decomposing): ``s_j`` is input channel ``j``'s root-mean-square activation
+(from the layer's Hessian diagonal, ``H_jj = 2 mean_t x_tj^2``), raised to ``alpha``. The caller
+folds ``s`` output-preservingly (``W[:, j] * s_j``, the op feeding the layer divided by ``s``), so
+the decomposition spends its accuracy where the inputs are large.
+
+Decomposition (fp32), residual ``R_0 = W``; for each block ``b``:
+
+1. ``S_b = sign(R_b)`` with ``0 -> +1``;
+2. rank-``r`` SVD of ``|R_b| ≈ U Σ V^T``; ``u_b = U sqrt(Σ)``, ``v_b = sqrt(Σ) V^T``, rounded to
+   fp16 (the storage precision);
+3. ``R_{b+1} = R_b - S_b ⊙ (u_b v_b)`` with the *rounded* factors, so later blocks also absorb
+   the fp16 rounding of earlier ones (BitStack's reference code subtracts the unrounded product).
+
+For a fixed sign pattern the best magnitude in Frobenius norm is the best rank-``r`` fit of
+``|R_b|`` (``S ⊙ S = 1``), so step 2 is optimal given step 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quantlab.solvers.base import check_weight
+
+__all__ = [
+    "SVD_METHODS",
+    "BitStackResult",
+    "activation_scales",
+    "decompose",
+    "output_error",
+    "stage_major_order",
+]
+
+SVD_METHODS = ("lowrank", "full")
+_FACTOR_DTYPE = torch.float16
+
+
+@dataclass
+class BitStackResult:
+    """Unpacked residual blocks of one weight.
+
+    Attributes:
+        positive: bool ``[B, N, K]``, ``True`` where block ``b``'s sign is +1.
+        u: fp32 ``[B, N, r]`` and ``v``: fp32 ``[B, r, K]``; every value is exactly
+            representable in fp16.
+        errors: with a Hessian, ``errors[b] = tr(R_b H R_b^T)`` -- the calibration output error
+            (summed over output channels) of the first ``b`` blocks, ``b = 0 .. B``
+            (``errors[0]`` is the weight's own output energy); empty without one.
+        seconds: time spent in the decomposition (SVDs included).
+        svd_seconds: time spent in the SVDs alone.
+    """
+
+    positive: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    errors: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    svd_seconds: float = 0.0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.positive.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[-1]
+
+    def dequantize(self, n_blocks: int | None = None) -> torch.Tensor:
+        """fp32 ``[N, K]`` weight of the first ``n_blocks`` blocks (default all)."""
+        b = self.n_blocks if n_blocks is None else n_blocks
+        w = torch.zeros(self.positive.shape[1:], dtype=torch.float32, device=self.u.device)
+        for i in range(b):
+            w += torch.where(self.positive[i], 1.0, -1.0) * (self.u[i] @ self.v[i])
+        return w
+
+
+def activation_scales(
+    hessian: torch.Tensor, alpha: float = 1.0, floor: float = 1e-3
+) -> torch.Tensor:
+    """Per-input-channel scales ``s`` ``[K]`` (positive, geometric mean 1) from a Hessian.
+
+    ``s_j = max(rms_j, floor * mean(rms))^alpha`` with ``rms_j = sqrt(H_jj / 2)``. The floor
+    keeps channels that never fire from getting a zero scale (BitStack adds 1e-3 for the same
+    reason); the normalisation only keeps the folded tensors near their original range (the
+    decomposition is equivariant to a global scale).
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be square [K, K], got {tuple(hessian.shape)}")
+    diag = torch.diagonal(hessian).to(torch.float32)
+    if not bool(torch.isfinite(diag).all()):
+        raise ValueError("hessian has NaN/Inf on its diagonal (non-finite calibration activations)")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    rms = (diag.clamp_min(0) / 2).sqrt()
+    mean = float(rms.mean())
+    if mean <= 0:
+        raise ValueError("every input channel is zero on the calibration data; no scales")
+    s = rms.clamp_min(floor * mean).pow(alpha)
+    return s / s.log().mean().exp()
+
+
+def output_error(residual: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(R H R^T)``: the summed squared output error of weight error ``R`` on the calibration
+    inputs (``H = 2 X^T X / n``)."""
+    return float(((residual @ hessian) * residual).sum())
+
+
+def _low_rank_svd(
+    a: torch.Tensor,
+    rank: int,
+    generator: torch.Generator,
+    oversample: int = 8,
+    power_iters: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized range finder (Halko et al.) with power iterations: ``U [m, r], S [r], Vh [r, n]``.
+
+    Its own seeded generator makes the decomposition reproducible (torch.svd_lowrank draws from
+    the global generator).
+    """
+    m, n = a.shape
+    q = min(rank + oversample, m, n)
+    omega = torch.randn(n, q, generator=generator, device="cpu").to(a.device)
+    y = a @ omega
+    for _ in range(power_iters):
+        y, _ = torch.linalg.qr(y)
+        y = a @ (a.t() @ y)
+    basis, _ = torch.linalg.qr(y)
+    small = basis.t() @ a  # [q, n]
+    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return (basis @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
+@torch.no_grad()
+def decompose(
+    weight: torch.Tensor,
+    n_blocks: int,
+    rank: int,
+    hessian: torch.Tensor | None = None,
+    svd: str = "lowrank",
+    seed: int = 0,
+    name: str = "weight",
+) -> BitStackResult:
+    """Decompose ``weight`` ``[N, K]`` into ``n_blocks`` sign x rank-``rank`` residual blocks.
+
+    Args:
+        weight: the (already scaled) weight; any float dtype, computed in fp32 on its device.
+        n_blocks: blocks to produce (>= 1).
+        rank: rank of each block's magnitude (1 <= rank <= min(N, K)).
+        hessian: optional ``[K, K]`` input Hessian (of the scaled inputs); when given, the output
+            error after every block is recorded in ``errors``.
+        svd: ``"lowrank"`` (randomized, 3 power iterations; the default, ~10x faster here) or
+            ``"full"`` (``torch.linalg.svd``).
+        seed: seed of the randomized SVD.
+        name: the layer's name, for error messages.
+
+    Raises:
+        ValueError: bad shape, rank, block count, SVD method, NaN/Inf weights or Hessian.
+    """
+    check_weight(weight, name)
+    n, k = weight.shape
+    if n_blocks < 1:
+        raise ValueError(f"{name}: n_blocks must be >= 1, got {n_blocks}")
+    if not 1 <= rank <= min(n, k):
+        raise ValueError(
+            f"{name}: rank must be in [1, {min(n, k)}] for a [{n}, {k}] weight, got {rank}"
+        )
+    if svd not in SVD_METHODS:
+        raise ValueError(f"{name}: svd must be one of {SVD_METHODS}, got {svd!r}")
+    if hessian is not None:
+        if tuple(hessian.shape) != (k, k):
+            raise ValueError(f"{name}: hessian must be [{k}, {k}], got {tuple(hessian.shape)}")
+        if not bool(torch.isfinite(hessian).all()):
+            raise ValueError(f"{name}: hessian has NaN/Inf entries")
+        hessian = hessian.to(device=weight.device, dtype=torch.float32)
+    start = time.perf_counter()
+    svd_seconds = 0.0
+    generator = torch.Generator().manual_seed(seed)
+    residual = weight.detach().to(torch.float32).clone()
+    positive = torch.empty(n_blocks, n, k, dtype=torch.bool, device=weight.device)
+    us = torch.empty(n_blocks, n, rank, dtype=torch.float32, device=weight.device)
+    vs = torch.empty(n_blocks, rank, k, dtype=torch.float32, device=weight.device)
+    errors = [output_error(residual, hessian)] if hessian is not None else []
+    for b in range(n_blocks):
+        pos = residual >= 0
+        magnitude = residual.abs()
+        t0 = time.perf_counter()
+        if svd == "full":
+            uf, s, vh = torch.linalg.svd(magnitude, full_matrices=False)
+            uf, s, vh = uf[:, :rank], s[:rank], vh[:rank]
+        else:
+            uf, s, vh = _low_rank_svd(magnitude, rank, generator)
+        svd_seconds += time.perf_counter() - t0
+        root = s.clamp_min(0).sqrt()
+        u = (uf * root).to(_FACTOR_DTYPE).to(torch.float32)
+        v = (root.unsqueeze(1) * vh).to(_FACTOR_DTYPE).to(torch.float32)
+        if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())):
+            raise ValueError(f"{name}: block {b} factors overflow float16; the weight is too large")
+        residual -= torch.where(pos, 1.0, -1.0) * (u @ v)
+        positive[b], us[b], vs[b] = pos, u, v
+        if hessian is not None:
+            errors.append(output_error(residual, hessian))
+    return BitStackResult(
+        positive, us, vs, errors, seconds=time.perf_counter() - start, svd_seconds=svd_seconds
+    )
+
+
+def stage_major_order(scores: dict[str, list[float]]) -> list[tuple[str, int]]:
+    """The global loading order of every layer's blocks beyond its first, stage by stage.
+
+    ``scores[name][b - 1]`` rates adding block ``b`` (0-based, ``b >= 1``) to layer ``name``
+    (higher = loaded earlier). Stage ``b`` holds block ``b`` of every layer that has one, sorted by
+    score (ties: by name), and stages follow each other, so at every prefix of the order each
+    layer holds ``b`` or ``b + 1`` blocks for some ``b``.
+
+    Returns:
+        ``[(name, block), ...]`` with ``block >= 1``.
+    """
+    for name, values in scores.items():
+        bad = [v for v in values if v != v]  # NaN
+        if bad:
+            raise ValueError(f"{name}: NaN block score")
+    depth = max((len(v) for v in scores.values()), default=0)
+    order: list[tuple[str, int]] = []
+    for stage in range(1, depth + 1):
+        candidates = [(name, v[stage - 1]) for name, v in scores.items() if len(v) >= stage]
+        candidates.sort(key=lambda item: (-item[1], item[0]))
+        order.extend((name, stage) for name, _ in candidates)
+    return order

@@ -1,0 +1,96 @@
+"""Fair-GPTQ's group-bias term (Proskurina et al., 2025): the closed-form debiasing shift.
+
+Fair-GPTQ quantizes a linear ``W [N, K]`` against
+
+    ||W X - Q X||^2 + alpha ||Q (X0 - X1)||^2
+
+where ``X0``/``X1`` are the layer's inputs at aligned positions of the two sentences of
+stereotype / anti-stereotype pairs. With ``H = 2 X X^T / n`` and ``D = 2 (X0 - X1)(X0 - X1)^T / m``
+(each normalised by its own token count), the unquantized minimiser is
+
+    V = W H (H + alpha D)^-1 = W - W (alpha D) (H + alpha D)^-1,
+
+which shrinks the layer's response to the directions in which the paired inputs differ while
+keeping its product with ordinary inputs. As in the reference implementation (fair-gptq's
+``gptq.py``), the shift is applied to ``W`` before GPTQ's column loop, which then rounds ``V`` with
+the ordinary ``H`` for error feedback and act-order (:func:`quantlab.solvers.gptq.gptq_quantize`
+with ``fair_hessian=``). ``sum_hessians=False`` is the reference's first-order variant,
+``V = W - W (alpha D) H^-1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["check_fair_alpha", "debias_shift", "group_bias_term"]
+
+
+def check_fair_alpha(alpha: float, name: str = "weight") -> None:
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0.0):
+        raise ValueError(f"{name}: fair_alpha must be a finite number >= 0, got {alpha!r}")
+
+
+def _check_fair_hessian(fair_hessian: torch.Tensor, k: int, name: str) -> None:
+    if fair_hessian.dim() != 2 or tuple(fair_hessian.shape) != (k, k):
+        raise ValueError(
+            f"{name}: fair_hessian must be [K, K] = [{k}, {k}] for a weight with K={k} input "
+            f"columns, got {tuple(fair_hessian.shape)}"
+        )
+    if not fair_hessian.dtype.is_floating_point:
+        raise TypeError(f"{name}: fair_hessian must be floating point, got {fair_hessian.dtype}")
+    if not bool(torch.isfinite(fair_hessian).all()):
+        raise ValueError(f"{name}: fair_hessian has NaN/Inf entries; refusing to quantize")
+
+
+def debias_shift(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fair_hessian: torch.Tensor,
+    alpha: float,
+    damp_percent: float = 0.01,
+    sum_hessians: bool = True,
+    name: str = "weight",
+    max_damp_retries: int = 5,
+) -> torch.Tensor:
+    """The debiased target ``V`` that GPTQ then rounds.
+
+    Args:
+        weight: float ``[N, K]``.
+        hessian: float ``[K, K]`` ordinary ``H = 2 X X^T / n`` (undamped).
+        fair_hessian: float ``[K, K]`` ``D = 2 (X0 - X1)(X0 - X1)^T / m``.
+        alpha: weight of the group-bias term (``0`` returns ``weight`` unchanged).
+        damp_percent: the inverted matrix (``H + alpha D``, or ``H``) gets
+            ``damp_percent * mean(diag)`` on its diagonal, as GPTQ damps ``H``.
+        sum_hessians: exact minimiser (invert ``H + alpha D``) or the first-order one (invert
+            ``H``).
+
+    Returns:
+        fp32 ``[N, K]`` on ``weight``'s device.
+    """
+    from quantlab.solvers.gptq import _inverse_cholesky  # gptq imports this module lazily
+
+    check_fair_alpha(alpha, name)
+    w = weight.detach().to(torch.float32)
+    k = w.shape[1]
+    _check_fair_hessian(fair_hessian, k, name)
+    if alpha == 0.0:
+        return w.clone()
+    d = fair_hessian.detach().to(device=w.device, dtype=torch.float32) * alpha
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    base = h + d if sum_hessians else h.clone()
+    dead = torch.diagonal(base) == 0
+    if bool(dead.any()):
+        base[dead, dead] = 1.0
+    u = _inverse_cholesky(base, damp_percent, max_damp_retries, name)
+    # (base + damp)^-1 = U^T U, so W D (base + damp)^-1 = ((W D) U^T) U.
+    return w - ((w @ d) @ u.t()) @ u
+
+
+def group_bias_term(weight: torch.Tensor, fair_hessian: torch.Tensor) -> float:
+    """``||W (X0 - X1)||_F^2 / m = tr(W D W^T) / 2``: the output difference of the layer between
+    the paired inputs, on the same scale as :func:`quantlab.solvers.gptq.proxy_loss`."""
+    w = weight.detach().to(torch.float32)
+    d = fair_hessian.detach().to(device=w.device, dtype=torch.float32)
+    return float(((w @ d) * w).sum(dtype=torch.float64)) / 2.0

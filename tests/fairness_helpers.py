@@ -1,0 +1,29 @@
+"""A tiny deterministic tokenizer for Fair-GPTQ tests on random models (no real vocabulary)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+__all__ = ["WordTokenizer"]
+
+
+class WordTokenizer:
+    """Whitespace words -> ids by CRC32; words longer than 5 characters split into 4-character
+    pieces, so two sentences can differ in a span of unequal token length ("Ann" / "Lakisha")."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __init__(self, vocab_size: int = 512) -> None:
+        self.vocab_size = vocab_size
+
+    def _piece(self, piece: str) -> int:
+        return 3 + zlib.crc32(piece.encode()) % (self.vocab_size - 3)
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        ids: list[int] = []
+        for word in text.split():
+            pieces = [word] if len(word) <= 5 else [word[i : i + 4] for i in range(0, len(word), 4)]
+            ids += [self._piece(p) for p in pieces]
+        return {"input_ids": ids}
