@@ -180,9 +180,7 @@ def unrotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``R^T x`` along the last dimension: the inverse of :func:`rotate` (``W = W' R``)."""
     width = _check(x, signs)
     lead = x.shape[:-1]
-    v = _kron_apply(
-        x.reshape(-1, width), _small_matrices(width, x.dtype, x.device), transpose=True
-    )
+    v = _kron_apply(x.reshape(-1, width), _small_matrices(width, x.dtype, x.device), transpose=True)
     return (v * signs.to(device=x.device, dtype=x.dtype)).reshape(*lead, width)
 
 

@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> None:
         )
         del model
 
-    bs_dir = out / f"bitstack-b{args.blocks}-r{args.rank}-{args.order}"
+    signs = "plain" if args.no_feedback else "feedback"
+    bs_dir = out / f"bitstack-b{args.blocks}-r{args.rank}-{args.order}-{signs}"
     if not (bs_dir / "config.json").is_file():
         model = _fresh_model(model_dir)
         t0 = time.perf_counter()
@@ -183,9 +184,11 @@ def run(args: argparse.Namespace) -> None:
             rank=args.rank,
             order=args.order,
             order_max_stage=args.order_max_stage,
+            error_feedback=not args.no_feedback,
             progress=True,
         )
         data.setdefault("bitstack_runs", {})[bs_dir.name] = {
+            "calib": f"wiki-calib {bs_calib.n_samples} x {bs_calib.seq_len}",
             "quantize_seconds": time.perf_counter() - t0,
             "svd_seconds": report.details["bitstack"]["svd_seconds"],
             "order_seconds": report.details["bitstack"]["order_seconds"],
@@ -217,6 +220,7 @@ def run(args: argparse.Namespace) -> None:
             name,
             {
                 "method": "bitstack",
+                "run": bs_dir.name,
                 "budget_bytes": budget,
                 "steps": steps,
                 "memory_bytes": plan.config_bytes(steps),
@@ -245,7 +249,8 @@ def compare_orders(args: argparse.Namespace) -> None:
     json_path = out / "curve.json"
     data = _load_json(json_path)
     points = data["points"]
-    bs_dir = out / f"bitstack-b{args.blocks}-r{args.rank}-{args.order}"
+    signs = "plain" if args.no_feedback else "feedback"
+    bs_dir = out / f"bitstack-b{args.blocks}-r{args.rank}-{args.order}-{signs}"
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     tokens = token_stream(tok, load_text("wiki-eval"))
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_seq_len)
@@ -303,7 +308,18 @@ def plot(args: argparse.Namespace) -> None:
         "gptq": ("s--", "GPTQ g64"),
         "awq": ("^--", "AWQ g64"),
     }
+    runs = sorted({p.get("run", "") for p in points.values() if p["method"] == "bitstack"})
+    for run_name in runs:
+        rows = sorted(
+            (p["memory_bytes"] / 1e6, p["ppl"])
+            for p in points.values()
+            if p["method"] == "bitstack" and p.get("run", "") == run_name
+        )
+        signs = "signs with error feedback" if run_name.endswith("feedback") else "sign(residual)"
+        ax.plot(*zip(*rows, strict=True), "o-", label=f"BitStack, {signs}")
     for method, (style, label) in styles.items():
+        if method == "bitstack":
+            continue
         rows = sorted(
             (p["memory_bytes"] / 1e6, p["ppl"]) for p in points.values() if p["method"] == method
         )
@@ -363,6 +379,11 @@ def main() -> None:
     p.add_argument("--max-stage", type=int, default=6, help="whole-block stages to evaluate")
     p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument(
+        "--no-feedback",
+        action="store_true",
+        help="decompose with the paper's sign(residual) rule instead of error-feedback signs",
+    )
     p.add_argument(
         "--known",
         nargs="*",

@@ -8,9 +8,11 @@
 #   QUANTLAB_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_session.sh   # the tree has no .git there
 #
 # Time boxes (seconds, environment overrides): T_SETUP 60, T_BUILD 240, T_TESTS 120 (mma tests),
-# T_BENCH 150, T_DECODE 60, T_TESTS_OTHER 90 (the other CUDA kernel tests, last); at most 12
-# minutes if every step ran to its limit, about 6-8 in a normal run (the build is the long pole:
-# ~2-3 min on 16 cores for one architecture).
+# T_BENCH 150, T_DECODE 60, T_TESTS_OTHER 90 (the other groupwise CUDA tests), T_TESTS_FAMILIES 90
+# (ternary, BitStack, PVQ CUDA tests) and T_BENCH_FAMILY 60 each (ternary, BitStack quick
+# suites); at most ~16 minutes if every step ran to its limit, about 8-10 in a normal run (the
+# build is the long pole: ~2-3 min on 16 cores for one architecture). With less device time, run
+# QUANTLAB_GPU_FAMILIES=groupwise_int (issue #5's kernels only).
 #
 # Why not scripts/setup_env.sh: it installs torch and the requirements from a package index, and
 # the GPU machine reaches none (nor can a 2.14.1 CUDA torch wheel travel: the tree that goes there
@@ -20,8 +22,8 @@
 # device, 9.0a on Hopper) with ninja.
 #
 # Files under $OUT (at most 8 come back from a lent machine): session.log (every step's output),
-# env.txt (nvidia-smi, versions, commit, step results), junit_mma.xml, junit_cuda.xml,
-# bench_kernels.json, bench_decode.json, benchmarks-generated.md and speedup_vs_batch.png.
+# env.txt (nvidia-smi, versions, commit, step results), raw.tar.gz (junit_*.xml, bench_*.json),
+# benchmarks-generated.md and speedup_vs_batch.png.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +40,8 @@ T_TESTS=${T_TESTS:-120}
 T_TESTS_OTHER=${T_TESTS_OTHER:-90}
 T_BENCH=${T_BENCH:-150}
 T_DECODE=${T_DECODE:-60}
+T_TESTS_FAMILIES=${T_TESTS_FAMILIES:-90}
+T_BENCH_FAMILY=${T_BENCH_FAMILY:-60}
 export PYTHONUNBUFFERED=1
 export QUANTLAB_COMMIT=${QUANTLAB_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 session_start=$(date +%s)
@@ -102,7 +106,7 @@ step setup "$T_SETUP" bash -c setup
 ARCH=$("$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(f'{major}.{minor}' + ('a' if major == 9 else ''))" 2>>"$LOG" || echo "9.0a")
 echo "arch: $ARCH" >>"$ENV_TXT"
 build() {
-  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" QUANTLAB_BUILD_ONLY=groupwise_int \
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" QUANTLAB_BUILD_ONLY=${QUANTLAB_GPU_FAMILIES} \
     MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" setup.py build_ext --inplace || return 1
   "$PYTHON" - <<'PY'
 from quantlab.ops import groupwise_int as ops
@@ -110,10 +114,18 @@ from quantlab.ops._extension import extension_error
 assert ops.backend("cuda") == "cuda-kernel", extension_error()
 assert ops.has_mma_kernel(), "the build has no mma kernel"
 print("CUDA kernels loaded: groupwise_int_mm and groupwise_int_mma_mm")
+import os
+from quantlab.ops import bitstack, pvq, ternary
+for family in os.environ["QUANTLAB_GPU_FAMILIES"].split(","):
+    if family != "groupwise_int":
+        mod = {"ternary": ternary, "bitstack": bitstack, "pvq": pvq}[family]
+        print(f"{family}: {mod.backend('cuda')} ({extension_error(family)})")
 PY
 }
 export -f build
 export ARCH
+# Every family by default; QUANTLAB_GPU_FAMILIES=groupwise_int builds the one issue #5 needs.
+export QUANTLAB_GPU_FAMILIES=${QUANTLAB_GPU_FAMILIES:-groupwise_int,ternary,bitstack,pvq}
 step build "$T_BUILD" bash -c build
 
 step tests-mma "$T_TESTS" "$PYTHON" -m pytest -x -q -m gpu -p no:cacheprovider \
@@ -131,8 +143,29 @@ step tests-cuda "$T_TESTS_OTHER" "$PYTHON" -m pytest -x -q -m gpu -p no:cachepro
   --junitxml="$OUT/junit_cuda.xml" tests/ops/test_groupwise_int_gemm_cuda.py \
   tests/ops/test_groupwise_int_ops.py
 
+# The other families' kernels: correctness first, then one quick benchmark each (ternary and
+# BitStack have GPU suites; PVQ's decode-GEMV is checked for correctness only).
+family_tests=()
+for family in ternary bitstack pvq; do
+  case ",$QUANTLAB_GPU_FAMILIES," in *",$family,"*) ;; *) continue ;; esac
+  for f in tests/ops/test_${family}_ops_cuda.py tests/ops/test_${family}_ops.py; do
+    [ -f "$f" ] && family_tests+=("$f")
+  done
+done
+if [ "${#family_tests[@]}" -gt 0 ]; then
+  step tests-families "$T_TESTS_FAMILIES" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider \
+    --junitxml="$OUT/junit_families.xml" "${family_tests[@]}"
+  for family in ternary bitstack; do
+    [ -f "bench/kernels/test_gpu_${family}.py" ] || continue
+    case ",$QUANTLAB_GPU_FAMILIES," in *",$family,"*) ;; *) continue ;; esac
+    step "bench-$family" "$T_BENCH_FAMILY" env QUANTLAB_BENCH_QUICK=1 "$PYTHON" -m pytest -q \
+      --benchmark-only -p no:cacheprovider --benchmark-json="$OUT/bench_$family.json" \
+      "bench/kernels/test_gpu_${family}.py"
+  done
+fi
+
 jsons=()
-for f in "$OUT/bench_kernels.json" "$OUT/bench_decode.json"; do [ -s "$f" ] && jsons+=("$f"); done
+for f in "$OUT"/bench_*.json; do [ -s "$f" ] && jsons+=("$f"); done
 if [ "${#jsons[@]}" -gt 0 ]; then
   step report 60 "$PYTHON" scripts/bench_report.py "${jsons[@]}" --out "$OUT/benchmarks-generated.md" \
     --plot "$OUT/speedup_vs_batch.png"
@@ -184,3 +217,12 @@ PY
   fi
 }
 summarize | tee -a "$LOG" | tee -a "$ENV_TXT"
+
+# At most 8 files come back from a lent machine: the JUnit and benchmark JSON files travel as one
+# archive (raw.tar.gz), beside session.log, env.txt, the generated tables and the plot.
+raw=( "$OUT"/junit_*.xml "$OUT"/bench_*.json )
+existing=()
+for f in "${raw[@]}"; do [ -f "$f" ] && existing+=("$(basename "$f")"); done
+if [ "${#existing[@]}" -gt 0 ]; then
+  tar -C "$OUT" -czf "$OUT/raw.tar.gz" "${existing[@]}" && (cd "$OUT" && rm -f "${existing[@]}")
+fi

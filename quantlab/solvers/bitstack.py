@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantlab.solvers.base import check_weight
+from quantlab.solvers.gptq import _inverse_cholesky
 
 __all__ = [
     "SVD_METHODS",
@@ -135,6 +136,45 @@ def _low_rank_svd(
     return (basis @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
+def _feedback_signs(
+    target: torch.Tensor, magnitude: torch.Tensor, upper: torch.Tensor, block_size: int = 128
+) -> torch.Tensor:
+    """Signs of ``S ⊙ magnitude ≈ target`` chosen column by column with GPTQ's error feedback.
+
+    ``upper`` is the upper Cholesky factor of the damped inverse Hessian (columns already in the
+    processing order). Each column takes the sign that brings ``±m`` closest to its *updated*
+    value, and its rounding error is pushed onto the later columns, so the block minimises the
+    calibration output error ``tr(E H E^T)`` instead of the weight error. Returns the bool mask
+    ``S == +1``.
+    """
+    w = target.clone()
+    n, k = w.shape
+    positive = torch.empty(n, k, dtype=torch.bool, device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        wb = w[:, i1:i2].clone()
+        mb = magnitude[:, i1:i2]
+        ub = upper[i1:i2, i1:i2]
+        err = torch.empty_like(wb)
+        for j in range(i2 - i1):
+            col, m = wb[:, j], mb[:, j]
+            pos = (col >= 0) == (m >= 0)
+            e = (col - torch.where(pos, m, -m)) / ub[j, j]
+            wb[:, j:] -= e.unsqueeze(1) * ub[j, j:].unsqueeze(0)
+            err[:, j] = e
+            positive[:, i1 + j] = pos
+        w[:, i2:] -= err @ upper[i1:i2, i2:]
+    return positive
+
+
+def _row_gains(target: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row ``c`` minimising ``(r - c q) H (r - c q)^T``: ``c = r H q^T / q H q^T``."""
+    qh = q @ hessian
+    den = (qh * q).sum(1)
+    num = (qh * target).sum(1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 1.0)
+
+
 @torch.no_grad()
 def decompose(
     weight: torch.Tensor,
@@ -144,6 +184,8 @@ def decompose(
     svd: str = "lowrank",
     seed: int = 0,
     name: str = "weight",
+    error_feedback: bool = False,
+    damp_percent: float = 0.01,
 ) -> BitStackResult:
     """Decompose ``weight`` ``[N, K]`` into ``n_blocks`` sign x rank-``rank`` residual blocks.
 
@@ -157,7 +199,12 @@ def decompose(
             ``"full"`` (``torch.linalg.svd``).
         seed: seed of the randomized SVD.
         name: the layer's name, for error messages.
-
+        error_feedback: Hessian-aware blocks (needs ``hessian``): each block's signs are chosen
+            column by column with GPTQ's error feedback (act-order, lazy batches of 128), and its
+            magnitude's rows are rescaled to the least-squares optimum under ``H``. Every prefix
+            of blocks then approximates the weight in calibration-output error, not in weight
+            error; the format is unchanged.
+        damp_percent: damping of the Hessian for the feedback, relative to its mean diagonal.
     Raises:
         ValueError: bad shape, rank, block count, SVD method, NaN/Inf weights or Hessian.
     """
@@ -177,7 +224,18 @@ def decompose(
         if not bool(torch.isfinite(hessian).all()):
             raise ValueError(f"{name}: hessian has NaN/Inf entries")
         hessian = hessian.to(device=weight.device, dtype=torch.float32)
+    if error_feedback and hessian is None:
+        raise ValueError(f"{name}: error_feedback needs the layer's hessian")
     start = time.perf_counter()
+    upper = perm = inverse = None
+    if error_feedback:
+        assert hessian is not None
+        h = hessian.clone()
+        dead = torch.diagonal(h) <= 0
+        h[dead, dead] = 1.0
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        inverse = torch.argsort(perm)
+        upper = _inverse_cholesky(h[perm][:, perm], damp_percent, 3, name)
     svd_seconds = 0.0
     generator = torch.Generator().manual_seed(seed)
     residual = weight.detach().to(torch.float32).clone()
@@ -185,25 +243,48 @@ def decompose(
     us = torch.empty(n_blocks, n, rank, dtype=torch.float32, device=weight.device)
     vs = torch.empty(n_blocks, rank, k, dtype=torch.float32, device=weight.device)
     errors = [output_error(residual, hessian)] if hessian is not None else []
-    for b in range(n_blocks):
-        pos = residual >= 0
-        magnitude = residual.abs()
+
+    def magnitude_of(target: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal svd_seconds
         t0 = time.perf_counter()
         if svd == "full":
-            uf, s, vh = torch.linalg.svd(magnitude, full_matrices=False)
+            uf, s, vh = torch.linalg.svd(target.abs(), full_matrices=False)
             uf, s, vh = uf[:, :rank], s[:rank], vh[:rank]
         else:
-            uf, s, vh = _low_rank_svd(magnitude, rank, generator)
+            uf, s, vh = _low_rank_svd(target.abs(), rank, generator)
         svd_seconds += time.perf_counter() - t0
         root = s.clamp_min(0).sqrt()
         u = (uf * root).to(_FACTOR_DTYPE).to(torch.float32)
         v = (root.unsqueeze(1) * vh).to(_FACTOR_DTYPE).to(torch.float32)
         if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())):
             raise ValueError(f"{name}: block {b} factors overflow float16; the weight is too large")
-        residual -= torch.where(pos, 1.0, -1.0) * (u @ v)
+        return u, v
+
+    def scaled(u: torch.Tensor, gains: torch.Tensor, b: int) -> torch.Tensor:
+        out = (u * gains.unsqueeze(1)).to(_FACTOR_DTYPE).to(torch.float32)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{name}: block {b} factors overflow float16 after the refit")
+        return out
+
+    def record(b: int, pos: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+        residual.sub_(torch.where(pos, 1.0, -1.0) * (u @ v))
         positive[b], us[b], vs[b] = pos, u, v
         if hessian is not None:
             errors.append(output_error(residual, hessian))
+
+    b = 0
+    while b < n_blocks:
+        u, v = magnitude_of(residual, b)
+        if upper is not None:
+            assert hessian is not None and perm is not None and inverse is not None
+            magnitude = u @ v
+            pos = _feedback_signs(residual[:, perm], magnitude[:, perm], upper)[:, inverse]
+            gains = _row_gains(residual, torch.where(pos, magnitude, -magnitude), hessian)
+            u = scaled(u, gains, b)
+        else:
+            pos = residual >= 0
+        record(b, pos, u, v)
+        b += 1
     return BitStackResult(
         positive, us, vs, errors, seconds=time.perf_counter() - start, svd_seconds=svd_seconds
     )

@@ -87,6 +87,13 @@ def test_cli_options_build_the_config() -> None:
     config = _method_config(args)
     assert (config.n_blocks, config.rank, config.order) == (16, 16, "hessian")
     assert config.describe() == "bitstack 16 blocks x rank 16, hessian order"
+    assert config.error_feedback
+    plain = _method_config(
+        _parser().parse_args(
+            ["quantize", "--method", "bitstack", "--bitstack-no-feedback", "--out", "x"]
+        )  # fmt: skip
+    )
+    assert not plain.error_feedback
     with pytest.raises(ValueError, match="--format gptq is not available for --method bitstack"):
         _method_config(_parser().parse_args(["quantize", "--method", "bitstack", "--format",
                                              "gptq", "--out", "x"]))  # fmt: skip
