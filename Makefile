@@ -23,7 +23,7 @@ demo-awq: setup
 ## Lint, then the whole CPU test suite (GPU tests skip without a GPU).
 test: setup
 	$(RUN) ruff check .
-	$(RUN) python -m pytest -q
+	$(RUN) python -m pytest -q --durations=15
 
 test-fast: setup
 	$(RUN) python -m pytest -q -m "not slow and not model"

@@ -16,6 +16,11 @@ Decomposition (fp32), residual ``R_0 = W``; for each block ``b``:
 
 For a fixed sign pattern the best magnitude in Frobenius norm is the best rank-``r`` fit of
 ``|R_b|`` (``S ⊙ S = 1``), so step 2 is optimal given step 1.
+
+With ``error_feedback`` (quantlab's default in the method) step 1 comes after step 2: the signs are
+chosen against the magnitude by GPTQ's column loop on the layer's Hessian, so each block minimises
+the calibration output error rather than the weight error, and each row's magnitude is then
+rescaled by its least-squares gain under ``H``.
 """
 
 from __future__ import annotations
