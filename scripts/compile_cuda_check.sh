@@ -22,11 +22,13 @@ archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_89,code=sm_89
 # conversion would pass this check and fail the real build.
 torch_defines=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
                -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
+# ptxas at -O0: every source still goes through ptxas for every target (so invalid inline PTX for an
+# architecture still fails), at 209 s instead of 373 s on 2 cores; the optimized build is setup.py's.
 start=$(date +%s)
 pids=()
 for src in "${sources[@]}"; do
   obj="$out/$(echo "$src" | tr '/' '_').o"
-  "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Werror all-warnings -Icsrc "${torch_defines[@]}" "${archs[@]}" \
+  "$NVCC" -std=c++17 -O3 -Xptxas -O0 --expt-relaxed-constexpr -Werror all-warnings -Icsrc "${torch_defines[@]}" "${archs[@]}" \
     -c "$src" -o "$obj" &
   pids+=("$!")
 done
