@@ -8,10 +8,18 @@ loaded on first use by the ops module of that family.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["check_built", "extension_error", "extension_loaded", "has_kernel", "load_extension"]
+__all__ = [
+    "check_built",
+    "extension_error",
+    "extension_loaded",
+    "has_kernel",
+    "load_extension",
+    "register_ops",
+]
 
 DEFAULT_FAMILY = "groupwise_int"
 _LOADED: dict[str, bool] = {}
@@ -75,3 +83,42 @@ def check_built(families: list[str]) -> None:
     if broken:
         raise RuntimeError("; ".join(f"{f}: {err}" for f, err in broken.items()))
     print(f"[setup] kernel libraries loaded: {', '.join(families)}")
+
+
+# The libraries must outlive their registrations.
+_LIBRARIES: list[torch.library.Library] = []
+
+
+def _op_defined(name: str) -> bool:
+    try:
+        getattr(torch.ops.quantlab, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def register_ops(
+    family: str, schemas: dict[str, str], references: dict[str, Callable[..., torch.Tensor]]
+) -> dict[tuple[str, str], bool]:
+    """Load ``family``'s kernel library, define the schemas it did not define, and register each
+    PyTorch reference for CPU and CUDA where no compiled kernel exists.
+
+    Returns ``{(op, "CPU" | "CUDA"): compiled}`` for every op in ``references``.
+    """
+    load_extension(family)
+    missing = [name for name in schemas if not _op_defined(name)]
+    if missing:
+        lib = torch.library.Library("quantlab", "FRAGMENT")
+        for name in missing:
+            lib.define(schemas[name])
+        _LIBRARIES.append(lib)
+    impl = torch.library.Library("quantlab", "IMPL")
+    kernels: dict[tuple[str, str], bool] = {}
+    for name, ref in references.items():
+        for key in ("CPU", "CUDA"):
+            compiled = has_kernel(name, key, family=family)
+            kernels[(name, key)] = compiled
+            if not compiled:
+                impl.impl(name, ref, key)
+    _LIBRARIES.append(impl)
+    return kernels

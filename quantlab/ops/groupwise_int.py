@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from quantlab.ops import reference
-from quantlab.ops._extension import has_kernel, load_extension
+from quantlab.ops._extension import register_ops
 from quantlab.ops.groupwise_int_repack import RepackedWeight, mma_mm_reference
 
 __all__ = ["backend", "dequant", "has_mma_kernel", "matmul", "mma_matmul"]
@@ -38,34 +38,12 @@ _REFERENCES = {
     "groupwise_int_mm": reference.groupwise_int_mm,
     "groupwise_int_mma_mm": mma_mm_reference,
 }
-_LIBS: list[torch.library.Library] = []  # keep the registrations alive
+FAMILY = "groupwise_int"
 _KERNELS: dict[tuple[str, str], bool] = {}
 
 
-def _op_defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.quantlab, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def _register() -> None:
-    load_extension()
-    missing = [name for name in _SCHEMAS if not _op_defined(name)]
-    if missing:
-        lib = torch.library.Library("quantlab", "FRAGMENT")
-        for name in missing:
-            lib.define(_SCHEMAS[name])
-        _LIBS.append(lib)
-    impl = torch.library.Library("quantlab", "IMPL")
-    for name, ref in _REFERENCES.items():
-        for key in ("CPU", "CUDA"):
-            compiled = has_kernel(name, key)
-            _KERNELS[(name, key)] = compiled
-            if not compiled:
-                impl.impl(name, ref, key)
-    _LIBS.append(impl)
+    _KERNELS.update(register_ops(FAMILY, _SCHEMAS, _REFERENCES))
 
     @torch.library.register_fake("quantlab::groupwise_int_dequant")
     def _dequant_fake(

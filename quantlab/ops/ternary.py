@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from quantlab.ops import reference_ternary as reference
-from quantlab.ops._extension import has_kernel, load_extension
+from quantlab.ops._extension import register_ops
 
 __all__ = [
     "FAMILY",
@@ -67,34 +67,11 @@ _REFERENCES = {
     "ternary_lut_pack": _lut_pack_reference,
     "ternary_lut_mm": reference.ternary_lut_mm,
 }
-_LIBS: list[torch.library.Library] = []  # keep the registrations alive
 _KERNELS: dict[tuple[str, str], bool] = {}
 
 
-def _op_defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.quantlab, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def _register() -> None:
-    load_extension(FAMILY)
-    missing = [name for name in _SCHEMAS if not _op_defined(name)]
-    if missing:
-        lib = torch.library.Library("quantlab", "FRAGMENT")
-        for name in missing:
-            lib.define(_SCHEMAS[name])
-        _LIBS.append(lib)
-    impl = torch.library.Library("quantlab", "IMPL")
-    for name, ref in _REFERENCES.items():
-        for key in ("CPU", "CUDA"):
-            compiled = has_kernel(name, key, family=FAMILY)
-            _KERNELS[(name, key)] = compiled
-            if not compiled:
-                impl.impl(name, ref, key)
-    _LIBS.append(impl)
+    _KERNELS.update(register_ops(FAMILY, _SCHEMAS, _REFERENCES))
 
     @torch.library.register_fake("quantlab::ternary_dequant")
     def _dequant_fake(
