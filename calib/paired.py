@@ -8,7 +8,7 @@ positions are simply never read.
 Token alignment (:func:`align_positions`). The two sentences share a prefix and a suffix and differ
 in a span (the group word: "he"/"she", "Emily"/"Lakisha"). Positions in the shared prefix have
 identical activations in both sentences (same tokens, same causal context), so they are skipped:
-they add nothing to ``D`` and are not counted in its normalisation. Two modes:
+they add nothing to ``D`` and are not counted in its normalisation. Three modes:
 
 * ``span`` (default): the differing spans are compared position by position when they have the same
   number of tokens; otherwise only their last tokens are compared (the first token at which each
@@ -18,6 +18,9 @@ they add nothing to ``D`` and are not counted in its normalisation. Two modes:
 * ``position``: the reference implementation's rule, position ``t`` against position ``t`` from the
   first difference up to the end of the shorter sentence. Past a length mismatch this compares
   different tokens.
+* ``suffix``: only the shared suffix (aligned from the end), not the differing words themselves:
+  the term then constrains how the difference is carried *downstream* (to where the next words
+  are predicted) without also flattening the layers' response to the words themselves.
 
 :class:`PairStream` carries the pair batches' block inputs beside the calibration batches of
 :func:`quantlab.calib.capture.run_sequential`: for a group of linears it runs the current block
@@ -55,7 +58,7 @@ __all__ = [
     "scoring_prefix",
 ]
 
-ALIGNMENTS = ("span", "position")
+ALIGNMENTS = ("span", "position", "suffix")
 
 
 def scoring_prefix(tokenizer: Any) -> int | None:
@@ -98,7 +101,9 @@ def align_positions(
     while suffix < n - prefix and a[len(a) - 1 - suffix] == b[len(b) - 1 - suffix]:
         suffix += 1
     span_a, span_b = len(a) - suffix - prefix, len(b) - suffix - prefix
-    if span_a == span_b:
+    if mode == "suffix":
+        aligned = []
+    elif span_a == span_b:
         aligned = [(prefix + t, prefix + t) for t in range(span_a)]
     elif span_a > 0 and span_b > 0:
         aligned = [(len(a) - suffix - 1, len(b) - suffix - 1)]
@@ -156,12 +161,16 @@ def pair_batches(
         a = encode_sentence(tokenizer, p.stereo, first)
         b = encode_sentence(tokenizer, p.anti, first)
         aligned = align_positions(a, b, alignment)
+        if not aligned and alignment == "suffix":
+            continue  # the words differ at the very end: nothing downstream to constrain
         if not aligned:
             raise ValueError(
                 f"pair {p.pair_id!r}: the two sentences tokenize so that no position can be "
                 f"compared ({p.stereo!r} / {p.anti!r})"
             )
         encoded.append((a, b, aligned))
+    if not encoded:
+        raise ValueError(f"no pair has a position to compare under alignment {alignment!r}")
     order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i][0]), len(encoded[i][1])))
     pad = first if first is not None else 0
     batches = []

@@ -46,6 +46,7 @@ __all__ = [
     "pairs_from_stereoset",
     "shipped_pairs_path",
     "split_pairs",
+    "target_swap_pairs",
 ]
 
 PAIR_SOURCES = ("quantlab", "stereoset", "crows-pairs")
@@ -71,6 +72,8 @@ class SentencePair:
         source: the dataset's name.
         order: the shipped set's template order, ``attribute-first`` (the group word follows the
             stereotyped attribute) or ``group-first``; empty for other sources.
+        target: the stereotyped word the group is associated with in this pair (the shipped
+            set's occupation, e.g. ``nurse``); empty when the source has no such column.
     """
 
     stereo: str
@@ -81,6 +84,7 @@ class SentencePair:
     direction: str = "stereo"
     source: str = ""
     order: str = ""
+    target: str = ""
 
 
 def shipped_pairs_path() -> Path:
@@ -127,6 +131,7 @@ def pairs_from_crows_rows(
                 direction=_direction(row["stereo_antistereo"], at),
                 source=source,
                 order=str(row.get("order") or ""),
+                target=str(row.get("target") or ""),
             )
         )
     if not pairs:
@@ -325,3 +330,69 @@ def split_pairs(pairs: Sequence[SentencePair], split: str) -> list[SentencePair]
     }
     want_calib = split == "calib"
     return [p for p in pairs if (p.template in calib) == want_calib]
+
+
+def _without_target(sentence: str, target: str) -> str | None:
+    """The sentence with its target word (and the article in front of it) replaced by a marker,
+    or ``None`` when the target does not occur as a word sequence in it."""
+    words = sentence.split()
+    target_words = target.split()
+    n = len(target_words)
+    for i in range(len(words) - n + 1):
+        if [w.strip(".,;:!?") for w in words[i : i + n]] == target_words:
+            tail = words[i + n - 1][len(words[i + n - 1].rstrip(".,;:!?")) :]
+            start = i - 1 if i > 0 and words[i - 1].lower() in ("a", "an") else i
+            return " ".join([*words[:start], "<target>" + tail, *words[i + n :]])
+    return None
+
+
+def target_swap_pairs(pairs: Sequence[SentencePair]) -> list[SentencePair]:
+    """Counterfactual *target* pairs: two sentences that name the same group but different
+    stereotyped targets ("The carpenter said that he ..." / "The nurse said that he ...").
+
+    The ordinary pairs differ in the group word, so Fair-GPTQ's term ``||Q (X0 - X1)||^2`` can only
+    act downstream of it; a prediction *of* the group word from its context ("The nurse said that"
+    -> she / he) is made where both sentences still agree. Swapping the target instead puts the
+    difference upstream of the group word: the term then asks the layers to carry the same
+    information to the group word's position whichever target precedes it.
+
+    Within each template, a pair's ``stereo`` sentence is matched with the ``anti`` sentence of
+    another pair whose sentence is the same once the targets (and their articles) are masked, i.e.
+    the one that names the same group with a target stereotyped the other way; the ``k``-th pair
+    of a template takes the ``k``-th such partner (cyclically), so every sentence frame and group
+    word is used about equally. Pairs without a ``target`` (external sources), or with no partner,
+    yield nothing. The result keeps the template ids, so it stays inside its split's half.
+    """
+    by_template: dict[str, list[SentencePair]] = {}
+    for pair in pairs:
+        if pair.target:
+            by_template.setdefault(pair.template, []).append(pair)
+    swapped = []
+    for template, members in by_template.items():
+        anti_keys = [_without_target(p.anti, p.target) for p in members]
+        for k, pair in enumerate(members):
+            key = _without_target(pair.stereo, pair.target)
+            if key is None:
+                continue
+            partners = [
+                other
+                for other, other_key in zip(members, anti_keys, strict=True)
+                if other_key == key and other.target != pair.target
+            ]
+            if not partners:
+                continue
+            partner = partners[k % len(partners)]
+            swapped.append(
+                SentencePair(
+                    stereo=pair.stereo,
+                    anti=partner.anti,
+                    bias_type=pair.bias_type,
+                    template=template,
+                    pair_id=f"{pair.pair_id}~{partner.pair_id}",
+                    direction=pair.direction,
+                    source=pair.source,
+                    order=pair.order,
+                    target=f"{pair.target}/{partner.target}",
+                )
+            )
+    return swapped

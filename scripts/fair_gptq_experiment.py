@@ -57,6 +57,35 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "fair-a1-position": {"fair_alpha": 1.0, "fair_alignment": "position"},
     "fair-a1-pairs-in-h": {"fair_alpha": 1.0, "fair_pairs_in_hessian": True},
     "fair-a1-all-linears": {"fair_alpha": 1.0, "fair_modules": ("*",)},
+    "fair-target-a0.05": {"fair_alpha": 0.05, "fair_pair_kind": "target"},
+    "fair-target-a0.1": {"fair_alpha": 0.1, "fair_pair_kind": "target"},
+    "fair-target-a1": {"fair_alpha": 1.0, "fair_pair_kind": "target"},
+    "fair-target-a0.3": {"fair_alpha": 0.3, "fair_pair_kind": "target"},
+    "fair-target-a3": {"fair_alpha": 3.0, "fair_pair_kind": "target"},
+    "fair-target-a1-upper": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_layers": "upper"},
+    "fair-target-a1-lower": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_layers": "lower"},
+    "fair-target-a1-suffix": {
+        "fair_alpha": 1.0,
+        "fair_pair_kind": "target",
+        "fair_alignment": "suffix",
+    },
+    "fair-target-a3-suffix": {
+        "fair_alpha": 3.0,
+        "fair_pair_kind": "target",
+        "fair_alignment": "suffix",
+    },
+    "fair-target-a1-pairs-in-h": {
+        "fair_alpha": 1.0,
+        "fair_pair_kind": "target",
+        "fair_pairs_in_hessian": True,
+    },
+    "fair-target-a1-rank1": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_rank": 1},
+    "fair-target-a1-rank4": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_rank": 4},
+    "fair-target-a1-rank16": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_rank": 16},
+    "fair-target-a10-rank4": {"fair_alpha": 10.0, "fair_pair_kind": "target", "fair_rank": 4},
+    "fair-target-a3-upper": {"fair_alpha": 3.0, "fair_pair_kind": "target", "fair_layers": "upper"},
+    "fair-both-a0.1": {"fair_alpha": 0.1, "fair_pair_kind": "both"},
+    "fair-both-a1": {"fair_alpha": 1.0, "fair_pair_kind": "both"},
 }
 DEFAULT_RUN = ("fp32", "gptq", "fair-a0.1", "fair-a1", "fair-a1-upper", "fair-a1-lower")
 

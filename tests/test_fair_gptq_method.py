@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from quantlab.calib.pairs import load_pairs, split_pairs
 from quantlab.cli import _parser
 from quantlab.config import GPTQConfig, config_from_dict
 from quantlab.methods import get_method
-from quantlab.methods.fair_gptq import FairGPTQConfig, fair_layer_indices
+from quantlab.methods.fair_gptq import FairGPTQConfig, calibration_pairs, fair_layer_indices
 from quantlab.pipeline import quantize_model
 from tests.fairness_helpers import WordTokenizer
 
@@ -37,6 +40,7 @@ def test_config_round_trip_and_validation() -> None:
         ({"fair_pairs_split": "test"}, "fair_pairs_split must be one of"),
         ({"fair_alignment": "greedy"}, "fair_alignment must be one of"),
         ({"fair_max_pairs": 0}, "fair_max_pairs must be >= 1"),
+        ({"fair_pair_kind": "occupation"}, "fair_pair_kind must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):
             FairGPTQConfig(**bad)
@@ -70,6 +74,8 @@ def test_cli_options_build_the_config() -> None:
             "--no-fair-sum-hessians",
             "--fair-alignment",
             "position",
+            "--fair-pair-kind",
+            "both",
         ]
     )
     config = get_method("fair-gptq").config_from_args(args)
@@ -79,7 +85,30 @@ def test_cli_options_build_the_config() -> None:
         fair_modules=("self_attn.o_proj", "mlp.down_proj"),
         fair_sum_hessians=False,
         fair_alignment="position",
+        fair_pair_kind="both",
     )
+
+
+def test_calibration_pairs_by_kind(tmp_path: Path) -> None:
+    group = calibration_pairs(FairGPTQConfig())
+    target = calibration_pairs(FairGPTQConfig(fair_pair_kind="target"))
+    both = calibration_pairs(FairGPTQConfig(fair_pair_kind="both"))
+    assert group == split_pairs(load_pairs("quantlab"), "calib")
+    assert target and both == group + target
+    assert {p.template for p in target} <= {p.template for p in group}
+    assert len(calibration_pairs(FairGPTQConfig(fair_pair_kind="both", fair_max_pairs=7))) == 7
+    # A source without targets cannot be swapped: a clear error, not an empty calibration.
+    csv_file = tmp_path / "crows.csv"
+    csv_file.write_text(
+        "sent_more,sent_less,stereo_antistereo,bias_type\n"
+        "He is a nurse.,She is a nurse.,stereo,gender\n"
+        "She can code.,He can code.,antistereo,gender\n"
+    )
+    config = FairGPTQConfig(
+        fair_pairs=str(csv_file), fair_pairs_split="all", fair_pair_kind="target"
+    )
+    with pytest.raises(ValueError, match="needs pairs with a target column"):
+        calibration_pairs(config)
 
 
 def test_term_changes_only_the_debiased_linears_and_what_follows(tiny_llama: nn.Module) -> None:

@@ -26,6 +26,7 @@ block loaded. Then the order is computed:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import time
@@ -88,6 +89,9 @@ class BitStackConfig:
             (the paper's rule); same format. On the default model it cuts the two-block ppl
             ~100x (docs/methods/bitstack.md).
         damp_percent: Hessian damping of the feedback, relative to the mean diagonal.
+        replay_blocks: calibration inputs of each decoder block come from the earlier blocks
+            *compressed to this many residual blocks per linear* (GPTQ's quantized replay, aimed
+            at one budget); 0 (the paper's choice) feeds the float outputs.
         seed: seed of the randomized SVD and of the validation windows (``calib.seed + 1 + seed``).
         modules_to_not_convert: module names (or shell patterns) left in full precision.
     """
@@ -107,6 +111,7 @@ class BitStackConfig:
     order_max_stage: int | None = None
     error_feedback: bool = True
     damp_percent: float = 0.01
+    replay_blocks: int = 0
     seed: int = 0
     modules_to_not_convert: tuple[str, ...] = field(default=("lm_head",))
 
@@ -117,6 +122,10 @@ class BitStackConfig:
             raise ValueError(f"n_blocks must be >= 1, got {self.n_blocks}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not 0 <= self.replay_blocks <= self.n_blocks:
+            raise ValueError(
+                f"replay_blocks must be in [0, n_blocks={self.n_blocks}], got {self.replay_blocks}"
+            )
         if not (self.scale_alpha >= 0 and math.isfinite(self.scale_alpha)):
             raise ValueError(f"scale_alpha must be finite and >= 0, got {self.scale_alpha}")
         if self.svd not in SVD_METHODS:
@@ -267,6 +276,13 @@ def _decompose_block(
                 result.seconds,
             )
         )
+    if config.replay_blocks:
+        # The next block sees what a model of `replay_blocks` blocks per linear computes here.
+        compressed = copy.deepcopy(block)
+        for module in compressed.modules():
+            if isinstance(module, BitStackLinear):
+                module.truncate(min(config.replay_blocks, module.n_blocks))
+        outs, _ = run_block_with_taps(compressed, inputs, device, {})
     return outs
 
 
@@ -539,6 +555,13 @@ def _add_arguments(group: argparse._ArgumentGroup) -> None:
         help="BitStack: choose each block's signs as sign(residual) (the paper's rule) instead of "
         "with GPTQ's error feedback on the layer's Hessian",
     )
+    group.add_argument(
+        "--bitstack-replay-blocks",
+        type=int,
+        default=0,
+        help="BitStack: calibrate each decoder block on the earlier blocks compressed to this "
+        "many residual blocks per linear (0 = float inputs, the paper's choice)",
+    )
 
 
 def _config_from_args(args: argparse.Namespace) -> BitStackConfig:
@@ -550,6 +573,7 @@ def _config_from_args(args: argparse.Namespace) -> BitStackConfig:
         order=args.bitstack_order,
         order_max_stage=args.bitstack_order_max_stage,
         error_feedback=not args.bitstack_no_feedback,
+        replay_blocks=args.bitstack_replay_blocks,
         damp_percent=args.damp_percent,
         seed=args.seed,
     )

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from quantlab.calib.paired import ALIGNMENTS, PairStream, pair_batches
-from quantlab.calib.pairs import SPLITS, load_pairs, split_pairs
+from quantlab.calib.pairs import (
+    SPLITS,
+    SentencePair,
+    load_pairs,
+    split_pairs,
+    target_swap_pairs,
+)
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.config import GPTQConfig
 from quantlab.methods import Method, MethodContext, register_method
@@ -31,7 +37,7 @@ from quantlab.methods.gptq import GPTQTerms, gptq_options, run_gptq
 from quantlab.methods.rtn import groupwise_options
 from quantlab.models.arch import ArchSpec, get_submodule, resolve
 from quantlab.solvers.base import GroupwiseIntResult
-from quantlab.solvers.fair_gptq import check_fair_alpha, group_bias_term
+from quantlab.solvers.fair_gptq import bias_subspace, check_fair_alpha, group_bias_term
 
 __all__ = ["FairGPTQConfig", "fair_layer_indices"]
 
@@ -39,6 +45,7 @@ __all__ = ["FairGPTQConfig", "fair_layer_indices"]
 # Llama/Mistral/Qwen/Gemma/Phi-3 o_proj and down_proj, OPT out_proj and fc2. Patterns that match
 # nothing in a model are ignored as long as one matches.
 _OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj", "self_attn.out_proj", "fc2")
+PAIR_KINDS = ("group", "target", "both")
 _LAYER_PRESETS = ("all", "lower", "upper", "lower-upper")
 
 
@@ -112,6 +119,12 @@ class FairGPTQConfig(GPTQConfig):
         fair_alignment: which token positions of a pair are compared
             (:func:`quantlab.calib.paired.align_positions`).
         fair_pair_batch: pairs per forward batch.
+        fair_pair_kind: which pairs calibrate the term: ``group`` (the source's pairs, which
+            differ in the group word), ``target`` (counterfactual pairs that name the same group
+            with targets stereotyped the other way, :func:`quantlab.calib.pairs.target_swap_pairs`;
+            the difference then sits *before* the group word) or ``both``.
+        fair_rank: restrict ``D`` to its this many leading directions relative to ``H``
+            (:func:`quantlab.solvers.fair_gptq.bias_subspace`); ``None`` keeps all of it.
     """
 
     method: ClassVar[str] = "fair-gptq"
@@ -126,6 +139,8 @@ class FairGPTQConfig(GPTQConfig):
     fair_pairs_in_hessian: bool = False
     fair_alignment: str = "span"
     fair_pair_batch: int = 64
+    fair_pair_kind: str = "group"
+    fair_rank: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,6 +164,12 @@ class FairGPTQConfig(GPTQConfig):
             )
         if self.fair_pair_batch < 1:
             raise ValueError(f"fair_pair_batch must be >= 1, got {self.fair_pair_batch}")
+        if self.fair_rank is not None and self.fair_rank < 1:
+            raise ValueError(f"fair_rank must be >= 1 or None, got {self.fair_rank}")
+        if self.fair_pair_kind not in PAIR_KINDS:
+            raise ValueError(
+                f"fair_pair_kind must be one of {PAIR_KINDS}, got {self.fair_pair_kind!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -221,18 +242,23 @@ class _FairTerms(GPTQTerms):
             index, block, group[0], self.device, with_hessian=self.config.fair_pairs_in_hessian
         )
         d = diff.matrix()
+        text = stats[group[0]]
+        hessian = text.hessian()
         options: dict[str, Any] = dict(
-            fair_hessian=d,
-            fair_alpha=self.config.fair_alpha,
-            sum_hessians=self.config.fair_sum_hessians,
+            fair_alpha=self.config.fair_alpha, sum_hessians=self.config.fair_sum_hessians
         )
         if pair_hessian is not None:
             # Token-weighted average of the two Hessians, i.e. one Hessian over both token sets.
-            text = stats[group[0]]
             n_text, n_pairs = text.n_tokens, pair_hessian.n_tokens
-            options["hessian"] = (text.hessian() * n_text + pair_hessian.hessian() * n_pairs) / (
-                n_text + n_pairs
+            hessian = (hessian * n_text + pair_hessian.hessian() * n_pairs) / (n_text + n_pairs)
+            options["hessian"] = hessian
+        options["fair_hessian"] = (
+            d
+            if self.config.fair_rank is None
+            else bias_subspace(
+                d, hessian, min(self.config.fair_rank, d.shape[0]), self.config.damp_percent
             )
+        )
         for name in debiased:
             self.bias_matrices[(index, name)] = d
         self.seconds += time.perf_counter() - start
@@ -265,6 +291,27 @@ class _FairTerms(GPTQTerms):
         self.seconds += time.perf_counter() - start
 
 
+def calibration_pairs(config: FairGPTQConfig) -> list[SentencePair]:
+    """The pairs the group-bias term is calibrated on: the configured half of the source, as
+    given (``group``), turned into target-swapped pairs (``target``), or both; then capped."""
+    half = split_pairs(load_pairs(config.fair_pairs), config.fair_pairs_split)
+    if not half:
+        raise ValueError(f"the {config.fair_pairs_split} half of {config.fair_pairs!r} is empty")
+    pairs = [] if config.fair_pair_kind == "target" else list(half)
+    if config.fair_pair_kind in ("target", "both"):
+        swapped = target_swap_pairs(half)
+        if not swapped:
+            raise ValueError(
+                f"fair_pair_kind={config.fair_pair_kind!r} needs pairs with a target column whose "
+                f"sentences differ only in it and the group word (the shipped 'quantlab' set); "
+                f"{config.fair_pairs!r} has none"
+            )
+        pairs += swapped
+    if config.fair_max_pairs is not None:
+        pairs = pairs[: config.fair_max_pairs]
+    return pairs
+
+
 def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
     samples = ctx.samples("Fair-GPTQ")
     if config.fair_alpha == 0.0:
@@ -280,11 +327,7 @@ def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
     blocks = get_submodule(model, spec.blocks)
     layers = fair_layer_indices(config.fair_layers, len(blocks))
     names = _debiased_names(spec, config.fair_modules)
-    pairs = split_pairs(load_pairs(config.fair_pairs), config.fair_pairs_split)
-    if config.fair_max_pairs is not None:
-        pairs = pairs[: config.fair_max_pairs]
-    if not pairs:
-        raise ValueError(f"the {config.fair_pairs_split} half of {config.fair_pairs!r} is empty")
+    pairs = calibration_pairs(config)
     batches = pair_batches(ctx.tokenizer, pairs, config.fair_pair_batch, config.fair_alignment)
     stream = PairStream(batches)
     terms = _FairTerms(config, stream, layers, names, spec.blocks, ctx.device)
@@ -304,6 +347,7 @@ def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
         "pairs": len(pairs),
         "pair_source": config.fair_pairs,
         "pair_split": config.fair_pairs_split,
+        "pair_kind": config.fair_pair_kind,
         "pair_positions": int(sum(b.stereo_index.numel() for b in batches)),
         "layers": layers,
         "modules": names,
@@ -356,6 +400,20 @@ def _add_arguments(group: argparse._ArgumentGroup) -> None:
         choices=list(ALIGNMENTS),
         help="compare pair tokens around the differing span (default) or position by position",
     )
+    group.add_argument(
+        "--fair-pair-kind",
+        default="group",
+        choices=list(PAIR_KINDS),
+        help="calibrate on the pairs as given (differ in the group word, default), on "
+        "target-swapped pairs (same group word, opposite-stereotype targets), or both",
+    )
+    group.add_argument(
+        "--fair-rank",
+        type=int,
+        default=None,
+        help="keep only this many leading directions of the pair-difference matrix, relative to "
+        "the Hessian (default: all)",
+    )
 
 
 def _config_from_args(args: argparse.Namespace) -> FairGPTQConfig:
@@ -370,6 +428,8 @@ def _config_from_args(args: argparse.Namespace) -> FairGPTQConfig:
         fair_sum_hessians=args.fair_sum_hessians,
         fair_pairs_in_hessian=args.fair_pairs_in_hessian,
         fair_alignment=args.fair_alignment,
+        fair_pair_kind=args.fair_pair_kind,
+        fair_rank=args.fair_rank,
     )
 
 

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-__all__ = ["check_fair_alpha", "debias_shift", "group_bias_term"]
+__all__ = ["bias_subspace", "check_fair_alpha", "debias_shift", "group_bias_term"]
 
 
 def check_fair_alpha(alpha: float, name: str = "weight") -> None:
@@ -86,6 +86,48 @@ def debias_shift(
     u = _inverse_cholesky(base, damp_percent, max_damp_retries, name)
     # (base + damp)^-1 = U^T U, so W D (base + damp)^-1 = ((W D) U^T) U.
     return w - ((w @ d) @ u.t()) @ u
+
+
+def bias_subspace(
+    fair_hessian: torch.Tensor,
+    hessian: torch.Tensor,
+    rank: int,
+    damp_percent: float = 0.01,
+    name: str = "weight",
+) -> torch.Tensor:
+    """``D`` restricted to its ``rank`` leading directions *relative to* ``H``.
+
+    The generalised eigenvectors of ``D v = mu (H + lambda I) v`` (``lambda`` = GPTQ's damping)
+    with the largest ``mu`` are the input directions where the paired sentences differ most for
+    the least energy in ordinary text: removing the layer's response there debiases at the
+    smallest cost in ``||W X - V X||^2``. The trailing directions of a full ``D`` are mostly
+    how two *words* differ (one occupation against another), not how the stereotype differs,
+    and shifting them costs perplexity. With ``H + lambda I = L L^T`` and
+    ``L^-1 D L^-T = Q diag(mu) Q^T``, the result is ``L Q_r diag(mu_r) Q_r^T L^T`` (fp64).
+
+    Returns:
+        fp32 ``[K, K]`` on ``fair_hessian``'s device.
+    """
+    k = fair_hessian.shape[0]
+    _check_fair_hessian(fair_hessian, k, name)
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"{name}: hessian must be [{k}, {k}], got {tuple(hessian.shape)}")
+    if not 1 <= rank <= k:
+        raise ValueError(f"{name}: fair rank must be in [1, {k}], got {rank}")
+    d = fair_hessian.detach().to(torch.float64)
+    h = hessian.detach().to(device=d.device, dtype=torch.float64)
+    h = h + damp_percent * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
+        k, dtype=h.dtype, device=h.device
+    )
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError(f"{name}: the damped Hessian is not positive definite")
+    m = torch.linalg.solve_triangular(lower, d, upper=False)
+    m = torch.linalg.solve_triangular(lower, m.t(), upper=False)
+    mu, q = torch.linalg.eigh((m + m.t()) / 2)
+    top = torch.argsort(mu, descending=True)[:rank]
+    basis = lower @ q[:, top]
+    return ((basis * mu[top].clamp_min(0)) @ basis.t()).to(torch.float32)
 
 
 def group_bias_term(weight: torch.Tensor, fair_hessian: torch.Tensor) -> float:

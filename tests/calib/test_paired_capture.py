@@ -33,6 +33,9 @@ def test_alignment_modes() -> None:
     assert align_positions([1, 2, 4, 5], [1, 2, 9, 4, 5]) == [(2, 3), (3, 4)]
     # A difference in the last token only.
     assert align_positions([1, 2, 3], [1, 2, 4]) == [(2, 2)]
+    # Suffix only: the differing words themselves are left out, the suffix aligned from the end.
+    assert align_positions([1, 2, 3, 3, 4, 5], [1, 2, 9, 4, 5], "suffix") == [(4, 3), (5, 4)]
+    assert align_positions([1, 2, 3], [1, 2, 4], "suffix") == []
     with pytest.raises(ValueError, match="alignment must be one of"):
         align_positions([1], [2], "greedy")
 

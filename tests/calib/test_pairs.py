@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from quantlab.calib import pairs as pairs_mod
-from quantlab.calib.pairs import SentencePair, load_pairs, shipped_pairs_path, split_pairs
+from quantlab.calib.pairs import (
+    SentencePair,
+    load_pairs,
+    shipped_pairs_path,
+    split_pairs,
+    target_swap_pairs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -287,3 +293,31 @@ def test_hub_layouts_with_class_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     (pair,) = load_pairs("stereoset")
     assert (pair.stereo, pair.anti) == ("He is a violent person.", "He is a peaceful person.")
     assert pairs_mod.PAIR_SOURCES == ("quantlab", "stereoset", "crows-pairs")
+
+
+def test_target_swap_pairs_keep_the_group_word_and_swap_the_stereotyped_target() -> None:
+    rows = {p.pair_id: p for p in load_pairs("quantlab")}
+    half = split_pairs(list(rows.values()), "calib")
+    swapped = target_swap_pairs(half)
+    # Every gender row of the half finds a partner (20 male- and 20 female-majority occupations per
+    # template); race and religion rows name their groups without a target word and yield none.
+    assert len(swapped) == sum(p.bias_type == "gender" for p in half)
+    assert {p.bias_type for p in swapped} == {"gender"}
+    for pair in swapped:
+        first_id, second_id = pair.pair_id.split("~")
+        first, second = rows[first_id], rows[second_id]
+        assert pair.stereo == first.stereo and pair.anti == second.anti
+        assert first.template == second.template == pair.template
+        # The same group word: the two sentences agree once each one's target is masked ...
+        masked = [
+            s.replace(f"an {t}", "#").replace(f"a {t}", "#").replace(t, "#")
+            for s, t in ((pair.stereo, first.target), (pair.anti, second.target))
+        ]
+        assert masked[0] == masked[1]
+        # ... and the targets are stereotyped the other way (the first row's stereotypical
+        # sentence names the group of the second row's anti-stereotypical one).
+        assert first.target != second.target
+    assert len({p.pair_id for p in swapped}) == len(swapped)
+    # Pairs without targets (external sources) give nothing.
+    plain = [SentencePair("He is rude.", "She is rude.", "gender", "t", "0")]
+    assert target_swap_pairs(plain) == []

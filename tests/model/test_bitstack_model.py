@@ -93,7 +93,13 @@ def test_cli_options_build_the_config() -> None:
             ["quantize", "--method", "bitstack", "--bitstack-no-feedback", "--out", "x"]
         )  # fmt: skip
     )
-    assert not plain.error_feedback
+    assert not plain.error_feedback and plain.replay_blocks == 0
+    replay = _method_config(
+        _parser().parse_args(
+            ["quantize", "--method", "bitstack", "--bitstack-replay-blocks", "2", "--out", "x"]
+        )  # fmt: skip
+    )
+    assert replay.replay_blocks == 2
     with pytest.raises(ValueError, match="--format gptq is not available for --method bitstack"):
         _method_config(_parser().parse_args(["quantize", "--method", "bitstack", "--format",
                                              "gptq", "--out", "x"]))  # fmt: skip

@@ -8,32 +8,24 @@ import pytest
 import torch
 
 import quantlab
-from quantlab.calib.data import load_text, token_stream
 from quantlab.eval.generation import generate_text
-from quantlab.eval.perplexity import perplexity
+from tests.model_helpers import QuantizedModel, full_ppl, short_ppl
 
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def eval_tokens(default_tokenizer) -> torch.Tensor:  # noqa: ANN001
-    return token_stream(default_tokenizer, load_text("wiki-eval"))
-
-
 def test_rtn_w4_degrades_mildly_and_round_trips(
-    default_model, default_tokenizer, eval_tokens, tmp_path: Path
+    default_model, rtn_w4: QuantizedModel, default_tokenizer, eval_tokens, tmp_path: Path
 ) -> None:  # noqa: ANN001
-    fp = perplexity(default_model, eval_tokens, seq_len=512, max_windows=2, progress=False).ppl
-    report = quantlab.quantize(default_model, "rtn", bits=4, group_size=64, progress=False)
-    assert len(report.layers) == 30 * 7
-    q = perplexity(default_model, eval_tokens, seq_len=512, max_windows=2, progress=False).ppl
+    fp = short_ppl(default_model, eval_tokens)
+    assert len(rtn_w4.report.layers) == 30 * 7
     # W4 g64 RTN costs SmolLM2 about 30% ppl on Wikipedia (peers: 25.6 vs 19.7 on 20k tokens).
-    assert fp < q < 1.6 * fp
-    out = quantlab.save(default_model, str(tmp_path / "rtn"), report, default_tokenizer)
+    assert fp < rtn_w4.short_ppl < 1.6 * fp
+    out = quantlab.save(rtn_w4.model, str(tmp_path / "rtn"), rtn_w4.report, default_tokenizer)
     loaded = quantlab.load(str(out))
     ids = eval_tokens[:300].unsqueeze(0)
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, default_model(ids).logits)
+        assert torch.equal(loaded(ids).logits, rtn_w4.model(ids).logits)
     # Greedy decoding still answers a factual question.
     assert "Paris" in generate_text(loaded, default_tokenizer, "What is the capital of France?")
 
@@ -65,8 +57,6 @@ def test_unsupported_architecture_says_what_to_add() -> None:
 
 
 @pytest.mark.slow
-def test_rtn_w4_g64_full_eval_matches_the_peer_figure(default_model, eval_tokens) -> None:  # noqa: ANN001
+def test_rtn_w4_g64_full_eval_matches_the_peer_figure(rtn_w4: QuantizedModel, eval_tokens) -> None:  # noqa: ANN001
     """Issue #2's acceptance figure: 10 x 2048 tokens of the wiki eval half, peer RTN 25.61."""
-    quantlab.quantize(default_model, "rtn", bits=4, group_size=64, progress=False)
-    ppl = perplexity(default_model, eval_tokens, seq_len=2048, max_windows=10, progress=False).ppl
-    assert 25.6 * 0.99 <= ppl <= 25.6 * 1.01
+    assert 25.6 * 0.99 <= full_ppl(rtn_w4.model, eval_tokens) <= 25.6 * 1.01

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import quantlab
-from quantlab.calib.data import load_text, token_stream
 from quantlab.config import CalibConfig, config_from_dict
 from quantlab.methods import get_method
 from quantlab.methods.pvq import PVQConfig, candidate_params, model_bits_per_weight
@@ -47,11 +46,6 @@ class _RotatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(rotate(x, self.signs), self.weight, self.bias)
-
-
-@pytest.fixture(scope="module")
-def eval_tokens(default_tokenizer) -> torch.Tensor:  # noqa: ANN001
-    return token_stream(default_tokenizer, load_text("wiki-eval"))
 
 
 @pytest.mark.model

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import quantlab
-from quantlab.calib.data import load_text, token_stream
 from quantlab.config import CalibConfig
 from quantlab.eval.perplexity import perplexity
 from quantlab.nn.ternary_linear import TernaryLinear
@@ -18,11 +17,6 @@ pytestmark = pytest.mark.model
 
 # A small calibration set keeps the Hessian-aware run near half a minute on 2 cores.
 CALIB = CalibConfig(n_samples=8, seq_len=256)
-
-
-@pytest.fixture(scope="module")
-def eval_tokens(default_tokenizer) -> torch.Tensor:  # noqa: ANN001
-    return token_stream(default_tokenizer, load_text("wiki-eval"))
 
 
 def _ppl(model: torch.nn.Module, tokens: torch.Tensor) -> float:

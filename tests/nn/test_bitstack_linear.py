@@ -136,3 +136,24 @@ def test_fp16_accounting_and_foreign_budget(tiny_checkpoint: Path, tmp_path: Pat
     assert model.bitstack_source.steps == 7
     with pytest.raises(ValueError, match="BitStack checkpoints only"):
         quantlab.load(str(tmp_path), memory_budget="1MB")
+
+
+def test_replay_feeds_later_blocks_the_compressed_outputs(tiny_llama: nn.Module) -> None:
+    import copy
+
+    samples = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    decomposed = {}
+    for replay in (0, 1):
+        model = copy.deepcopy(tiny_llama)
+        quantize_model(
+            model, BitStackConfig(n_blocks=2, replay_blocks=replay), samples=samples, progress=False
+        )
+        decomposed[replay] = {n: m.dequantized_weight() for n, m in quantized_modules(model)}
+    # Block 0 sees the same (embedding) inputs either way; block 1 is calibrated on what the
+    # one-block-per-linear block 0 computes, so its decomposition changes.
+    first = [n for n in decomposed[0] if ".layers.0." in n]
+    later = [n for n in decomposed[0] if ".layers.1." in n]
+    assert all(torch.equal(decomposed[0][n], decomposed[1][n]) for n in first)
+    assert not any(torch.equal(decomposed[0][n], decomposed[1][n]) for n in later)
+    with pytest.raises(ValueError, match=r"replay_blocks must be in \[0, n_blocks=2\]"):
+        BitStackConfig(n_blocks=2, replay_blocks=3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.solvers.fair_gptq import debias_shift, group_bias_term
+from quantlab.solvers.fair_gptq import bias_subspace, debias_shift, group_bias_term
 from quantlab.solvers.gptq import gptq_quantize, proxy_loss
 from quantlab.solvers.rtn import group_params
 from tests.tolerances import FAIR_SHIFT_RTOL
@@ -142,3 +142,29 @@ def test_bad_fairness_arguments() -> None:
         gptq_quantize(w, h, 4, 32, fair_hessian=bad, fair_alpha=0.5)
     with pytest.raises(TypeError, match="fair_hessian must be floating point"):
         gptq_quantize(w, h, 4, 32, fair_hessian=d.to(torch.int32), fair_alpha=0.5)
+
+
+def test_bias_subspace_keeps_the_directions_cheapest_to_debias() -> None:
+    # H weighs the second input 100x more: its pair difference is the costly one to remove.
+    h = torch.diag(torch.tensor([1.0, 100.0, 10.0]))
+    d = torch.eye(3)
+    top = bias_subspace(d, h, 1, damp_percent=1e-9)
+    torch.testing.assert_close(top, torch.diag(torch.tensor([1.0, 0.0, 0.0])), atol=1e-6, rtol=0)
+    top2 = bias_subspace(d, h, 2, damp_percent=1e-9)
+    torch.testing.assert_close(top2, torch.diag(torch.tensor([1.0, 0.0, 1.0])), atol=1e-6, rtol=0)
+    # All directions: D itself; a rank-r D is returned whole by rank r.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, generator=g)
+    h = 2 * x.t() @ x / 64
+    a = torch.randn(12, 3, generator=g)
+    low = a @ a.t()
+    for rank, want in ((12, low), (3, low)):
+        got = bias_subspace(low, h, rank, damp_percent=1e-9)
+        torch.testing.assert_close(got, want, atol=1e-4 * float(low.abs().max()), rtol=0)
+    one = bias_subspace(low, h, 1)
+    assert torch.linalg.matrix_rank(one.double(), rtol=1e-6) == 1
+    assert bool((torch.linalg.eigvalsh(one.double()) > -1e-6).all())
+    with pytest.raises(ValueError, match=r"fair rank must be in \[1, 12\]"):
+        bias_subspace(low, h, 13)
+    with pytest.raises(ValueError, match="hessian must be"):
+        bias_subspace(low, h[:4, :4], 2)

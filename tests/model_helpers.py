@@ -1,0 +1,36 @@
+"""Helpers of the real-model tests (tests/model): the shared evaluations and a fresh model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantlab.eval.perplexity import perplexity
+from quantlab.pipeline import QuantizationReport
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized default model, its report, and its short-evaluation ppl."""
+
+    model: torch.nn.Module
+    report: QuantizationReport
+    short_ppl: float
+
+
+def short_ppl(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """ppl on the first 2 x 512 evaluation tokens: enough to separate methods by a few percent."""
+    return perplexity(model, tokens, seq_len=512, max_windows=2, progress=False).ppl
+
+
+def full_ppl(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """The project's headline evaluation: 10 x 2048 tokens of wiki-eval (docs/results.md)."""
+    return perplexity(model, tokens, seq_len=2048, max_windows=10, progress=False).ppl
+
+
+def fresh_default_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
