@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+import quantlab
 from quantlab.eval.perplexity import perplexity
 from quantlab.pipeline import QuantizationReport
 
@@ -34,3 +35,13 @@ def fresh_default_model(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def quantize_default(
+    path: Path, tokenizer: object, tokens: torch.Tensor, method: str, **options: object
+) -> QuantizedModel:
+    """A fresh default model quantized with ``method`` (default 32 x 512 calibration), with its
+    report and short-evaluation ppl."""
+    model = fresh_default_model(path)
+    report = quantlab.quantize(model, method, tokenizer=tokenizer, progress=False, **options)
+    return QuantizedModel(model, report, short_ppl(model, tokens))

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import quantlab
 from quantlab.calib.data import load_text, token_stream
-from tests.model_helpers import QuantizedModel, fresh_default_model, short_ppl
+from tests.model_helpers import QuantizedModel, quantize_default
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +24,4 @@ def eval_tokens(default_tokenizer) -> torch.Tensor:  # noqa: ANN001
 @pytest.fixture(scope="session")
 def rtn_w4(default_model_path: Path, eval_tokens: torch.Tensor) -> QuantizedModel:
     """RTN W4 g64: the baseline every W4 method must beat."""
-    model = fresh_default_model(default_model_path)
-    report = quantlab.quantize(model, "rtn", bits=4, group_size=64, progress=False)
-    return QuantizedModel(model, report, short_ppl(model, eval_tokens))
+    return quantize_default(default_model_path, None, eval_tokens, "rtn", bits=4, group_size=64)

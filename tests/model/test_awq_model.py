@@ -9,7 +9,7 @@ import torch
 
 import quantlab
 from quantlab.export.awq_checkpoint import save_awq
-from tests.model_helpers import QuantizedModel, fresh_default_model, full_ppl, short_ppl
+from tests.model_helpers import QuantizedModel, full_ppl, quantize_default
 
 pytestmark = pytest.mark.model
 
@@ -17,11 +17,9 @@ pytestmark = pytest.mark.model
 @pytest.fixture(scope="module")
 def awq_w4(default_model_path: Path, default_tokenizer, eval_tokens) -> QuantizedModel:  # noqa: ANN001
     """AWQ W4 g64 with the default 32 x 512 calibration, shared by this module's tests."""
-    model = fresh_default_model(default_model_path)
-    report = quantlab.quantize(
-        model, "awq", tokenizer=default_tokenizer, bits=4, group_size=64, progress=False
+    return quantize_default(
+        default_model_path, default_tokenizer, eval_tokens, "awq", bits=4, group_size=64
     )
-    return QuantizedModel(model, report, short_ppl(model, eval_tokens))
 
 
 def test_awq_w4_beats_rtn_and_round_trips_through_the_awq_layout(
