@@ -87,6 +87,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
         "fair_modules": ("*",),
     },
     "fair-target-a3-rank1": {"fair_alpha": 3.0, "fair_pair_kind": "target", "fair_rank": 1},
+    "fair-target-a10-rank1": {"fair_alpha": 10.0, "fair_pair_kind": "target", "fair_rank": 1},
     "fair-target-a1-rank2": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_rank": 2},
     "fair-both-a1-rank1": {"fair_alpha": 1.0, "fair_pair_kind": "both", "fair_rank": 1},
     "fair-a1-rank1": {"fair_alpha": 1.0, "fair_rank": 1},

@@ -22,6 +22,9 @@ from quantlab.calib.pairs import (
 REPO = Path(__file__).resolve().parents[2]
 
 
+CONFIRMATION = shipped_pairs_path().with_name("quantlab_pairs_confirmation.jsonl")
+
+
 def _rows() -> list[dict]:
     lines = shipped_pairs_path().read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
@@ -37,6 +40,21 @@ def test_shipped_set_is_what_the_build_script_writes(tmp_path: Path) -> None:
     out = tmp_path / "pairs.jsonl"
     assert module.main(["--out", str(out)]) == 0
     assert out.read_bytes() == shipped_pairs_path().read_bytes()
+    confirmation = tmp_path / "confirmation.jsonl"
+    assert module.main(["--confirmation", "--out", str(confirmation)]) == 0
+    assert confirmation.read_bytes() == CONFIRMATION.read_bytes()
+
+
+def test_confirmation_set_uses_frames_of_its_own() -> None:
+    main, extra = load_pairs(), load_pairs(str(CONFIRMATION))
+    assert len(extra) == 12 * 40 and {p.bias_type for p in extra} == {"gender"}
+    assert Counter(p.order for p in extra) == {"attribute-first": 320, "group-first": 160}
+
+    def frame(p: SentencePair) -> str:
+        return p.stereo.replace(p.target, "#")
+
+    assert not {frame(p) for p in extra} & {frame(p) for p in main if p.target}
+    assert not {p.template for p in extra} & {p.template for p in main}
 
 
 def test_shipped_set_contents() -> None:
