@@ -61,16 +61,10 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "fair-target-a0.1": {"fair_alpha": 0.1, "fair_pair_kind": "target"},
     "fair-target-a1": {"fair_alpha": 1.0, "fair_pair_kind": "target"},
     "fair-target-a0.3": {"fair_alpha": 0.3, "fair_pair_kind": "target"},
-    "fair-target-a3": {"fair_alpha": 3.0, "fair_pair_kind": "target"},
     "fair-target-a1-upper": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_layers": "upper"},
     "fair-target-a1-lower": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_layers": "lower"},
     "fair-target-a1-suffix": {
         "fair_alpha": 1.0,
-        "fair_pair_kind": "target",
-        "fair_alignment": "suffix",
-    },
-    "fair-target-a3-suffix": {
-        "fair_alpha": 3.0,
         "fair_pair_kind": "target",
         "fair_alignment": "suffix",
     },
@@ -95,7 +89,6 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "fair-target-a1-rank16": {"fair_alpha": 1.0, "fair_pair_kind": "target", "fair_rank": 16},
     "fair-target-a10-rank4": {"fair_alpha": 10.0, "fair_pair_kind": "target", "fair_rank": 4},
     "fair-target-a3-upper": {"fair_alpha": 3.0, "fair_pair_kind": "target", "fair_layers": "upper"},
-    "fair-both-a0.1": {"fair_alpha": 0.1, "fair_pair_kind": "both"},
     "fair-both-a1": {"fair_alpha": 1.0, "fair_pair_kind": "both"},
 }
 DEFAULT_RUN = ("fp32", "gptq", "fair-a0.1", "fair-a1", "fair-a1-upper", "fair-a1-lower")

@@ -281,7 +281,7 @@ def _decompose_block(
         compressed = copy.deepcopy(block)
         for module in compressed.modules():
             if isinstance(module, BitStackLinear):
-                module.truncate(min(config.replay_blocks, module.n_blocks))
+                module.truncate(config.replay_blocks)
         outs, _ = run_block_with_taps(compressed, inputs, device, {})
     return outs
 

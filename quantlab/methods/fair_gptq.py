@@ -243,22 +243,20 @@ class _FairTerms(GPTQTerms):
         )
         d = diff.matrix()
         text = stats[group[0]]
-        hessian = text.hessian()
         options: dict[str, Any] = dict(
             fair_alpha=self.config.fair_alpha, sum_hessians=self.config.fair_sum_hessians
         )
         if pair_hessian is not None:
             # Token-weighted average of the two Hessians, i.e. one Hessian over both token sets.
             n_text, n_pairs = text.n_tokens, pair_hessian.n_tokens
-            hessian = (hessian * n_text + pair_hessian.hessian() * n_pairs) / (n_text + n_pairs)
-            options["hessian"] = hessian
-        options["fair_hessian"] = (
-            d
-            if self.config.fair_rank is None
-            else bias_subspace(
-                d, hessian, min(self.config.fair_rank, d.shape[0]), self.config.damp_percent
+            options["hessian"] = (text.hessian() * n_text + pair_hessian.hessian() * n_pairs) / (
+                n_text + n_pairs
             )
-        )
+        options["fair_hessian"] = d
+        if self.config.fair_rank is not None:
+            hessian = options["hessian"] if pair_hessian is not None else text.hessian()
+            rank = min(self.config.fair_rank, d.shape[0])
+            options["fair_hessian"] = bias_subspace(d, hessian, rank, self.config.damp_percent)
         for name in debiased:
             self.bias_matrices[(index, name)] = d
         self.seconds += time.perf_counter() - start

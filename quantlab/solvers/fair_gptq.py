@@ -94,10 +94,12 @@ def bias_subspace(
     rank: int,
     damp_percent: float = 0.01,
     name: str = "weight",
+    max_damp_retries: int = 5,
 ) -> torch.Tensor:
     """``D`` restricted to its ``rank`` leading directions *relative to* ``H``.
 
-    The generalised eigenvectors of ``D v = mu (H + lambda I) v`` (``lambda`` = GPTQ's damping)
+    The generalised eigenvectors of ``D v = mu (H + lambda I) v`` (``lambda`` = GPTQ's damping,
+    with its retries)
     with the largest ``mu`` are the input directions where the paired sentences differ most for
     the least energy in ordinary text: removing the layer's response there debiases at the
     smallest cost in ``||W X - V X||^2``. The trailing directions of a full ``D`` are mostly
@@ -114,14 +116,15 @@ def bias_subspace(
         raise ValueError(f"{name}: hessian must be [{k}, {k}], got {tuple(hessian.shape)}")
     if not 1 <= rank <= k:
         raise ValueError(f"{name}: fair rank must be in [1, {k}], got {rank}")
+    from quantlab.solvers.gptq import damped_factor  # gptq imports this module lazily
+
+    def lower_factor(hd: torch.Tensor) -> torch.Tensor | None:
+        lower, info = torch.linalg.cholesky_ex(hd)
+        return lower if int(info) == 0 else None
+
     d = fair_hessian.detach().to(torch.float64)
     h = hessian.detach().to(device=d.device, dtype=torch.float64)
-    h = h + damp_percent * torch.diagonal(h).mean().clamp_min(1e-12) * torch.eye(
-        k, dtype=h.dtype, device=h.device
-    )
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        raise ValueError(f"{name}: the damped Hessian is not positive definite")
+    lower = damped_factor(h, damp_percent, max_damp_retries, name, lower_factor)
     m = torch.linalg.solve_triangular(lower, d, upper=False)
     m = torch.linalg.solve_triangular(lower, m.t(), upper=False)
     mu, q = torch.linalg.eigh((m + m.t()) / 2)

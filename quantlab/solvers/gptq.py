@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -82,12 +83,19 @@ def _check_hessian(hessian: torch.Tensor, k: int, name: str) -> None:
         )
 
 
-def _inverse_cholesky(
-    h: torch.Tensor, damp_percent: float, max_damp_retries: int, name: str
+def damped_factor(
+    h: torch.Tensor,
+    damp_percent: float,
+    max_damp_retries: int,
+    name: str,
+    factor: Callable[[torch.Tensor], torch.Tensor | None],
+    stacklevel: int = 3,
 ) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``).
+    """``factor(H + damp * mean(diag H) * I)``, GPTQ's damping with retries.
 
-    On failure the damping is raised tenfold (at least to 0.01) and the factorisation retried.
+    ``factor`` returns ``None`` when the damped matrix is not usable (a failed Cholesky); the
+    damping is then raised tenfold (at least to 0.01) and ``factor`` tried again. A retry warns,
+    at ``stacklevel`` (3: the caller of the function that called this one).
     """
     mean_diag = float(torch.diagonal(h).mean())
     damp = damp_percent
@@ -96,25 +104,40 @@ def _inverse_cholesky(
         tried.append(damp)
         hd = h.clone()
         hd.diagonal().add_(damp * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                if attempt > 0:
-                    warnings.warn(
-                        f"{name}: Hessian was not positive definite with damp_percent="
-                        f"{damp_percent}; quantized with damp_percent={damp:g} instead",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                return upper
+        result = factor(hd)
+        if result is not None:
+            if attempt > 0:
+                warnings.warn(
+                    f"{name}: Hessian was not positive definite with damp_percent="
+                    f"{damp_percent}; quantized with damp_percent={damp:g} instead",
+                    RuntimeWarning,
+                    stacklevel=stacklevel,
+                )
+            return result
         damp = max(damp * 10.0, 0.01)
     raise ValueError(
         f"{name}: Hessian is singular / not positive definite; Cholesky failed with damp_percent "
         f"in {[float(f'{d:g}') for d in tried]}. Collect more (or more varied) calibration "
         "tokens for this layer, raise damp_percent or max_damp_retries, or fall back to RTN for it."
     )
+
+
+def _upper_of_inverse(hd: torch.Tensor) -> torch.Tensor | None:
+    chol, info = torch.linalg.cholesky_ex(hd)
+    if int(info) != 0:
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
+        return None
+    return upper
+
+
+def _inverse_cholesky(
+    h: torch.Tensor, damp_percent: float, max_damp_retries: int, name: str
+) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``),
+    with :func:`damped_factor`'s retries."""
+    return damped_factor(h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4)
 
 
 def gptq_quantize(
