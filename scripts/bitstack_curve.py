@@ -57,6 +57,27 @@ def _ppl(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace)
     return perplexity(model, tokens, args.eval_seq_len, args.eval_windows, progress=False).ppl
 
 
+def _run_name(args: argparse.Namespace) -> str:
+    signs = "plain" if args.no_feedback else "feedback"
+    name = f"bitstack-b{args.blocks}-r{args.rank}-{args.order}-{signs}-a{args.alpha:g}"
+    if args.replay_blocks:
+        name += f"-replay{args.replay_blocks}"
+    if args.distill_steps:
+        name += f"-distill{args.distill_blocks}x{args.distill_steps}"
+    return name
+
+
+def _run_label(run_name: str) -> str:
+    parts = ["sign(residual)" if "-plain" in run_name else "error-feedback signs"]
+    if "-a" in run_name:
+        parts.append("alpha " + run_name.split("-a", 1)[1].split("-")[0])
+    if "replay" in run_name:
+        parts.append("replay")
+    if "distill" in run_name:
+        parts.append("distilled prefix")
+    return ", ".join(parts)
+
+
 def run(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -167,8 +188,7 @@ def run(args: argparse.Namespace) -> None:
         )
         del model
 
-    signs = "plain" if args.no_feedback else "feedback"
-    bs_dir = out / f"bitstack-b{args.blocks}-r{args.rank}-{args.order}-{signs}"
+    bs_dir = out / _run_name(args)
     if not (bs_dir / "config.json").is_file():
         model = _fresh_model(model_dir)
         t0 = time.perf_counter()
@@ -185,6 +205,10 @@ def run(args: argparse.Namespace) -> None:
             order=args.order,
             order_max_stage=args.order_max_stage,
             error_feedback=not args.no_feedback,
+            scale_alpha=args.alpha,
+            replay_blocks=args.replay_blocks,
+            distill_steps=args.distill_steps,
+            distill_blocks=args.distill_blocks,
             progress=True,
         )
         data.setdefault("bitstack_runs", {})[bs_dir.name] = {
@@ -249,8 +273,7 @@ def compare_orders(args: argparse.Namespace) -> None:
     json_path = out / "curve.json"
     data = _load_json(json_path)
     points = data["points"]
-    signs = "plain" if args.no_feedback else "feedback"
-    bs_dir = out / f"bitstack-b{args.blocks}-r{args.rank}-{args.order}-{signs}"
+    bs_dir = out / _run_name(args)
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     tokens = token_stream(tok, load_text("wiki-eval"))
     calib = CalibConfig(n_samples=args.calib_samples, seq_len=args.calib_seq_len)
@@ -315,8 +338,7 @@ def plot(args: argparse.Namespace) -> None:
             for p in points.values()
             if p["method"] == "bitstack" and p.get("run", "") == run_name
         )
-        signs = "signs with error feedback" if run_name.endswith("feedback") else "sign(residual)"
-        ax.plot(*zip(*rows, strict=True), "o-", label=f"BitStack, {signs}")
+        ax.plot(*zip(*rows, strict=True), "o-", label=f"BitStack, {_run_label(run_name)}")
     for method, (style, label) in styles.items():
         if method == "bitstack":
             continue
@@ -393,6 +415,10 @@ def main() -> None:
         "evaluation instead of re-running them (their memory is computed here)",
     )
     p.add_argument("--source", default="docs/results.md", help="where --known figures come from")
+    p.add_argument("--alpha", type=float, default=0.5, help="activation-scale exponent")
+    p.add_argument("--replay-blocks", type=int, default=0, help="compressed-input replay target")
+    p.add_argument("--distill-steps", type=int, default=0, help="prefix distillation steps")
+    p.add_argument("--distill-blocks", type=int, default=2, help="prefix distillation target")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument(
         "--bitstack-calib-samples",
