@@ -45,3 +45,13 @@ def quantize_default(
     model = fresh_default_model(path)
     report = quantlab.quantize(model, method, tokenizer=tokenizer, progress=False, **options)
     return QuantizedModel(model, report, short_ppl(model, tokens))
+
+
+@torch.no_grad()
+def kl_to(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean per-token ``KL(teacher || student)`` of the next-token distributions on ``ids``."""
+    import torch.nn.functional as F
+
+    target = F.log_softmax(teacher(ids).logits, -1)
+    got = F.log_softmax(student(ids).logits, -1)
+    return float(F.kl_div(got, target, log_target=True, reduction="none").sum(-1).mean())

@@ -8,40 +8,41 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantlab.calib.capture import capture_block_inputs
 from quantlab.formats.bitstack import unpack_signs
-from quantlab.methods.bitstack import BitStackConfig, _float_head_inputs
-from quantlab.methods.bitstack_distill import capture_head_inputs, distill_prefix
+from quantlab.methods.bitstack import BitStackConfig, _float_outputs, _head_inputs
+from quantlab.methods.bitstack_distill import distill_prefix
 from quantlab.models.arch import resolve
 from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.registry import quantized_modules
 from quantlab.pipeline import quantize_model
+from tests.model_helpers import kl_to
 
 SAMPLES = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
-def _kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> float:
-    target = F.log_softmax(teacher(ids).logits, -1)
-    got = F.log_softmax(student(ids).logits, -1)
-    return float(F.kl_div(got, target, log_target=True, reduction="none").sum(-1).mean())
+def _head_inputs_of_whole_model(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Oracle: what the head receives when the whole model runs at once."""
+    caught: list[torch.Tensor] = []
+    handle = model.lm_head.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+    try:
+        model(ids)
+    finally:
+        handle.remove()
+    return caught[0]
 
 
 def test_head_inputs_block_by_block_equal_the_whole_model(tiny_llama: nn.Module) -> None:
-    spec = resolve(tiny_llama)
-    whole = capture_head_inputs(tiny_llama, spec, SAMPLES, 3, torch.device("cpu"))
+    spec, cpu = resolve(tiny_llama), torch.device("cpu")
+    whole = _head_inputs_of_whole_model(tiny_llama, SAMPLES)
     assert whole.shape == (4, 32, 128)
-    with torch.no_grad():
-        logits = tiny_llama(SAMPLES).logits
-    # fp32 on both paths, the same ops: only summation order of the batched matmuls differs.
-    torch.testing.assert_close(tiny_llama.lm_head(whole), logits, rtol=1e-5, atol=1e-5)
     inputs = capture_block_inputs(tiny_llama, tiny_llama.model.layers, SAMPLES, 2, "cpu")
-    blockwise = _float_head_inputs(
-        tiny_llama, spec, tiny_llama.model.layers, inputs, torch.device("cpu")
-    )
+    outputs = _float_outputs(tiny_llama.model.layers, inputs, cpu)
+    blockwise = _head_inputs(tiny_llama, spec, outputs, cpu)
+    # fp32 on both paths, the same ops: only the batching of the matmuls differs.
     torch.testing.assert_close(blockwise, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -72,8 +73,16 @@ def test_distillation_tunes_the_prefix_and_redecomposes_the_rest(tiny_llama: nn.
     for model in models.values():
         for layer in dict(quantized_modules(model)).values():
             layer.truncate(2)
-    kl_plain, kl_tuned = (_kl(models[s], teacher, SAMPLES) for s in (0, 40))
+    kl_plain, kl_tuned = (kl_to(teacher, models[s], SAMPLES) for s in (0, 40))
     assert kl_tuned < 0.7 * kl_plain, (kl_plain, kl_tuned)
+
+
+def test_distillation_with_replay_takes_its_own_float_teacher(tiny_llama: nn.Module) -> None:
+    # With replay the loop's last outputs are compressed; the teacher comes from a float pass.
+    config = BitStackConfig(n_blocks=2, replay_blocks=1, distill_steps=3, distill_blocks=1)
+    report = quantize_model(copy.deepcopy(tiny_llama), config, samples=SAMPLES, progress=False)
+    losses = report.details["bitstack"]["distill"]["losses"]
+    assert len(losses) == 3 and all(0 < loss < float("inf") for loss in losses)
 
 
 def test_bad_distillation_arguments(tiny_llama: nn.Module) -> None:

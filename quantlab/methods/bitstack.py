@@ -43,6 +43,7 @@ from quantlab.calib.capture import (
     capture_block_inputs,
     move_outside_blocks,
     move_to,
+    run_block,
     run_block_with_taps,
 )
 from quantlab.calib.stats import HessianAccumulator
@@ -315,27 +316,28 @@ def _decompose_block(
 
 
 @torch.no_grad()
-def _float_head_inputs(
-    model: nn.Module,
-    spec: ArchSpec,
-    blocks: nn.ModuleList,
-    inputs: BlockInputs,
-    device: torch.device,
-) -> torch.Tensor:
-    """The float model's head inputs on the calibration windows, one decoder block on the
-    device at a time (the distillation's teacher; captured before anything is decomposed)."""
+def _float_outputs(blocks: nn.ModuleList, inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """The float decoder stack's outputs on ``inputs``, one block on the device at a time."""
     current = inputs
     for block in blocks:
         home = next(block.parameters()).device
         block.to(device)
-        outs, _ = run_block_with_taps(block, current, device, {})
+        current = BlockInputs(hidden=run_block(block, current, device), kwargs=inputs.kwargs)
         block.to(home)
-        current = BlockInputs(hidden=outs, kwargs=inputs.kwargs)
+    return current
+
+
+@torch.no_grad()
+def _head_inputs(
+    model: nn.Module, spec: ArchSpec, outputs: BlockInputs, device: torch.device
+) -> torch.Tensor:
+    """The head's inputs ``[S, L, hidden]`` (fp32, on ``device``) from the last decoder block's
+    outputs: the distillation's teacher when those are the float model's."""
     norm = get_submodule(model, spec.final_norm)
     home = next(norm.parameters()).device
     norm.to(device)
     try:
-        return torch.cat([norm(h.to(device)).to(torch.float32) for h in current.hidden])
+        return torch.cat([norm(h.to(device)).to(torch.float32) for h in outputs.hidden])
     finally:
         norm.to(home)
 
@@ -374,7 +376,7 @@ def _distill_and_redecompose(
         assert rec.weight is not None and rec.hessian is not None
         device = layer.u.device
         weight, hessian = rec.weight.to(device), rec.hessian.to(device)
-        errors = [output_error(weight, hessian)]
+        errors = rec.errors[:1]  # the weight's own output energy; the weight did not change
         for b in range(1, layer.n_blocks + 1):
             prefix = bs_ops.dequant(layer.signs[:b], layer.u[:b], layer.v[:b], layer.in_features)
             errors.append(output_error(weight - prefix.to(torch.float32), hessian))
@@ -601,8 +603,9 @@ def _run(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> None:
         move_outside_blocks(model, blocks, outside_home)
 
     teacher = None
-    if config.distill_steps:
-        teacher = _float_head_inputs(model, spec, blocks, inputs, ctx.device)
+    if config.distill_steps and config.replay_blocks:
+        # Replay feeds the loop compressed outputs, so the teacher needs its own float pass.
+        teacher = _head_inputs(model, spec, _float_outputs(blocks, inputs, ctx.device), ctx.device)
     records: dict[str, _LayerRecord] = {}
     skipped_maps: list[str] = []
     for index in tqdm(range(len(blocks)), desc="bitstack", disable=not ctx.progress):
@@ -616,7 +619,9 @@ def _run(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> None:
         inputs = BlockInputs(hidden=outs, kwargs=inputs.kwargs)
     decompose_seconds = time.perf_counter() - start
     distill: dict[str, Any] = {}
-    if teacher is not None:
+    if config.distill_steps:
+        if teacher is None:  # without replay the loop's last outputs are the float model's
+            teacher = _head_inputs(model, spec, inputs, ctx.device)
         distill = _distill_and_redecompose(model, spec, samples, teacher, config, ctx, records)
 
     order_start = time.perf_counter()

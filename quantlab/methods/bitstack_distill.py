@@ -18,7 +18,6 @@ Adam, linear warm-up over 5 steps then cosine decay to 0.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from quantlab.models.arch import ArchSpec, get_submodule
 from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.swap import set_submodule
 
-__all__ = ["capture_head_inputs", "distill_prefix"]
+__all__ = ["distill_prefix"]
 
 
 class _TrainableStack(nn.Module):
@@ -58,27 +57,6 @@ class _TrainableStack(nn.Module):
         self.layer.u, self.layer.v = u.contiguous(), v.contiguous()
 
 
-@torch.no_grad()
-def capture_head_inputs(
-    model: nn.Module, spec: ArchSpec, samples: torch.Tensor, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """The inputs of the model's head (final hidden states) on ``samples`` ``[S, L]``: fp32
-    ``[S, L, hidden]`` on ``device``. Run on the float model, before any layer is replaced."""
-    head = get_submodule(model, spec.lm_head)
-    caught: list[torch.Tensor] = []
-
-    def catch(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        caught.append(args[0].detach().to(torch.float32))
-
-    handle = head.register_forward_pre_hook(catch)
-    try:
-        for i in range(0, samples.shape[0], batch_size):
-            model(input_ids=samples[i : i + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return torch.cat(caught)
-
-
 def distill_prefix(
     model: nn.Module,
     spec: ArchSpec,
@@ -96,7 +74,8 @@ def distill_prefix(
 
     Args:
         samples: calibration token ids ``[S, L]``.
-        teacher_inputs: :func:`capture_head_inputs` of the float model on ``samples``.
+        teacher_inputs: the float model's head inputs (final hidden states) on ``samples``,
+            ``[S, L, hidden]``.
         steps: optimizer steps (each on ``batch_size`` windows drawn with ``seed``).
         lr: Adam's peak learning rate.
     Raises:

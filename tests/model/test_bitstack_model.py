@@ -115,16 +115,10 @@ def test_cli_options_build_the_config() -> None:
 def test_distillation_lowers_the_real_models_divergence(default_model, default_tokenizer) -> None:  # noqa: ANN001
     import copy
 
-    import torch.nn.functional as F
+    from tests.model_helpers import kl_to
 
     teacher = copy.deepcopy(default_model)
     ids = token_stream(default_tokenizer, load_text("wiki-eval"))[: 2 * 256].view(2, 256)
-
-    @torch.no_grad()
-    def kl(model: torch.nn.Module) -> float:
-        target = F.log_softmax(teacher(ids).logits, -1)
-        got = F.log_softmax(model(ids).logits, -1)
-        return float(F.kl_div(got, target, log_target=True, reduction="none").sum(-1).mean())
 
     divergence = {}
     for steps in (0, 12):
@@ -143,7 +137,7 @@ def test_distillation_lowers_the_real_models_divergence(default_model, default_t
         )
         for _, layer in quantized_modules(model):
             layer.truncate(1)
-        divergence[steps] = kl(model)
+        divergence[steps] = kl_to(teacher, model, ids)
     # Held-out text (wiki-eval; calibration is wiki-calib), block 0's linears at one block each.
     # Measured: KL 3.77 -> 3.42 (one ~1-bit block breaks the model; 12 steps on 2 x 128 tokens
     # only start the repair, which is all this checks).
