@@ -8,9 +8,11 @@ the model. The factors are <= 10% of a block's bits but set every weight's magni
 hundred gradient steps on them (signs fixed, nothing else trained) remove much of the compounded
 error while the format, the kernels and the loading order stay as they are.
 
-Teacher: the float model's final hidden states (the head's inputs) on the calibration windows,
-captured before decomposing; the head itself is frozen and shared, so the teacher's logits are
-recomputed from them per step (``[S, L, hidden]`` floats instead of ``[S, L, vocab]``).
+Teacher: the float model's final hidden states (the head's inputs) on the calibration windows
+(:mod:`quantlab.methods.bitstack` takes them from the float block outputs of its decomposition
+pass, or from a separate float pass when replay feeds that pass compressed outputs). The head is
+frozen and shared, so the teacher's logits are recomputed from them per step (``[S, L, hidden]``
+floats instead of ``[S, L, vocab]``).
 Loss: ``KL(teacher || student)`` per token, summed over the vocabulary, averaged over tokens.
 Adam, linear warm-up over 5 steps then cosine decay to 0.
 """
