@@ -16,4 +16,5 @@ NK_SHAPES = (
     (33, 160),
     (1, 128),
     (5, 100),  # K % 8 != 0: only per-channel groups divide it; exercises the scalar path
+    (9, 40),  # K % 16 != 0: per-channel 4- and 2-bit groups cannot use the byte planes
 )
