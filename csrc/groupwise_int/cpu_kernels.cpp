@@ -358,6 +358,19 @@ QUANTLAB_AVX2 inline void tile_groupsum(const Ctx& c, int64_t n0) {
   }
 }
 
+// -s_g * z_g of a row's groups [g8, g8 + 8) (g8 a multiple of 8; fewer past the last group):
+// the dequantizing kernel's per-group offsets, decoded 8 at a time (see zero_points8).
+template <int BITS>
+QUANTLAB_AVX2 inline void group_offsets8(const Ctx& c, int64_t row, int64_t g8, float* out) {
+  const float* srow = c.p->scales + row * c.groups;
+  if (g8 + 8 <= c.groups) {
+    const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(srow + g8), zero_points8<BITS>(c, row, g8));
+    _mm256_storeu_ps(out, _mm256_sub_ps(_mm256_setzero_ps(), sz));
+    return;
+  }
+  for (int64_t g = g8; g < c.groups; ++g) out[g - g8] = -srow[g] * zero_point(c, row, g);
+}
+
 // Dequantizing kernel, R output rows starting at n0, columns [k_begin, k_end) (multiples of
 // 8 * P), P byte planes. Writes (first block) or adds its partial dot products into y.
 template <int BITS, int P, int M, int R>
@@ -372,23 +385,14 @@ QUANTLAB_AVX2 inline void tile_dequant(const Ctx& c, int64_t n0, int64_t k_begin
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
-  // -s * z of the row's groups [zg, zg + 8), decoded 8 at a time (see zero_points8).
-  alignas(32) float offsets[R][8];
+  float offsets[R][8];  // group_offsets8 of each row's groups [zg, zg + 8)
   int64_t zg = -1;
   int64_t g = k_begin / gs;
   for (int64_t kk = k_begin; kk < k_end; ++g) {
     const int64_t seg_end = std::min((g + 1) * gs, k_end);
     if (g / 8 * 8 != zg) {
       zg = g / 8 * 8;
-      for (int r = 0; r < R; ++r) {
-        const float* srow = p.scales + (n0 + r) * c.groups;
-        if (zg + 8 <= c.groups) {
-          const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(srow + zg), zero_points8<BITS>(c, n0 + r, zg));
-          _mm256_store_ps(offsets[r], _mm256_sub_ps(_mm256_setzero_ps(), sz));
-        } else {
-          for (int64_t j = zg; j < c.groups; ++j) offsets[r][j - zg] = -srow[j] * zero_point(c, n0 + r, j);
-        }
-      }
+      for (int r = 0; r < R; ++r) group_offsets8<BITS>(c, n0 + r, zg, offsets[r]);
     }
     __m256 sv[R];
     __m256 bv[R];
