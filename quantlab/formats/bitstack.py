@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantlab.formats import tensor_layout
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -150,13 +152,7 @@ class PackedBitStack:
 
     def validate(self, name: str = "weight") -> None:
         """Raise ``ValueError`` naming the tensor if any has the wrong shape or dtype."""
-        for suffix, (shape, dtype) in self.meta.tensor_shapes().items():
-            t = self.tensors()[suffix]
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"{name}.{suffix}: expected shape {list(shape)} {dtype}, "
-                    f"got {list(t.shape)} {t.dtype}"
-                )
+        tensor_layout.check_tensors(self.tensors(), self.meta.tensor_shapes(), name)
 
 
 def pack(positive: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> PackedBitStack:

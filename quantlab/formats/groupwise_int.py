@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantlab.formats import tensor_layout
 from quantlab.ops.reference import pack_bitstream, packed_words, unpack_bitstream
 from quantlab.solvers.base import GroupwiseIntResult, check_bits, check_group_size
 
@@ -84,13 +85,7 @@ class GroupwiseIntMeta:
 
     def storage_bits(self) -> int:
         """Bits the packed tensors occupy on disk."""
-        total = 0
-        for shape, dtype in self.tensor_shapes().values():
-            numel = 1
-            for s in shape:
-                numel *= s
-            total += numel * torch.empty((), dtype=dtype).element_size() * 8
-        return total
+        return tensor_layout.storage_bits(self.tensor_shapes())
 
     def to_dict(self) -> dict[str, int | bool | str]:
         return asdict(self)
@@ -111,17 +106,7 @@ class PackedGroupwiseInt:
 
     def validate(self, name: str = "weight") -> None:
         """Raise ``ValueError`` naming the tensor if any packed tensor has the wrong shape/dtype."""
-        tensors = self.tensors()
-        expected = self.meta.tensor_shapes()
-        for suffix, (shape, dtype) in expected.items():
-            t = tensors.get(suffix)
-            if t is None:
-                raise ValueError(f"{name}.{suffix} is missing")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"{name}.{suffix}: expected shape {list(shape)} {dtype}, "
-                    f"got {list(t.shape)} {t.dtype}"
-                )
+        tensor_layout.check_tensors(self.tensors(), self.meta.tensor_shapes(), name)
         if self.meta.sym and self.qzeros is not None:
             raise ValueError(f"{name}: symmetric weights carry no qzeros tensor")
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantlab.formats import tensor_layout
 from quantlab.ops.pvq_reference import decode_codes, field_words, pack_fields, unpack_fields
 from quantlab.solvers.pvq import PVQParams, PVQResult, rank_batch
 
@@ -96,10 +97,7 @@ class PVQMeta:
 
     def storage_bits(self) -> int:
         """Bits the packed tensors occupy on disk."""
-        total = 0
-        for shape, dtype in self.tensor_shapes().values():
-            total += shape[0] * torch.empty((), dtype=dtype).element_size() * 8
-        return total
+        return tensor_layout.storage_bits(self.tensor_shapes())
 
     def bits_per_weight(self) -> float:
         return self.storage_bits() / (self.in_features * self.out_features)
@@ -128,15 +126,7 @@ class PackedPVQ:
         """Raise ``ValueError`` naming the tensor if any packed tensor has the wrong shape/dtype
         or the levels/scales are not finite."""
         tensors = self.tensors()
-        for suffix, (shape, dtype) in self.meta.tensor_shapes().items():
-            t = tensors[suffix]
-            if t is None:
-                raise ValueError(f"{name}.{suffix} is missing")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"{name}.{suffix}: expected shape {list(shape)} {dtype}, "
-                    f"got {list(t.shape)} {t.dtype}"
-                )
+        tensor_layout.check_tensors(tensors, self.meta.tensor_shapes(), name)
         for suffix in ("row_scales", "levels"):
             if not bool(torch.isfinite(tensors[suffix]).all()):
                 raise ValueError(f"{name}.{suffix} has NaN/Inf entries")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantlab.formats import tensor_layout
 from quantlab.ops.reference_ternary import (
     PACKINGS,
     PER_ROW,
@@ -108,13 +109,7 @@ class TernaryMeta:
 
     def storage_bits(self) -> int:
         """Bits the packed tensors occupy on disk."""
-        total = 0
-        for shape, dtype in self.tensor_shapes().values():
-            numel = 1
-            for s in shape:
-                numel *= s
-            total += numel * torch.empty((), dtype=dtype).element_size() * 8
-        return total
+        return tensor_layout.storage_bits(self.tensor_shapes())
 
     def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -132,14 +127,7 @@ class PackedTernary:
     def validate(self, name: str = "weight") -> None:
         """Raise ``ValueError`` naming the tensor if a packed tensor has the wrong shape/dtype, and
         on scales that are not finite and positive."""
-        tensors = self.tensors()
-        for suffix, (shape, dtype) in self.meta.tensor_shapes().items():
-            t = tensors[suffix]
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(
-                    f"{name}.{suffix}: expected shape {list(shape)} {dtype}, "
-                    f"got {list(t.shape)} {t.dtype}"
-                )
+        tensor_layout.check_tensors(self.tensors(), self.meta.tensor_shapes(), name)
         if not bool(torch.isfinite(self.scales).all()) or bool((self.scales < 0).any()):
             raise ValueError(f"{name}.scales: ternary scales must be finite and >= 0")
 

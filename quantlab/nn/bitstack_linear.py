@@ -3,18 +3,18 @@ that can grow or shrink in place."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from quantlab.formats.bitstack import (
-    FACTOR_DTYPE,
     FORMAT_NAME,
     FORMAT_VERSION,
     BitStackMeta,
     PackedBitStack,
 )
+from quantlab.nn.packed_linear import PackedLinear
 from quantlab.nn.registry import register_layer_format
 from quantlab.ops import bitstack as bs_ops
 
@@ -22,7 +22,7 @@ __all__ = ["BitStackLinear"]
 
 
 @register_layer_format
-class BitStackLinear(nn.Module):
+class BitStackLinear(PackedLinear):
     """Linear layer ``y = x @ Ŵ^T + b`` with ``Ŵ = sum_b S_b ⊙ (u_b v_b)`` over its loaded blocks.
 
     Buffers (layout in :mod:`quantlab.formats.bitstack`): ``signs`` uint8 ``[B, N, ceil(K/8)]``,
@@ -51,24 +51,13 @@ class BitStackLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.meta = BitStackMeta(in_features, out_features, rank, n_blocks)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.steps = [int(s) for s in steps]
-        if len(self.steps) > n_blocks - 1:
+        if len(steps) > n_blocks - 1:
             raise ValueError(
-                f"steps lists {len(self.steps)} blocks beyond the first, the layer has {n_blocks}"
+                f"steps lists {len(steps)} blocks beyond the first, the layer has {n_blocks}"
             )
-        for suffix, (shape, tdtype) in self.meta.tensor_shapes().items():
-            self.register_buffer(suffix, torch.zeros(shape, dtype=tdtype, device=device))
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                requires_grad=False,
-            )
-        else:
-            self.register_parameter("bias", None)
+        meta = BitStackMeta(in_features, out_features, rank, n_blocks)
+        super().__init__(meta, bias, device, dtype)
+        self.steps = [int(s) for s in steps]
 
     @property
     def rank(self) -> int:
@@ -83,29 +72,11 @@ class BitStackLinear(nn.Module):
         return self.meta.block_bytes
 
     @classmethod
-    def from_packed(
-        cls,
-        packed: PackedBitStack,
-        bias: torch.Tensor | None = None,
-        steps: list[int] | tuple[int, ...] = (),
-        name: str = "weight",
-    ) -> BitStackLinear:
-        packed.validate(name)
-        m = packed.meta
-        layer = cls(
-            m.in_features,
-            m.out_features,
-            bias=bias is not None,
-            rank=m.rank,
-            n_blocks=m.n_blocks,
-            steps=steps,
-            device=packed.signs.device,
-            dtype=bias.dtype if bias is not None else None,
-        )
-        layer.signs, layer.u, layer.v = packed.signs, packed.u, packed.v
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return layer
+    def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"rank": int(spec["rank"]), "n_blocks": int(spec["n_blocks"])}
+        if "steps" in spec:
+            kwargs["steps"] = [int(s) for s in spec["steps"]]
+        return kwargs
 
     # -- registry protocol -------------------------------------------------------------------
 
@@ -118,31 +89,11 @@ class BitStackLinear(nn.Module):
         }
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, spec: dict[str, Any]) -> BitStackLinear:
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            rank=int(spec["rank"]),
-            n_blocks=int(spec["n_blocks"]),
-            steps=list(spec.get("steps", ())),
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
-
-    @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
         return {"signs": "U8", "u": "F16", "v": "F16"}
 
     def storage_bits(self) -> int:
         return self.meta.storage_bits(self.n_blocks)
-
-    def after_load(self) -> None:
-        # transformers may cast floating buffers to the model dtype; the factors stay fp16.
-        if self.u.dtype != FACTOR_DTYPE:
-            self.u = self.u.to(FACTOR_DTYPE)
-        if self.v.dtype != FACTOR_DTYPE:
-            self.v = self.v.to(FACTOR_DTYPE)
 
     # -- resizing ------------------------------------------------------------------------------
 
@@ -183,20 +134,8 @@ class BitStackLinear(nn.Module):
         """The dense ``[N, K]`` weight of the loaded blocks (for inspection and tests)."""
         return bs_ops.dequant(self.signs, self.u, self.v, self.in_features, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"BitStackLinear expects input [..., {self.in_features}], got {tuple(x.shape)}"
-            )
-        lead = x.shape[:-1]
-        y = bs_ops.matmul(x.reshape(-1, self.in_features), self.signs, self.u, self.v)
-        y = y.view(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return bs_ops.matmul(x2, self.signs, self.u, self.v)
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, rank={self.rank}, blocks={self.n_blocks}"
-        )
+    def _repr_fields(self) -> dict[str, Any]:
+        return {"rank": self.rank, "blocks": self.n_blocks}

@@ -3,6 +3,7 @@ format."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -13,8 +14,8 @@ from quantlab.formats.groupwise_int import (
     FORMAT_VERSION,
     GroupwiseIntMeta,
     PackedGroupwiseInt,
-    dtype_from_name,
 )
+from quantlab.nn.packed_linear import PackedLinear
 from quantlab.nn.registry import register_layer_format
 from quantlab.ops import groupwise_int as gw_ops
 from quantlab.ops.groupwise_int_repack import (
@@ -46,7 +47,7 @@ def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
 
 
 @register_layer_format
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """Linear layer ``y = x @ W.T + b`` with ``W`` held as packed groupwise integers.
 
     Buffers (shapes from :class:`GroupwiseIntMeta`): ``qweight`` int32 ``[N, ceil(K*bits/32)]``,
@@ -82,21 +83,10 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.meta = GroupwiseIntMeta(in_features, out_features, bits, group_size, sym, scale_dtype)
-        self.in_features = in_features
-        self.out_features = out_features
-        for suffix, (shape, tdtype) in self.meta.tensor_shapes().items():
-            self.register_buffer(suffix, torch.zeros(shape, dtype=tdtype, device=device))
+        meta = GroupwiseIntMeta(in_features, out_features, bits, group_size, sym, scale_dtype)
+        super().__init__(meta, bias, device, dtype)
         if sym:
             self.register_buffer("qzeros", None)
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                requires_grad=False,
-            )
-        else:
-            self.register_parameter("bias", None)
         for name in _KERNEL_BUFFERS:
             self.register_buffer(name, None, persistent=False)
         self._mma_source: tuple | None = None
@@ -111,53 +101,16 @@ class QuantLinear(nn.Module):
         return self.meta.group_size
 
     @classmethod
-    def from_packed(
-        cls, packed: PackedGroupwiseInt, bias: torch.Tensor | None = None, name: str = "weight"
-    ) -> QuantLinear:
-        packed.validate(name)
-        m = packed.meta
-        layer = cls(
-            m.in_features,
-            m.out_features,
-            bias=bias is not None,
-            bits=m.bits,
-            group_size=m.group_size,
-            sym=m.sym,
-            scale_dtype=m.scale_dtype,
-            device=packed.qweight.device,
-            dtype=bias.dtype if bias is not None else None,
-        )
-        layer.qweight = packed.qweight.contiguous()
-        layer.scales = packed.scales.contiguous()
-        if packed.qzeros is not None:
-            layer.qzeros = packed.qzeros.contiguous()
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        layer.prepare_kernel_layout()
-        return layer
-
-    def module_spec(self) -> dict[str, Any]:
-        m = self.meta
+    def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "bits": m.bits,
-            "group_size": m.group_size,
-            "sym": m.sym,
-            "scale_dtype": m.scale_dtype,
+            "bits": int(spec["bits"]),
+            "group_size": int(spec["group_size"]),
+            "sym": bool(spec["sym"]),
+            "scale_dtype": str(spec.get("scale_dtype", "float16")),
         }
 
-    @classmethod
-    def empty_like(cls, linear: nn.Linear, spec: dict[str, Any]) -> QuantLinear:
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            bits=int(spec["bits"]),
-            group_size=int(spec["group_size"]),
-            sym=bool(spec["sym"]),
-            scale_dtype=str(spec.get("scale_dtype", "float16")),
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+    def after_from_packed(self) -> None:
+        self.prepare_kernel_layout()
 
     @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
@@ -166,14 +119,8 @@ class QuantLinear(nn.Module):
             names["qzeros"] = "I32"
         return names
 
-    def storage_bits(self) -> int:
-        return self.meta.storage_bits()
-
     def after_load(self) -> None:
-        # transformers may cast floating tensors to the requested model dtype; scales keep theirs.
-        want = dtype_from_name(self.meta.scale_dtype)
-        if self.scales.dtype != want:
-            self.scales = self.scales.to(want)
+        super().after_load()
         self.prepare_kernel_layout()
 
     # -- the tensor-core kernel's copy of the weight ------------------------------------------
@@ -250,19 +197,13 @@ class QuantLinear(nn.Module):
             dtype,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"QuantLinear expects input [..., {self.in_features}], got {tuple(x.shape)}"
-            )
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         # Eager only: the exported tensors were edited in place or replaced since the repack.
         stale = self.kernel_path(x2) == "mma" and not torch.compiler.is_compiling()
         if stale and self._mma_source != self._source_key():
             self.prepare_kernel_layout()
         if self.kernel_path(x2) == "mma":
-            y = torch.ops.quantlab.groupwise_int_mma_mm(
+            return torch.ops.quantlab.groupwise_int_mma_mm(
                 x2,
                 self.mma_qweight,
                 self.mma_scales,
@@ -273,19 +214,8 @@ class QuantLinear(nn.Module):
                 self.out_features,
                 0,
             )
-        else:
-            y = gw_ops.matmul(
-                x2, self.qweight, self.scales, self.qzeros, self.bits, self.group_size
-            )
-        y = y.view(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return gw_ops.matmul(x2, self.qweight, self.scales, self.qzeros, self.bits, self.group_size)
 
-    def extra_repr(self) -> str:
+    def _repr_fields(self) -> dict[str, Any]:
         m = self.meta
-        return (
-            f"in_features={m.in_features}, out_features={m.out_features}, "
-            f"bias={self.bias is not None}, "
-            f"bits={m.bits}, group_size={m.group_size}, sym={m.sym}, scales={m.scale_dtype}"
-        )
+        return {"bits": m.bits, "group_size": m.group_size, "sym": m.sym, "scales": m.scale_dtype}

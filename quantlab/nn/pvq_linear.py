@@ -3,10 +3,10 @@ input space."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from quantlab.formats.pvq import (
     FORMAT_NAME,
@@ -16,6 +16,7 @@ from quantlab.formats.pvq import (
     check_codes,
     unpack_signs,
 )
+from quantlab.nn.packed_linear import PackedLinear
 from quantlab.nn.registry import register_layer_format
 from quantlab.ops import pvq as pvq_ops
 from quantlab.rotation import rotate, unrotate
@@ -24,7 +25,7 @@ __all__ = ["PVQLinear"]
 
 
 @register_layer_format
-class PVQLinear(nn.Module):
+class PVQLinear(PackedLinear):
     """Linear layer ``y = W' (R x) + b`` with ``W'`` held as PVQ codes (format ``pvq``).
 
     ``R`` is the layer's randomized rotation (:mod:`quantlab.rotation`), applied to the input in
@@ -57,21 +58,11 @@ class PVQLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.meta = PVQMeta(in_features, out_features, dim, pulses, levels)
-        self.in_features = in_features
-        self.out_features = out_features
-        for suffix, (shape, tdtype) in self.meta.tensor_shapes().items():
-            self.register_buffer(suffix, torch.zeros(shape, dtype=tdtype, device=device))
+        super().__init__(
+            PVQMeta(in_features, out_features, dim, pulses, levels), bias, device, dtype
+        )
         # The decoded W' when cache_weight() is on (never saved).
         self.register_buffer("_dense", None, persistent=False)
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                requires_grad=False,
-            )
-        else:
-            self.register_parameter("bias", None)
 
     @property
     def dim(self) -> int:
@@ -86,45 +77,12 @@ class PVQLinear(nn.Module):
         return self.meta.levels
 
     @classmethod
-    def from_packed(
-        cls, packed: PackedPVQ, bias: torch.Tensor | None = None, name: str = "weight"
-    ) -> PVQLinear:
-        packed.validate(name)
-        m = packed.meta
-        layer = cls(
-            m.in_features,
-            m.out_features,
-            bias=bias is not None,
-            dim=m.dim,
-            pulses=m.pulses,
-            levels=m.levels,
-            device=packed.codes.device,
-            dtype=bias.dtype if bias is not None else None,
-        )
-        for suffix, tensor in packed.tensors().items():
-            setattr(layer, suffix, tensor.contiguous())
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return layer
-
-    # ---- registry protocol -------------------------------------------------------------------
-
-    def module_spec(self) -> dict[str, Any]:
-        m = self.meta
-        return {"dim": m.dim, "pulses": m.pulses, "levels": m.levels}
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear, spec: dict[str, Any]) -> PVQLinear:
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            dim=int(spec["dim"]),
-            pulses=int(spec["pulses"]),
-            levels=int(spec["levels"]),
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+    def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "dim": int(spec["dim"]),
+            "pulses": int(spec["pulses"]),
+            "levels": int(spec["levels"]),
+        }
 
     @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
@@ -132,16 +90,9 @@ class PVQLinear(nn.Module):
         # restores fp16), so any float dtype is accepted for them.
         return {"codes": "I32", "row_scales": None, "levels": None, "signs": "I32"}
 
-    def storage_bits(self) -> int:
-        return self.meta.storage_bits()
-
     def after_load(self) -> None:
-        # transformers may cast floating tensors to the requested model dtype; the format's are
-        # fp16. Then check every code once (a corrupt file fails here, not in a later forward).
-        for suffix in ("row_scales", "levels"):
-            tensor = getattr(self, suffix)
-            if tensor.dtype != torch.float16:
-                setattr(self, suffix, tensor.to(torch.float16))
+        super().after_load()
+        # Every code is checked once, so a corrupt file fails here, not in a later forward.
         packed = self.packed()
         packed.validate("PVQLinear")
         check_codes(packed, "PVQLinear")
@@ -182,35 +133,25 @@ class PVQLinear(nn.Module):
         self._dense = self._decode(torch.float32) if enabled else None
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"PVQLinear expects input [..., {self.in_features}], got {tuple(x.shape)}"
-            )
-        lead = x.shape[:-1]
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         # The rotation runs in fp32 whatever the activation dtype (a bf16 Hadamard transform
         # would add its own rounding error on top of the quantization error).
-        x_rot = rotate(x.reshape(-1, self.in_features).to(torch.float32), self.rotation_signs())
+        x_rot = rotate(x2.to(torch.float32), self.rotation_signs())
         if self._dense is not None:
-            y = torch.nn.functional.linear(x_rot, self._dense).to(x.dtype)
-        else:
-            y = pvq_ops.matmul(
-                x_rot.to(x.dtype),
-                self.codes,
-                self.row_scales,
-                self.levels,
-                self.meta.dim,
-                self.meta.pulses,
-            )
-        y = y.view(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
-
-    def extra_repr(self) -> str:
-        m = self.meta
-        return (
-            f"in_features={m.in_features}, out_features={m.out_features}, "
-            f"bias={self.bias is not None}, dim={m.dim}, pulses={m.pulses}, levels={m.levels}, "
-            f"code_bits={m.code_bits}, bits_per_weight={m.bits_per_weight():.3f}"
+            return torch.nn.functional.linear(x_rot, self._dense).to(x2.dtype)
+        return pvq_ops.matmul(
+            x_rot.to(x2.dtype),
+            self.codes,
+            self.row_scales,
+            self.levels,
+            self.meta.dim,
+            self.meta.pulses,
         )
+
+    def _repr_fields(self) -> dict[str, Any]:
+        m = self.meta
+        return {
+            **self.module_spec(),
+            "code_bits": m.code_bits,
+            "bits_per_weight": f"{m.bits_per_weight():.3f}",
+        }

@@ -5,7 +5,8 @@ registers itself here with :func:`register_layer_format`. Checkpoint writing, lo
 own loader and the transformers quantizer) and size accounting go through this table, so a new
 format needs no change anywhere else.
 
-A layer class must provide:
+A layer class must provide the following (:class:`quantlab.nn.packed_linear.PackedLinear`, the
+base of the built-in ones, derives all but ``checkpoint_tensors`` from its format's meta):
 
 * ``format_name: ClassVar[str]`` and ``format_version: ClassVar[int]``;
 * ``in_features`` / ``out_features`` attributes;

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -14,9 +15,9 @@ from quantlab.formats.ternary import (
     PER_TENSOR,
     PackedTernary,
     TernaryMeta,
-    dtype_from_name,
     granularity_name,
 )
+from quantlab.nn.packed_linear import PackedLinear
 from quantlab.nn.registry import register_layer_format
 from quantlab.ops import reference_ternary as reference
 from quantlab.ops import ternary as ternary_ops
@@ -36,7 +37,7 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 @register_layer_format
-class TernaryLinear(nn.Module):
+class TernaryLinear(PackedLinear):
     """Linear layer ``y = A8(x) @ (s * t).T + b`` with ternary weights.
 
     ``A8`` is BitNet b1.58's per-token int8 absmax quantization of the activations (W1.58A8), the
@@ -72,19 +73,8 @@ class TernaryLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.meta = TernaryMeta(in_features, out_features, packing, group_size, scale_dtype)
-        self.in_features = in_features
-        self.out_features = out_features
-        for suffix, (shape, tdtype) in self.meta.tensor_shapes().items():
-            self.register_buffer(suffix, torch.zeros(shape, dtype=tdtype, device=device))
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                requires_grad=False,
-            )
-        else:
-            self.register_parameter("bias", None)
+        meta = TernaryMeta(in_features, out_features, packing, group_size, scale_dtype)
+        super().__init__(meta, bias, device, dtype)
         self._kernel_weight: torch.Tensor | None = None
         self._kernel_scales: torch.Tensor | None = None
         self._kernel_key: tuple[Any, ...] | None = None
@@ -98,58 +88,19 @@ class TernaryLinear(nn.Module):
         return self.meta.group_size
 
     @classmethod
-    def from_packed(
-        cls, packed: PackedTernary, bias: torch.Tensor | None = None, name: str = "weight"
-    ) -> TernaryLinear:
-        packed.validate(name)
-        m = packed.meta
-        layer = cls(
-            m.in_features,
-            m.out_features,
-            bias=bias is not None,
-            packing=m.packing,
-            group_size=m.group_size,
-            scale_dtype=m.scale_dtype,
-            device=packed.qweight.device,
-            dtype=bias.dtype if bias is not None else None,
-        )
-        layer.qweight = packed.qweight.contiguous()
-        layer.scales = packed.scales.contiguous()
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return layer
-
-    # ---- registry protocol (quantlab.nn.registry) ----
-
-    def module_spec(self) -> dict[str, Any]:
-        m = self.meta
-        return {"packing": m.packing, "group_size": m.group_size, "scale_dtype": m.scale_dtype}
-
-    @classmethod
-    def empty_like(cls, linear: nn.Linear, spec: dict[str, Any]) -> TernaryLinear:
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            packing=str(spec.get("packing", "i2")),
-            group_size=int(spec.get("group_size", PER_TENSOR)),
-            scale_dtype=str(spec.get("scale_dtype", "float16")),
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
+    def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "packing": str(spec.get("packing", "i2")),
+            "group_size": int(spec.get("group_size", PER_TENSOR)),
+            "scale_dtype": str(spec.get("scale_dtype", "float16")),
+        }
 
     @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
         return {"qweight": "U8", "scales": None}
 
-    def storage_bits(self) -> int:
-        return self.meta.storage_bits()
-
     def after_load(self) -> None:
-        # transformers may cast floating tensors to the model dtype; scales keep theirs.
-        want = dtype_from_name(self.meta.scale_dtype)
-        if self.scales.dtype != want:
-            self.scales = self.scales.to(want)
+        super().after_load()
         self.packed().validate(self.__class__.__name__)
         self.prepare()
 
@@ -197,43 +148,32 @@ class TernaryLinear(nn.Module):
             self.qweight, self.scales, m.packing, m.in_features, m.group_size, dtype
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device != self.qweight.device:
             raise ValueError(
-                f"TernaryLinear expects input [..., {self.in_features}], got {tuple(x.shape)}"
-            )
-        if x.device != self.qweight.device:
-            raise ValueError(
-                f"TernaryLinear: input on {x.device}, weights on {self.qweight.device}"
+                f"TernaryLinear: input on {x2.device}, weights on {self.qweight.device}"
             )
         self.prepare()
         assert self._kernel_weight is not None and self._kernel_scales is not None
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
         m = self.meta
-        if x.device.type == "cuda":
-            y = ternary_ops.matmul(
+        if x2.device.type == "cuda":
+            return ternary_ops.matmul(
                 x2, self._kernel_weight, self._kernel_scales, "i2", m.in_features, m.group_size
             )
-        else:
-            y = ternary_ops.lut_mm(
-                x2,
-                self._kernel_weight,
-                self._kernel_scales,
-                m.out_features,
-                m.in_features,
-                m.group_size,
-            )
-        y = y.view(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return ternary_ops.lut_mm(
+            x2,
+            self._kernel_weight,
+            self._kernel_scales,
+            m.out_features,
+            m.in_features,
+            m.group_size,
+        )
 
-    def extra_repr(self) -> str:
+    def _repr_fields(self) -> dict[str, Any]:
         m = self.meta
         bits = self.storage_bits() / (m.in_features * m.out_features)
-        return (
-            f"in_features={m.in_features}, out_features={m.out_features}, "
-            f"bias={self.bias is not None}, packing={m.packing}, "
-            f"scales={granularity_name(m.group_size)} {m.scale_dtype}, {bits:.3f} bits/weight"
-        )
+        return {
+            "packing": m.packing,
+            "scales": f"{granularity_name(m.group_size)} {m.scale_dtype}",
+            "bits_per_weight": f"{bits:.3f}",
+        }
