@@ -8,28 +8,24 @@ llm-compressor's) back into QuantLinear layers.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from quantlab.export.awq_format import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.export.checkpoint import (
-    WEIGHTS_NAME,
     CheckpointError,
     groupwise_specs,
     instantiate_quantized,
-    read_safetensors_header,
     state_dict_without_shared,
     write_checkpoint,
 )
-from quantlab.formats.groupwise_int import pack, unpack
+from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
+from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.linear import QuantLinear
-from quantlab.solvers.base import GroupwiseIntResult
 
 __all__ = ["AWQ_SUFFIXES", "load_awq", "save_awq"]
 
@@ -76,17 +72,8 @@ def load_awq(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers."""
-    root = Path(path)
-    weights = root / WEIGHTS_NAME
-    cfg_path = root / "config.json"
-    for f in (cfg_path, weights):
-        if not f.is_file():
-            raise CheckpointError(f"{root}: missing {f.name}")
-    qcfg = json.loads(cfg_path.read_text()).get("quantization_config") or {}
-    if qcfg.get("quant_method") != "awq":
-        raise CheckpointError(
-            f"{cfg_path}: not an AWQ checkpoint (quant_method {qcfg.get('quant_method')!r})"
-        )
+    checkpoint = read_foreign_checkpoint(path, "awq")
+    qcfg, cfg_path = checkpoint.quantization_config, checkpoint.config_path
     version = str(qcfg.get("version", qcfg.get("format", "gemm"))).lower()
     if version != "gemm":
         raise CheckpointError(
@@ -96,24 +83,13 @@ def load_awq(
         raise CheckpointError(f"{cfg_path}: AWQ without zero points is not supported")
     bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
     group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
-    header = read_safetensors_header(weights)
-    names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
-    state = load_file(weights)
-    for name in names:
-        missing = [s for s in AWQ_SUFFIXES if f"{name}.{s}" not in state]
-        if missing:
-            raise CheckpointError(f"{weights}: {name} lacks {missing}")
-        tensors = {s: state.pop(f"{name}.{s}") for s in AWQ_SUFFIXES}
-        try:
-            q, scales, zeros = from_awq_tensors(tensors, bits, group_size)
-        except ValueError as exc:
-            raise CheckpointError(f"{weights}: {name}: {exc}") from exc
-        packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
-        state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
-        bias = state.get(f"{name}.bias")
-        if bias is not None:
-            state[f"{name}.bias"] = bias.to(dtype)
+    state, names = state_in_groupwise_format(
+        checkpoint,
+        AWQ_SUFFIXES,
+        lambda tensors: from_awq_tensors(tensors, bits, group_size),
+        bits,
+        group_size,
+    )
     # AWQ stores zero points even for symmetric weights; they load as explicit zeros.
-    return instantiate_quantized(
-        root, state, groupwise_specs(names, bits, group_size, False), dtype
-    ).to(device)
+    specs = groupwise_specs(names, bits, group_size, False)
+    return instantiate_quantized(checkpoint.root, state, specs, dtype).to(device)

@@ -11,32 +11,27 @@ QuantLinear layers.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from quantlab.export.checkpoint import (
-    WEIGHTS_NAME,
-    CheckpointError,
     groupwise_specs,
     instantiate_quantized,
-    read_safetensors_header,
     state_dict_without_shared,
     write_checkpoint,
 )
+from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
 from quantlab.export.gptq_format import (
     from_gptq_tensors,
     gptq_quantization_config,
     to_gptq_tensors,
 )
-from quantlab.formats.groupwise_int import pack, unpack
+from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.linear import QuantLinear
-from quantlab.solvers.base import GroupwiseIntResult
 
 __all__ = ["GPTQ_SUFFIXES", "load_gptq", "save_gptq"]
 
@@ -105,32 +100,17 @@ def load_gptq(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers."""
-    root = Path(path)
-    weights = root / WEIGHTS_NAME
-    cfg_path = root / "config.json"
-    for f in (cfg_path, weights):
-        if not f.is_file():
-            raise CheckpointError(f"{root}: missing {f.name}")
-    qcfg = json.loads(cfg_path.read_text()).get("quantization_config") or {}
-    if qcfg.get("quant_method") != "gptq":
-        raise CheckpointError(
-            f"{cfg_path}: not a GPTQ checkpoint (quant_method {qcfg.get('quant_method')!r})"
-        )
+    checkpoint = read_foreign_checkpoint(path, "gptq")
+    qcfg = checkpoint.quantization_config
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     sym = bool(qcfg.get("sym", True))
     fmt = qcfg.get("checkpoint_format", "gptq")
-    header = read_safetensors_header(weights)
-    names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
-    state = load_file(weights)
-    for name in names:
-        missing = [s for s in GPTQ_SUFFIXES if f"{name}.{s}" not in state]
-        if missing:
-            raise CheckpointError(f"{weights}: {name} lacks {missing}")
-        tensors = {s: state.pop(f"{name}.{s}") for s in GPTQ_SUFFIXES}
-        q, scales, zeros = from_gptq_tensors(tensors, bits, group_size, fmt, sym=sym)
-        packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
-        state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
-
-    return instantiate_quantized(
-        root, state, groupwise_specs(names, bits, group_size, sym), dtype
-    ).to(device)
+    state, names = state_in_groupwise_format(
+        checkpoint,
+        GPTQ_SUFFIXES,
+        lambda tensors: from_gptq_tensors(tensors, bits, group_size, fmt, sym=sym),
+        bits,
+        group_size,
+    )
+    specs = groupwise_specs(names, bits, group_size, sym)
+    return instantiate_quantized(checkpoint.root, state, specs, dtype).to(device)

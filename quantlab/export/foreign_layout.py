@@ -1,0 +1,94 @@
+"""What the readers of other tools' groupwise layouts (GPTQ, AWQ) share: finding and checking the
+checkpoint's files and ``quantization_config``, and turning each quantized module's tensors into
+quantlab's groupwise format."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from quantlab.export.checkpoint import WEIGHTS_NAME, CheckpointError, read_safetensors_header
+from quantlab.formats.groupwise_int import pack
+from quantlab.solvers.base import GroupwiseIntResult
+
+__all__ = ["ForeignCheckpoint", "read_foreign_checkpoint", "state_in_groupwise_format"]
+
+# (tensors of one module by suffix) -> (codes [N, K], scales [N, G], zero points [N, G] or None)
+ModuleConverter = Callable[
+    [dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+]
+
+
+@dataclass(frozen=True)
+class ForeignCheckpoint:
+    """A checkpoint directory of another tool's layout whose files and config have been checked."""
+
+    root: Path
+    quantization_config: dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS_NAME
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+
+def read_foreign_checkpoint(path: str | os.PathLike[str], quant_method: str) -> ForeignCheckpoint:
+    """Check ``path`` holds ``config.json`` and ``model.safetensors`` and that the config's
+    ``quantization_config`` says ``quant_method``; raise :class:`CheckpointError` otherwise."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    for name in ("config.json", WEIGHTS_NAME):
+        if not (root / name).is_file():
+            raise CheckpointError(f"{root}: missing {name}")
+    cfg_path = root / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("quant_method") != quant_method:
+        raise CheckpointError(
+            f"{cfg_path}: not a {quant_method.upper()} checkpoint "
+            f"(quant_method {qcfg.get('quant_method')!r})"
+        )
+    return ForeignCheckpoint(root, qcfg)
+
+
+def state_in_groupwise_format(
+    checkpoint: ForeignCheckpoint,
+    suffixes: tuple[str, ...],
+    convert: ModuleConverter,
+    bits: int,
+    group_size: int,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The checkpoint's state dict with every module that has a ``.qweight`` converted by
+    ``convert`` from its ``suffixes`` tensors to quantlab's groupwise tensors (fp16 scales), and
+    the names of those modules. A module lacking a tensor, or one ``convert`` rejects
+    (``ValueError``), raises :class:`CheckpointError` naming it."""
+    weights = checkpoint.weights
+    header = read_safetensors_header(weights)
+    names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
+    state = load_file(weights)
+    for name in names:
+        missing = [s for s in suffixes if f"{name}.{s}" not in state]
+        if missing:
+            raise CheckpointError(f"{weights}: {name} lacks {missing}")
+        tensors = {s: state.pop(f"{name}.{s}") for s in suffixes}
+        try:
+            q, scales, zeros = convert(tensors)
+            packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
+        except ValueError as exc:
+            raise CheckpointError(f"{weights}: {name}: {exc}") from exc
+        state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
+    return state, names
