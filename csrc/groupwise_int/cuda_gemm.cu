@@ -42,6 +42,7 @@
 
 #include "common/bitstream.h"
 #include "common/cuda_check.h"
+#include "common/cuda_convert.cuh"
 #include "groupwise_int/cuda_kernels.cuh"
 
 namespace quantlab::groupwise_int {
@@ -106,15 +107,6 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
 }
 
 // Raw (not yet decoded) global data of one K tile, held in registers while the previous tile's

@@ -16,6 +16,7 @@
 
 #include "common/bitstream.h"
 #include "common/cuda_check.h"
+#include "common/cuda_convert.cuh"
 #include "groupwise_int/cuda_kernels.cuh"
 
 namespace quantlab::groupwise_int {
@@ -23,28 +24,6 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float zero_point(const CudaWeight& w, int64_t row, int64_t g) {
   if (w.qzeros == nullptr) return static_cast<float>(1u << (w.bits - 1));

@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/cuda_convert.cuh"
 #include "groupwise_int/cuda_mma.cuh"
 
 namespace quantlab::groupwise_int::mma {
@@ -173,17 +174,6 @@ __device__ __forceinline__ uint32_t pack_floats(float lo, float hi) {
     return as_u32(__floats2half2_rn(lo, hi));  // .x (low 16 bits) = lo
   } else {
     return as_u32(__floats2bfloat162_rn(lo, hi));
-  }
-}
-
-// Explicit conversions: torch's CUDA builds define __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, so no implicit float <-> 16-bit conversion may be relied on.
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
   }
 }
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "common/cuda_check.h"
+#include "common/cuda_convert.cuh"
 #include "pvq/cuda_kernels.cuh"
 #include "pvq/pvq_decode.h"
 
@@ -27,28 +28,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kDecodeThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Copies the count table into shared memory (all threads of the block take part).
 __device__ __forceinline__ void load_counts(const CudaWeight& w, uint64_t* table) {

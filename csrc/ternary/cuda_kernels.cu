@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "common/cuda_check.h"
+#include "common/cuda_convert.cuh"
 #include "ternary/cuda_kernels.cuh"
 
 namespace quantlab::ternary {
@@ -27,36 +28,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr float kActClampMin = 1e-5f;
 constexpr uint32_t kCodeMask = 0x03030303u;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // BitNet's 127 / max(amax, 1e-5) as torch evaluates it: a rounded reciprocal, then times 127.
 __device__ __forceinline__ float act_scale(float amax) {
