@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantlab.solvers.base import check_weight
-from quantlab.solvers.gptq import _inverse_cholesky
+from quantlab.solvers.gptq import _inverse_cholesky, error_feedback_columns
 
 __all__ = [
     "SVD_METHODS",
@@ -152,24 +152,16 @@ def _feedback_signs(
     calibration output error ``tr(E H E^T)`` instead of the weight error. Returns the bool mask
     ``S == +1``.
     """
-    w = target.clone()
-    n, k = w.shape
-    positive = torch.empty(n, k, dtype=torch.bool, device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        wb = w[:, i1:i2].clone()
-        mb = magnitude[:, i1:i2]
-        ub = upper[i1:i2, i1:i2]
-        err = torch.empty_like(wb)
-        for j in range(i2 - i1):
-            col, m = wb[:, j], mb[:, j]
-            pos = (col >= 0) == (m >= 0)
-            e = (col - torch.where(pos, m, -m)) / ub[j, j]
-            wb[:, j:] -= e.unsqueeze(1) * ub[j, j:].unsqueeze(0)
-            err[:, j] = e
-            positive[:, i1 + j] = pos
-        w[:, i2:] -= err @ upper[i1:i2, i2:]
-    return positive
+    magnitude_t = magnitude.t().contiguous()
+
+    def choose_signs(col: int, wcol: torch.Tensor, qcol: torch.Tensor, deq: torch.Tensor) -> None:
+        m = magnitude_t[col]
+        pos = (wcol >= 0) == (m >= 0)
+        qcol.copy_(pos)
+        torch.where(pos, m, -m, out=deq)
+
+    signs_t = error_feedback_columns(target.t().contiguous(), upper, block_size, choose_signs)
+    return signs_t.t().to(torch.bool).contiguous()
 
 
 def _row_gains(target: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,51 @@ def _inverse_cholesky(
     return damped_factor(h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4)
 
 
+# Quantizes one column in place: (column index in quantization order, its error-corrected values
+# [N], where to write its codes [N], where to write its dequantized values [N]).
+ColumnQuantizer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def error_feedback_columns(
+    wt: torch.Tensor, u: torch.Tensor, block_size: int, quantize_column: ColumnQuantizer
+) -> torch.Tensor:
+    """GPTQ's column loop: quantize the input columns in order, each after the rounding errors of
+    the earlier ones have been pushed into it through the inverse Hessian.
+
+    Args:
+        wt: fp32 ``[K, N]``, row ``i`` = input column ``i`` in quantization order; updated in
+            place (it ends as the error-corrected values each column was quantized from).
+        u: upper Cholesky factor ``[K, K]`` of ``H^-1`` in the same order.
+        block_size: columns whose errors reach the later blocks in one matmul (lazy batch
+            updates; the result does not depend on it beyond rounding).
+        quantize_column: writes a column's codes and dequantized values (see ``ColumnQuantizer``).
+
+    Returns:
+        ``[K, N]`` fp32 codes, row per column, in quantization order.
+    """
+    k, n = wt.shape
+    qt = torch.empty_like(wt)
+    deq = torch.empty(n, dtype=torch.float32, device=wt.device)
+    u_diag = torch.diagonal(u).tolist()
+    err_block = torch.empty_like(wt[: min(block_size, k)])
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        wb = wt[i1:i2]
+        ub = u[i1:i2, i1:i2]
+        eb = err_block[: i2 - i1]
+        for i in range(i2 - i1):
+            col = i1 + i
+            quantize_column(col, wb[i], qt[col], deq)
+            ecol = eb[i]
+            torch.sub(wb[i], deq, out=ecol)
+            ecol.div_(u_diag[col])
+            if i + 1 < i2 - i1:
+                wb[i + 1 :].addr_(ub[i, i + 1 :], ecol, alpha=-1.0)
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), eb, alpha=-1.0)
+    return qt
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -258,12 +303,9 @@ def gptq_quantize(
     u = _inverse_cholesky(h, damp_percent, max_damp_retries, name)
     del h
 
-    # Transposed working copies: row i of wt is input column i (in quantization order).
+    # Transposed working copy: row i of wt is input column i (in quantization order).
     wt = w.t().contiguous()
     del w
-    qt = torch.empty_like(wt)
-    deq = torch.empty(n, dtype=torch.float32, device=device)
-    u_diag = torch.diagonal(u).tolist()
 
     # Per-column scale/zero rows in quantization order for the fixed-grid cases.
     col_scale: torch.Tensor | None = None
@@ -277,41 +319,30 @@ def gptq_quantize(
 
     dyn_scales: list[torch.Tensor] = []
     dyn_zeros: list[torch.Tensor] = []
+    # Dynamic groups need whole groups inside a block (the group's grid is fitted on its columns
+    # once the earlier columns' errors have reached them).
     bsz = max(g, (block_size // g) * g) if grouped and fixed is None else block_size
-    err_block = torch.empty_like(wt[: min(bsz, k)])
-    # Bound at the first column of every group (dynamic) or of every column (fixed grids).
-    scale = zero = deq
-    for i1 in range(0, k, bsz):
-        i2 = min(i1 + bsz, k)
-        wb = wt[i1:i2]
-        ub = u[i1:i2, i1:i2]
-        eb = err_block[: i2 - i1]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if fixed is None:
-                if col % g == 0:
-                    # Dynamic group: fit the grid on the group's already-updated values.
-                    s, z = group_params(wb[i : i + g].t(), bits, sym, scale_dtype, clip_search)
-                    dyn_scales.append(s)
-                    dyn_zeros.append(z)
-                    scale, zero = s, z.to(torch.float32)
-            else:
-                assert col_scale is not None and col_zero is not None
-                scale, zero = col_scale[col], col_zero[col]
-            wcol = wb[i]
-            qcol = qt[col]
-            torch.div(wcol, scale, out=qcol)
-            qcol.round_().add_(zero).clamp_(0.0, maxq)
-            torch.sub(qcol, zero, out=deq)
-            deq.mul_(scale)
-            ecol = eb[i]
-            torch.sub(wcol, deq, out=ecol)
-            ecol.div_(u_diag[col])
-            if i + 1 < i2 - i1:
-                wb[i + 1 :].addr_(ub[i, i + 1 :], ecol, alpha=-1.0)
-        if i2 < k:
-            # Lazy update: the whole block's errors reach the later columns in one matmul.
-            wt[i2:].addmm_(u[i1:i2, i2:].t(), eb, alpha=-1.0)
+    grid: list[torch.Tensor] = []  # the current (scale, zero) of a dynamic group
+
+    def quantize_column(
+        col: int, wcol: torch.Tensor, qcol: torch.Tensor, deq: torch.Tensor
+    ) -> None:
+        if fixed is None:
+            if col % g == 0:
+                s, z = group_params(wt[col : col + g].t(), bits, sym, scale_dtype, clip_search)
+                dyn_scales.append(s)
+                dyn_zeros.append(z)
+                grid[:] = [s, z.to(torch.float32)]
+            scale, zero = grid
+        else:
+            assert col_scale is not None and col_zero is not None
+            scale, zero = col_scale[col], col_zero[col]
+        torch.div(wcol, scale, out=qcol)
+        qcol.round_().add_(zero).clamp_(0.0, maxq)
+        torch.sub(qcol, zero, out=deq)
+        deq.mul_(scale)
+
+    qt = error_feedback_columns(wt, u, bsz, quantize_column)
 
     q = qt.t()
     if perm is not None:

@@ -31,7 +31,12 @@ import torch
 
 from quantlab.ops.reference_ternary import PER_ROW, PER_TENSOR, scale_shape
 from quantlab.solvers.base import check_weight
-from quantlab.solvers.gptq import _check_hessian, _inverse_cholesky, proxy_loss
+from quantlab.solvers.gptq import (
+    _check_hessian,
+    _inverse_cholesky,
+    error_feedback_columns,
+    proxy_loss,
+)
 
 __all__ = [
     "PER_ROW",
@@ -333,31 +338,17 @@ def _gptq_pass(
     Returns:
         int8 trits ``[N, K]`` in the original column order.
     """
-    n, k = w.shape
     wt = w.t().contiguous()  # row i = input column i
-    qt = torch.empty_like(wt)
-    deq = torch.empty(n, dtype=torch.float32, device=w.device)
-    u_diag = torch.diagonal(u).tolist()
-    err_block = torch.empty_like(wt[: min(block_size, k)])
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        wb = wt[i1:i2]
-        ub = u[i1:i2, i1:i2]
-        eb = err_block[: i2 - i1]
-        for i in range(i2 - i1):
-            col = i1 + i
-            scale = col_scales[col]
-            qcol = qt[col]
-            torch.div(wb[i], scale, out=qcol)
-            qcol.round_().clamp_(-1.0, 1.0)
-            torch.mul(qcol, scale, out=deq)
-            ecol = eb[i]
-            torch.sub(wb[i], deq, out=ecol)
-            ecol.div_(u_diag[col])
-            if i + 1 < i2 - i1:
-                wb[i + 1 :].addr_(ub[i, i + 1 :], ecol, alpha=-1.0)
-        if i2 < k:
-            wt[i2:].addmm_(u[i1:i2, i2:].t(), eb, alpha=-1.0)
+
+    def quantize_column(
+        col: int, wcol: torch.Tensor, qcol: torch.Tensor, deq: torch.Tensor
+    ) -> None:
+        scale = col_scales[col]
+        torch.div(wcol, scale, out=qcol)
+        qcol.round_().clamp_(-1.0, 1.0)
+        torch.mul(qcol, scale, out=deq)
+
+    qt = error_feedback_columns(wt, u, block_size, quantize_column)
     q = qt.t()
     if perm is not None:
         q = q[:, torch.argsort(perm)]
