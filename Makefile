@@ -20,9 +20,10 @@ demo-gptq: setup
 demo-awq: setup
 	$(RUN) quantlab quantize --model default --method awq --bits 4 --group-size 64 --format awq --out out/smollm2-awq-w4g64
 
-## Lint, then the whole CPU test suite (GPU tests skip without a GPU).
+## Lint and format check, then the whole CPU test suite (GPU tests skip without a GPU).
 test: setup
 	$(RUN) ruff check .
+	$(RUN) ruff format --check .
 	$(RUN) python -m pytest -q --durations=15
 
 test-fast: setup
@@ -30,6 +31,7 @@ test-fast: setup
 
 lint: setup
 	$(RUN) ruff check .
+	$(RUN) ruff format --check .
 
 ## Benchmarks. The JSON goes under $(BENCH_OUT); then scripts/bench_report.py rebuilds
 ## $(BENCH_MD) and $(BENCH_PLOT) from every JSON there (where two runs measured the same thing,
