@@ -464,21 +464,32 @@ RowsFn gemv_avx2_fn(int64_t m, int64_t* tile_rows) {
   }
 }
 
-// Byte planes the kernel uses for these parameters: the most the bit width allows when a group
-// is a whole number of steps (then K is too), else 1.
-int planes_for(const CpuParams& p) {
-  const int most = p.bits == 4 ? 2 : (p.bits == 2 ? 4 : 1);
-  return p.group_size % (8 * most) == 0 ? most : 1;
+// Byte planes a bit width can unpack in: as many as it has codes per byte when that is a whole
+// number, else 1 (column order).
+template <int BITS>
+constexpr int kMostPlanes = (BITS == 2 || BITS == 4) ? 8 / BITS : 1;
+
+// The kernel for BITS-bit codes and m rows, with the byte planes it uses in *planes: all the bit
+// width allows when a group is a whole number of steps (then K is too), else 1.
+template <int BITS>
+RowsFn gemv_avx2_for(int64_t group_size, int64_t m, int64_t* tile_rows, int* planes) {
+  constexpr int kP = kMostPlanes<BITS>;
+  if constexpr (kP > 1) {
+    if (group_size % (8 * kP) == 0) {
+      *planes = kP;
+      return gemv_avx2_fn<BITS, kP>(m, tile_rows);
+    }
+  }
+  *planes = 1;
+  return gemv_avx2_fn<BITS, 1>(m, tile_rows);
 }
 
-RowsFn select_gemv_avx2(int bits, int planes, int64_t m, int64_t* tile_rows) {
-  switch (bits) {
-    case 2:
-      return planes == 4 ? gemv_avx2_fn<2, 4>(m, tile_rows) : gemv_avx2_fn<2, 1>(m, tile_rows);
-    case 3: return gemv_avx2_fn<3, 1>(m, tile_rows);
-    case 4:
-      return planes == 2 ? gemv_avx2_fn<4, 2>(m, tile_rows) : gemv_avx2_fn<4, 1>(m, tile_rows);
-    default: return gemv_avx2_fn<8, 1>(m, tile_rows);
+RowsFn select_gemv_avx2(const CpuParams& p, int64_t m, int64_t* tile_rows, int* planes) {
+  switch (p.bits) {
+    case 2: return gemv_avx2_for<2>(p.group_size, m, tile_rows, planes);
+    case 3: return gemv_avx2_for<3>(p.group_size, m, tile_rows, planes);
+    case 4: return gemv_avx2_for<4>(p.group_size, m, tile_rows, planes);
+    default: return gemv_avx2_for<8>(p.group_size, m, tile_rows, planes);
   }
 }
 
@@ -524,8 +535,8 @@ void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y) {
     int64_t tile_rows = 1;
 #if defined(QUANTLAB_X86)
     if (use_avx2(p)) {
-      const int planes = planes_for(p);
-      fn = select_gemv_avx2(p.bits, planes, c.m, &tile_rows);
+      int planes = 1;
+      fn = select_gemv_avx2(p, c.m, &tile_rows, &planes);
       interleave(c.x, c.m, p.k, planes, xp.data());
       c.xp = xp.data();
     }
