@@ -29,6 +29,13 @@
 // step. x is re-laid out once per call in the same order ([K / step][m][P][8]), so the kernels
 // multiply matching lanes. 8- and 3-bit codes (and groups the planes do not tile) keep P = 1,
 // i.e. the column order.
+//
+// AVX-512 (4- and 2-bit codes, groups a whole number of 16-byte steps). The same two tile
+// kernels with 16-lane vectors: one vpmovzxbd widens 16 bytes (32 or 64 codes), x is laid out
+// [K / step][m][P][16], and 32 registers let the dequantizing kernel keep 2-4 output rows per
+// tile (1 with AVX2 at M >= 5), so each x vector feeds more weights. The zero-point terms and
+// per-group offsets are the AVX2 helpers (8 groups at a time), called from the AVX-512 code.
+// Where the CPU has AVX-512 but the weight does not qualify (3/8-bit, other groups), AVX2 runs.
 #include "groupwise_int/cpu_kernels.h"
 
 #include <algorithm>
@@ -46,6 +53,9 @@
 #include <immintrin.h>
 #define QUANTLAB_X86 1
 #define QUANTLAB_AVX2 __attribute__((target("avx2,fma")))
+// A superset of QUANTLAB_AVX2, so AVX-512 functions may call (and inline) the AVX2 helpers.
+#define QUANTLAB_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #endif
 
 namespace quantlab::groupwise_int {
@@ -61,9 +71,9 @@ struct Ctx {
   int64_t words_g;
   const float* x;     // [m, K] chunk of the activations
   const float* xsum;  // [m, groups] group sums of that chunk
-  // The chunk re-laid out as [K / step][m][P][8] (AVX2 paths only; step = 8 * P columns, P the
-  // byte planes of the kernel): the m * P vectors one step needs are adjacent, so the inner loop
-  // reads x sequentially. Rows of x at a power-of-two stride (K = 4096 floats = 16 KB) would
+  // The chunk re-laid out as [K / step][m][P][L] (vector paths only; L = 8 lanes for AVX2, 16
+  // for AVX-512; step = L * P columns, P the byte planes of the kernel): the m * P vectors one
+  // step needs are adjacent, so the inner loop reads x sequentially. Rows of x at a power-of-two stride (K = 4096 floats = 16 KB) would
   // otherwise all map to the same L1 sets.
   const float* xp;
   int64_t m;          // rows in the chunk, 1..8
@@ -126,16 +136,17 @@ void group_sums(const Ctx& c, const float* x, int64_t m, float* xsum) {
   }
 }
 
-// x [m, K] (K % (8 * planes) == 0) -> out [K / step][m][planes][8], step = 8 * planes, where
-// lane b of plane j is column planes * b + j of the step (the order the byte planes unpack in).
-void interleave(const float* x, int64_t m, int64_t k, int planes, float* out) {
-  const int64_t step = 8 * planes;
+// x [m, K] (K % (lanes * planes) == 0) -> out [K / step][m][planes][lanes], step = lanes *
+// planes, where lane b of plane j is column planes * b + j of the step (the order the byte planes
+// unpack in).
+void interleave(const float* x, int64_t m, int64_t k, int planes, int lanes, float* out) {
+  const int64_t step = lanes * planes;
   for (int64_t kk = 0; kk < k; kk += step)
     for (int64_t i = 0; i < m; ++i) {
       const float* src = x + i * k + kk;
       float* dst = out + kk * m + i * step;
       for (int j = 0; j < planes; ++j)
-        for (int b = 0; b < 8; ++b) dst[8 * j + b] = src[planes * b + j];
+        for (int b = 0; b < lanes; ++b) dst[lanes * j + b] = src[planes * b + j];
     }
 }
 
@@ -183,13 +194,35 @@ void gemv_rows_scalar(const Ctx& c, int64_t r0, int64_t r1) {
 
 #if defined(QUANTLAB_X86)
 
-bool use_avx2(const CpuParams& p) {
-  static const bool supported = [] {
-    const char* isa = std::getenv("QUANTLAB_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "scalar") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+// The widest vector ISA of this CPU; QUANTLAB_CPU_ISA=scalar forces the portable path and
+// QUANTLAB_CPU_ISA=avx2 caps it at AVX2 (read once, on first use).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const char* env = std::getenv("QUANTLAB_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "scalar") == 0) return Isa::kScalar;
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Isa::kScalar;
+    const bool cap_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx512 && !cap_avx2 ? Isa::kAvx512 : Isa::kAvx2;
   }();
-  return supported && p.group_size % 8 == 0;
+  return isa;
+}
+
+bool use_avx2(const CpuParams& p) { return cpu_isa() != Isa::kScalar && p.group_size % 8 == 0; }
+
+// Byte planes a bit width can unpack in: as many as it has codes per byte when that is a whole
+// number, else 1 (column order).
+template <int BITS>
+constexpr int kMostPlanes = (BITS == 2 || BITS == 4) ? 8 / BITS : 1;
+
+// The AVX-512 kernels take 4- and 2-bit codes whose groups are whole 16-byte steps (16 * P codes:
+// 32 columns at 4 bits, 64 at 2 bits); everything else stays on AVX2.
+bool use_avx512(const CpuParams& p) {
+  if (cpu_isa() != Isa::kAvx512 || (p.bits != 2 && p.bits != 4)) return false;
+  return p.group_size % (16 * (8 / p.bits)) == 0;
 }
 
 // The 8 codes of columns [kk, kk + 8) (kk a multiple of 8) as int32 lanes.
@@ -464,11 +497,6 @@ RowsFn gemv_avx2_fn(int64_t m, int64_t* tile_rows) {
   }
 }
 
-// Byte planes a bit width can unpack in: as many as it has codes per byte when that is a whole
-// number, else 1 (column order).
-template <int BITS>
-constexpr int kMostPlanes = (BITS == 2 || BITS == 4) ? 8 / BITS : 1;
-
 // The kernel for BITS-bit codes and m rows, with the byte planes it uses in *planes: all the bit
 // width allows when a group is a whole number of steps (then K is too), else 1.
 template <int BITS>
@@ -492,6 +520,182 @@ RowsFn select_gemv_avx2(const CpuParams& p, int64_t m, int64_t* tile_rows, int* 
     default: return gemv_avx2_for<8>(p.group_size, m, tile_rows, planes);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 tile kernels (4- and 2-bit codes in byte planes; see the top of the file).
+
+// GCC 12's AVX-512 headers build unmasked conversions on a self-initialised `_mm512_undefined_*`
+// value, which -Wall reports as uninitialised once inlined here (a false positive: every lane is
+// written).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// The 16-byte step at column kk (a multiple of 16 * P) widened to int32 lanes: exactly the step's
+// 16 * P codes, so never past the end of the row.
+template <int BITS>
+QUANTLAB_AVX512 inline __m512i load_step16(const uint8_t* row, int64_t kk) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kk * BITS / 8)));
+}
+
+// Plane j of a 16-lane step as fp32 (j a compile-time constant after unrolling).
+template <int BITS, int P>
+QUANTLAB_AVX512 inline __m512 plane16_f32(__m512i step, int j) {
+  const __m512i v = j == 0 ? step : _mm512_srli_epi32(step, j * BITS);
+  if (j == P - 1) return _mm512_cvtepi32_ps(v);  // zero-extended bytes: no mask needed
+  return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)));
+}
+
+// Group-sum kernel with 16-lane vectors (M <= 2); as tile_groupsum.
+template <int BITS, int P, int M, int R>
+QUANTLAB_AVX512 inline void tile_groupsum16(const Ctx& c, int64_t n0) {
+  constexpr int kStep = 16 * P;
+  const CpuParams& p = *c.p;
+  const int64_t gs = p.group_size;
+  const uint8_t* rows[R];
+  const float* srows[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = reinterpret_cast<const uint8_t*>(p.qweight + (n0 + r) * c.words_k);
+    srows[r] = p.scales + (n0 + r) * c.groups;
+  }
+  __m512 total[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) total[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < c.groups; ++g) {
+    __m512 acc[R][M][2];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < M; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
+    const int64_t k_end = (g + 1) * gs;
+    for (int64_t kk = g * gs; kk < k_end; kk += kStep) {
+      const float* xs = c.xp + kk * M;
+      for (int r = 0; r < R; ++r) {
+        const __m512i step = load_step16<BITS>(rows[r], kk);
+#pragma GCC unroll 4
+        for (int j = 0; j < P; ++j) {
+          const __m512 w = plane16_f32<BITS, P>(step, j);
+          for (int i = 0; i < M; ++i)
+            acc[r][i][j % 2] =
+                _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + (i * P + j) * 16), acc[r][i][j % 2]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sv = _mm512_set1_ps(srows[r][g]);
+      for (int i = 0; i < M; ++i)
+        total[r][i] = _mm512_fmadd_ps(sv, _mm512_add_ps(acc[r][i][0], acc[r][i][1]), total[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float zt[M];
+    zero_terms<BITS, M>(c, n0 + r, zt);
+    for (int i = 0; i < M; ++i) c.y[i * p.n + n0 + r] = _mm512_reduce_add_ps(total[r][i]) - zt[i];
+  }
+}
+
+// Dequantizing kernel with 16-lane vectors (M >= 3); as tile_dequant.
+template <int BITS, int P, int M, int R>
+QUANTLAB_AVX512 inline void tile_dequant16(const Ctx& c, int64_t n0, int64_t k_begin,
+                                           int64_t k_end, bool accumulate) {
+  constexpr int kStep = 16 * P;
+  const CpuParams& p = *c.p;
+  const int64_t gs = p.group_size;
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r)
+    rows[r] = reinterpret_cast<const uint8_t*>(p.qweight + (n0 + r) * c.words_k);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  float offsets[R][8];  // group_offsets8 of each row's groups [zg, zg + 8)
+  int64_t zg = -1;
+  int64_t g = k_begin / gs;
+  for (int64_t kk = k_begin; kk < k_end; ++g) {
+    const int64_t seg_end = std::min((g + 1) * gs, k_end);
+    if (g / 8 * 8 != zg) {
+      zg = g / 8 * 8;
+      for (int r = 0; r < R; ++r) group_offsets8<BITS>(c, n0 + r, zg, offsets[r]);
+    }
+    __m512 sv[R];
+    __m512 bv[R];
+    for (int r = 0; r < R; ++r) {
+      sv[r] = _mm512_set1_ps(p.scales[(n0 + r) * c.groups + g]);
+      bv[r] = _mm512_set1_ps(offsets[r][g - zg]);
+    }
+    for (; kk < seg_end; kk += kStep) {
+      const float* xs = c.xp + kk * M;
+      __m512i steps[R];
+      for (int r = 0; r < R; ++r) steps[r] = load_step16<BITS>(rows[r], kk);
+#pragma GCC unroll 4
+      for (int j = 0; j < P; ++j) {
+        // Each x vector is loaded once and feeds all R rows' weights.
+        __m512 w[R];
+        for (int r = 0; r < R; ++r)
+          w[r] = _mm512_fmadd_ps(plane16_f32<BITS, P>(steps[r], j), sv[r], bv[r]);
+        for (int i = 0; i < M; ++i) {
+          const __m512 xv = _mm512_loadu_ps(xs + (i * P + j) * 16);
+          for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(w[r], xv, acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) {
+      float& dst = c.y[i * p.n + n0 + r];
+      const float v = _mm512_reduce_add_ps(acc[r][i]);
+      dst = accumulate ? dst + v : v;
+    }
+}
+
+// Output rows per AVX-512 tile, so the live registers fit the 32 zmm ones: dequantizing kernel
+// R * M accumulators + 2R scale/offset vectors + R steps + R weights + an x vector; group-sum
+// kernel R * M * 2 accumulators + R * M totals + a step, a weight and an x vector.
+template <int M>
+constexpr int kTileRows16 = M <= 3 ? 4 : (M == 4 ? 3 : 2);
+
+template <int BITS, int P, int M>
+QUANTLAB_AVX512 void gemv_rows_avx512(const Ctx& c, int64_t r0, int64_t r1) {
+  constexpr int R = kTileRows16<M>;
+  const int64_t full_end = r0 + (r1 - r0) / R * R;
+  if constexpr (kGroupSum<M>) {
+    for (int64_t n = r0; n < full_end; n += R) tile_groupsum16<BITS, P, M, R>(c, n);
+    for (int64_t n = full_end; n < r1; ++n) tile_groupsum16<BITS, P, M, 1>(c, n);
+  } else {
+    // K blocks of about 32 KB of x, as in gemv_rows_avx2 (multiples of 64 columns: whole steps).
+    const int64_t block = std::max<int64_t>(256, (8192 / M) / 64 * 64);
+    for (int64_t kb = 0; kb < c.p->k; kb += block) {
+      const int64_t ke = std::min(kb + block, c.p->k);
+      for (int64_t n = r0; n < full_end; n += R)
+        tile_dequant16<BITS, P, M, R>(c, n, kb, ke, kb > 0);
+      for (int64_t n = full_end; n < r1; ++n) tile_dequant16<BITS, P, M, 1>(c, n, kb, ke, kb > 0);
+    }
+  }
+}
+
+template <int BITS>
+RowsFn gemv_avx512_for(int64_t m, int64_t* tile_rows) {
+  constexpr int kP = kMostPlanes<BITS>;
+  switch (m) {
+    case 1: *tile_rows = kTileRows16<1>; return &gemv_rows_avx512<BITS, kP, 1>;
+    case 2: *tile_rows = kTileRows16<2>; return &gemv_rows_avx512<BITS, kP, 2>;
+    case 3: *tile_rows = kTileRows16<3>; return &gemv_rows_avx512<BITS, kP, 3>;
+    case 4: *tile_rows = kTileRows16<4>; return &gemv_rows_avx512<BITS, kP, 4>;
+    case 5: *tile_rows = kTileRows16<5>; return &gemv_rows_avx512<BITS, kP, 5>;
+    case 6: *tile_rows = kTileRows16<6>; return &gemv_rows_avx512<BITS, kP, 6>;
+    case 7: *tile_rows = kTileRows16<7>; return &gemv_rows_avx512<BITS, kP, 7>;
+    default: *tile_rows = kTileRows16<8>; return &gemv_rows_avx512<BITS, kP, 8>;
+  }
+}
+
+// The AVX-512 kernel for p (use_avx512(p) holds) and m rows; its byte planes in *planes.
+RowsFn select_gemv_avx512(const CpuParams& p, int64_t m, int64_t* tile_rows, int* planes) {
+  if (p.bits == 2) {
+    *planes = kMostPlanes<2>;
+    return gemv_avx512_for<2>(m, tile_rows);
+  }
+  *planes = kMostPlanes<4>;
+  return gemv_avx512_for<4>(m, tile_rows);
+}
+
+#pragma GCC diagnostic pop
 
 RowsFn select_dequant_avx2(int bits) {
   switch (bits) {
@@ -523,7 +727,8 @@ void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y) {
   group_sums(base, x, m, xsum.data());
   std::vector<float> xp;
 #if defined(QUANTLAB_X86)
-  if (use_avx2(p)) xp.resize(static_cast<size_t>(std::min(m, kMaxRows) * p.k));
+  const bool avx512 = use_avx512(p);
+  if (avx512 || use_avx2(p)) xp.resize(static_cast<size_t>(std::min(m, kMaxRows) * p.k));
 #endif
   for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
     Ctx c = base;
@@ -534,10 +739,11 @@ void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y) {
     RowsFn fn = &gemv_rows_scalar;
     int64_t tile_rows = 1;
 #if defined(QUANTLAB_X86)
-    if (use_avx2(p)) {
+    if (avx512 || use_avx2(p)) {
       int planes = 1;
-      fn = select_gemv_avx2(p, c.m, &tile_rows, &planes);
-      interleave(c.x, c.m, p.k, planes, xp.data());
+      fn = avx512 ? select_gemv_avx512(p, c.m, &tile_rows, &planes)
+                  : select_gemv_avx2(p, c.m, &tile_rows, &planes);
+      interleave(c.x, c.m, p.k, planes, avx512 ? 16 : 8, xp.data());
       c.xp = xp.data();
     }
 #endif
@@ -547,6 +753,7 @@ void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y) {
 
 const char* gemv_cpu_path(const CpuParams& p) {
 #if defined(QUANTLAB_X86)
+  if (use_avx512(p)) return "avx512";
   if (use_avx2(p)) return "avx2";
 #endif
   (void)p;

@@ -29,13 +29,14 @@ void dequant_cpu(const CpuParams& p, float* out);
 // y [M, N] = x [M, K] @ W^T, fp32 in and out, fp32 accumulation; x and y contiguous.
 // Built for M <= 8 (each unpacked weight is reused across all rows of x); larger M is processed in
 // chunks of 8 rows, which is correct but slower than dequantize + BLAS GEMM.
-// Uses AVX2+FMA when the running CPU has them (checked at run time; the binary itself only assumes
-// x86-64) and group_size % 8 == 0; a portable scalar path otherwise.
+// Uses AVX-512 (F/BW/VL/DQ) for 4- and 2-bit codes whose groups are whole 16-byte steps (32 / 64
+// columns), else AVX2+FMA when group_size % 8 == 0 (both checked at run time; the binary itself
+// only assumes x86-64), else a portable scalar path.
 void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y);
 
-// Which path gemv_cpu takes on this CPU for these parameters: "avx2" or "scalar".
+// Which path gemv_cpu takes on this CPU for these parameters: "avx512", "avx2" or "scalar".
 // Setting the environment variable QUANTLAB_CPU_ISA=scalar before the first call forces the scalar
-// path (to test it on AVX2 machines).
+// path, QUANTLAB_CPU_ISA=avx2 caps it at AVX2 (to test those paths on wider machines).
 const char* gemv_cpu_path(const CpuParams& p);
 
 }  // namespace quantlab::groupwise_int

@@ -71,6 +71,22 @@ def test_cpu_matmul_matches_fp64_oracle(
     assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all())
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize(
+    ("n", "k", "bits", "group"),
+    [(7, 96, 4, 32), (13, 256, 2, 64), (33, 576, 4, 64), (10, 384, 4, 128)],
+)
+def test_cpu_matmul_every_small_batch(n: int, k: int, bits: int, group: int) -> None:
+    """Batches 1-8 each pick their own tile height (1-4 output rows, by ISA and M); N leaves a
+    partial tile for each of them."""
+    qw, s, qz, dense = _case(n, k, bits, group, False)
+    for m in range(1, 9):
+        x = torch.randn(m, k)
+        y = ops.matmul(x, qw, s, qz, bits, group)
+        oracle = x.double() @ dense.double().t()
+        assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all()), m
+
+
 LOW_PRECISION_CASES = [
     (n, k, bits, group, sym)
     for n, k, group in ((96, 576, 64), (33, 160, 32), (7, 96, -1))
@@ -109,11 +125,12 @@ def test_cpu_kernels_accept_every_scale_dtype(scale_dtype: torch.dtype) -> None:
     assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all())
 
 
-_SCALAR_SCRIPT = """
+_FORCED_ISA_SCRIPT = """
+import os
 import torch
 from quantlab.ops import groupwise_int as ops, reference
 from quantlab.ops.reference import pack_bitstream
-assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == "scalar"
+assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == os.environ["QUANTLAB_CPU_ISA"]
 torch.manual_seed(0)
 for bits in (2, 3, 4, 8):
     for n, k, g in ((33, 160, 32), (64, 576, 64), (5, 100, -1)):
@@ -124,32 +141,46 @@ for bits in (2, 3, 4, 8):
             qz = None if sym else pack_bitstream(torch.randint(0, 2**bits, (n, groups)), bits)
             dense = reference.groupwise_int_dequant(qw, s, qz, bits, g, k, torch.float32)
             assert torch.equal(ops.dequant(qw, s, qz, bits, g, k, torch.float32), dense)
-            for m in (1, 2, 5, 8, 11):
+            for m in (1, 2, 3, 4, 5, 8, 11):
                 x = torch.randn(m, k)
                 y = torch.ops.quantlab.groupwise_int_mm(x, qw, s, qz, bits, g)
                 bound = k * 1.2e-7 * (x.abs().double() @ dense.abs().double().t())
                 assert bool(((y.double() - x.double() @ dense.double().t()).abs() <= bound).all())
-print("scalar-ok")
+print("forced-ok")
 """
 
 
 @needs_cpu_kernel
-def test_cpu_scalar_path_matches_reference() -> None:
-    """The portable path (non-AVX2 CPUs) is forced with QUANTLAB_CPU_ISA=scalar in a subprocess,
-    because the choice is made once per process."""
-    env = {**os.environ, "QUANTLAB_CPU_ISA": "scalar"}
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_cpu_forced_paths_match_reference(isa: str) -> None:
+    """The portable path (non-AVX2 CPUs) and the AVX2 one (CPUs without AVX-512) are forced with
+    QUANTLAB_CPU_ISA in a subprocess, because the choice is made once per process."""
+    if isa == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("CPU without AVX2")
+    env = {**os.environ, "QUANTLAB_CPU_ISA": isa}
     done = subprocess.run(
-        [sys.executable, "-c", _SCALAR_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _FORCED_ISA_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "scalar-ok" in done.stdout
+    assert "forced-ok" in done.stdout
 
 
 @needs_cpu_kernel
 def test_cpu_path_is_vectorized_where_expected() -> None:
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX"):
         pytest.skip("CPU without AVX2")
-    for bits in (2, 3, 4, 8):
+    wide = "avx512" if capability == "AVX512" else "avx2"
+    # AVX-512 takes 4- and 2-bit codes in whole 16-byte steps (32 / 64 columns per group).
+    assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == wide
+    assert torch.ops.quantlab.groupwise_int_cpu_path(4, 32, 576) == wide
+    assert torch.ops.quantlab.groupwise_int_cpu_path(2, 64, 576) == wide
+    assert torch.ops.quantlab.groupwise_int_cpu_path(2, 32, 576) == "avx2"
+    for bits in (3, 8):
         assert torch.ops.quantlab.groupwise_int_cpu_path(bits, 64, 576) == "avx2"
     # Groups that are not whole 8-column chunks fall back to the scalar path.
     assert torch.ops.quantlab.groupwise_int_cpu_path(4, -1, 100) == "scalar"
