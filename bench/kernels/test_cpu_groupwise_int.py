@@ -115,7 +115,10 @@ def test_kernel(benchmark, layer: dict[str, object], m: int) -> None:  # noqa: A
     n, k, group = layer["n"], layer["k"], layer["group"]
     x = torch.randn(m, k)
     _label(benchmark, layer, m, "kernel")
-    benchmark.extra_info["backend"] = ops.backend("cpu")
+    backend = ops.backend("cpu")
+    if backend == "cpu-kernel":
+        backend += f" ({torch.ops.quantlab.groupwise_int_cpu_path(BITS, group, k)})"
+    benchmark.extra_info["backend"] = backend
     calls = [
         lambda p=p: ops.matmul(x, p.qweight, p.scales, p.qzeros, BITS, group)
         for p in layer["packed"]
