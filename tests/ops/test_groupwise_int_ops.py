@@ -74,7 +74,7 @@ def test_cpu_matmul_matches_fp64_oracle(
 @needs_cpu_kernel
 @pytest.mark.parametrize(
     ("n", "k", "bits", "group"),
-    [(7, 96, 4, 32), (13, 256, 2, 64), (33, 576, 4, 64), (10, 384, 4, 128)],
+    [(7, 96, 4, 32), (13, 256, 2, 64), (33, 576, 4, 64), (10, 384, 4, 128), (11, 160, 4, -1)],
 )
 def test_cpu_matmul_every_small_batch(n: int, k: int, bits: int, group: int) -> None:
     """Batches 1-8 each pick their own tile height (1-4 output rows, by ISA and M); N leaves a
