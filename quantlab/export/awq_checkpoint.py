@@ -72,7 +72,7 @@ def load_awq(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers."""
-    checkpoint = read_foreign_checkpoint(path, "awq")
+    checkpoint = read_foreign_checkpoint(path, "awq", "an AWQ")
     qcfg, cfg_path = checkpoint.quantization_config, checkpoint.config_path
     version = str(qcfg.get("version", qcfg.get("format", "gemm"))).lower()
     if version != "gemm":

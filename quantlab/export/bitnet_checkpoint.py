@@ -34,6 +34,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quantlab.export.checkpoint import CheckpointError, instantiate_quantized
+from quantlab.export.foreign_layout import read_quantization_config
 from quantlab.formats.ternary import FORMAT_NAME, PER_TENSOR, pack
 from quantlab.solvers.ternary import TernaryResult, absmean_ternarize
 
@@ -182,18 +183,7 @@ def load_bitnet(
         evaluate or to save with :func:`quantlab.export.checkpoint.save_quantized`.
     """
     root = Path(path)
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{root}: missing config.json")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
-    qcfg = config.get("quantization_config") or {}
-    if qcfg.get("quant_method") != BITNET_QUANT_METHOD:
-        raise CheckpointError(
-            f"{cfg_path}: not a BitNet checkpoint (quant_method {qcfg.get('quant_method')!r})"
-        )
+    cfg_path, qcfg = read_quantization_config(root, BITNET_QUANT_METHOD, "a BitNet")
     linear_class = qcfg.get("linear_class", "bitlinear")
     mode = qcfg.get("quantization_mode", "offline")
     if linear_class not in _LINEAR_CLASSES or mode not in _MODES:

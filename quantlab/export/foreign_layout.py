@@ -18,7 +18,12 @@ from quantlab.export.checkpoint import WEIGHTS_NAME, CheckpointError, read_safet
 from quantlab.formats.groupwise_int import pack
 from quantlab.solvers.base import GroupwiseIntResult
 
-__all__ = ["ForeignCheckpoint", "read_foreign_checkpoint", "state_in_groupwise_format"]
+__all__ = [
+    "ForeignCheckpoint",
+    "read_foreign_checkpoint",
+    "read_quantization_config",
+    "state_in_groupwise_format",
+]
 
 # (tensors of one module by suffix) -> (codes [N, K], scales [N, G], zero points [N, G] or None)
 ModuleConverter = Callable[
@@ -42,16 +47,15 @@ class ForeignCheckpoint:
         return self.root / "config.json"
 
 
-def read_foreign_checkpoint(path: str | os.PathLike[str], quant_method: str) -> ForeignCheckpoint:
-    """Check ``path`` holds ``config.json`` and ``model.safetensors`` and that the config's
-    ``quantization_config`` says ``quant_method``; raise :class:`CheckpointError` otherwise."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {root}")
-    for name in ("config.json", WEIGHTS_NAME):
-        if not (root / name).is_file():
-            raise CheckpointError(f"{root}: missing {name}")
+def read_quantization_config(
+    root: Path, quant_method: str, kind: str
+) -> tuple[Path, dict[str, Any]]:
+    """The path of ``root/config.json`` and its ``quantization_config``, which must say
+    ``quant_method`` (``kind`` names such a checkpoint in the error, e.g. ``"an AWQ"``); raise
+    :class:`CheckpointError` on a missing file, invalid JSON or another method."""
     cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root}: missing config.json")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
@@ -59,9 +63,22 @@ def read_foreign_checkpoint(path: str | os.PathLike[str], quant_method: str) -> 
     qcfg = config.get("quantization_config") or {}
     if qcfg.get("quant_method") != quant_method:
         raise CheckpointError(
-            f"{cfg_path}: not a {quant_method.upper()} checkpoint "
-            f"(quant_method {qcfg.get('quant_method')!r})"
+            f"{cfg_path}: not {kind} checkpoint (quant_method {qcfg.get('quant_method')!r})"
         )
+    return cfg_path, qcfg
+
+
+def read_foreign_checkpoint(
+    path: str | os.PathLike[str], quant_method: str, kind: str
+) -> ForeignCheckpoint:
+    """Check ``path`` holds ``config.json`` (saying ``quant_method``, see
+    :func:`read_quantization_config`) and ``model.safetensors``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    _, qcfg = read_quantization_config(root, quant_method, kind)
+    if not (root / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{root}: missing {WEIGHTS_NAME}")
     return ForeignCheckpoint(root, qcfg)
 
 

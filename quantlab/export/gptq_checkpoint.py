@@ -100,7 +100,7 @@ def load_gptq(
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers."""
-    checkpoint = read_foreign_checkpoint(path, "gptq")
+    checkpoint = read_foreign_checkpoint(path, "gptq", "a GPTQ")
     qcfg = checkpoint.quantization_config
     bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
     sym = bool(qcfg.get("sym", True))
