@@ -30,15 +30,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import subprocess
 import time
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 import quantlab
+from bench.timing import git_commit
 from quantlab.ops import groupwise_int as ops
 
 if TYPE_CHECKING:
@@ -82,23 +81,6 @@ _RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
-
-
-@cache
-def _git_commit() -> str:
-    if os.environ.get("QUANTLAB_COMMIT"):  # a copy of the tree without .git (a lent GPU)
-        return os.environ["QUANTLAB_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _device_name() -> str:
@@ -223,7 +205,7 @@ def test_decode(
         device_type=DEVICE,
         dtype=dtype_name,
         torch=torch.__version__,
-        commit=_git_commit(),
+        commit=git_commit(),
         time_s=seconds,
         prefill_ms=1e3 * sorted(prefill_s)[len(prefill_s) // 2],
         ms_per_step=1e3 * seconds / NEW_TOKENS,

@@ -42,8 +42,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import subprocess
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -52,6 +50,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
+from bench.timing import cuda_rotation, git_commit
 from quantlab.formats.groupwise_int import GroupwiseIntMeta, PackedGroupwiseInt, pack
 from quantlab.nn import QuantLinear
 from quantlab.ops import groupwise_int as ops
@@ -142,23 +141,6 @@ PARAMS = [
     for variant in VARIANTS
     if _variant_applies(bits, dtype_name, variant, m)
 ]
-
-
-@cache
-def _git_commit() -> str:
-    if os.environ.get("QUANTLAB_COMMIT"):  # a copy of the tree without .git (a lent GPU)
-        return os.environ["QUANTLAB_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 @cache
@@ -295,35 +277,6 @@ def weights(request: pytest.FixtureRequest) -> Iterator[Weights]:
     torch.cuda.empty_cache()
 
 
-def _rotation(calls: list[Callable[[], torch.Tensor]]) -> tuple[Callable[[], None], str]:
-    """A callable that runs every call once (one pass over the weight copies), and its mode."""
-
-    def eager() -> None:
-        for call in calls:
-            call()
-
-    # Warm up off the default stream (cuBLAS handles, lazy module loading) before any capture.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager()
-        eager()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    if not USE_GRAPHS:
-        return eager, "eager"
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            eager()
-    except RuntimeError as exc:
-        torch.cuda.synchronize()
-        warnings.warn(f"CUDA graph capture failed, timing eagerly: {exc}", stacklevel=2)
-        return eager, "eager (capture failed)"
-    torch.cuda.synchronize()
-    return graph.replay, "cuda-graph"
-
-
 def _event_seconds(run: Callable[[], None], reps: int) -> float:
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
@@ -409,7 +362,7 @@ def test_matmul(
     torch.manual_seed(m)
     x = torch.randn(m, w.k, device="cuda", dtype=dtype)
     calls, weight_bytes = _calls(w, variant, x)
-    run, mode = _rotation(calls)
+    run, mode = cuda_rotation(calls, USE_GRAPHS)
     per_rotation = _event_seconds(run, 1)
     reps = max(1, min(1000, math.ceil(ROUND_TARGET_S / max(per_rotation, 1e-7))))
     samples: list[float] = []
@@ -433,7 +386,7 @@ def test_matmul(
         capability="sm_{}{}".format(*torch.cuda.get_device_capability()),
         torch=torch.__version__,
         cuda=torch.version.cuda,
-        commit=_git_commit(),
+        commit=git_commit(),
         l2_bytes=_l2_bytes(),
         copies=len(calls),
         timing=mode,
@@ -482,7 +435,7 @@ def test_copy_bandwidth(benchmark: BenchmarkFixture) -> None:
         capability="sm_{}{}".format(*torch.cuda.get_device_capability()),
         torch=torch.__version__,
         cuda=torch.version.cuda,
-        commit=_git_commit(),
+        commit=git_commit(),
         bytes=2 * COPY_BYTES,
         time_s=seconds,
         **{"TB/s": 2 * COPY_BYTES / seconds / 1e12},

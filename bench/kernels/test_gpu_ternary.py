@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 
 import pytest
 import torch
 
+from bench.timing import cuda_rotation
 from quantlab.formats.ternary import pack
 from quantlab.nn.ternary_linear import TernaryLinear
 from quantlab.solvers.ternary import mse_ternarize
@@ -105,27 +105,6 @@ def _weights(layer: str, granularity: str) -> dict[str, object]:
     return _CACHE[key]
 
 
-def _rotation(calls: list[Callable[[], torch.Tensor]]) -> Callable[[], None]:
-    def eager() -> None:
-        for call in calls:
-            call()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager()
-        eager()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    if not USE_GRAPHS:
-        return eager
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        eager()
-    torch.cuda.synchronize()
-    return graph.replay
-
-
 _TIMES: dict[tuple[str, str, int], dict[str, float]] = {}
 _INFOS: dict[tuple[str, str, int], dict[str, object]] = {}
 
@@ -147,7 +126,7 @@ def test_gpu_ternary(benchmark, layer: str, granularity: str, m: int, variant: s
         first = copies[0]
         first.prepare()
         nbytes = _nbytes(first._kernel_weight, first._kernel_scales)
-    run = _rotation(calls)
+    run, _ = cuda_rotation(calls, USE_GRAPHS)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def timed() -> None:
