@@ -9,6 +9,19 @@
 namespace quantlab {
 namespace {
 
+// Above kGemvMaxRows rows the kernel runs in chunks of 8 rows, re-reading the packed weight per
+// chunk, while dequantize + GEMM pays once for writing the dense fp32 weight, mostly first-touch
+// page faults of its fresh allocation (~1.5-2 ns per weight). Measured on 2 cores (AVX-512 and
+// AVX2 paths, 4-bit, docs/benchmarks.md): for 4096 x 4096 and 4096 x 14336 the chunks win up to
+// 32 rows on both ISAs (4096 x 14336 g128, M = 32: 54 / 111 ms vs 131 ms; M = 48 loses on AVX2),
+// for SmolLM2's 1536 x 576 dequantize + GEMM already wins at 12 rows (0.27 vs 0.33 ms).
+constexpr int64_t kChunkedGemvMaxRows = 32;
+constexpr int64_t kChunkedGemvMinWeights = int64_t{1} << 22;
+
+bool cpu_gemv_takes(int64_t m, int64_t weights) {
+  return m <= kGemvMaxRows || (m <= kChunkedGemvMaxRows && weights >= kChunkedGemvMinWeights);
+}
+
 groupwise_int::CpuParams cpu_params(const GroupwiseIntArgs& a, const at::Tensor& qweight,
                                     const at::Tensor& scales32,
                                     const c10::optional<at::Tensor>& qzeros) {
@@ -48,8 +61,7 @@ at::Tensor mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const GroupwiseIntArgs a =
       check_groupwise_int(qweight, scales, qzeros, bits, group_size, x.size(1), "cpu");
   const int64_t m = x.size(0);
-  if (m > kGemvMaxRows) {
-    // Past a few rows the matmul is compute-bound: dequantize once and use the BLAS GEMM.
+  if (!cpu_gemv_takes(m, a.n * a.k)) {
     const at::Tensor w = dequant_cpu(qweight, scales, qzeros, bits, group_size, a.k, at::kFloat);
     return at::matmul(x.to(at::kFloat), w.t()).to(x.scalar_type());
   }

@@ -7,7 +7,8 @@
 
 namespace quantlab {
 
-// Batches above this go through dequantize + GEMM (compute-bound there, so the GEMM wins).
+// Rows of x the GEMV kernels take at once (the CPU binding chunks larger batches of large weights,
+// see groupwise_int.cpp; the rest go through dequantize + GEMM).
 constexpr int64_t kGemvMaxRows = 8;
 
 struct GroupwiseIntArgs {

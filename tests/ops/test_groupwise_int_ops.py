@@ -87,6 +87,19 @@ def test_cpu_matmul_every_small_batch(n: int, k: int, bits: int, group: int) -> 
         assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all()), m
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize(("bits", "group"), [(4, 128), (3, 64)])
+def test_cpu_matmul_chunked_batches_of_a_large_weight(bits: int, group: int) -> None:
+    """Weights of >= 2^22 entries take the GEMV kernel in chunks of 8 rows up to 32 rows (9, 20:
+    a partial chunk; 32: the last such batch), dequantize + GEMM above (33)."""
+    qw, s, qz, dense = _case(1024, 4096, bits, group, False)
+    for m in (9, 20, 32, 33):
+        x = torch.randn(m, 4096)
+        y = ops.matmul(x, qw, s, qz, bits, group)
+        oracle = x.double() @ dense.double().t()
+        assert bool(((y.double() - oracle).abs() <= fp32_dot_bound(x, dense)).all()), m
+
+
 LOW_PRECISION_CASES = [
     (n, k, bits, group, sym)
     for n, k, group in ((96, 576, 64), (33, 160, 32), (7, 96, -1))
