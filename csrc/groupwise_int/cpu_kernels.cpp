@@ -215,14 +215,16 @@ bool use_avx2(const CpuParams& p) { return cpu_isa() != Isa::kScalar && p.group_
 
 // Byte planes a bit width can unpack in: as many as it has codes per byte when that is a whole
 // number, else 1 (column order).
+constexpr int most_planes(int bits) { return (bits == 2 || bits == 4) ? 8 / bits : 1; }
+
 template <int BITS>
-constexpr int kMostPlanes = (BITS == 2 || BITS == 4) ? 8 / BITS : 1;
+constexpr int kMostPlanes = most_planes(BITS);
 
 // The AVX-512 kernels take 4- and 2-bit codes whose groups are whole 16-byte steps (16 * P codes:
 // 32 columns at 4 bits, 64 at 2 bits); everything else stays on AVX2.
 bool use_avx512(const CpuParams& p) {
   if (cpu_isa() != Isa::kAvx512 || (p.bits != 2 && p.bits != 4)) return false;
-  return p.group_size % (16 * (8 / p.bits)) == 0;
+  return p.group_size % (16 * most_planes(p.bits)) == 0;
 }
 
 // The 8 codes of columns [kk, kk + 8) (kk a multiple of 8) as int32 lanes.
@@ -729,7 +731,8 @@ void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y) {
   std::vector<float> xp;
 #if defined(QUANTLAB_X86)
   const bool avx512 = use_avx512(p);
-  if (avx512 || use_avx2(p)) xp.resize(static_cast<size_t>(std::min(m, kMaxRows) * p.k));
+  const bool vector = avx512 || use_avx2(p);
+  if (vector) xp.resize(static_cast<size_t>(std::min(m, kMaxRows) * p.k));
 #endif
   for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
     Ctx c = base;
@@ -740,7 +743,7 @@ void gemv_cpu(const CpuParams& p, const float* x, int64_t m, float* y) {
     RowsFn fn = &gemv_rows_scalar;
     int64_t tile_rows = 1;
 #if defined(QUANTLAB_X86)
-    if (avx512 || use_avx2(p)) {
+    if (vector) {
       int planes = 1;
       fn = avx512 ? select_gemv_avx512(p, c.m, &tile_rows, &planes)
                   : select_gemv_avx2(p, c.m, &tile_rows, &planes);
