@@ -33,8 +33,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quantlab.export.checkpoint import CheckpointError, instantiate_quantized
-from quantlab.export.foreign_layout import read_quantization_config
+from quantlab.export.checkpoint import (
+    CheckpointError,
+    instantiate_quantized,
+    read_quantization_config,
+)
 from quantlab.formats.ternary import FORMAT_NAME, PER_TENSOR, pack
 from quantlab.solvers.ternary import TernaryResult, absmean_ternarize
 

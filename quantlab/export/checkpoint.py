@@ -40,6 +40,7 @@ __all__ = [
     "instantiate_quantized",
     "load_quantized",
     "quantization_config_of",
+    "read_quantization_config",
     "read_safetensors_header",
     "save_quantized",
     "state_dict_without_shared",
@@ -168,11 +169,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def validate_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check a checkpoint directory before loading it; return its ``quantization_config``."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+def read_quantization_config(
+    root: Path, quant_method: str, kind: str
+) -> tuple[Path, dict[str, Any]]:
+    """The path of ``root/config.json`` and its ``quantization_config``, which must say
+    ``quant_method`` (``kind`` names such a checkpoint in the error, e.g. ``"an AWQ"``); raise
+    :class:`CheckpointError` on a missing file, invalid JSON or another method."""
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{root}: missing config.json")
@@ -181,10 +183,18 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
     qcfg = config.get("quantization_config")
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "quantlab":
-        raise CheckpointError(
-            f"{cfg_path}: no quantlab quantization_config (quant_method 'quantlab')"
-        )
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != quant_method:
+        found = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+        raise CheckpointError(f"{cfg_path}: not {kind} checkpoint (quant_method {found!r})")
+    return cfg_path, qcfg
+
+
+def validate_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a checkpoint directory before loading it; return its ``quantization_config``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    cfg_path, qcfg = read_quantization_config(root, "quantlab", "a quantlab")
     modules = qcfg.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise CheckpointError(f"{cfg_path}: quantization_config lists no quantized modules")

@@ -4,7 +4,6 @@ quantlab's groupwise format."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,14 +13,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from quantlab.export.checkpoint import WEIGHTS_NAME, CheckpointError, read_safetensors_header
+from quantlab.export.checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    read_quantization_config,
+    read_safetensors_header,
+)
 from quantlab.formats.groupwise_int import pack
 from quantlab.solvers.base import GroupwiseIntResult
 
 __all__ = [
     "ForeignCheckpoint",
     "read_foreign_checkpoint",
-    "read_quantization_config",
     "state_in_groupwise_format",
 ]
 
@@ -45,27 +48,6 @@ class ForeignCheckpoint:
     @property
     def config_path(self) -> Path:
         return self.root / "config.json"
-
-
-def read_quantization_config(
-    root: Path, quant_method: str, kind: str
-) -> tuple[Path, dict[str, Any]]:
-    """The path of ``root/config.json`` and its ``quantization_config``, which must say
-    ``quant_method`` (``kind`` names such a checkpoint in the error, e.g. ``"an AWQ"``); raise
-    :class:`CheckpointError` on a missing file, invalid JSON or another method."""
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{root}: missing config.json")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
-    qcfg = config.get("quantization_config") or {}
-    if qcfg.get("quant_method") != quant_method:
-        raise CheckpointError(
-            f"{cfg_path}: not {kind} checkpoint (quant_method {qcfg.get('quant_method')!r})"
-        )
-    return cfg_path, qcfg
 
 
 def read_foreign_checkpoint(
