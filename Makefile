@@ -10,15 +10,15 @@ setup:
 
 ## Quantize the bundled SmolLM2-135M-Instruct with RTN W4 g64, evaluate it, print the summary table.
 demo: setup
-	$(RUN) quantlab quantize --model default --method rtn --bits 4 --group-size 64 --out $(OUT)
+	$(RUN) quantlab quantize --model default --method rtn --bits 4 --group-size 64 --out $(OUT) --overwrite
 
 ## Same with GPTQ.
 demo-gptq: setup
-	$(RUN) quantlab quantize --model default --method gptq --bits 4 --group-size 64 --out out/smollm2-gptq-w4g64
+	$(RUN) quantlab quantize --model default --method gptq --bits 4 --group-size 64 --out out/smollm2-gptq-w4g64 --overwrite
 
 ## AWQ, exported in the AutoAWQ GEMM layout transformers and vLLM read.
 demo-awq: setup
-	$(RUN) quantlab quantize --model default --method awq --bits 4 --group-size 64 --format awq --out out/smollm2-awq-w4g64
+	$(RUN) quantlab quantize --model default --method awq --bits 4 --group-size 64 --format awq --out out/smollm2-awq-w4g64 --overwrite
 
 ## Lint and format check, then the whole CPU test suite (GPU tests skip without a GPU).
 test: setup

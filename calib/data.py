@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "HUB_DATASETS",
     "calibration_samples",
     "load_text",
+    "read_json_lines",
     "token_stream",
     "wikipedia_articles",
 ]
@@ -113,17 +115,72 @@ def _file_text(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md", ".cor", ".raw"):
         return path.read_text(encoding="utf-8", errors="replace")
-    if suffix in (".json", ".jsonl", ".parquet"):
-        import datasets
+    if suffix in (".json", ".jsonl"):
+        texts = _json_texts(path)
+    elif suffix == ".parquet":
+        texts = _parquet_texts(path)
+    else:
+        raise ValueError(
+            f"{path}: unsupported text file type {suffix!r} (use .txt, .json, .jsonl or .parquet)"
+        )
+    text = "\n\n".join(t for t in texts if t)
+    if not text.strip():
+        raise ValueError(f"{path}: no text (the file or its 'text' values are empty)")
+    return text
 
-        kind = "parquet" if suffix == ".parquet" else "json"
-        data = datasets.load_dataset(kind, data_files=str(path), split="train")
-        if "text" not in data.column_names:
-            raise ValueError(f"{path}: expected a 'text' column, found {data.column_names}")
-        return "\n\n".join(t for t in data["text"] if t)
-    raise ValueError(
-        f"{path}: unsupported text file type {suffix!r} (use .txt, .json, .jsonl or .parquet)"
-    )
+
+def read_json_lines(path: Path, text: str | None = None) -> list[Any]:
+    """The values of a JSON-lines file (blank lines skipped; ``text``: its content, if already
+    read); a line that is not JSON is a ``ValueError`` naming the file and the line."""
+    if text is None:
+        text = path.read_text(encoding="utf-8")
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+def _json_texts(path: Path) -> list[str]:
+    """The ``text`` values of a JSON file: a list of objects, or JSON lines (one object per
+    line); each error names the file and the line."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if not raw.strip():
+        raise ValueError(f"{path}: empty file, no text")
+    try:
+        rows = json.loads(raw)
+    except json.JSONDecodeError:
+        rows = read_json_lines(path, raw)
+    if isinstance(rows, dict):
+        rows = [rows]
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected JSON objects with a 'text' field")
+    texts = []
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or "text" not in row:
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{path}: record {n} has no 'text' field (found {found})")
+        value = row["text"]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: record {n}: 'text' must be a string")
+        texts.append(value)
+    return texts
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as exc:  # datasets/pyarrow raise many types for a damaged file
+        raise ValueError(f"{path}: cannot read it as parquet: {exc}") from exc
+    if "text" not in data.column_names:
+        raise ValueError(f"{path}: expected a 'text' column, found {data.column_names}")
+    return [t for t in data["text"] if isinstance(t, str)]
 
 
 def load_text(source: str) -> str:

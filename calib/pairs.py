@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantlab.calib.data import read_json_lines
+
 __all__ = [
     "PAIR_SOURCES",
     "SPLITS",
@@ -175,18 +177,6 @@ def pairs_from_stereoset(items: Sequence[dict[str, Any]], where: str) -> list[Se
     return pairs
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
-    return rows
-
-
 def _file_pairs(path: Path) -> list[SentencePair]:
     if not path.is_file():
         raise FileNotFoundError(f"pair file not found: {path}")
@@ -195,7 +185,7 @@ def _file_pairs(path: Path) -> list[SentencePair]:
         with path.open(newline="", encoding="utf-8") as f:
             return pairs_from_crows_rows(csv.DictReader(f), path.stem, str(path))
     if suffix == ".jsonl":
-        return pairs_from_crows_rows(_read_jsonl(path), path.stem, str(path))
+        return pairs_from_crows_rows(read_json_lines(path), path.stem, str(path))
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -289,7 +279,7 @@ def _hub_pairs(source: str) -> list[SentencePair]:
 def load_pairs(source: str = "quantlab") -> list[SentencePair]:
     """Every pair of a named source or a local file (see the module docstring)."""
     if source == "quantlab":
-        return pairs_from_crows_rows(_read_jsonl(_SHIPPED), "quantlab", str(_SHIPPED))
+        return pairs_from_crows_rows(read_json_lines(_SHIPPED), "quantlab", str(_SHIPPED))
     if source in ("stereoset", "crows-pairs"):
         return _hub_pairs(source)
     path = Path(source)

@@ -55,42 +55,55 @@ def load(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     memory_budget: str | int | float | None = None,
+    verify: bool = True,
 ) -> Any:
     """Load a quantized checkpoint directory: quantlab's own layout, or the GPTQ or AWQ (GEMM)
     layout. A BitStack checkpoint loads its largest configuration within ``memory_budget``
     (bytes, or a string such as ``"350MB"``; default: all blocks) and can be resized later with
     ``model.resize(budget)``. A native BitNet b1.58 checkpoint (HF ``quant_method: "bitnet"``)
-    loads with quantlab's ternary layers."""
+    loads with quantlab's ternary layers.
+
+    Loading is strict (docs/reliability.md): every tensor the model needs must be present with
+    the shape and dtype its config implies, nothing unexpected, module settings typed and
+    consistent with the tensors, scales finite and positive; otherwise
+    :class:`~quantlab.export.errors.CheckpointError` names the file, the field and the fix.
+    ``verify`` also checks the files against the checksums quantlab recorded when it wrote them.
+    """
     import torch
 
     from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint
     from quantlab.export.checkpoint import load_quantized
     from quantlab.models.loading import checkpoint_kind
 
+    dtype = dtype or torch.float32
     if is_bitstack_checkpoint(path):
         from quantlab.export.bitstack_checkpoint import load_bitstack
 
-        return load_bitstack(path, memory_budget, device=device, dtype=dtype or torch.float32)
+        return load_bitstack(path, memory_budget, device=device, dtype=dtype, verify=verify)
     if memory_budget is not None:
         raise ValueError(f"memory_budget applies to BitStack checkpoints only; {path} is not one")
 
-    if checkpoint_kind(str(path)) == "gptq":
+    kind = checkpoint_kind(str(path))
+    if kind == "gptq":
         from quantlab.export.gptq_checkpoint import load_gptq
 
-        return load_gptq(path, device=device, dtype=dtype or torch.float32)
-    if checkpoint_kind(str(path)) == "awq":
+        return load_gptq(path, device=device, dtype=dtype, verify=verify)
+    if kind == "awq":
         from quantlab.export.awq_checkpoint import load_awq
 
-        return load_awq(path, device=device, dtype=dtype or torch.float32)
-    if checkpoint_kind(str(path)) == "bitnet":
+        return load_awq(path, device=device, dtype=dtype, verify=verify)
+    if kind == "bitnet":
         from quantlab.export.bitnet_checkpoint import load_bitnet
 
-        return load_bitnet(path, device=device, dtype=dtype or torch.float32)
-    return load_quantized(path, device=device, dtype=dtype or torch.float32)
+        return load_bitnet(path, device=device, dtype=dtype)
+    return load_quantized(path, device=device, dtype=dtype, verify=verify)
 
 
 def save(model: Any, out_dir: str, report: QuantizationReport, tokenizer: Any = None) -> Any:
-    """Save a model quantized by :func:`quantize` (``report`` is what it returned)."""
+    """Save a model quantized by :func:`quantize` (``report`` is what it returned), atomically and
+    with a checksum manifest. ``out_dir`` may be new, empty, or a checkpoint quantlab wrote (then
+    replaced once the new one is complete); a file or another non-empty directory there is
+    refused (docs/reliability.md)."""
     from quantlab.export.checkpoint import save_quantized
 
     return save_quantized(model, out_dir, report.method, report.config, tokenizer, report.to_dict())

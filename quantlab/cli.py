@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quantlab.config import CalibConfig
 
 __all__ = ["main"]
 
@@ -90,7 +94,19 @@ def _parser() -> argparse.ArgumentParser:
         "(default: on for gptq, off for rtn and awq, whose own clip search is activation-aware)",
     )
     q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    q.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    q.add_argument(
+        "--out",
+        required=True,
+        help="output checkpoint directory: a new or empty directory, or (with --overwrite) a "
+        "checkpoint quantlab wrote; anything else, and the --model directory, is refused before "
+        "any work. Written atomically, under a lock file beside it (.NAME.quantlab-lock) that "
+        "refuses a second concurrent writer",
+    )
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing quantlab checkpoint at --out (only once the new one is complete)",
+    )
     q.add_argument(
         "--format",
         default="quantlab",
@@ -122,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and a generation smoke check) of a model")
     e.add_argument("--model", required=True, help="checkpoint directory, 'default', or a hub id")
+    e.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking a quantlab checkpoint's files against the checksums recorded when it "
+        "was written (the structural checks still run)",
+    )
     e.add_argument(
         "--prompt",
         default="What is the capital of France?",
@@ -220,14 +242,19 @@ def _fmt_ppl(p: float | None) -> str:
     return "-" if p is None else f"{p:.3f}"
 
 
-def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+def _model_dirs(spec: str) -> tuple[Path, ...]:
+    """The local directory ``--model`` names (none for a hub id): ``--out`` must not replace it."""
+    from quantlab.models.loading import resolve_model_path
 
-    from quantlab.calib.data import load_text, token_stream
+    path = Path(resolve_model_path(spec)[0])
+    return (path,) if path.is_dir() else ()
+
+
+def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Quantize, evaluate and save; ``command`` is the command line the output lock records."""
     from quantlab.config import CalibConfig
-    from quantlab.export.checkpoint import save_quantized
-    from quantlab.models.loading import load_model
-    from quantlab.pipeline import quantize_model
+    from quantlab.export.atomic import output_lock
+    from quantlab.export.output_guard import check_output_target
 
     t0 = time.perf_counter()
     config = _method_config(args)
@@ -239,10 +266,33 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     calib = CalibConfig(
         args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
     )
+    inputs = _model_dirs(args.model)
+    # Held until the checkpoint is in place: the target checks below cannot go stale, and a second
+    # run writing the same --out fails now instead of silently replacing this one's result.
+    # Taking it creates the parent directories and the lock file, which proves them writable.
+    with output_lock(args.out, command=command):
+        check_output_target(args.out, inputs=inputs, overwrite=args.overwrite)
+        return _quantize_locked(args, config, calib, t0)
+
+
+def _quantize_locked(
+    args: argparse.Namespace, config: Any, calib: CalibConfig, t0: float
+) -> dict[str, Any]:
+    """The rest of ``quantize``, run while the output lock is held (``t0``: the start time)."""
+    import torch
+
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.export.checkpoint import save_quantized
+    from quantlab.export.output_guard import check_free_space, estimate_checkpoint_bytes
+    from quantlab.models.loading import load_model
+    from quantlab.pipeline import quantize_model
+
     loaded = load_model(args.model, args.dtype, args.device)
     if loaded.quantized:
         raise ValueError(f"--model {args.model} is already a quantlab checkpoint")
     model, tok = loaded.model, loaded.tokenizer
+    # Before the evaluations and the quantization, which may take hours.
+    check_free_space(args.out, estimate_checkpoint_bytes(model, config, tok))
     tokens = None
     baseline = None
     fairness_before = fairness_after = None
@@ -344,7 +394,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from quantlab.models.loading import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.dtype, args.device)
+    loaded = load_model(args.model, args.dtype, args.device, verify=not args.no_verify)
     tokens = token_stream(loaded.tokenizer, load_text(args.text))
     ppl = _eval_ppl(loaded.model, tokens, args)
     sample = generate_text(loaded.model, loaded.tokenizer, args.prompt) if args.prompt else None
@@ -382,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
+    command = shlex.join(["quantlab", *(sys.argv[1:] if argv is None else argv)])
     try:
-        result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+        result = cmd_quantize(args, command) if args.command == "quantize" else cmd_eval(args)
     except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as exc:
         if os.environ.get("QUANTLAB_DEBUG"):
             raise

@@ -53,17 +53,6 @@ def default_model(default_model_path: Path) -> torch.nn.Module:
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     """A randomly initialised 2-block Llama with quantizable shapes (hidden 128, MLP 256)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.checkpoint_mutations import make_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_llama()

@@ -70,19 +70,21 @@ def load_awq(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> nn.Module:
-    """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers."""
-    checkpoint = read_foreign_checkpoint(path, "awq", "an AWQ")
-    qcfg, cfg_path = checkpoint.quantization_config, checkpoint.config_path
-    version = str(qcfg.get("version", qcfg.get("format", "gemm"))).lower()
+    """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers (``verify``:
+    check the files against the checksums quantlab recorded, when it wrote them)."""
+    checkpoint = read_foreign_checkpoint(path, "awq", "an AWQ", verify)
+    cfg_path = checkpoint.config_path
+    version = checkpoint.field("version", str, "format", default="gemm").lower()
     if version != "gemm":
         raise CheckpointError(
             f"{cfg_path}: AWQ version {version!r}; quantlab reads the GEMM layout only"
         )
-    if not qcfg.get("zero_point", True):
+    if not checkpoint.field("zero_point", bool, default=True):
         raise CheckpointError(f"{cfg_path}: AWQ without zero points is not supported")
-    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
-    group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+    bits = checkpoint.field("bits", int, "w_bit", default=4)
+    group_size = checkpoint.field("group_size", int, "q_group_size", default=128)
     state, names = state_in_groupwise_format(
         checkpoint,
         AWQ_SUFFIXES,

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from quantlab.export.checkpoint import (
@@ -38,6 +37,8 @@ from quantlab.export.checkpoint import (
     instantiate_quantized,
     read_quantization_config,
 )
+from quantlab.export.foreign_layout import config_field
+from quantlab.export.safetensors_file import read_header, read_tensors
 from quantlab.formats.ternary import FORMAT_NAME, PER_TENSOR, pack
 from quantlab.solvers.ternary import TernaryResult, absmean_ternarize
 
@@ -75,7 +76,7 @@ def _should_skip(name: str, patterns: list[str]) -> bool:
 
 
 def bitnet_modules(
-    model: nn.Module, quantization_config: dict[str, Any], tensor_dtypes: dict[str, str]
+    model: nn.Module, quantization_config: dict[str, Any], tensor_dtypes: dict[str, torch.dtype]
 ) -> list[str]:
     """Paths of the linears the checkpoint stores ternary.
 
@@ -85,7 +86,7 @@ def bitnet_modules(
     """
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if quantization_config.get("quantization_mode", "offline") == "offline":
-        return [n for n in linears if tensor_dtypes.get(f"{n}.weight") == "U8"]
+        return [n for n in linears if tensor_dtypes.get(f"{n}.weight") == torch.uint8]
     skip = quantization_config.get("modules_to_not_convert")
     if skip is None:
         out = model.get_output_embeddings()
@@ -97,10 +98,15 @@ def _weight_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: invalid shard index: {exc}") from exc
-        files = [root / s for s in shards]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+            for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        files = [root / s for s in sorted(set(weight_map.values()))]
     else:
         files = [root / "model.safetensors"]
     for f in files:
@@ -109,17 +115,16 @@ def _weight_files(root: Path) -> list[Path]:
     return files
 
 
-def _read_state(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from quantlab.export.checkpoint import read_safetensors_header
-
+def _read_state(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
     state: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, str] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for f in files:
-        header = read_safetensors_header(f)
-        dtypes.update({k: v["dtype"] for k, v in header.items() if k != "__metadata__"})
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                state[key] = handle.get_tensor(key)
+        header = read_header(f)
+        twice = sorted(set(header.tensors) & set(dtypes))
+        if twice:
+            raise CheckpointError(f"{f}: tensors {twice[:3]} are stored in another shard too")
+        dtypes.update({k: info.dtype for k, info in header.tensors.items()})
+        state.update(read_tensors(f))
     return state, dtypes
 
 
@@ -186,9 +191,14 @@ def load_bitnet(
         evaluate or to save with :func:`quantlab.export.checkpoint.save_quantized`.
     """
     root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
     cfg_path, qcfg = read_quantization_config(root, BITNET_QUANT_METHOD, "a BitNet")
-    linear_class = qcfg.get("linear_class", "bitlinear")
-    mode = qcfg.get("quantization_mode", "offline")
+    linear_class = config_field(qcfg, cfg_path, "linear_class", str, default="bitlinear")
+    mode = config_field(qcfg, cfg_path, "quantization_mode", str, default="offline")
+    skip = qcfg.get("modules_to_not_convert")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(p, str) for p in skip)):
+        raise CheckpointError(f"{cfg_path}: modules_to_not_convert must be a list of strings")
     if linear_class not in _LINEAR_CLASSES or mode not in _MODES:
         raise CheckpointError(
             f"{cfg_path}: linear_class {linear_class!r} / quantization_mode {mode!r}; BitNet "
@@ -196,7 +206,7 @@ def load_bitnet(
         )
     if mode == "online" and linear_class != "autobitlinear":
         raise CheckpointError(f"{cfg_path}: online quantization needs linear_class autobitlinear")
-    if qcfg.get("use_rms_norm"):
+    if config_field(qcfg, cfg_path, "use_rms_norm", bool, default=False):
         raise CheckpointError(
             f"{cfg_path}: use_rms_norm=True (an RMSNorm inside every BitLinear) is not supported "
             "by quantlab's BitNet import"

@@ -20,27 +20,35 @@ its tensors (safetensors slices of the stacked blocks); ``model.resize(budget)``
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from quantlab.export.checkpoint import (
+    QUANT_METHOD,
     WEIGHTS_NAME,
     CheckpointError,
-    instantiate_quantized,
+    check_checkpoint,
     module_defaults,
-    read_safetensors_header,
-    validate_checkpoint,
+    read_config_json,
 )
-from quantlab.formats.bitstack import FORMAT_NAME
+from quantlab.export.model_fill import fill_model
+from quantlab.export.safetensors_file import (
+    SafetensorsHeader,
+    SafetensorsReader,
+    TensorInfo,
+    file_sha256,
+    read_header,
+)
+from quantlab.formats.bitstack import FORMAT_NAME, block_bytes
 from quantlab.nn.bitstack_linear import BitStackLinear
 
 __all__ = [
@@ -66,18 +74,8 @@ _UNITS = {
     "mib": 2**20,
     "gib": 2**30,
 }
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
+# The files whose identity a loaded model keeps (see _FileIdentity).
+_IDENTITY_FILES = ("config.json", WEIGHTS_NAME)
 
 
 class BudgetError(ValueError):
@@ -101,8 +99,8 @@ def parse_memory(budget: str | int | float) -> int:
                 f"({', '.join(u for u in ('B', 'kB', 'MB', 'GB', 'KiB', 'MiB', 'GiB'))})"
             )
         value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not value > 0:
-        raise ValueError(f"memory budget must be positive, got {budget!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"memory budget must be a positive, finite size, got {budget!r}")
     return int(value)
 
 
@@ -124,6 +122,7 @@ class BitStackPlan:
     order: list[tuple[str, int]]
     element_bytes: int
     other_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    identity: _FileIdentity | None = None
 
     @property
     def base_bytes(self) -> int:
@@ -170,85 +169,154 @@ def checkpoint_memory_bytes(path: str | os.PathLike[str], float_bytes: int = 2) 
     """Bytes of a (any method's) checkpoint's tensors with every float tensor at ``float_bytes``
     per element and integer tensors as stored: the convention of the ppl-vs-memory comparison
     (fp16 deployment; the tied head is stored once)."""
-    header = read_safetensors_header(Path(path) / WEIGHTS_NAME)
-    total = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        numel = 1
-        for s in info["shape"]:
-            numel *= s
-        is_float = info["dtype"] in ("F64", "F32", "F16", "BF16")
-        total += numel * (float_bytes if is_float else _DTYPE_BYTES.get(info["dtype"], 1))
-    return total
+    header = read_header(Path(path) / WEIGHTS_NAME)
+    return _tensor_bytes(header.tensors.values(), float_bytes)
+
+
+def _tensor_bytes(infos: Iterable[TensorInfo], float_bytes: int) -> int:
+    """Bytes of ``infos`` with float tensors at ``float_bytes`` per element, others as stored."""
+    return sum(
+        math.prod(info.shape)
+        * (float_bytes if info.dtype.is_floating_point else _element_bytes(info.dtype))
+        for info in infos
+    )
 
 
 def is_bitstack_checkpoint(path: str | os.PathLike[str]) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    """Whether ``path`` is a quantlab checkpoint with at least one BitStack module (a damaged
+    config answers False here; the loader then names the problem)."""
+    root = Path(path)
+    if not (root / "config.json").is_file():
         return False
     try:
-        qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
+        _, config = read_config_json(root)
+    except CheckpointError:
         return False
-    if qcfg.get("quant_method") != "quantlab":
+    qcfg = config.get("quantization_config")
+    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != QUANT_METHOD:
         return False
     defaults = module_defaults(qcfg)
-    modules = qcfg.get("modules") or {}
-    return any({**defaults, **spec}.get("format") == FORMAT_NAME for spec in modules.values())
+    modules = qcfg.get("modules")
+    if not isinstance(modules, dict):
+        return False
+    return any(
+        isinstance(spec, dict) and {**defaults, **spec}.get("format") == FORMAT_NAME
+        for spec in modules.values()
+    )
 
 
 def _element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def plan_from_checkpoint(path: str | os.PathLike[str], dtype: torch.dtype) -> BitStackPlan:
-    """Read a BitStack checkpoint's configurations (config.json and the safetensors header)."""
-    root = Path(path)
-    qcfg = validate_checkpoint(root)
-    defaults = module_defaults(qcfg)
-    specs = {name: {**defaults, **spec} for name, spec in qcfg["modules"].items()}
-    modules = {n: s for n, s in specs.items() if s.get("format") == FORMAT_NAME}
+def _stack_shape(header: SafetensorsHeader, name: str, spec: dict[str, Any]) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a BitStack module from its stored tensors, after
+    checking their block counts agree with ``spec`` (the skeleton check already matched them
+    with the model)."""
+    signs, v = header.tensors[f"{name}.signs"].shape, header.tensors[f"{name}.v"].shape
+    if signs[0] != spec["n_blocks"]:
+        raise CheckpointError(
+            f"{header.path}: {name}.signs holds {signs[0]} blocks, config.json says "
+            f"{spec['n_blocks']}"
+        )
+    return signs[1], v[2]
+
+
+def plan_from_checkpoint(
+    path: str | os.PathLike[str], dtype: torch.dtype, verify: bool = True
+) -> BitStackPlan:
+    """Read a BitStack checkpoint's configurations (config.json and the safetensors header),
+    after the checks of :func:`~quantlab.export.checkpoint.check_checkpoint`.
+
+    The bytes of each block are recomputed from the stored tensors' shapes (a ``block_bytes`` in
+    config.json that disagrees is refused, not trusted), and the modules' ``steps`` must together
+    be a permutation of ``0 .. len(order) - 1``.
+    """
+    checked = check_checkpoint(path, verify)
+    root, header = checked.root, checked.header
+    cfg_path = root / "config.json"
+    modules = {n: s for n, s in checked.specs.items() if s.get("format") == FORMAT_NAME}
     if not modules:
         raise CheckpointError(f"{root}: no bitstack modules; not a BitStack checkpoint")
-    header = read_safetensors_header(root / WEIGHTS_NAME)
-    for name, spec in modules.items():
-        shape = header[f"{name}.signs"]["shape"]
-        if shape[0] != int(spec["n_blocks"]):
-            raise CheckpointError(
-                f"{root / WEIGHTS_NAME}: {name}.signs holds {shape[0]} blocks, config.json says "
-                f"{spec['n_blocks']}"
-            )
     order: list[tuple[int, str, int]] = []
     for name, spec in modules.items():
-        steps = [int(s) for s in spec.get("steps", [])]
-        if len(steps) != int(spec["n_blocks"]) - 1:
+        out_features, in_features = _stack_shape(header, name, spec)
+        actual = block_bytes(out_features, in_features, spec["rank"])
+        if spec.get("block_bytes", actual) != actual:
             raise CheckpointError(
-                f"{root / 'config.json'}: {name} has {spec['n_blocks']} blocks but "
-                f"{len(steps)} order steps"
+                f"{cfg_path}: {name}: block_bytes {spec['block_bytes']} but its tensors "
+                f"([{out_features}, {in_features}], rank {spec['rank']}) take {actual} bytes "
+                "per block"
+            )
+        spec["block_bytes"] = actual
+        steps = spec.get("steps", [])
+        if len(steps) != spec["n_blocks"] - 1:
+            raise CheckpointError(
+                f"{cfg_path}: {name} has {spec['n_blocks']} blocks but {len(steps)} order steps"
             )
         if steps != sorted(steps):
-            raise CheckpointError(f"{root / 'config.json'}: {name}: order steps are not increasing")
+            raise CheckpointError(f"{cfg_path}: {name}: order steps are not increasing")
         order.extend((step, name, block) for block, step in enumerate(steps, start=1))
     positions = sorted(step for step, _, _ in order)
-    if len(set(positions)) != len(positions):
-        raise CheckpointError(f"{root / 'config.json'}: two blocks share an order position")
+    if positions != list(range(len(order))):
+        raise CheckpointError(
+            f"{cfg_path}: the modules' order steps are not a permutation of 0..{len(order) - 1} "
+            "(a position is repeated or skipped); the loading order is damaged"
+        )
     order.sort()
-    element = _element_bytes(dtype)
     packed = {f"{n}.{t}" for n in modules for t in _BLOCK_TENSORS}
-    fixed = 0
-    for key, info in header.items():
-        if key == "__metadata__" or key in packed:
-            continue
-        numel = 1
-        for s in info["shape"]:
-            numel *= s
-        is_float = info["dtype"] in ("F64", "F32", "F16", "BF16")
-        fixed += numel * (element if is_float else _DTYPE_BYTES.get(info["dtype"], 1))
-    others = {n: s for n, s in specs.items() if n not in modules}
-    return BitStackPlan(
-        root, fixed, modules, [(n, b) for _, n, b in order], element, other_specs=others
+    fixed = _tensor_bytes(
+        (info for key, info in header.tensors.items() if key not in packed),
+        _element_bytes(dtype),
     )
+    others = {n: s for n, s in checked.specs.items() if n not in modules}
+    return BitStackPlan(
+        root,
+        fixed,
+        modules,
+        [(n, b) for _, n, b in order],
+        _element_bytes(dtype),
+        other_specs=others,
+        identity=_FileIdentity.of(root),
+    )
+
+
+@dataclass(frozen=True)
+class _FileIdentity:
+    """Which files a model was loaded from: stat identity (device, inode, size, mtime) and
+    content hash of config.json and the weights, so a resize can refuse a replaced checkpoint."""
+
+    stats: tuple[tuple[int, int, int, int], ...]
+    hashes: tuple[str, ...]
+
+    @staticmethod
+    def _stats(root: Path) -> tuple[tuple[int, int, int, int], ...]:
+        out = []
+        for name in _IDENTITY_FILES:
+            st = (root / name).stat()
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    @classmethod
+    def of(cls, root: Path) -> _FileIdentity:
+        stats = cls._stats(root)
+        return cls(stats, tuple(file_sha256(root / name) for name in _IDENTITY_FILES))
+
+    def check(self, root: Path) -> None:
+        """Raise :class:`CheckpointError` unless ``root`` still holds the same files (a stat
+        change alone, e.g. a copy back, is accepted when the contents hash the same)."""
+        try:
+            if self._stats(root) == self.stats:
+                return
+            same = tuple(file_sha256(root / name) for name in _IDENTITY_FILES) == self.hashes
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise CheckpointError(
+                f"{root}: the checkpoint was replaced or modified since this model was loaded "
+                "from it; resizing would mix blocks of two checkpoints. Load it again with "
+                "quantlab.load(path, memory_budget=...)"
+            )
 
 
 @dataclass
@@ -262,11 +330,13 @@ class _Source:
 def _read_blocks(
     plan: BitStackPlan, want: dict[str, tuple[int, int]]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Blocks ``[start, stop)`` of each module's stacked tensors, read as safetensors slices."""
+    """Blocks ``[start, stop)`` of each module's stacked tensors, read as safetensors slices,
+    from the file the plan was made from (refused if it was replaced since)."""
+    plan.identity.check(plan.path)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(plan.path / WEIGHTS_NAME), framework="pt", device="cpu") as f:
+    with SafetensorsReader(plan.path / WEIGHTS_NAME) as reader:
         for name, (start, stop) in want.items():
-            out[name] = {t: f.get_slice(f"{name}.{t}")[start:stop] for t in _BLOCK_TENSORS}
+            out[name] = {t: reader.get_leading(f"{name}.{t}", stop)[start:] for t in _BLOCK_TENSORS}
     return out
 
 
@@ -276,11 +346,13 @@ def load_bitstack(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     accounting_dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Load a BitStack checkpoint within ``memory_budget`` (``None``: every block).
 
-    Reads only the tensors of the chosen configuration. The model gets ``model.resize(budget)``
-    and ``model.memory_bytes()``. ``accounting_dtype`` (default ``dtype``) is the element size the
+    Reads only the tensors of the chosen configuration (``verify`` hashes the whole files once
+    against the checksums recorded at export). The model gets ``model.resize(budget)`` and
+    ``model.memory_bytes()``. ``accounting_dtype`` (default ``dtype``) is the element size the
     budget assumes for the undecomposed float tensors: e.g. compute in fp32 but budget as if they
     were held in fp16 (how docs/methods/bitstack.md compares methods).
 
@@ -288,26 +360,30 @@ def load_bitstack(
         BudgetError: the budget is below the smallest configuration (the message names it).
         CheckpointError: missing, truncated or inconsistent files.
     """
-    plan = plan_from_checkpoint(path, accounting_dtype or dtype)
+    plan = plan_from_checkpoint(path, accounting_dtype or dtype, verify)
     steps = (
         len(plan.order) if memory_budget is None else plan.steps_for(parse_memory(memory_budget))
     )
     counts = plan.blocks_at(steps)
-    blocks = _read_blocks(plan, {name: (0, b) for name, b in counts.items()})
-    packed = {f"{n}.{t}" for n in plan.modules for t in _BLOCK_TENSORS}
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(plan.path / WEIGHTS_NAME), framework="pt", device="cpu") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open handles have no __iter__
-            if key not in packed:
-                state[key] = f.get_tensor(key)
-    for name, tensors in blocks.items():
-        for t, value in tensors.items():
-            state[f"{name}.{t}"] = value
     specs = dict(plan.other_specs)
+    found = dict(read_header(plan.path / WEIGHTS_NAME).tensors)
     for name, spec in plan.modules.items():
         b = counts[name]
         specs[name] = {**spec, "n_blocks": b, "steps": list(spec.get("steps", []))[: b - 1]}
-    model = instantiate_quantized(plan.path, state, specs, dtype)
+        for t in _BLOCK_TENSORS:
+            info = found[f"{name}.{t}"]
+            found[f"{name}.{t}"] = TensorInfo((b, *info.shape[1:]), info.dtype)
+
+    plan.identity.check(plan.path)
+    with SafetensorsReader(plan.path / WEIGHTS_NAME) as reader:
+
+        def get(key: str) -> torch.Tensor:
+            name, _, suffix = key.rpartition(".")
+            if name in counts and suffix in _BLOCK_TENSORS:
+                return reader.get_leading(key, counts[name])
+            return reader.get(key)
+
+        model = fill_model(plan.path, found, get, specs, dtype, plan.path / WEIGHTS_NAME)
     model.to(device)
     _attach(model, _Source(plan, steps))
     return model
@@ -345,6 +421,8 @@ def resize(model: nn.Module, memory_budget: str | int | float) -> int:
 
     Raises:
         BudgetError: the budget is below the smallest configuration.
+        CheckpointError: growing needs blocks, and the checkpoint's files are no longer the ones
+            the model was loaded from (replaced or modified: :class:`_FileIdentity`).
         ValueError: the model was not loaded from a BitStack checkpoint.
     """
     source = getattr(model, "bitstack_source", None)
@@ -361,13 +439,14 @@ def resize(model: nn.Module, memory_budget: str | int | float) -> int:
     if missing:
         raise ValueError(f"the model lacks BitStack layers {sorted(missing)[:3]} of its checkpoint")
     grow = {n: (layers[n].n_blocks, b) for n, b in counts.items() if b > layers[n].n_blocks}
+    # Read before changing anything: a replaced checkpoint (or a read error) leaves the model as
+    # it was.
+    added = _read_blocks(plan, grow) if grow else {}
     for name, b in counts.items():
         if b < layers[name].n_blocks:
             layers[name].truncate(b)
-    if grow:
-        for name, tensors in _read_blocks(plan, grow).items():
-            layer = layers[name]
-            layer.append_blocks(tensors["signs"], tensors["u"], tensors["v"])
+    for name, tensors in added.items():
+        layers[name].append_blocks(tensors["signs"], tensors["u"], tensors["v"])
     for name, layer in layers.items():
         layer.steps = [int(s) for s in plan.modules[name].get("steps", [])][: layer.n_blocks - 1]
     source.steps = steps

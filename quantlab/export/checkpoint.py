@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quantlab.export.atomic import atomic_directory
+from quantlab.export.atomic import atomic_directory, output_lock
+from quantlab.export.checksums import verify_checksums, write_checksums
+from quantlab.export.errors import CheckpointError
+from quantlab.export.model_fill import WEIGHTS_NAME, build_model, fill_model, instantiate_quantized
+from quantlab.export.output_guard import check_output_target
+from quantlab.export.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
+from quantlab.export.state_check import check_state_matches_model
 from quantlab.formats.groupwise_int import FORMAT_NAME
 from quantlab.nn.registry import (
     FormatError,
+    check_spec,
     layer_class,
     module_spec,
     quantized_modules,
@@ -33,28 +40,28 @@ from quantlab.nn.registry import (
 )
 
 __all__ = [
+    "QUANT_METHOD",
+    "CheckedCheckpoint",
     "CheckpointError",
     "WEIGHTS_NAME",
+    "check_checkpoint",
     "groupwise_specs",
-    "module_defaults",
     "instantiate_quantized",
     "load_quantized",
+    "module_defaults",
+    "module_specs",
     "quantization_config_of",
+    "read_config_json",
     "read_quantization_config",
-    "read_safetensors_header",
     "save_quantized",
     "state_dict_without_shared",
     "validate_checkpoint",
     "write_checkpoint",
 ]
 
-WEIGHTS_NAME = "model.safetensors"
+# The quant_method of quantlab's own layout in config.json's quantization_config.
+QUANT_METHOD = "quantlab"
 REPORT_NAME = "quantlab_report.json"
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files, truncated, corrupt, or of an unknown layout."""
 
 
 def module_defaults(qcfg: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +87,7 @@ def quantization_config_of(
     formats = {spec["format"] for spec in modules.values()}
     versions = {spec["format_version"] for spec in modules.values()}
     return {
-        "quant_method": "quantlab",
+        "quant_method": QUANT_METHOD,
         "format": formats.pop() if len(formats) == 1 else "mixed",
         "format_version": versions.pop() if len(versions) == 1 else 0,
         "method": method,
@@ -110,25 +117,38 @@ def write_checkpoint(
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``state``, the config with ``quantization_config`` and the tokenizer, atomically.
+    """Write ``state``, the config with ``quantization_config``, the tokenizer and the checksum
+    manifest (:mod:`quantlab.export.checksums`, written last), atomically.
 
     Shared by every checkpoint layout quantlab writes; an existing ``out_dir`` is replaced only
-    once the new directory is complete.
+    once the new directory is complete (:func:`quantlab.export.atomic.atomic_directory`), and only
+    if quantlab wrote it: a file or a foreign non-empty directory there is refused
+    (:func:`quantlab.export.output_guard.check_output_target`).
     """
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / WEIGHTS_NAME).chmod(0o644)
-        config = model.config.to_dict()
-        config["quantization_config"] = quantization_config
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    # A layer whose tensors disagree with its spec (edited in place, NaN scales) would make a
+    # checkpoint that refuses to load; refuse it now, before anything is written.
+    for name, module in quantized_modules(model):
+        if hasattr(module, "packed"):
+            module.packed().validate(name)
+    # Under the lock, so nothing changes ``out`` between the check and the swap; the CLI checks
+    # with its --overwrite flag earlier (holding the same, re-entrant lock).
+    with output_lock(out):
+        check_output_target(out, overwrite=True)
+        with atomic_directory(out) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / WEIGHTS_NAME).chmod(0o644)
+            config = model.config.to_dict()
+            config["quantization_config"] = quantization_config
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if report is not None:
+                (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+            write_checksums(tmp)
     return out
 
 
@@ -146,27 +166,19 @@ def save_quantized(
     return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report)
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check the file is as long as the header says."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path}: corrupt safetensors header (length {header_len})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {exc}") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: {size} bytes, "
-            f"header promises {8 + header_len + end}"
-        )
-    return header
+def read_config_json(root: Path) -> tuple[Path, dict[str, Any]]:
+    """``(path, parsed JSON object)`` of ``root/config.json``; :class:`CheckpointError` naming
+    the file when it is missing, not JSON, or not a JSON object."""
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root}: missing config.json")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    return cfg_path, config
 
 
 def read_quantization_config(
@@ -175,13 +187,7 @@ def read_quantization_config(
     """The path of ``root/config.json`` and its ``quantization_config``, which must say
     ``quant_method`` (``kind`` names such a checkpoint in the error, e.g. ``"an AWQ"``); raise
     :class:`CheckpointError` on a missing file, invalid JSON or another method."""
-    cfg_path = root / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{root}: missing config.json")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from exc
+    cfg_path, config = read_config_json(root)
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict) or qcfg.get("quant_method") != quant_method:
         found = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
@@ -189,66 +195,97 @@ def read_quantization_config(
     return cfg_path, qcfg
 
 
-def validate_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check a checkpoint directory before loading it; return its ``quantization_config``."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {root}")
-    cfg_path, qcfg = read_quantization_config(root, "quantlab", "a quantlab")
+def module_specs(qcfg: dict[str, Any], where: object) -> dict[str, dict[str, Any]]:
+    """Every quantized module's spec of a quantlab ``quantization_config`` (top-level format
+    defaults merged in), each checked completely (:func:`quantlab.nn.registry.check_spec`);
+    ``where`` (the config's path) is named in the :class:`CheckpointError`."""
     modules = qcfg.get("modules")
     if not isinstance(modules, dict) or not modules:
-        raise CheckpointError(f"{cfg_path}: quantization_config lists no quantized modules")
-    default_format = module_defaults(qcfg)
-    if default_format:
+        raise CheckpointError(
+            f"{where}: quantization_config.modules must be a non-empty JSON object "
+            f"{{module path: spec}}, got {type(modules).__name__}"
+        )
+    fmt, version = qcfg.get("format", FORMAT_NAME), qcfg.get("format_version", 1)
+    if fmt != "mixed":
         try:
-            layer_class(default_format)
+            layer_class({"format": fmt, "format_version": version})
         except FormatError as exc:
             readable = ", ".join(
                 f"{name} v{cls.format_version}" for name, cls in registered_formats().items()
             )
             raise CheckpointError(
-                f"{cfg_path}: format {default_format['format']!r} "
-                f"v{default_format['format_version']} is not readable by this quantlab "
-                f"({readable})"
+                f"{where}: format {fmt!r} v{version} is not readable by this quantlab ({readable})"
             ) from exc
-    classes = {}
+    defaults = module_defaults(qcfg)
+    specs = {}
     for name, spec in modules.items():
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{where}: module {name}: spec must be a JSON object")
+        merged = {**defaults, **spec}
         try:
-            classes[name] = layer_class({**default_format, **spec})
+            check_spec(merged)
         except FormatError as exc:
-            raise CheckpointError(f"{cfg_path}: module {name}: {exc}") from exc
+            raise CheckpointError(f"{where}: module {name}: {exc}") from exc
+        specs[name] = merged
+    return specs
+
+
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """A quantlab checkpoint whose config, module specs, tensors and checksums were checked."""
+
+    root: Path
+    quantization_config: dict[str, Any]
+    specs: dict[str, dict[str, Any]]
+    header: SafetensorsHeader
+    verified: bool
+
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS_NAME
+
+
+def check_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> CheckedCheckpoint:
+    """Check a quantlab checkpoint completely without reading a tensor value: config.json and
+    every module spec (typed, no unknown fields), the safetensors header, the tensors against
+    the model the config describes (:mod:`quantlab.export.state_check`), and with ``verify``
+    the files against the checksums recorded at export (:mod:`quantlab.export.checksums`)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    cfg_path, qcfg = read_quantization_config(root, QUANT_METHOD, "a quantlab")
+    specs = module_specs(qcfg, cfg_path)
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{root}: missing {WEIGHTS_NAME}")
-    header = read_safetensors_header(weights)
-    for name, spec in modules.items():
-        for suffix, want in classes[name].checkpoint_tensors(spec).items():
-            if f"{name}.{suffix}" not in header:
-                raise CheckpointError(f"{weights}: tensor {name}.{suffix} is missing")
-            dtype = header[f"{name}.{suffix}"]["dtype"]
-            if want is not None and dtype != want:
-                raise CheckpointError(
-                    f"{weights}: {name}.{suffix} has dtype {dtype}, expected {want}"
-                )
-    return qcfg
+    header = read_header(weights)
+    skeleton = build_model(root, specs, torch.float32, meta=True)
+    check_state_matches_model(skeleton, header.tensors, weights)
+    manifest = verify_checksums(root) if verify else None
+    return CheckedCheckpoint(root, qcfg, specs, header, verified=manifest is not None)
+
+
+def validate_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    """Check a checkpoint directory before loading it (:func:`check_checkpoint`); return its
+    ``quantization_config``."""
+    return check_checkpoint(path, verify).quantization_config
 
 
 def load_quantized(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> nn.Module:
-    """Load a quantlab checkpoint as a transformers model with :class:`QuantLinear` layers."""
-    validate_checkpoint(path)
-    from transformers import AutoModelForCausalLM
-
-    from quantlab.integrations.transformers import register
-
-    register()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model.to(device)
-    model.eval()
-    return model
+    """Load a quantlab checkpoint as a transformers model with its quantized layers, strictly:
+    everything :func:`check_checkpoint` checks, then every value as it is copied in (floats
+    finite, tied copies equal, each layer's own checks such as positive scales)."""
+    checked = check_checkpoint(path, verify)
+    with SafetensorsReader(checked.weights) as reader:
+        model = fill_model(
+            checked.root, checked.header.tensors, reader.get, checked.specs, dtype, checked.weights
+        )
+    return model.to(device)
 
 
 def groupwise_specs(
@@ -263,41 +300,3 @@ def groupwise_specs(
         "scale_dtype": scale_dtype,
     }
     return {name: dict(spec) for name in names}
-
-
-def instantiate_quantized(
-    root: Path,
-    state: dict[str, torch.Tensor],
-    specs: dict[str, dict[str, Any]],
-    dtype: torch.dtype,
-) -> nn.Module:
-    """Build the transformers model of ``root/config.json`` with an empty quantized layer of
-    ``specs[path]``'s format at each listed path, and load ``state`` into it, strictly.
-
-    Used by loaders that read the tensors themselves: foreign layouts (GPTQ, AWQ) once they have
-    converted them to quantlab's, and loaders that take only part of a checkpoint.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    from quantlab.nn.swap import swap_in_empty
-
-    config = AutoConfig.from_pretrained(root)
-    config.quantization_config = None
-    del config.quantization_config
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = [swap_in_empty(model, name, spec) for name, spec in specs.items()]
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{root / WEIGHTS_NAME}: tensors do not match the model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    for layer in layers:
-        if hasattr(layer, "after_load"):
-            layer.after_load()
-    model.tie_weights()
-    return model.eval()

@@ -11,19 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from quantlab.export.checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
     read_quantization_config,
-    read_safetensors_header,
 )
+from quantlab.export.checksums import verify_checksums
+from quantlab.export.safetensors_file import read_header, read_tensors
 from quantlab.formats.groupwise_int import pack
+from quantlab.nn.registry import FormatError, spec_bool, spec_int, spec_str
 from quantlab.solvers.base import GroupwiseIntResult
 
 __all__ = [
     "ForeignCheckpoint",
+    "config_field",
     "read_foreign_checkpoint",
     "state_in_groupwise_format",
 ]
@@ -40,6 +42,7 @@ class ForeignCheckpoint:
 
     root: Path
     quantization_config: dict[str, Any]
+    verify: bool = True
 
     @property
     def weights(self) -> Path:
@@ -49,19 +52,45 @@ class ForeignCheckpoint:
     def config_path(self) -> Path:
         return self.root / "config.json"
 
+    def field(self, key: str, kind: type, *fallbacks: str, default: Any = ...) -> Any:
+        """``quantization_config[key]`` (or the first of ``fallbacks`` present, the names other
+        tools use), checked to be ``kind`` (int, bool or str); :class:`CheckpointError`
+        naming the file and the field when it is missing without ``default`` or mistyped."""
+        return config_field(
+            self.quantization_config, self.config_path, key, kind, *fallbacks, default=default
+        )
+
+
+_READERS = {int: spec_int, bool: spec_bool, str: spec_str}
+
+
+def config_field(
+    qcfg: dict[str, Any], where: object, key: str, kind: type, *fallbacks: str, default: Any = ...
+) -> Any:
+    """A typed field of a foreign ``quantization_config`` (see :meth:`ForeignCheckpoint.field`)."""
+    name = next((k for k in (key, *fallbacks) if k in qcfg), key)
+    try:
+        if default is ...:
+            return _READERS[kind](qcfg, name)
+        return _READERS[kind](qcfg, name, default)
+    except FormatError as exc:
+        raise CheckpointError(f"{where}: quantization_config {exc}") from exc
+
 
 def read_foreign_checkpoint(
-    path: str | os.PathLike[str], quant_method: str, kind: str
+    path: str | os.PathLike[str], quant_method: str, kind: str, verify: bool = True
 ) -> ForeignCheckpoint:
     """Check ``path`` holds ``config.json`` (saying ``quant_method``, see
-    :func:`read_quantization_config`) and ``model.safetensors``."""
+    :func:`read_quantization_config`) and ``model.safetensors``; ``verify``: once the tensors
+    are converted (whose errors are more specific), check the files against the checksums quantlab
+    recorded when it wrote the checkpoint."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {root}")
     _, qcfg = read_quantization_config(root, quant_method, kind)
     if not (root / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{root}: missing {WEIGHTS_NAME}")
-    return ForeignCheckpoint(root, qcfg)
+    return ForeignCheckpoint(root, qcfg, verify)
 
 
 def state_in_groupwise_format(
@@ -76,9 +105,9 @@ def state_in_groupwise_format(
     the names of those modules. A module lacking a tensor, or one ``convert`` rejects
     (``ValueError``), raises :class:`CheckpointError` naming it."""
     weights = checkpoint.weights
-    header = read_safetensors_header(weights)
-    names = sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight"))
-    state = load_file(weights)
+    header = read_header(weights)
+    names = sorted(k[: -len(".qweight")] for k in header.tensors if k.endswith(".qweight"))
+    state = read_tensors(weights)
     for name in names:
         missing = [s for s in suffixes if f"{name}.{s}" not in state]
         if missing:
@@ -90,4 +119,6 @@ def state_in_groupwise_format(
         except ValueError as exc:
             raise CheckpointError(f"{weights}: {name}: {exc}") from exc
         state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
+    if checkpoint.verify:
+        verify_checksums(checkpoint.root)
     return state, names

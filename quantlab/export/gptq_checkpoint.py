@@ -98,13 +98,15 @@ def load_gptq(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> nn.Module:
-    """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers."""
-    checkpoint = read_foreign_checkpoint(path, "gptq", "a GPTQ")
-    qcfg = checkpoint.quantization_config
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
-    sym = bool(qcfg.get("sym", True))
-    fmt = qcfg.get("checkpoint_format", "gptq")
+    """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers (``verify``:
+    check the files against the checksums quantlab recorded, when it wrote them)."""
+    checkpoint = read_foreign_checkpoint(path, "gptq", "a GPTQ", verify)
+    bits = checkpoint.field("bits", int)
+    group_size = checkpoint.field("group_size", int)
+    sym = checkpoint.field("sym", bool, default=True)
+    fmt = checkpoint.field("checkpoint_format", str, default="gptq")
     state, names = state_in_groupwise_format(
         checkpoint,
         GPTQ_SUFFIXES,

@@ -151,8 +151,12 @@ class PackedBitStack:
         return {"signs": self.signs, "u": self.u, "v": self.v}
 
     def validate(self, name: str = "weight") -> None:
-        """Raise ``ValueError`` naming the tensor if any has the wrong shape or dtype."""
+        """Raise ``ValueError`` naming the tensor if any has the wrong shape or dtype, or a factor
+        is NaN/Inf."""
         tensor_layout.check_tensors(self.tensors(), self.meta.tensor_shapes(), name)
+        for suffix in ("u", "v"):
+            if not bool(torch.isfinite(getattr(self, suffix)).all()):
+                raise ValueError(f"{name}.{suffix} has NaN/Inf entries")
 
 
 def pack(positive: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> PackedBitStack:

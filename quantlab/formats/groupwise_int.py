@@ -105,10 +105,13 @@ class PackedGroupwiseInt:
         return out
 
     def validate(self, name: str = "weight") -> None:
-        """Raise ``ValueError`` naming the tensor if any packed tensor has the wrong shape/dtype."""
+        """Raise ``ValueError`` naming the tensor if any packed tensor has the wrong shape/dtype,
+        or a scale is not finite and positive (every solver clamps scales to > 0; a zero,
+        negative or NaN scale is a damaged file)."""
         tensor_layout.check_tensors(self.tensors(), self.meta.tensor_shapes(), name)
         if self.meta.sym and self.qzeros is not None:
             raise ValueError(f"{name}: symmetric weights carry no qzeros tensor")
+        tensor_layout.check_positive(self.scales, f"{name}.scales")
 
 
 def pack(result: GroupwiseIntResult, scale_dtype: str = "float16") -> PackedGroupwiseInt:
@@ -124,6 +127,8 @@ def pack(result: GroupwiseIntResult, scale_dtype: str = "float16") -> PackedGrou
     )
     if tuple(result.scales.shape) != (n, meta.n_groups):
         raise ValueError(f"scales shape {tuple(result.scales.shape)} != {(n, meta.n_groups)}")
+    if not bool(torch.isfinite(result.scales).all()):
+        raise ValueError("scales hold NaN or Inf values")
     scales = result.scales.to(dtype_from_name(scale_dtype))
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"scales overflow {scale_dtype}; use scale_dtype float32")

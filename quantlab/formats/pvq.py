@@ -127,9 +127,10 @@ class PackedPVQ:
         or the levels/scales are not finite."""
         tensors = self.tensors()
         tensor_layout.check_tensors(tensors, self.meta.tensor_shapes(), name)
-        for suffix in ("row_scales", "levels"):
-            if not bool(torch.isfinite(tensors[suffix]).all()):
-                raise ValueError(f"{name}.{suffix} has NaN/Inf entries")
+        # The solver clamps row scales to >= the smallest fp16 normal.
+        tensor_layout.check_positive(self.row_scales, f"{name}.row_scales")
+        if not bool(torch.isfinite(self.levels).all()):
+            raise ValueError(f"{name}.levels has NaN/Inf entries")
 
 
 def check_codes(packed: PackedPVQ, name: str = "weight") -> None:

@@ -1,5 +1,6 @@
 """What every packed format checks the same way: its tensors against the ``{suffix: (shape,
-dtype)}`` table its meta describes, and the bits they occupy."""
+dtype)}`` table its meta describes, and the bits they occupy; and the names the safetensors
+files give the dtypes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,41 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["TensorShapes", "check_tensors", "storage_bits"]
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "TensorShapes",
+    "check_positive",
+    "check_tensors",
+    "dtype_name",
+    "storage_bits",
+]
 
 TensorShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+# The dtype names of safetensors headers.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.int32`` -> ``"I32"``)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype))
 
 
 def check_tensors(
@@ -27,6 +60,17 @@ def check_tensors(
                 f"{name}.{suffix}: expected shape {list(shape)} {dtype}, "
                 f"got {list(t.shape)} {t.dtype}"
             )
+
+
+def check_positive(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` and the count if any entry is NaN, infinite, zero or
+    negative."""
+    bad = ~(torch.isfinite(tensor) & (tensor > 0))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: {int(bad.sum())} of {tensor.numel()} entries are not finite and positive "
+            "(NaN, Inf, zero or negative); the weights are damaged"
+        )
 
 
 def storage_bits(expected: TensorShapes) -> int:

@@ -1,14 +1,22 @@
 """Teach ``transformers.AutoModel*.from_pretrained`` to load quantlab checkpoints.
 
-After :func:`register` (which ``quantlab.load`` calls), a directory written by
+After :func:`register`, a directory written by
 :func:`quantlab.export.checkpoint.save_quantized` loads with plain
 ``AutoModelForCausalLM.from_pretrained(path)``: transformers builds the model on the meta device,
-our quantizer swaps the listed linears for :class:`~quantlab.nn.linear.QuantLinear`, and
-transformers streams the packed tensors in.
+our quantizer swaps the listed linears for :class:`~quantlab.nn.linear.QuantLinear` (or the layer
+of each module's format), and transformers streams the packed tensors in.
+
+The load is as strict as ``quantlab.load`` (docs/reliability.md): the config's module specs are
+checked field by field when transformers parses it; before any weight is read the safetensors
+headers are checked against the model (every tensor present, nothing unexpected, shapes and the
+packed tensors' dtypes exact) and the files against the checksums quantlab recorded; after the
+load every layer checks its values (scales finite and positive, valid codes) and every float
+tensor is checked finite. A failure is a :class:`~quantlab.export.errors.CheckpointError`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +28,16 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quantlab.export.checkpoint import module_defaults
+from quantlab.export.checkpoint import QUANT_METHOD, module_specs
+from quantlab.export.checksums import verify_checksums
+from quantlab.export.errors import CheckpointError
+from quantlab.export.model_fill import finish_loaded_layers
+from quantlab.export.safetensors_file import TensorInfo, read_header
+from quantlab.export.state_check import check_state_matches_model
 from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION
-from quantlab.nn.registry import FormatError, layer_class, quantized_modules
 from quantlab.nn.swap import swap_in_empty
 
 __all__ = ["QUANT_METHOD", "QuantlabConfig", "QuantlabHfQuantizer", "register"]
-
-QUANT_METHOD = "quantlab"
 
 
 class QuantlabConfig(QuantizationConfigMixin):
@@ -56,15 +66,13 @@ class QuantlabConfig(QuantizationConfigMixin):
         self.format = format
         self.format_version = format_version
         self.method = method
-        defaults = module_defaults({"format": format, "format_version": format_version})
-        self.modules = {name: {**defaults, **spec} for name, spec in (modules or {}).items()}
+        self.modules: dict[str, dict[str, Any]] = {}
+        if modules is not None:
+            # The same checks as quantlab.load (raises CheckpointError naming the module).
+            qcfg = {"format": format, "format_version": format_version, "modules": modules}
+            self.modules = module_specs(qcfg, "quantization_config")
         self.config = dict(config or {})
         self.extra = kwargs
-        for name, spec in self.modules.items():
-            try:
-                layer_class(spec)
-            except FormatError as exc:
-                raise ValueError(f"module {name}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,14 +95,33 @@ class QuantlabHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: QuantlabConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> None:
         for name, spec in self.quantization_config.modules.items():
-            swap_in_empty(model, name, spec)
+            try:
+                swap_in_empty(model, name, spec)
+            except ValueError as exc:
+                raise CheckpointError(f"quantization_config: module {name}: {exc}") from exc
+        if not checkpoint_files:
+            raise CheckpointError(
+                "quantlab checkpoints load from their safetensors files; transformers passed none"
+            )
+        files = [Path(f) for f in checkpoint_files]
+        found: dict[str, TensorInfo] = {}
+        for path in files:
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path}: quantlab checkpoints are safetensors only")
+            found.update(read_header(path).tensors)
+        source = files[0] if len(files) == 1 else files[0].parent
+        check_state_matches_model(model, found, source)
+        verify_checksums(files[0].parent)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        for _, module in quantized_modules(model):
-            if hasattr(module, "after_load"):
-                module.after_load()
+        finish_loaded_layers(model, getattr(model, "name_or_path", "checkpoint"))
+        for key, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{key} holds NaN or Inf values")
         return model
 
     def is_serializable(self) -> bool:

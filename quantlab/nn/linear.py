@@ -14,9 +14,11 @@ from quantlab.formats.groupwise_int import (
     FORMAT_VERSION,
     GroupwiseIntMeta,
     PackedGroupwiseInt,
+    dtype_from_name,
 )
+from quantlab.formats.tensor_layout import dtype_name
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format
+from quantlab.nn.registry import register_layer_format, spec_bool, spec_int, spec_str
 from quantlab.ops import groupwise_int as gw_ops
 from quantlab.ops.groupwise_int_repack import (
     MAX_ROWS,
@@ -70,6 +72,7 @@ class QuantLinear(PackedLinear):
 
     format_name: ClassVar[str] = FORMAT_NAME
     format_version: ClassVar[int] = FORMAT_VERSION
+    spec_keys: ClassVar[frozenset[str]] = frozenset({"bits", "group_size", "sym", "scale_dtype"})
 
     def __init__(
         self,
@@ -103,10 +106,10 @@ class QuantLinear(PackedLinear):
     @classmethod
     def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "bits": int(spec["bits"]),
-            "group_size": int(spec["group_size"]),
-            "sym": bool(spec["sym"]),
-            "scale_dtype": str(spec.get("scale_dtype", "float16")),
+            "bits": spec_int(spec, "bits"),
+            "group_size": spec_int(spec, "group_size"),
+            "sym": spec_bool(spec, "sym"),
+            "scale_dtype": spec_str(spec, "scale_dtype", "float16"),
         }
 
     def after_from_packed(self) -> None:
@@ -114,8 +117,12 @@ class QuantLinear(PackedLinear):
 
     @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
-        names: dict[str, str | None] = {"qweight": "I32", "scales": None}
-        if not spec.get("sym"):
+        kwargs = cls.layer_kwargs(spec)
+        names: dict[str, str | None] = {
+            "qweight": "I32",
+            "scales": dtype_name(dtype_from_name(kwargs["scale_dtype"])),
+        }
+        if not kwargs["sym"]:
             names["qzeros"] = "I32"
         return names
 

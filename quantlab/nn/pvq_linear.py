@@ -17,7 +17,7 @@ from quantlab.formats.pvq import (
     unpack_signs,
 )
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format
+from quantlab.nn.registry import register_layer_format, spec_int
 from quantlab.ops import pvq as pvq_ops
 from quantlab.rotation import rotate, unrotate
 
@@ -46,6 +46,7 @@ class PVQLinear(PackedLinear):
 
     format_name: ClassVar[str] = FORMAT_NAME
     format_version: ClassVar[int] = FORMAT_VERSION
+    spec_keys: ClassVar[frozenset[str]] = frozenset({"dim", "pulses", "levels"})
 
     def __init__(
         self,
@@ -79,23 +80,19 @@ class PVQLinear(PackedLinear):
     @classmethod
     def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "dim": int(spec["dim"]),
-            "pulses": int(spec["pulses"]),
-            "levels": int(spec["levels"]),
+            "dim": spec_int(spec, "dim"),
+            "pulses": spec_int(spec, "pulses"),
+            "levels": spec_int(spec, "levels"),
         }
 
     @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
-        # row_scales and levels may have been cast to the model dtype by a loader (after_load
-        # restores fp16), so any float dtype is accepted for them.
-        return {"codes": "I32", "row_scales": None, "levels": None, "signs": "I32"}
+        return {"codes": "I32", "row_scales": "F16", "levels": "F16", "signs": "I32"}
 
     def after_load(self) -> None:
         super().after_load()
         # Every code is checked once, so a corrupt file fails here, not in a later forward.
-        packed = self.packed()
-        packed.validate("PVQLinear")
-        check_codes(packed, "PVQLinear")
+        check_codes(self.packed(), "PVQLinear")
         self._dense = None
 
     # ---- compute -----------------------------------------------------------------------------

@@ -19,19 +19,26 @@ base of the built-in ones, derives all but ``checkpoint_tensors`` from its forma
   ``"U8"``, ...) or ``None`` where any float dtype will do (checked before loading);
 * ``storage_bits(self) -> int``: bits its packed tensors occupy (bias excluded);
 * optionally ``after_load(self) -> None``: fix-ups once the tensors are in (dtype restoring,
-  one-time repacking for a kernel).
+  one-time repacking for a kernel) and checks of their values (raise ``ValueError``);
+* optionally ``spec_keys: ClassVar[frozenset[str]]``: the fields its spec may hold (besides
+  ``format``/``format_version``); a spec with any other field is refused, so a misspelt or
+  foreign field is never silently ignored. Read the fields with :func:`spec_int`,
+  :func:`spec_bool`, :func:`spec_str` and :func:`spec_int_list`, which refuse a JSON value of
+  the wrong type (the string ``"false"`` is not a boolean).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import numbers
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import nn
 
 __all__ = [
     "FormatError",
+    "check_spec",
     "empty_layer_like",
     "is_quantized",
     "layer_class",
@@ -39,6 +46,10 @@ __all__ = [
     "quantized_modules",
     "register_layer_format",
     "registered_formats",
+    "spec_bool",
+    "spec_int",
+    "spec_int_list",
+    "spec_str",
 ]
 
 # Modules that define (and on import register) the built-in layer formats.
@@ -80,12 +91,63 @@ def registered_formats() -> dict[str, type[nn.Module]]:
     return dict(_FORMATS)
 
 
+_NO_DEFAULT: Any = object()
+
+
+def _field(spec: Mapping[str, Any], key: str, default: Any) -> Any:
+    if key in spec:
+        return spec[key]
+    if default is _NO_DEFAULT:
+        raise FormatError(f"field {key!r} is missing")
+    return default
+
+
+def _wrong_type(key: str, kind: str, value: Any) -> FormatError:
+    return FormatError(f"field {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+
+
+def spec_int(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> int:
+    """An integer field of a module spec (a JSON boolean or string is refused)."""
+    value = _field(spec, key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _wrong_type(key, "an integer", value)
+    return int(value)
+
+
+def spec_bool(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> bool:
+    """A boolean field of a module spec (``"false"`` or ``0`` are refused, not coerced)."""
+    value = _field(spec, key, default)
+    if not isinstance(value, bool):
+        raise _wrong_type(key, "true or false", value)
+    return value
+
+
+def spec_str(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> str:
+    value = _field(spec, key, default)
+    if not isinstance(value, str):
+        raise _wrong_type(key, "a string", value)
+    return value
+
+
+def spec_int_list(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> list[int]:
+    value = _field(spec, key, default)
+    if not isinstance(value, list | tuple) or any(
+        isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value
+    ):
+        raise _wrong_type(key, "a list of integers", value)
+    return [int(v) for v in value]
+
+
 def layer_class(spec: dict[str, Any], default_format: str = "groupwise_int") -> type[nn.Module]:
     """The layer class for a module spec (specs written before per-module formats were recorded
     are ``default_format``, version 1)."""
     formats = registered_formats()
     name = spec.get("format", default_format)
     version = spec.get("format_version", 1)
+    if not isinstance(name, str) or isinstance(version, bool) or not isinstance(version, int):
+        raise FormatError(
+            f"format must be a string and format_version an integer, got {name!r} / {version!r}"
+        )
     if name not in formats:
         raise FormatError(
             f"unknown quantlab layer format {name!r}; this quantlab reads {sorted(formats)}"
@@ -96,6 +158,33 @@ def layer_class(spec: dict[str, Any], default_format: str = "groupwise_int") -> 
             f"{name} layout version {version} is not supported (this quantlab reads version "
             f"{cls.format_version})"
         )
+    return cls
+
+
+def check_spec(spec: Any) -> type[nn.Module]:
+    """The layer class of a module spec read from a file, after checking the spec completely:
+    a JSON object, a known format and version, no field the format does not define, and every
+    field of the right type and value (the class's ``layer_kwargs`` reads them). Raises
+    :class:`FormatError` naming the problem."""
+    if not isinstance(spec, dict):
+        raise FormatError(f"a module spec must be a JSON object, got {type(spec).__name__}")
+    cls = layer_class(spec)
+    allowed = getattr(cls, "spec_keys", None)
+    if allowed is not None:
+        unknown = sorted(set(spec) - {"format", "format_version"} - set(allowed))
+        if unknown:
+            raise FormatError(
+                f"field(s) {unknown} are not part of the {cls.format_name} format "
+                f"(it has {sorted(allowed)})"
+            )
+    layer_kwargs = getattr(cls, "layer_kwargs", None)
+    if layer_kwargs is not None:
+        try:
+            layer_kwargs(spec)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, FormatError):
+                raise
+            raise FormatError(str(exc)) from exc
     return cls
 
 

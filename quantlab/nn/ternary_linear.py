@@ -9,16 +9,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantlab.formats.tensor_layout import dtype_name
 from quantlab.formats.ternary import (
     FORMAT_NAME,
     FORMAT_VERSION,
     PER_TENSOR,
     PackedTernary,
     TernaryMeta,
+    dtype_from_name,
     granularity_name,
 )
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format
+from quantlab.nn.registry import register_layer_format, spec_int, spec_str
 from quantlab.ops import reference_ternary as reference
 from quantlab.ops import ternary as ternary_ops
 
@@ -57,10 +59,16 @@ class TernaryLinear(PackedLinear):
 
     ``forward`` accepts any ``[..., K]`` input in fp32/fp16/bf16 and returns ``[..., N]`` in the
     input's dtype.
+
+    The input gradient (:class:`~quantlab.nn.packed_linear.PackedLinear`'s backward) is
+    ``grad_out @ (s * t)``: the straight-through estimator through the int8 rounding of ``A8``,
+    which has zero derivative almost everywhere and so would give no training signal otherwise.
+    That is the estimator BitNet trains with.
     """
 
     format_name: ClassVar[str] = FORMAT_NAME
     format_version: ClassVar[int] = FORMAT_VERSION
+    spec_keys: ClassVar[frozenset[str]] = frozenset({"packing", "group_size", "scale_dtype"})
 
     def __init__(
         self,
@@ -90,18 +98,19 @@ class TernaryLinear(PackedLinear):
     @classmethod
     def layer_kwargs(cls, spec: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "packing": str(spec.get("packing", "i2")),
-            "group_size": int(spec.get("group_size", PER_TENSOR)),
-            "scale_dtype": str(spec.get("scale_dtype", "float16")),
+            "packing": spec_str(spec, "packing", "i2"),
+            "group_size": spec_int(spec, "group_size", PER_TENSOR),
+            "scale_dtype": spec_str(spec, "scale_dtype", "float16"),
         }
 
     @classmethod
     def checkpoint_tensors(cls, spec: dict[str, Any]) -> dict[str, str | None]:
-        return {"qweight": "U8", "scales": None}
+        scale_dtype = dtype_from_name(cls.layer_kwargs(spec)["scale_dtype"])
+        return {"qweight": "U8", "scales": dtype_name(scale_dtype)}
 
     def after_load(self) -> None:
         super().after_load()
-        self.packed().validate(self.__class__.__name__)
+        self.trits()  # raises ValueError on an invalid code (a damaged file)
         self.prepare()
 
     # ---- kernel layout ----

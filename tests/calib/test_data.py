@@ -46,8 +46,33 @@ def test_local_files(tmp_path: Path) -> None:
     assert load_text(str(js)) == "line 0\n\nline 1\n\nline 2"
     bad = tmp_path / "b.jsonl"
     bad.write_text(json.dumps({"body": "x"}))
-    with pytest.raises(ValueError, match="expected a 'text' column"):
+    with pytest.raises(
+        ValueError, match=r"b\.jsonl: record 1 has no 'text' field \(found \['body'\]\)"
+    ):
         load_text(str(bad))
+    listed = tmp_path / "c.json"
+    listed.write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    assert load_text(str(listed)) == "one\n\ntwo"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("empty.jsonl", "", r"empty\.jsonl: empty file, no text"),
+        ("blank.json", "\n\n", r"blank\.json: empty file, no text"),
+        ("broken.jsonl", '{"text": "a"}\n{oops\n', r"broken\.jsonl: line 2 is not valid JSON"),
+        ("number.json", "42", r"number\.json: expected JSON objects with a 'text' field"),
+        ("texts.jsonl", '{"text": 5}\n', r"texts\.jsonl: record 1: 'text' must be a string"),
+        ("only-empty.jsonl", '{"text": ""}\n', r"only-empty\.jsonl: no text"),
+        ("bad.parquet", "not parquet", r"bad\.parquet: cannot read it as parquet"),
+    ],
+)
+def test_bad_text_files_are_named(tmp_path: Path, name: str, content: str, match: str) -> None:
+    """Each used to crash (StopIteration for an empty .jsonl, datasets' own errors otherwise)."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_text(str(path))
 
 
 def test_unknown_and_missing_sources_are_named() -> None:

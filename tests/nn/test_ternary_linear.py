@@ -109,7 +109,8 @@ def test_registry_protocol() -> None:
     assert layer_class(spec) is TernaryLinear
     empty = TernaryLinear.empty_like(nn.Linear(192, 33), spec)
     assert empty.qweight.shape == layer.qweight.shape and empty.scales.shape == (33, 3)
-    assert TernaryLinear.checkpoint_tensors(spec) == {"qweight": "U8", "scales": None}
+    assert TernaryLinear.checkpoint_tensors(spec) == {"qweight": "U8", "scales": "F16"}
+    assert TernaryLinear.checkpoint_tensors({**spec, "scale_dtype": "float32"})["scales"] == "F32"
     assert layer.storage_bits() == 33 * 39 * 8 + 33 * 3 * 16
     assert "1.8" in repr(layer) and "packing=tq1" in repr(layer)
 

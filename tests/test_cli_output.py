@@ -1,0 +1,318 @@
+"""``quantlab quantize --out``: what it refuses (before loading the model), the free-space check,
+the lock against a second writer, and that nothing outside the output is ever touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from quantlab.cli import main
+from quantlab.export import atomic
+from quantlab.export.output_guard import (
+    OutputTargetError,
+    check_output_target,
+    estimate_checkpoint_bytes,
+    is_quantlab_output,
+)
+from tests.lock_helpers import HOLDER_COMMAND, holding_lock
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """A 2-block Llama (hidden 64) saved with the bundled model's tokenizer, whose vocabulary
+    size it shares."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A copy of the tiny model inside ``tmp_path``, so the before/after snapshots cover it."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() sets TQDM_DISABLE for --no-progress; registering it restores it after the test.
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusals must come before the model is loaded: loading it fails the test."""
+
+    def load_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("quantlab.models.loading.load_model", load_model)
+
+
+def _quantize(model: Path | str, out: Path | str, *extra: str) -> int:
+    return main(
+        [
+            "quantize",
+            "--model",
+            str(model),
+            "--method",
+            "rtn",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--out",
+            str(out),
+            "--no-eval",
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (hidden ones too): a file's sha256, ``<dir>`` for directories."""
+    listing = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            listing[os.path.relpath(os.path.join(dirpath, name), root)] = "<dir>"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            listing[os.path.relpath(path, root)] = hashlib.sha256(
+                Path(path).read_bytes()
+            ).hexdigest()
+    return listing
+
+
+def _refused(
+    capsys: pytest.CaptureFixture[str], root: Path, model: Path | str, out: Path | str, *extra: str
+) -> str:
+    """Run a quantize that must be refused; check nothing under ``root`` changed; return stderr."""
+    before = _snapshot(root)
+    assert _quantize(model, out, *extra) == 2
+    assert _snapshot(root) == before
+    return capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_existing_file_is_refused(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results.txt"
+    out.write_text("precious")
+    err = _refused(capsys, tmp_path, model_dir, out)
+    assert f"{out} exists and is a file" in err and "choose another output directory" in err
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_foreign_directory_is_refused_and_left_untouched(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "config.json").write_text(json.dumps({"model_type": "llama"}))  # not quantized
+    err = _refused(capsys, tmp_path, model_dir, out, "--overwrite")
+    assert f"{out} is a non-empty directory that is not a quantlab checkpoint" in err
+    assert (out / "notes.txt").read_text() == "my notes"
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_the_model_directory_is_refused(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _refused(capsys, tmp_path, model_dir, model_dir, "--overwrite")
+    assert f"{model_dir} is the input model directory" in err
+    # Spelled differently, it is still the same directory.
+    spelled = tmp_path / "model" / ".." / "model"
+    assert "is the input model directory" in _refused(capsys, tmp_path, model_dir, spelled)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_directory_containing_the_model_is_refused(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _refused(capsys, tmp_path, model_dir, tmp_path, "--overwrite")
+    assert f"{tmp_path} contains the input model directory" in err
+    assert "would delete the model" in err
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_symlink_is_refused(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    err = _refused(capsys, tmp_path, model_dir, tmp_path / "link")
+    assert "is a symbolic link" in err
+
+
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ckpt"
+    assert _quantize(model_dir, out) == 0
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]["config"]["bits"] == 4
+    )
+    capsys.readouterr()
+
+    err = _refused(capsys, tmp_path, model_dir, out, "--bits", "8")
+    assert f"{out} already holds a quantlab checkpoint; pass --overwrite" in err
+
+    before = _snapshot(tmp_path)
+    assert _quantize(model_dir, out, "--bits", "8", "--overwrite") == 0
+    after = _snapshot(tmp_path)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["config"]["bits"] == 8
+    # Only the checkpoint changed: no lock file, temporary directory or backup left beside it.
+    outside = {k: v for k, v in after.items() if not k.startswith("ckpt")}
+    assert outside == {k: v for k, v in before.items() if not k.startswith("ckpt")}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "model"]
+    assert atomic.MARKER_NAME not in os.listdir(out)
+
+
+def test_an_empty_directory_is_used(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert _quantize(model_dir, out) == 0
+    assert is_quantlab_output(out)
+    assert sorted(os.listdir(tmp_path)) == ["empty", "model"]
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_parent_that_is_a_file_is_refused(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    err = _refused(capsys, tmp_path, model_dir, tmp_path / "file" / "out")
+    assert f"cannot create the output's parent directory {tmp_path / 'file'}" in err
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_an_unwritable_parent_is_refused(
+    tmp_path: Path,
+    model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # These tests may run as root, which ignores permission bits: the lock file's creation, which
+    # is what proves the parent writable, fails as in a read-only directory.
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".quantlab-lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(atomic.os, "open", open_)
+    err = _refused(capsys, tmp_path, model_dir, tmp_path / "out")
+    assert f"the output location {tmp_path} is not writable" in err
+    assert "Permission denied" in err
+
+
+def test_too_little_free_space_is_refused_before_quantizing(
+    tmp_path: Path,
+    model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.config import RTNConfig
+
+    def quantize_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("quantized before the free-space check")
+
+    monkeypatch.setattr("quantlab.pipeline.quantize_model", quantize_model)
+    usage = SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    err = _refused(capsys, tmp_path, model_dir, tmp_path / "out")
+    assert f"not enough free space for {tmp_path / 'out'}" in err
+    assert f"{tmp_path} has 0.0 MiB (1000 bytes) free" in err
+    needs = re.search(r"needs up to [0-9.]+ MiB \((\d+) bytes\)", err)
+    assert needs is not None
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = RTNConfig(bits=4, group_size=32)
+    assert int(needs.group(1)) == estimate_checkpoint_bytes(model, config, tokenizer)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_concurrent_writer_is_refused(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    with holding_lock(out) as proc:
+        err = _refused(capsys, tmp_path, model_dir, out)
+    assert f"{out} is being written by pid {proc.pid}" in err
+    assert f"command: {HOLDER_COMMAND}" in err
+
+
+@pytest.mark.parametrize(
+    ("fmt", "group_size"), [("quantlab", 32), ("quantlab", -1), ("gptq", 32), ("awq", 32)]
+)
+def test_the_estimate_bounds_the_checkpoint_size(
+    tmp_path: Path, tiny_model_dir: Path, fmt: str, group_size: int
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.config import RTNConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # Computed on the unquantized model, before any quantization.
+    estimate = estimate_checkpoint_bytes(model, RTNConfig(bits=4, group_size=group_size), tokenizer)
+    out = tmp_path / "out"
+    args = ["--format", fmt, "--group-size", str(group_size)]
+    assert _quantize(tiny_model_dir, out, *args) == 0
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert written <= estimate <= 2 * written
+
+
+def test_the_predicate_knows_quantlab_exports_of_foreign_layouts(tmp_path: Path) -> None:
+    def checkpoint(name: str, qcfg: Any) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"quantization_config": qcfg}))
+        return path
+
+    assert is_quantlab_output(checkpoint("own", {"quant_method": "quantlab"}))
+    assert is_quantlab_output(
+        checkpoint("gptq", {"quant_method": "gptq", "meta": {"quantlab_method": "rtn"}})
+    )
+    assert is_quantlab_output(checkpoint("awq", {"quant_method": "awq", "quantlab": {}}))
+    assert not is_quantlab_output(checkpoint("other-gptq", {"quant_method": "gptq", "meta": {}}))
+    assert not is_quantlab_output(checkpoint("other-awq", {"quant_method": "awq"}))
+    assert not is_quantlab_output(checkpoint("plain", None))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert not is_quantlab_output(broken)
+
+    check_output_target(tmp_path / "gptq", overwrite=True)
+    with pytest.raises(OutputTargetError, match="not a quantlab checkpoint"):
+        check_output_target(broken, overwrite=True)
