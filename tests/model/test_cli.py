@@ -51,6 +51,21 @@ def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert evaluated["ppl"] == pytest.approx(result["ppl"], rel=1e-6)
     assert evaluated["quantized"] is True
 
+    # The issue-19 probe on the real model: two norms deleted used to load random-initialised
+    # (0% top-1 agreement) and exit 0 with a perplexity. Now it is refused, naming them; and an
+    # edit of config.json is caught by the checksums, naming the field.
+    from tests.checkpoint_mutations import drop_checksums, edit_config, edit_state
+
+    edit_config(out, lambda c: c.update(rms_norm_eps=1e-3))
+    assert main(["eval", "--model", str(out), "--prompt", "", *FAST_EVAL]) == 2
+    assert "changed fields: rms_norm_eps" in capsys.readouterr().err
+    drop_checksums(out)
+    norms = ["model.norm.weight", "model.layers.3.post_attention_layernorm.weight"]
+    edit_state(out, lambda state: [state.pop(k) for k in norms])
+    assert main(["eval", "--model", str(out), "--prompt", "", *FAST_EVAL]) == 2
+    err = capsys.readouterr().err
+    assert "missing 2 tensor(s)" in err and all(k in err for k in norms)
+
 
 def test_bad_group_size_is_a_clean_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
