@@ -209,16 +209,10 @@ def _element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _stack_shape(header: SafetensorsHeader, name: str, spec: dict[str, Any]) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a BitStack module from its stored tensors, after
-    checking their block counts agree with ``spec`` (the skeleton check already matched them
-    with the model)."""
+def _stack_shape(header: SafetensorsHeader, name: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a BitStack module from its stored tensors (whose block
+    counts check_checkpoint already matched with the spec's ``n_blocks``)."""
     signs, v = header.tensors[f"{name}.signs"].shape, header.tensors[f"{name}.v"].shape
-    if signs[0] != spec["n_blocks"]:
-        raise CheckpointError(
-            f"{header.path}: {name}.signs holds {signs[0]} blocks, config.json says "
-            f"{spec['n_blocks']}"
-        )
     return signs[1], v[2]
 
 
@@ -240,7 +234,7 @@ def plan_from_checkpoint(
         raise CheckpointError(f"{root}: no bitstack modules; not a BitStack checkpoint")
     order: list[tuple[int, str, int]] = []
     for name, spec in modules.items():
-        out_features, in_features = _stack_shape(header, name, spec)
+        out_features, in_features = _stack_shape(header, name)
         actual = block_bytes(out_features, in_features, spec["rank"])
         if spec.get("block_bytes", actual) != actual:
             raise CheckpointError(
@@ -277,7 +271,7 @@ def plan_from_checkpoint(
         [(n, b) for _, n, b in order],
         _element_bytes(dtype),
         other_specs=others,
-        identity=_FileIdentity.of(root),
+        identity=_FileIdentity.of(root, checked.manifest),
     )
 
 
@@ -298,9 +292,16 @@ class _FileIdentity:
         return tuple(out)
 
     @classmethod
-    def of(cls, root: Path) -> _FileIdentity:
+    def of(cls, root: Path, manifest: dict[str, Any] | None = None) -> _FileIdentity:
+        """The identity of ``root``'s files now; the hashes come from ``manifest`` when the files
+        were just verified against it (hashing the weights again would read them twice)."""
         stats = cls._stats(root)
-        return cls(stats, tuple(file_sha256(root / name) for name in _IDENTITY_FILES))
+        recorded = (manifest or {}).get("files", {})
+        hashes = tuple(
+            recorded[name]["sha256"] if name in recorded else file_sha256(root / name)
+            for name in _IDENTITY_FILES
+        )
+        return cls(stats, hashes)
 
     def check(self, root: Path) -> None:
         """Raise :class:`CheckpointError` unless ``root`` still holds the same files (a stat

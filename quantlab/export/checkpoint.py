@@ -238,7 +238,8 @@ class CheckedCheckpoint:
     quantization_config: dict[str, Any]
     specs: dict[str, dict[str, Any]]
     header: SafetensorsHeader
-    verified: bool
+    # The checksum manifest the files were verified against (None: not verified, or none).
+    manifest: dict[str, Any] | None
 
     @property
     def weights(self) -> Path:
@@ -262,7 +263,7 @@ def check_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Check
     skeleton = build_model(root, specs, torch.float32, meta=True)
     check_state_matches_model(skeleton, header.tensors, weights)
     manifest = verify_checksums(root) if verify else None
-    return CheckedCheckpoint(root, qcfg, specs, header, verified=manifest is not None)
+    return CheckedCheckpoint(root, qcfg, specs, header, manifest)
 
 
 def validate_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:

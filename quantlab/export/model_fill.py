@@ -83,7 +83,6 @@ def fill_model(
     equal, and each quantized layer's own checks (``after_load``: scales finite and positive,
     valid codes), so nothing of the model is left uninitialised or silently wrong.
     """
-
     model = build_model(root, specs, dtype, meta=False)
     check_state_matches_model(model, found, source)
     filled: dict[int, str] = {}

@@ -176,6 +176,9 @@ class SafetensorsReader:
         self._handle.__exit__(*exc)
         self._handle = None
 
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._handle.get_tensor(key)
@@ -195,12 +198,9 @@ def read_tensors(
 ) -> dict[str, torch.Tensor]:
     """Tensors ``names`` (default: all) of a file whose header :func:`read_header` accepted,
     on the CPU; a read failure is a :class:`CheckpointError` naming the file."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys()) if names is None else list(names)
-            return {key: f.get_tensor(key) for key in keys}
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
+    with SafetensorsReader(path) as reader:
+        keys = reader.keys() if names is None else list(names)
+        return {key: reader.get(key) for key in keys}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

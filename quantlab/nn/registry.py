@@ -164,7 +164,8 @@ def layer_class(spec: dict[str, Any], default_format: str = "groupwise_int") -> 
 def check_spec(spec: Any) -> type[nn.Module]:
     """The layer class of a module spec read from a file, after checking the spec completely:
     a JSON object, a known format and version, no field the format does not define, and every
-    field of the right type and value (the class's ``layer_kwargs`` reads them). Raises
+    field of the right JSON type (the class's ``layer_kwargs`` reads them; values that depend
+    on the layer's shape are checked when the layer is built). Raises
     :class:`FormatError` naming the problem."""
     if not isinstance(spec, dict):
         raise FormatError(f"a module spec must be a JSON object, got {type(spec).__name__}")
