@@ -29,7 +29,7 @@ __all__ = [
 if TYPE_CHECKING:
     import torch
 
-    from quantlab.nn.linear import QuantLinear
+    from quantlab.nn.groupwise_int_linear import QuantLinear
     from quantlab.pipeline import QuantizationReport
 
 
@@ -43,7 +43,7 @@ def quantize(
     **options: Any,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with ``method`` (options are that method's config fields)."""
-    from quantlab.methods import get_method
+    from quantlab.methods.registry import get_method
     from quantlab.pipeline import quantize_model
 
     config = get_method(method).config_cls(**options)
@@ -69,34 +69,9 @@ def load(
     :class:`~quantlab.export.errors.CheckpointError` names the file, the field and the fix.
     ``verify`` also checks the files against the checksums quantlab recorded when it wrote them.
     """
-    import torch
+    from quantlab.export.load import load_checkpoint
 
-    from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint
-    from quantlab.export.checkpoint import load_quantized
-    from quantlab.models.loading import checkpoint_kind
-
-    dtype = dtype or torch.float32
-    if is_bitstack_checkpoint(path):
-        from quantlab.export.bitstack_checkpoint import load_bitstack
-
-        return load_bitstack(path, memory_budget, device=device, dtype=dtype, verify=verify)
-    if memory_budget is not None:
-        raise ValueError(f"memory_budget applies to BitStack checkpoints only; {path} is not one")
-
-    kind = checkpoint_kind(str(path))
-    if kind == "gptq":
-        from quantlab.export.gptq_checkpoint import load_gptq
-
-        return load_gptq(path, device=device, dtype=dtype, verify=verify)
-    if kind == "awq":
-        from quantlab.export.awq_checkpoint import load_awq
-
-        return load_awq(path, device=device, dtype=dtype, verify=verify)
-    if kind == "bitnet":
-        from quantlab.export.bitnet_checkpoint import load_bitnet
-
-        return load_bitnet(path, device=device, dtype=dtype)
-    return load_quantized(path, device=device, dtype=dtype, verify=verify)
+    return load_checkpoint(path, device, dtype, memory_budget, verify)
 
 
 def save(model: Any, out_dir: str, report: QuantizationReport, tokenizer: Any = None) -> Any:
@@ -104,7 +79,7 @@ def save(model: Any, out_dir: str, report: QuantizationReport, tokenizer: Any = 
     with a checksum manifest. ``out_dir`` may be new, empty, or a checkpoint quantlab wrote (then
     replaced once the new one is complete); a file or another non-empty directory there is
     refused (docs/reliability.md)."""
-    from quantlab.export.checkpoint import save_quantized
+    from quantlab.export.quantlab_checkpoint import save_quantized
 
     return save_quantized(model, out_dir, report.method, report.config, tokenizer, report.to_dict())
 
@@ -125,7 +100,7 @@ def replace_linear(model: Any, **options: Any) -> list[str]:
 
 def __getattr__(name: str) -> Any:
     if name == "QuantLinear":
-        from quantlab.nn.linear import QuantLinear
+        from quantlab.nn.groupwise_int_linear import QuantLinear
 
         return QuantLinear
     raise AttributeError(f"module 'quantlab' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quantlab.config import CalibConfig
+    from quantlab.methods.base import CalibConfig
 
 __all__ = ["main"]
 
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="'default' (bundled SmolLM2-135M-Instruct), a local model directory, or a hub id",
     )
-    from quantlab.methods import methods
+    from quantlab.methods.registry import methods
 
     table = methods()
     q.add_argument(
@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _method_config(args: argparse.Namespace) -> Any:
-    from quantlab.methods import get_method
+    from quantlab.methods.registry import get_method
 
     method = get_method(args.method)
     if args.format not in method.export_formats:
@@ -217,11 +217,6 @@ def _dtype_bits(dtype: str) -> float:
     return 32.0 if dtype == "float32" else 16.0
 
 
-def _checkpoint_format(path: Path) -> str:
-    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
-    return f"{qcfg['format']} v{qcfg['format_version']}"
-
-
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
@@ -252,17 +247,15 @@ def _model_dirs(spec: str) -> tuple[Path, ...]:
 
 def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Quantize, evaluate and save; ``command`` is the command line the output lock records."""
-    from quantlab.config import CalibConfig
     from quantlab.export.atomic import output_lock
     from quantlab.export.output_guard import check_output_target
+    from quantlab.export.save import check_exportable
+    from quantlab.methods.base import CalibConfig
 
     t0 = time.perf_counter()
     config = _method_config(args)
-    if args.format == "awq":
-        from quantlab.export.awq_format import awq_quantization_config
-
-        # Refuse an unexportable encoding before spending the quantization time.
-        awq_quantization_config(config.bits, config.group_size)
+    # Refuse an unexportable encoding before spending the quantization time.
+    check_exportable(config, args.format)
     calib = CalibConfig(
         args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
     )
@@ -282,8 +275,8 @@ def _quantize_locked(
     import torch
 
     from quantlab.calib.data import load_text, token_stream
-    from quantlab.export.checkpoint import save_quantized
-    from quantlab.export.output_guard import check_free_space, estimate_checkpoint_bytes
+    from quantlab.export.output_guard import check_free_space
+    from quantlab.export.save import estimate_checkpoint_bytes, save_checkpoint
     from quantlab.models.loading import load_model
     from quantlab.pipeline import quantize_model
 
@@ -317,18 +310,7 @@ def _quantize_locked(
     report_dict = report.to_dict() | {"ppl": after, "ppl_baseline": baseline, "model": loaded.name}
     if args.fairness:
         report_dict |= {"stereotype": fairness_after, "stereotype_baseline": fairness_before}
-    if args.format == "gptq":
-        from quantlab.export.gptq_checkpoint import save_gptq
-
-        out, layout = save_gptq(model, args.out, config.to_dict(), tok, report_dict)
-    elif args.format == "awq":
-        from quantlab.export.awq_checkpoint import save_awq
-
-        out = save_awq(model, args.out, config.to_dict(), tok, report_dict)
-        layout = "awq gemm"
-    else:
-        out = save_quantized(model, args.out, config.method, config.to_dict(), tok, report_dict)
-        layout = f"quantlab {_checkpoint_format(out)}"
+    out, layout = save_checkpoint(model, args.out, args.format, config, tok, report_dict)
     seconds = time.perf_counter() - t0
     result = {
         "model": loaded.name,

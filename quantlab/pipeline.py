@@ -1,8 +1,10 @@
 """Whole-model entry points: :func:`quantize_model` (any registered method) and
-:func:`replace_linear` (RTN on any torch model), and the report both fill.
+:func:`replace_linear` (RTN on any torch model).
 
-Each method's orchestration (which solver on which layer with which statistics) lives in its
-module of :mod:`quantlab.methods`; this module holds the parts they share and no math.
+Nothing in quantlab imports this module but the public API and the CLI: each method's
+orchestration lives in :mod:`quantlab.methods`, what methods share in
+:mod:`quantlab.methods.base` (re-exported here: :class:`QuantizationReport` and
+:class:`LayerReport`, the report :func:`quantize_model` returns).
 """
 
 from __future__ import annotations
@@ -10,98 +12,26 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantlab.config import CalibConfig, GroupwiseIntConfig, RTNConfig
-from quantlab.formats.groupwise_int import dtype_from_name, pack
-from quantlab.methods import MethodContext, get_method
-from quantlab.nn.linear import QuantLinear
+from quantlab.formats.groupwise_int import dtype_from_name
+from quantlab.methods.base import (
+    CalibConfig,
+    LayerReport,
+    MethodContext,
+    QuantizationReport,
+    excluded,
+    packed_layer,
+)
+from quantlab.methods.registry import get_method
+from quantlab.methods.rtn import RTNConfig
 from quantlab.nn.swap import set_submodule
-from quantlab.solvers.base import GroupwiseIntResult
 from quantlab.solvers.rtn import rtn_quantize
 
-__all__ = [
-    "LayerReport",
-    "QuantizationReport",
-    "calibration_samples_for",
-    "excluded",
-    "packed_layer",
-    "quantize_model",
-    "replace_linear",
-]
-
-
-@dataclass
-class LayerReport:
-    """One quantized layer: shape, encoding (``bits``: per weight, may be fractional;
-    ``group_size``: ``None`` where the format has no groups), the solver's loss, its time."""
-
-    name: str
-    out_features: int
-    in_features: int
-    bits: float
-    group_size: int | None
-    loss: float | None
-    seconds: float
-
-
-@dataclass
-class QuantizationReport:
-    method: str
-    config: dict[str, Any]
-    calib: dict[str, Any] | None
-    layers: list[LayerReport] = field(default_factory=list)
-    seconds: float = 0.0
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_weights(self) -> int:
-        return sum(layer.out_features * layer.in_features for layer in self.layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "config": self.config,
-            "calib": self.calib,
-            "seconds": self.seconds,
-            "layers": [asdict(layer) for layer in self.layers],
-            "details": self.details,
-        }
-
-
-def packed_layer(
-    result: GroupwiseIntResult, linear: nn.Linear, config: GroupwiseIntConfig, name: str
-) -> QuantLinear:
-    """The :class:`QuantLinear` holding ``result``, on ``linear``'s device with its bias."""
-    layer = QuantLinear.from_packed(pack(result, config.scale_dtype), linear.bias, name=name)
-    return layer.to(linear.weight.device)
-
-
-def excluded(name: str, patterns: Sequence[str]) -> bool:
-    """Whether module path ``name`` matches one of ``modules_to_not_convert``'s patterns."""
-    return any(fnmatch.fnmatch(name, p) or name == p or name.endswith("." + p) for p in patterns)
-
-
-def calibration_samples_for(
-    tokenizer: Any, calib: CalibConfig, method: str, given: torch.Tensor | None
-) -> torch.Tensor:
-    """Calibration token ids ``[S, L]``: ``given`` (checked), else ``calib``'s windows."""
-    from quantlab.calib.data import calibration_samples
-
-    if given is not None:
-        if given.dim() != 2 or given.dtype not in (torch.int32, torch.int64) or given.numel() == 0:
-            raise ValueError(
-                f"samples must be a non-empty 2-D integer [S, L] tensor of token ids, got "
-                f"{given.dtype} {tuple(given.shape)}"
-            )
-        return given.to(torch.int64)
-    if tokenizer is None:
-        raise ValueError(f"{method} needs a tokenizer for its calibration text")
-    return calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)
+__all__ = ["LayerReport", "QuantizationReport", "quantize_model", "replace_linear"]
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
         load_bitstack,
         plan_from_checkpoint,
     )
-    from quantlab.export.checkpoint import save_quantized
+    from quantlab.export.quantlab_checkpoint import save_quantized
     from quantlab.models.default_model import default_model_dir
 
     out = Path(args.out)
@@ -263,9 +263,10 @@ def compare_orders(args: argparse.Namespace) -> None:
     from quantlab.calib.data import load_text, token_stream
     from quantlab.config import CalibConfig
     from quantlab.export.bitstack_checkpoint import load_bitstack
-    from quantlab.export.checkpoint import save_quantized
-    from quantlab.methods import MethodContext
-    from quantlab.methods.bitstack import BitStackConfig, order_blocks
+    from quantlab.export.quantlab_checkpoint import save_quantized
+    from quantlab.methods.base import MethodContext
+    from quantlab.methods.bitstack.config import BitStackConfig
+    from quantlab.methods.bitstack.ordering import order_blocks
     from quantlab.models.default_model import default_model_dir
     from quantlab.pipeline import QuantizationReport
 

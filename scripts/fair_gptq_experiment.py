@@ -140,7 +140,7 @@ def _quantized_model(
     from transformers import AutoModelForCausalLM
 
     import quantlab
-    from quantlab.export.checkpoint import save_quantized
+    from quantlab.export.quantlab_checkpoint import save_quantized
 
     config = _config(CONFIGS[name])  # type: ignore[arg-type]
     saved = save_dir / name if save_dir is not None else None

@@ -48,7 +48,7 @@ def write_checkpoint(kind: str, out: Path) -> Path:
 
     model = make_tiny_llama(tie=kind != "untied")
     if kind == "bitstack":
-        from quantlab.methods.bitstack import BitStackConfig
+        from quantlab.methods.bitstack.config import BitStackConfig
         from quantlab.pipeline import quantize_model
 
         samples = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

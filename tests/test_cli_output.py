@@ -17,12 +17,8 @@ import torch
 
 from quantlab.cli import main
 from quantlab.export import atomic
-from quantlab.export.output_guard import (
-    OutputTargetError,
-    check_output_target,
-    estimate_checkpoint_bytes,
-    is_quantlab_output,
-)
+from quantlab.export.output_guard import OutputTargetError, check_output_target, is_quantlab_output
+from quantlab.export.save import estimate_checkpoint_bytes
 from tests.lock_helpers import HOLDER_COMMAND, holding_lock
 
 

@@ -53,7 +53,7 @@ def bitstack_bound(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
     return (k + r + b) * EPS32 * (x.abs().double() @ mag.t())
 
 
-# Ternary kernels (quantlab/ops/reference_ternary.py defines their arithmetic). Activations are
+# Ternary kernels (quantlab/ops/ternary_reference.py defines their arithmetic). Activations are
 # quantized per token to int8 exactly as the reference does (same fp32 multiply, same rounding),
 # and the table lookups are exact integers (16-bit tables, int16 sums proven in range), so the
 # only rounding left is the fp32 epilogue: a sum of `adds` terms acc_g * s_g (each an exact

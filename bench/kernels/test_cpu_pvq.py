@@ -12,7 +12,8 @@ fp32 baseline reads 4*N*K, ~10x more. Unlike groupwise integers, PVQ decode is c
 a CPU (a data-dependent walk of the count table per vector), so expect the kernel to be slower
 than dense fp32 at batch 1: read the ratios within one pytest-benchmark group (one shape and M).
 `extra_info["weights/s"]` is the decode throughput. The layer also rotates its input
-(quantlab.rotation, ~73 multiply-adds per input column and token), timed as "rotate" here.
+(quantlab.transforms.rotation, ~73 multiply-adds per input column and token), timed as "rotate"
+here.
 Nothing here asserts a speed.
 
 Run: `pytest bench/kernels/test_cpu_pvq.py --benchmark-only` (or `make bench`).
@@ -23,10 +24,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlab.formats.bitstream import pack_fields
+from quantlab.formats.pvq_codebook import PVQParams
 from quantlab.ops import pvq as ops
-from quantlab.ops.pvq_reference import pack_fields
-from quantlab.rotation import random_signs, rotate
-from quantlab.solvers.pvq import PVQParams
+from quantlab.transforms.rotation import random_signs, rotate
 
 PARAMS = PVQParams(16, 28, 6)
 BATCHES = (1, 4, 8)

@@ -205,7 +205,7 @@ std::string cuda_path(int64_t m, int64_t out_features, int64_t in_features, int6
 }
 
 
-// ---- The mma kernel on repacked weights (cuda_mma.cu; layout: groupwise_int_repack.py) ----
+// ---- The mma kernel on repacked weights (cuda_mma.cu; layout: groupwise_int_mma_layout.py) ----
 
 // The kernel's group size for a layer's: per-channel weights are one group over the padded K.
 int64_t mma_kernel_group(int64_t group_size, int64_t in_features) {

@@ -29,7 +29,7 @@ void check_granularity(int64_t n, int64_t k, int64_t group_size, const at::Tenso
           (group_size > 0 && k % group_size == 0 && group_size % 8 == 0),
       op, ": group_size must be 0 (per tensor), -1 (per row) or a multiple of 8 dividing "
       "in_features ", k, ", got ", group_size);
-  // The LUT scale layout (quantlab.ops.reference_ternary.lut_pack_scales).
+  // The LUT scale layout (quantlab.formats.ternary_packing.lut_pack_scales).
   const bool tensor = group_size == ternary::kPerTensor;
   const int64_t tiles = tensor ? 1 : ternary::lut_tiles(n);
   const int64_t cols = scale_columns(k, group_size);

@@ -19,7 +19,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int tile_mb(int64_t m) { return m <= 16 ? 1 : (m <= 32 ? 2 : 4); }
 
-// [split-K] (mirrors split_plan in quantlab/ops/groupwise_int_repack.py): each range takes
+// [split-K] (mirrors split_plan in quantlab/formats/groupwise_int_mma_layout.py): each range takes
 // ceil(k_tiles / want) tiles, so fewer ranges may cover K and none is empty.
 void split_plan(int64_t k_tiles, int64_t requested, int* splits, int* per) {
   const int64_t want = std::clamp<int64_t>(requested, 1, std::min<int64_t>(k_tiles, kMmaMaxSplits));

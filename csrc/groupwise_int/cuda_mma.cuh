@@ -2,10 +2,11 @@
 // for fp16/bf16 activations and batches of 1-255 rows (torch-free; the adapter is
 // csrc/bindings/groupwise_int_cuda.cpp).
 //
-// The layout is specified -- and produced -- by quantlab/ops/groupwise_int_repack.py, whose CPU
-// emulator reads it exactly as this kernel does; the bracketed section names ([B-tiles],
-// [B-frag 4-bit], [B-frag 8-bit], [scales], [zeros], [A-ldmatrix], [epilogue], [split-K]) refer to
-// that module's docstring. Summary: qweight int32 [Kp/16][Np/64][32 lanes][bits words] (each
+// The layout is specified -- and produced -- by quantlab/formats/groupwise_int_mma_layout.py;
+// the CPU emulator of quantlab/ops/groupwise_int_mma_emulation.py reads it exactly as this kernel
+// does. The bracketed section names ([B-tiles], [B-frag 4-bit], [B-frag 8-bit], [scales], [zeros],
+// [split-K]) refer to the layout module's docstring, [A-ldmatrix] and [epilogue] to the
+// emulator's. Summary: qweight int32 [Kp/16][Np/64][32 lanes][bits words] (each
 // lane's B fragments of a 16x64 tile, one 16-byte load at 4 bits), scales [Gp][Np/64][8][8] in the
 // layer's scale dtype, zeros int32 [Gp][Np/64][8][bits/4] (asymmetric only). Np = N rounded up to
 // 64, Kp = K rounded up to 64; padded codes/scales/zeros are 0.
@@ -45,7 +46,7 @@ inline int64_t mma_groups(int64_t k, int64_t group_size) {
 }
 
 // Whether the kernel takes a weight of this encoding (mirrors fast_path_reason in
-// groupwise_int_repack.py; `group_size` is the kernel's).
+// groupwise_int_mma_layout.py; `group_size` is the kernel's).
 bool mma_supported(int bits, int64_t k, int64_t group_size, DType scale_dtype);
 
 // Split count launch_mma runs for `requested` (0: the heuristic, which needs the SM count;

@@ -1,6 +1,7 @@
 // The mma kernel template (included by cuda_mma_f16.cu and cuda_mma_bf16.cu, one activation
 // dtype per file so the two compile in parallel). Host logic: cuda_mma.cu. Layout and section
-// names ([B-tiles], ...): quantlab/ops/groupwise_int_repack.py.
+// names ([B-tiles], ...): quantlab/formats/groupwise_int_mma_layout.py; [A-ldmatrix] and
+// [epilogue]: quantlab/ops/groupwise_int_mma_emulation.py, which emulates this kernel's reads.
 //
 // Design:
 // - CTA = 4 warps; warp w owns the 64-column slab n64 = 4 * blockIdx.x + w ([epilogue]) for the

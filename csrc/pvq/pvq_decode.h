@@ -1,8 +1,9 @@
 // PVQ decode primitives shared by the CPU and CUDA kernels (torch-free, header-only).
 //
-// Layout (docs/formats.md "PVQ", quantlab/ops/pvq_reference.py): vector j of a layer (row n,
-// position v: j = n * (K / D) + v) has an F-bit code at stream bits [j * F, (j + 1) * F) of a
-// little-endian bitstream of 32-bit words; code = level * N(D, P) + index, and index is the rank
+// Layout (docs/formats.md "PVQ", quantlab/formats/pvq.py; decode: quantlab/ops/pvq_reference.py):
+// vector j of a layer (row n, position v: j = n * (K / D) + v) has an F-bit code at stream bits
+// [j * F, (j + 1) * F) of a little-endian bitstream of 32-bit words (common/bitstream.h,
+// quantlab/formats/bitstream.py); code = level * N(D, P) + index, and index is the rank
 // of the pyramid point y (sum |y| = P) in the order: first coordinate 0, +1, -1, +2, -2, ...,
 // then recursively the rest. Decoding is
 //   g = row_scale * levels[level];  r = g / sqrtf(sum y^2);  w'_i = y_i * r   (fp32, IEEE)

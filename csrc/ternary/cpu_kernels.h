@@ -1,5 +1,6 @@
 // CPU kernels for ternary weights (torch-free; layouts in docs/formats.md, "Ternary", and
-// quantlab/ops/reference_ternary.py, which is their specification).
+// quantlab/formats/ternary_packing.py, which is their specification; the arithmetic's is
+// quantlab/ops/ternary_reference.py).
 //
 // Computes y = A8(x) @ W^T with W = s * t, t in {-1, 0, +1}, where A8 is BitNet b1.58's per-token
 // int8 absmax quantization of x: inv = 127 / max(max|x|, 1e-5) (evaluated as torch does, as
@@ -28,7 +29,7 @@ constexpr int64_t kPerRow = -1;
 // Output rows per tile of the LUT layout.
 constexpr int64_t kTileRows = 16;
 
-// Scales are read in the LUT layout too (quantlab.ops.reference_ternary.lut_pack_scales): fp32
+// Scales are read in the LUT layout too (quantlab.formats.ternary_packing.lut_pack_scales): fp32
 // [1] per tensor, else [tiles][G][16] (G = 1 per row): the 16 row scales of a tile and group are
 // contiguous, so a tile's sweep along K reads them sequentially.
 struct LutParams {

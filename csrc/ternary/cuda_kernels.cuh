@@ -6,7 +6,7 @@
 // K are ignored (their activations are zero). Scales fp32 [1, 1] (per tensor), [N, 1] (per row)
 // or [N, K / group_size].
 //
-// Arithmetic (the same as the CPU kernels and quantlab/ops/reference_ternary.py): BitNet's
+// Arithmetic (the same as the CPU kernels and quantlab/ops/ternary_reference.py): BitNet's
 // per-token int8 activations, inv = fp32(1 / max(max|x|, 1e-5)) * 127, xq = round_half_even(x *
 // inv); exact integer group sums acc_g = sum t * xq; y = (sum_g acc_g * s_g) / inv in fp32.
 #pragma once

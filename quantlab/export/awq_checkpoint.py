@@ -1,6 +1,6 @@
 """Checkpoints in the AutoAWQ GEMM layout (``quant_method: "awq"``) that transformers and vLLM load.
 
-Writing converts every :class:`~quantlab.nn.linear.QuantLinear` to the tensors of
+Writing converts every :class:`~quantlab.nn.groupwise_int_linear.QuantLinear` to the tensors of
 :mod:`quantlab.export.awq_format`; linears left in float precision are listed in
 ``modules_to_not_convert``. Reading turns an AWQ GEMM checkpoint (quantlab's or AutoAWQ's /
 llm-compressor's) back into QuantLinear layers.
@@ -16,16 +16,13 @@ import torch
 from torch import nn
 
 from quantlab.export.awq_format import awq_quantization_config, from_awq_tensors, to_awq_tensors
-from quantlab.export.checkpoint import (
-    CheckpointError,
-    groupwise_specs,
-    instantiate_quantized,
-    state_dict_without_shared,
-    write_checkpoint,
-)
+from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
+from quantlab.export.model_fill import instantiate_quantized
+from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
+from quantlab.export.schema import groupwise_specs
 from quantlab.formats.groupwise_int import unpack
-from quantlab.nn.linear import QuantLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
 
 __all__ = ["AWQ_SUFFIXES", "load_awq", "save_awq"]
 

@@ -32,15 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.export.checkpoint import (
-    CheckpointError,
-    instantiate_quantized,
-    read_quantization_config,
-)
+from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import config_field
+from quantlab.export.model_fill import instantiate_quantized
 from quantlab.export.safetensors_file import read_header, read_tensors
-from quantlab.formats.ternary import FORMAT_NAME, PER_TENSOR, pack
-from quantlab.solvers.ternary import TernaryResult, absmean_ternarize
+from quantlab.export.schema import read_quantization_config
+from quantlab.formats.ternary import FORMAT_NAME, PER_TENSOR, TernaryResult, pack
+from quantlab.solvers.ternary import absmean_ternarize
 
 __all__ = ["BITNET_QUANT_METHOD", "bitnet_modules", "load_bitnet", "unpack_hf_bitnet"]
 
@@ -188,7 +186,7 @@ def load_bitnet(
 
     Returns:
         The transformers model (``BitNetForCausalLM`` or whatever ``config.json`` names), ready to
-        evaluate or to save with :func:`quantlab.export.checkpoint.save_quantized`.
+        evaluate or to save with :func:`quantlab.export.quantlab_checkpoint.save_quantized`.
     """
     root = Path(path)
     if not root.is_dir():

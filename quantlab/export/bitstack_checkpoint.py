@@ -1,6 +1,7 @@
 """BitStack checkpoints loaded to a memory budget, and resized in place at run time.
 
-A BitStack checkpoint is an ordinary quantlab checkpoint (:mod:`quantlab.export.checkpoint`)
+A BitStack checkpoint is an ordinary quantlab checkpoint
+(:mod:`quantlab.export.quantlab_checkpoint`)
 whose decomposed linears are ``bitstack`` modules. Each module's spec records ``block_bytes`` (the
 exact bytes of one of its residual blocks) and ``steps``: ``steps[i]`` is the position of its block
 ``i + 1`` in the global loading order. The order and its byte costs are therefore in
@@ -32,15 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.export.checkpoint import (
-    QUANT_METHOD,
-    WEIGHTS_NAME,
-    CheckpointError,
-    check_checkpoint,
-    module_defaults,
-    read_config_json,
-)
-from quantlab.export.model_fill import fill_model
+from quantlab.export.errors import CheckpointError
+from quantlab.export.model_fill import WEIGHTS_NAME, fill_model
+from quantlab.export.quantlab_checkpoint import check_checkpoint
 from quantlab.export.safetensors_file import (
     SafetensorsHeader,
     SafetensorsReader,
@@ -48,6 +43,7 @@ from quantlab.export.safetensors_file import (
     file_sha256,
     read_header,
 )
+from quantlab.export.schema import QUANT_METHOD, module_defaults, read_config_json
 from quantlab.formats.bitstack import FORMAT_NAME, block_bytes
 from quantlab.nn.bitstack_linear import BitStackLinear
 
@@ -220,7 +216,7 @@ def plan_from_checkpoint(
     path: str | os.PathLike[str], dtype: torch.dtype, verify: bool = True
 ) -> BitStackPlan:
     """Read a BitStack checkpoint's configurations (config.json and the safetensors header),
-    after the checks of :func:`~quantlab.export.checkpoint.check_checkpoint`.
+    after the checks of :func:`~quantlab.export.quantlab_checkpoint.check_checkpoint`.
 
     The bytes of each block are recomputed from the stored tensors' shapes (a ``block_bytes`` in
     config.json that disagrees is refused, not trusted), and the modules' ``steps`` must together

@@ -12,16 +12,13 @@ from typing import Any
 
 import torch
 
-from quantlab.export.checkpoint import (
-    WEIGHTS_NAME,
-    CheckpointError,
-    read_quantization_config,
-)
 from quantlab.export.checksums import verify_checksums
+from quantlab.export.errors import CheckpointError
+from quantlab.export.model_fill import WEIGHTS_NAME
 from quantlab.export.safetensors_file import read_header, read_tensors
-from quantlab.formats.groupwise_int import pack
-from quantlab.nn.registry import FormatError, spec_bool, spec_int, spec_str
-from quantlab.solvers.base import GroupwiseIntResult
+from quantlab.export.schema import read_quantization_config
+from quantlab.formats.groupwise_int import GroupwiseIntResult, pack
+from quantlab.nn.layer_spec import FormatError, spec_bool, spec_int, spec_str
 
 __all__ = [
     "ForeignCheckpoint",

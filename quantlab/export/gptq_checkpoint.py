@@ -1,6 +1,7 @@
 """Checkpoints in the GPTQ layout that transformers (GPTQModel/optimum) and vLLM load.
 
-Writing converts every :class:`~quantlab.nn.linear.QuantLinear` of a model to the GPTQ tensors of
+Writing converts every :class:`~quantlab.nn.groupwise_int_linear.QuantLinear` of a model to the
+GPTQ tensors of
 :mod:`quantlab.export.gptq_format` (``qweight``/``qzeros``/``scales``/``g_idx``) and stores a
 ``quantization_config`` with ``quant_method: "gptq"`` and an explicit ``checkpoint_format``.
 quantlab's act-order uses static groups, so every ``g_idx`` is ``k // group_size`` and the config
@@ -18,20 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.export.checkpoint import (
-    groupwise_specs,
-    instantiate_quantized,
-    state_dict_without_shared,
-    write_checkpoint,
-)
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
 from quantlab.export.gptq_format import (
     from_gptq_tensors,
     gptq_quantization_config,
     to_gptq_tensors,
 )
+from quantlab.export.model_fill import instantiate_quantized
+from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
+from quantlab.export.schema import groupwise_specs
 from quantlab.formats.groupwise_int import unpack
-from quantlab.nn.linear import QuantLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
 
 __all__ = ["GPTQ_SUFFIXES", "load_gptq", "save_gptq"]
 

@@ -6,7 +6,7 @@ with ``N`` outputs, ``K`` inputs and ``G`` groups:
 - ``qweight`` int32 ``[K * bits / 32, N]``: column ``n`` is the little-endian bitstream of
   ``q[n, 0..K)`` (value ``k`` at stream bits ``[k * bits, (k + 1) * bits)``, stream bit ``t`` =
   bit ``t % 32`` of word ``t // 32``). For 3-bit, values 10 and 21 of every 32 straddle words.
-  This is exactly :func:`quantlab.ops.reference.pack_bitstream` along ``K``.
+  This is exactly :func:`quantlab.formats.bitstream.pack_bitstream` along ``K``.
 - ``qzeros`` int32 ``[G, N * bits / 32]``: row ``g`` is the same bitstream of the zero points of
   group ``g`` along ``N``.
 - ``scales`` fp16 ``[G, N]``; ``g_idx`` int32 ``[K]`` with ``g_idx[k] = k // group_size``.
@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from quantlab.ops.reference import SUPPORTED_BITS, pack_bitstream, unpack_bitstream
+from quantlab.formats.bitstream import pack_bitstream, unpack_bitstream
+from quantlab.formats.groupwise_int import SUPPORTED_BITS
 
 __all__ = [
     "CHECKPOINT_FORMATS",

@@ -17,11 +17,13 @@ On-disk layout, version 1 (per decomposed linear ``<name>``; docs/formats.md, se
 
 Block ``b`` of every tensor is the contiguous byte range ``[b * size / B, (b + 1) * size / B)``
 of it, so reading the first ``b`` blocks reads a prefix of each tensor.
+
+The format also owns what the solver hands it: the unpacked :class:`BitStackResult`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -31,6 +33,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "BitStackMeta",
+    "BitStackResult",
     "PackedBitStack",
     "block_bytes",
     "pack",
@@ -44,8 +47,49 @@ FORMAT_NAME = "bitstack"
 FORMAT_VERSION = 1
 FACTOR_DTYPE = torch.float16
 
-# Bit i (counting from the most significant) of a byte holds column 8 t + i.
+# Bit i (counting from the most significant) of a byte holds column 8 t + i. A different layout
+# from quantlab.formats.bitstream's (LSB-first int32 words): MSB-first uint8 bytes, each row
+# byte-aligned, are the bytes BitStack's own checkpoints store.
 _MSB_FIRST = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+@dataclass
+class BitStackResult:
+    """Unpacked residual blocks of one weight.
+
+    Attributes:
+        positive: bool ``[B, N, K]``, ``True`` where block ``b``'s sign is +1.
+        u: fp32 ``[B, N, r]`` and ``v``: fp32 ``[B, r, K]``; every value is exactly
+            representable in fp16.
+        errors: with a Hessian, ``errors[b] = tr(R_b H R_b^T)`` -- the calibration output error
+            (summed over output channels) of the first ``b`` blocks, ``b = 0 .. B``
+            (``errors[0]`` is the weight's own output energy); empty without one.
+        seconds: time spent in the decomposition (SVDs included).
+        svd_seconds: time spent in the SVDs alone.
+    """
+
+    positive: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    errors: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    svd_seconds: float = 0.0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.positive.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[-1]
+
+    def dequantize(self, n_blocks: int | None = None) -> torch.Tensor:
+        """fp32 ``[N, K]`` weight of the first ``n_blocks`` blocks (default all)."""
+        b = self.n_blocks if n_blocks is None else n_blocks
+        w = torch.zeros(self.positive.shape[1:], dtype=torch.float32, device=self.u.device)
+        for i in range(b):
+            w += torch.where(self.positive[i], 1.0, -1.0) * (self.u[i] @ self.v[i])
+        return w
 
 
 def sign_bytes_per_row(in_features: int) -> int:

@@ -3,7 +3,7 @@
 On-disk layout, version 1 (per quantized linear ``<name>``; byte-level details in docs/formats.md):
 
 * ``<name>.qweight``: int32 ``[N, ceil(K * bits / 32)]``, each output row's ``K`` integers as one
-  little-endian bitstream (see :mod:`quantlab.ops.reference`).
+  little-endian bitstream (see :mod:`quantlab.formats.bitstream`).
 * ``<name>.scales``: float16 / bfloat16 / float32 ``[N, G]``, ``G = K / group_size`` (1 per row for
   ``group_size = -1``).
 * ``<name>.qzeros``: int32 ``[N, ceil(G * bits / 32)]``, the integer zero points as a bitstream per
@@ -11,6 +11,9 @@ On-disk layout, version 1 (per quantized linear ``<name>``; byte-level details i
 * ``<name>.bias``: optional, in the model's dtype.
 
 Dequantization: ``w[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]``.
+
+The format also owns what a solver hands it: the unpacked :class:`GroupwiseIntResult`, and the
+bit widths and group sizes it can store (:func:`check_bits`, :func:`check_group_size`).
 """
 
 from __future__ import annotations
@@ -20,15 +23,20 @@ from dataclasses import asdict, dataclass
 import torch
 
 from quantlab.formats import tensor_layout
-from quantlab.ops.reference import pack_bitstream, packed_words, unpack_bitstream
-from quantlab.solvers.base import GroupwiseIntResult, check_bits, check_group_size
+from quantlab.formats.bitstream import pack_bitstream, packed_words, unpack_bitstream
+from quantlab.formats.tensor_layout import SCALE_DTYPES, dtype_from_name
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "SCALE_DTYPES",
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
     "GroupwiseIntMeta",
+    "GroupwiseIntResult",
     "PackedGroupwiseInt",
+    "check_bits",
+    "check_group_size",
     "dtype_from_name",
     "pack",
     "unpack",
@@ -36,13 +44,73 @@ __all__ = [
 
 FORMAT_NAME = "groupwise_int"
 FORMAT_VERSION = 1
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+# -1 means one group per output row (per-channel).
+SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    if name not in SCALE_DTYPES:
-        raise ValueError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {name!r}")
-    return SCALE_DTYPES[name]
+@dataclass
+class GroupwiseIntResult:
+    """An unpacked groupwise integer weight, as a solver produces it.
+
+    Attributes:
+        q: int32 ``[N, K]`` integers in ``[0, 2**bits)``.
+        scales: fp32 ``[N, G]``; values are already representable in the storage dtype.
+        zeros: int32 ``[N, G]`` in ``[0, 2**bits)``, or ``None`` for symmetric weights
+            (zero point ``2**(bits-1)``).
+        bits: bit width.
+        group_size: columns per group, ``-1`` for per-channel.
+        loss: the solver's estimate of ``||W X - Q X||^2`` (``None`` when it has none).
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    loss: float | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` weight ``(q - z) * s``."""
+        n, k = self.q.shape
+        g = k if self.group_size == -1 else self.group_size
+        z = (
+            torch.full_like(self.scales, float(1 << (self.bits - 1)))
+            if self.zeros is None
+            else self.zeros.to(torch.float32)
+        )
+        w = (self.q.to(torch.float32).view(n, k // g, g) - z.unsqueeze(-1)) * self.scales.unsqueeze(
+            -1
+        )
+        return w.view(n, k)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"group_size must be one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), got "
+            f"{group_size}"
+        )
+    if group_size != -1 and in_features % group_size != 0:
+        divisors = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or in_features % g == 0]
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features {in_features} of {name}; "
+            f"group sizes that work for this layer: {divisors}"
+        )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The PVQ format: pyramid-vector-quantized weights in a rotated input space.
 
 On-disk layout, version 1 (per quantized linear ``<name>`` of shape ``[N, K]``; byte-level details
-and the decode in docs/formats.md and :mod:`quantlab.ops.pvq_reference`):
+in docs/formats.md; codes and signs are :mod:`quantlab.formats.bitstream` streams):
 
 * ``<name>.codes``: int32 ``[ceil(N * K/D * F / 32)]``, one ``F``-bit code per vector of ``D``
   consecutive columns, row-major over (row, vector), as one little-endian bitstream;
@@ -9,10 +9,14 @@ and the decode in docs/formats.md and :mod:`quantlab.ops.pvq_reference`):
 * ``<name>.row_scales``: float16 ``[N]``.
 * ``<name>.levels``: float16 ``[L]``, the amplitude levels (ascending).
 * ``<name>.signs``: int32 ``[ceil(K / 32)]``: bit ``k`` (bitstream order) set means the rotation
-  flips the sign of input column ``k`` (:mod:`quantlab.rotation`).
+  flips the sign of input column ``k`` (:mod:`quantlab.transforms.rotation`).
 * ``<name>.bias``: optional, in the model's dtype.
 
 The layer computes ``y = W' (R x) + b``; ``W'`` is decoded from the codes.
+
+The format also owns what the solver hands it: the unpacked :class:`PVQResult`. The encoding
+(:class:`PVQParams`) and its decode arithmetic (:func:`reconstruct`) belong to the codebook,
+:mod:`quantlab.formats.pvq_codebook`; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,23 +26,80 @@ from dataclasses import asdict, dataclass
 import torch
 
 from quantlab.formats import tensor_layout
-from quantlab.ops.pvq_reference import decode_codes, field_words, pack_fields, unpack_fields
-from quantlab.solvers.pvq import PVQParams, PVQResult, rank_batch
+from quantlab.formats.bitstream import field_words, pack_fields, unpack_fields
+from quantlab.formats.pvq_codebook import (
+    PVQParams,
+    pyramid_size,
+    rank_batch,
+    reconstruct,
+    unrank_batch,
+)
+from quantlab.transforms.rotation import unrotate
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "PVQMeta",
+    "PVQParams",
+    "PVQResult",
     "PackedPVQ",
     "check_codes",
+    "decode_codes",
     "pack",
     "pack_signs",
+    "reconstruct",
     "unpack",
     "unpack_signs",
 ]
 
 FORMAT_NAME = "pvq"
 FORMAT_VERSION = 1
+
+
+@dataclass
+class PVQResult:
+    """An unpacked PVQ weight, as the PVQ solver (``pvq_quantize``) produces it.
+
+    The weight it stands for is ``W = W' R`` (``R`` from ``signs``,
+    :mod:`quantlab.transforms.rotation`), with
+    ``W'[n, v*D:(v+1)*D] = row_scales[n] * levels[gain_codes[n, v]] * y / ||y||``,
+    ``y = points[n, v*D:(v+1)*D]``.
+
+    Attributes:
+        points: int16 ``[N, K]`` pyramid points, vector ``v`` of row ``n`` in columns
+            ``[v*D, (v+1)*D)`` (each with ``sum |y| = pulses``).
+        gain_codes: int64 ``[N, K/D]`` amplitude level per vector.
+        row_scales: fp32 ``[N]`` (fp16-representable).
+        levels: fp32 ``[L]`` ascending (fp16-representable).
+        signs: int8 ``[K]`` rotation signs.
+        params: the encoding.
+        loss: ``tr((W - Q) H (W - Q)^T) / 2`` with the given Hessian (GPTQ's proxy), or the squared
+            Frobenius error ``||W - Q||^2`` without one.
+    """
+
+    points: torch.Tensor
+    gain_codes: torch.Tensor
+    row_scales: torch.Tensor
+    levels: torch.Tensor
+    signs: torch.Tensor
+    params: PVQParams
+    loss: float | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.points.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.points.shape[1]
+
+    def rotated_weight(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` ``W'`` (the weight in the rotated input space)."""
+        return reconstruct(self.points, self.gain_codes, self.row_scales, self.levels, self.params)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` weight in the original input space."""
+        return unrotate(self.rotated_weight(), self.signs)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
@@ -131,6 +192,22 @@ class PackedPVQ:
         tensor_layout.check_positive(self.row_scales, f"{name}.row_scales")
         if not bool(torch.isfinite(self.levels).all()):
             raise ValueError(f"{name}.levels has NaN/Inf entries")
+
+
+def decode_codes(
+    codes: torch.Tensor, n_codes: int, dim: int, pulses: int, n_levels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack a code stream into (pyramid points int16 ``[n_codes, dim]``, levels int64
+    ``[n_codes]``); raises ``ValueError`` on a code that no (level, index) pair has."""
+    size = pyramid_size(dim, pulses)
+    bits = (size * n_levels - 1).bit_length()
+    c = unpack_fields(codes, bits, n_codes)
+    if c.numel() and int(c.max()) >= size * n_levels:
+        raise ValueError(
+            f"pvq: corrupt code {int(c.max())} >= N({dim}, {pulses}) * {n_levels} levels"
+        )
+    level = torch.div(c, size, rounding_mode="floor")
+    return unrank_batch(c - level * size, dim, pulses), level
 
 
 def check_codes(packed: PackedPVQ, name: str = "weight") -> None:

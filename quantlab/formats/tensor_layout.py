@@ -1,6 +1,6 @@
 """What every packed format checks the same way: its tensors against the ``{suffix: (shape,
-dtype)}`` table its meta describes, and the bits they occupy; and the names the safetensors
-files give the dtypes."""
+dtype)}`` table its meta describes, and the bits they occupy; the names the safetensors
+files give the dtypes; and the storage dtypes a format's scales may take, by name."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import torch
 
 __all__ = [
     "SAFETENSORS_DTYPES",
+    "SCALE_DTYPES",
     "TensorShapes",
     "check_positive",
     "check_tensors",
+    "dtype_from_name",
     "dtype_name",
     "storage_bits",
 ]
@@ -39,6 +41,15 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+# The storage dtypes of scales (groupwise integer and ternary formats), by their config name.
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {name!r}")
+    return SCALE_DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

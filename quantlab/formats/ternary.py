@@ -2,7 +2,7 @@
 per output row, or per group of input columns (BitNet b1.58 weights; ternary PTQ of any model).
 
 On-disk layout, version 1 (per quantized linear ``<name>``; byte-level details in docs/formats.md
-and :mod:`quantlab.ops.reference_ternary`):
+and :mod:`quantlab.formats.ternary_packing`):
 
 * ``<name>.qweight``: uint8, ``[N, ceil(K / 4)]`` for packing ``"i2"`` (2 bits per trit, code
   ``t + 1``, column ``k`` at bits ``2 (k % 4)`` of byte ``k // 4``) or ``[N, ceil(K / 5)]`` for
@@ -12,6 +12,9 @@ and :mod:`quantlab.ops.reference_ternary`):
 * ``<name>.bias``: optional, in the model's dtype.
 
 Dequantization: ``w[n, k] = s[n or 0, k // g or 0] * t[n, k]``.
+
+The format also owns what a solver hands it: the unpacked :class:`TernaryResult` and the
+granularities it can store (:func:`check_ternary_group_size`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from quantlab.formats import tensor_layout
-from quantlab.ops.reference_ternary import (
+from quantlab.formats.tensor_layout import SCALE_DTYPES, dtype_from_name
+from quantlab.formats.ternary_packing import (
     PACKINGS,
     PER_ROW,
     PER_TENSOR,
@@ -31,18 +35,21 @@ from quantlab.ops.reference_ternary import (
     scale_shape,
     unpack_trits,
 )
-from quantlab.solvers.ternary import TernaryResult, check_ternary_group_size
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "GROUP_SIZES",
     "PACKINGS",
     "PER_ROW",
     "PER_TENSOR",
     "SCALE_DTYPES",
     "PackedTernary",
     "TernaryMeta",
+    "TernaryResult",
+    "check_ternary_group_size",
     "dtype_from_name",
+    "expand_scales",
     "granularity_name",
     "pack",
     "unpack",
@@ -50,13 +57,71 @@ __all__ = [
 
 FORMAT_NAME = "ternary"
 FORMAT_VERSION = 1
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Group sizes the kernels take: multiples of 8 columns (two quads) that keep a group's integer
+# sums inside the CPU kernel's int16 range.
+GROUP_SIZES = (32, 64, 128)
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    if name not in SCALE_DTYPES:
-        raise ValueError(f"scale dtype must be one of {sorted(SCALE_DTYPES)}, got {name!r}")
-    return SCALE_DTYPES[name]
+@dataclass
+class TernaryResult:
+    """An unpacked ternary weight, as a solver produces it.
+
+    Attributes:
+        t: int8 ``[N, K]`` in ``{-1, 0, 1}``.
+        scales: fp32 ``[1, 1]`` (per tensor), ``[N, 1]`` (per row) or ``[N, K / group_size]``;
+            values are already representable in the storage dtype.
+        group_size: ``PER_TENSOR``, ``PER_ROW`` or columns per scale.
+        loss: the solver's output-error estimate (GPTQ's proxy loss) or ``None``.
+    """
+
+    t: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    loss: float | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.t.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.t.shape[1]
+
+    def column_scales(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` scale of every weight."""
+        n, k = self.t.shape
+        return expand_scales(self.scales, n, k)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` weight ``s * t``."""
+        return self.t.to(torch.float32) * self.column_scales()
+
+    @property
+    def zero_fraction(self) -> float:
+        return float((self.t == 0).float().mean())
+
+
+def check_ternary_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
+    """Raise ``ValueError`` naming the layer unless ``group_size`` is a granularity it can take."""
+    if group_size in (PER_TENSOR, PER_ROW):
+        return
+    if group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"{name}: ternary group_size must be {PER_TENSOR} (per tensor), {PER_ROW} (per row) or "
+            f"one of {GROUP_SIZES}, got {group_size}"
+        )
+    if in_features % group_size != 0:
+        working = [PER_TENSOR, PER_ROW] + [g for g in GROUP_SIZES if in_features % g == 0]
+        raise ValueError(
+            f"{name}: group_size {group_size} does not divide in_features {in_features}; "
+            f"granularities that work for this layer: {working}"
+        )
+
+
+def expand_scales(scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """fp32 ``[N, K]`` scale of every weight from the stored scales (any granularity)."""
+    g = k // scales.shape[1]
+    return scales.to(torch.float32).repeat_interleave(g, dim=1).expand(n, k)
 
 
 def granularity_name(group_size: int) -> str:

@@ -1,9 +1,10 @@
 """Teach ``transformers.AutoModel*.from_pretrained`` to load quantlab checkpoints.
 
 After :func:`register`, a directory written by
-:func:`quantlab.export.checkpoint.save_quantized` loads with plain
+:func:`quantlab.export.quantlab_checkpoint.save_quantized` loads with plain
 ``AutoModelForCausalLM.from_pretrained(path)``: transformers builds the model on the meta device,
-our quantizer swaps the listed linears for :class:`~quantlab.nn.linear.QuantLinear` (or the layer
+our quantizer swaps the listed linears for :class:`~quantlab.nn.groupwise_int_linear.QuantLinear`
+(or the layer
 of each module's format), and transformers streams the packed tensors in.
 
 The load is as strict as ``quantlab.load`` (docs/reliability.md): the config's module specs are
@@ -28,11 +29,11 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quantlab.export.checkpoint import QUANT_METHOD, module_specs
 from quantlab.export.checksums import verify_checksums
 from quantlab.export.errors import CheckpointError
 from quantlab.export.model_fill import finish_loaded_layers
 from quantlab.export.safetensors_file import TensorInfo, read_header
+from quantlab.export.schema import QUANT_METHOD, module_specs
 from quantlab.export.state_check import check_state_matches_model
 from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION
 from quantlab.nn.swap import swap_in_empty

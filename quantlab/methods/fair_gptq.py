@@ -5,7 +5,8 @@ Hessians, act-order, clip search, true-sequential replay). Fair-GPTQ adds a
 :class:`~quantlab.methods.gptq.GPTQTerms`: the calibration half of a pair set runs in lockstep
 through the model (:class:`quantlab.calib.paired.PairStream`); for each debiased linear the
 group-bias matrix ``D`` of its paired inputs is accumulated just before the linear is quantized,
-and :func:`quantlab.solvers.gptq.gptq_quantize` gets ``fair_hessian=D, fair_alpha=alpha``.
+and the linear is quantized by :func:`quantlab.solvers.fair_gptq.fair_gptq_quantize` with
+``fair_hessian=D, fair_alpha=alpha``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from quantlab.calib.pairs import (
     target_swap_pairs,
 )
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.config import GPTQConfig
-from quantlab.methods import Method, MethodContext, register_method
-from quantlab.methods.gptq import GPTQTerms, gptq_options, run_gptq
+from quantlab.formats.groupwise_int import GroupwiseIntResult
+from quantlab.methods.base import Method, MethodContext
+from quantlab.methods.gptq import GPTQConfig, GPTQTerms, gptq_options, run_gptq
 from quantlab.methods.rtn import groupwise_options
 from quantlab.models.arch import ArchSpec, get_submodule, resolve
-from quantlab.solvers.base import GroupwiseIntResult
-from quantlab.solvers.fair_gptq import bias_subspace, check_fair_alpha, group_bias_term
+from quantlab.solvers.fair_gptq import (
+    bias_subspace,
+    check_fair_alpha,
+    fair_gptq_quantize,
+    group_bias_term,
+)
 
 __all__ = ["FairGPTQConfig", "fair_layer_indices"]
 
@@ -244,7 +249,9 @@ class _FairTerms(GPTQTerms):
         d = diff.matrix()
         text = stats[group[0]]
         options: dict[str, Any] = dict(
-            fair_alpha=self.config.fair_alpha, sum_hessians=self.config.fair_sum_hessians
+            solver=fair_gptq_quantize,
+            fair_alpha=self.config.fair_alpha,
+            sum_hessians=self.config.fair_sum_hessians,
         )
         if pair_hessian is not None:
             # Token-weighted average of the two Hessians, i.e. one Hessian over both token sets.
@@ -431,14 +438,12 @@ def _config_from_args(args: argparse.Namespace) -> FairGPTQConfig:
     )
 
 
-register_method(
-    Method(
-        name="fair-gptq",
-        config_cls=FairGPTQConfig,
-        run=_run,
-        config_from_args=_config_from_args,
-        add_arguments=_add_arguments,
-        export_formats=("quantlab", "gptq", "awq"),
-        help="GPTQ with a group-bias term from stereotype/anti-stereotype pairs",
-    )
+METHOD = Method(
+    name="fair-gptq",
+    config_cls=FairGPTQConfig,
+    run=_run,
+    config_from_args=_config_from_args,
+    add_arguments=_add_arguments,
+    export_formats=("quantlab", "gptq", "awq"),
+    help="GPTQ with a group-bias term from stereotype/anti-stereotype pairs",
 )

@@ -5,24 +5,69 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.config import CalibConfig, GPTQConfig
-from quantlab.formats.groupwise_int import dtype_from_name
-from quantlab.methods import Method, MethodContext, register_method
+from quantlab.formats.groupwise_int import GroupwiseIntResult, dtype_from_name
+from quantlab.methods.base import (
+    CalibConfig,
+    GroupwiseIntConfig,
+    LayerReport,
+    Method,
+    MethodContext,
+    QuantizationReport,
+    excluded,
+    packed_layer,
+)
 from quantlab.methods.rtn import groupwise_options
 from quantlab.models.arch import get_submodule, resolve
 from quantlab.nn.swap import set_submodule
-from quantlab.pipeline import LayerReport, QuantizationReport, excluded, packed_layer
-from quantlab.solvers.base import GroupwiseIntResult
 from quantlab.solvers.gptq import gptq_quantize
 
-__all__ = ["GPTQTerms", "gptq_options", "run_gptq"]
+__all__ = ["METHOD", "GPTQConfig", "GPTQTerms", "gptq_options", "run_gptq"]
+
+
+@dataclass(frozen=True)
+class GPTQConfig(GroupwiseIntConfig):
+    """GPTQ: Hessian-aware column-by-column rounding with error feedback.
+
+    Attributes:
+        damp_percent: damping added to the Hessian diagonal, as a fraction of its mean.
+        block_size: columns per lazy batch update.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: with ``act_order``, fix each group's grid before the reordering so the
+            checkpoint needs no ``g_idx`` permutation at inference.
+        true_sequential: solve q/k/v, o, gate/up, down one after another within a block.
+    """
+
+    method: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+
+    # GPTQ's reference quantizer offers this range search ("mse"); on SmolLM2 W4 g64 it takes the
+    # eval ppl from 23.97 to 23.19, so it is on by default here.
+    clip_search: bool = True
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = True
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.act_order and not self.static_groups:
+            raise ValueError(
+                "act_order without static_groups needs a per-column g_idx at inference, which the "
+                "groupwise_int format does not store; keep static_groups=True"
+            )
 
 
 def gptq_options(args: argparse.Namespace) -> dict[str, object]:
@@ -54,7 +99,9 @@ class GPTQTerms:
     ) -> dict[str, dict[str, Any]]:
         """Extra :func:`gptq_quantize` keyword arguments per linear of ``group``, computed just
         before the group is quantized (the block's earlier groups already are). ``"hessian"``
-        replaces the calibration Hessian. May run ``block`` on other inputs."""
+        replaces the calibration Hessian; ``"solver"`` replaces :func:`gptq_quantize` by a
+        function that takes its arguments and the other extra ones and returns its result. May
+        run ``block`` on other inputs."""
         return {}
 
     def layer_done(
@@ -97,7 +144,8 @@ def run_gptq(
             start = time.perf_counter()
             extra = dict(options.get(name, {}))
             hessian = extra.pop("hessian", None)
-            result = gptq_quantize(
+            solver = extra.pop("solver", gptq_quantize)
+            result = solver(
                 linear.weight.detach(),
                 stats[name].hessian() if hessian is None else hessian,
                 bits=config.bits,
@@ -156,13 +204,11 @@ def _run(model: nn.Module, config: GPTQConfig, ctx: MethodContext) -> None:
     run_gptq(model, config, ctx.calib, ctx.samples("GPTQ"), ctx.report, ctx.device, ctx.progress)
 
 
-register_method(
-    Method(
-        name="gptq",
-        config_cls=GPTQConfig,
-        run=_run,
-        config_from_args=lambda args: GPTQConfig(**groupwise_options(args), **gptq_options(args)),
-        export_formats=("quantlab", "gptq", "awq"),
-        help="Hessian-aware rounding with error feedback",
-    )
+METHOD = Method(
+    name="gptq",
+    config_cls=GPTQConfig,
+    run=_run,
+    config_from_args=lambda args: GPTQConfig(**groupwise_options(args), **gptq_options(args)),
+    export_formats=("quantlab", "gptq", "awq"),
+    help="Hessian-aware rounding with error feedback",
 )

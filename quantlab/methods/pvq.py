@@ -1,7 +1,8 @@
 """PVQ: pyramid vector quantization of every block linear in a randomly rotated input space, with
 GPTQ-style error feedback over whole vectors (block after block, on quantized inputs).
 
-Orchestration only: the math is in :mod:`quantlab.solvers.pvq` and :mod:`quantlab.rotation`, the
+Orchestration only: the math is in :mod:`quantlab.solvers.pvq` and
+:mod:`quantlab.transforms.rotation`, the
 layout in :mod:`quantlab.formats.pvq`, the layer in :mod:`quantlab.nn.pvq_linear`.
 """
 
@@ -23,14 +24,14 @@ from tqdm.auto import tqdm
 
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.formats.pvq import PVQMeta, pack
-from quantlab.methods import Method, MethodContext, register_method
+from quantlab.formats.pvq import PVQMeta, PVQResult, pack
+from quantlab.formats.pvq_codebook import MAX_CODE_BITS, PVQParams
+from quantlab.methods.base import LayerReport, Method, MethodContext, excluded
 from quantlab.models.arch import ArchSpec, get_submodule, resolve
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.swap import set_submodule
-from quantlab.pipeline import LayerReport, excluded
-from quantlab.rotation import random_signs
-from quantlab.solvers.pvq import MAX_CODE_BITS, PVQParams, PVQResult, pvq_quantize
+from quantlab.solvers.pvq import pvq_quantize
+from quantlab.transforms.rotation import random_signs
 
 __all__ = [
     "Candidate",
@@ -135,6 +136,11 @@ class PVQConfig:
         else:
             enc = f"<= {self.bits_per_weight:g} bits/weight"
         return f"pvq {enc}{' hessian' if self.hessian else ''}"
+
+    def max_linear_bits(self, out_features: int, in_features: int) -> int:
+        """Upper bound of the stored bits of one linear: ``bits_per_weight <= 16`` by validation,
+        all its tensors included, plus a row of slack."""
+        return 16 * out_features * in_features + 64 * out_features
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,13 +450,11 @@ def _config_from_args(args: argparse.Namespace) -> PVQConfig:
     )
 
 
-register_method(
-    Method(
-        name="pvq",
-        config_cls=PVQConfig,
-        run=_run,
-        config_from_args=_config_from_args,
-        add_arguments=_add_arguments,
-        help="pyramid vector quantization in a rotated space, Hessian-aware",
-    )
+METHOD = Method(
+    name="pvq",
+    config_cls=PVQConfig,
+    run=_run,
+    config_from_args=_config_from_args,
+    add_arguments=_add_arguments,
+    help="pyramid vector quantization in a rotated space, Hessian-aware",
 )

@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.config import GroupwiseIntConfig, RTNConfig
 from quantlab.formats.groupwise_int import dtype_from_name
-from quantlab.methods import Method, MethodContext, register_method
+from quantlab.methods.base import (
+    GroupwiseIntConfig,
+    LayerReport,
+    Method,
+    MethodContext,
+    QuantizationReport,
+    excluded,
+    packed_layer,
+)
 from quantlab.models.arch import ArchSpec, get_submodule, resolve
 from quantlab.nn.swap import set_submodule
-from quantlab.pipeline import LayerReport, QuantizationReport, excluded, packed_layer
 from quantlab.solvers.rtn import rtn_quantize
 
-__all__ = ["groupwise_options", "rtn_block"]
+__all__ = ["METHOD", "RTNConfig", "groupwise_options", "rtn_block"]
+
+
+@dataclass(frozen=True)
+class RTNConfig(GroupwiseIntConfig):
+    """Round-to-nearest: each group rounded to its own min/max grid; no calibration."""
+
+    method: ClassVar[str] = "rtn"
 
 
 def groupwise_options(args: argparse.Namespace) -> dict[str, object]:
@@ -74,13 +89,11 @@ def _run(model: nn.Module, config: RTNConfig, ctx: MethodContext) -> None:
         rtn_block(i, blocks[i], spec, config, ctx.report)
 
 
-register_method(
-    Method(
-        name="rtn",
-        config_cls=RTNConfig,
-        run=_run,
-        config_from_args=lambda args: RTNConfig(**groupwise_options(args)),
-        export_formats=("quantlab", "gptq", "awq"),
-        help="round to nearest, groupwise integers (no calibration)",
-    )
+METHOD = Method(
+    name="rtn",
+    config_cls=RTNConfig,
+    run=_run,
+    config_from_args=lambda args: RTNConfig(**groupwise_options(args)),
+    export_formats=("quantlab", "gptq", "awq"),
+    help="round to nearest, groupwise integers (no calibration)",
 )

@@ -23,23 +23,22 @@ from tqdm.auto import tqdm
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.ternary import (
+    GROUP_SIZES,
     PACKINGS,
     PER_ROW,
     PER_TENSOR,
     SCALE_DTYPES,
+    TernaryResult,
     dtype_from_name,
     granularity_name,
     pack,
 )
-from quantlab.methods import Method, MethodContext, register_method
+from quantlab.methods.base import LayerReport, Method, MethodContext, QuantizationReport, excluded
 from quantlab.models.arch import get_submodule, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.nn.ternary_linear import TernaryLinear
-from quantlab.pipeline import LayerReport, QuantizationReport, excluded
 from quantlab.solvers.ternary import (
-    GROUP_SIZES,
     SCALE_RULES,
-    TernaryResult,
     absmean_ternarize,
     gptq_ternarize,
     mse_ternarize,
@@ -122,6 +121,11 @@ class TernaryConfig:
 
     def describe(self) -> str:
         return f"ternary {self.solver} {granularity_name(self.group_size)} {self.packing}"
+
+    def max_linear_bits(self, out_features: int, in_features: int) -> int:
+        """Upper bound of the stored bits of one linear: at most 2 bits per weight plus scales,
+        bounded by 16 bits per weight and a row of slack."""
+        return 16 * out_features * in_features + 64 * out_features
 
 
 def ternary_layer(
@@ -297,13 +301,11 @@ def _config_from_args(args: argparse.Namespace) -> TernaryConfig:
     )
 
 
-register_method(
-    Method(
-        name="ternary",
-        config_cls=TernaryConfig,
-        run=_run,
-        config_from_args=_config_from_args,
-        add_arguments=_add_arguments,
-        help="ternary 1.58-bit weights (BitNet absmean, L2-optimal or Hessian-aware)",
-    )
+METHOD = Method(
+    name="ternary",
+    config_cls=TernaryConfig,
+    run=_run,
+    config_from_args=_config_from_args,
+    add_arguments=_add_arguments,
+    help="ternary 1.58-bit weights (BitNet absmean, L2-optimal or Hessian-aware)",
 )

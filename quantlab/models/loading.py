@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from quantlab.export.load import LOADABLE_KINDS, checkpoint_kind, load_checkpoint
 from quantlab.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
-__all__ = ["LoadedModel", "checkpoint_kind", "load_model", "resolve_model_path"]
+__all__ = ["LoadedModel", "load_model", "resolve_model_path"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,29 +41,6 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
     return spec, spec  # a hub id such as "meta-llama/Llama-3.1-8B"
 
 
-def checkpoint_kind(path: str) -> str | None:
-    """The quant_method ("quantlab", "gptq", "awq", ...) of a quantized directory, else None.
-
-    Raises:
-        CheckpointError: config.json is not valid JSON, or its quantization_config is not an
-            object with a string quant_method (naming the file).
-    """
-    from quantlab.export.checkpoint import CheckpointError, read_config_json
-
-    root = Path(path)
-    if not (root / "config.json").is_file():
-        return None
-    cfg_path, config = read_config_json(root)
-    qcfg = config.get("quantization_config")
-    if qcfg is None:
-        return None
-    if not isinstance(qcfg, dict) or not isinstance(qcfg.get("quant_method"), str):
-        raise CheckpointError(
-            f"{cfg_path}: quantization_config must be an object with a string quant_method"
-        )
-    return qcfg["quant_method"]
-
-
 def load_model(
     spec: str, dtype: str = "float32", device: str = "cpu", verify: bool = True
 ) -> LoadedModel:
@@ -77,11 +55,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
-    kind = checkpoint_kind(path)
-    if kind in ("quantlab", "gptq", "awq", "bitnet"):
-        from quantlab import load
-
-        model = load(path, device=device, dtype=DTYPES[dtype], verify=verify)
+    if checkpoint_kind(path) in LOADABLE_KINDS:
+        model = load_checkpoint(path, device=device, dtype=DTYPES[dtype], verify=verify)
         return LoadedModel(model, tokenizer, name, path, quantized=True)
     try:
         # safetensors only: a pytorch_model.bin would be unpickled, which quantlab never does.

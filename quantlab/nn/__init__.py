@@ -1,5 +1,5 @@
 """Quantized modules."""
 
-from quantlab.nn.linear import QuantLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
 
 __all__ = ["QuantLinear"]

@@ -14,14 +14,13 @@ from quantlab.formats.bitstack import (
     BitStackMeta,
     PackedBitStack,
 )
+from quantlab.nn.layer_spec import spec_int, spec_int_list
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format, spec_int, spec_int_list
 from quantlab.ops import bitstack as bs_ops
 
 __all__ = ["BitStackLinear"]
 
 
-@register_layer_format
 class BitStackLinear(PackedLinear):
     """Linear layer ``y = x @ Ŵ^T + b`` with ``Ŵ = sum_b S_b ⊙ (u_b v_b)`` over its loaded blocks.
 

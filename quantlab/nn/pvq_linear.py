@@ -16,19 +16,19 @@ from quantlab.formats.pvq import (
     check_codes,
     unpack_signs,
 )
+from quantlab.nn.layer_spec import spec_int
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format, spec_int
 from quantlab.ops import pvq as pvq_ops
-from quantlab.rotation import rotate, unrotate
+from quantlab.transforms.rotation import rotate, unrotate
 
 __all__ = ["PVQLinear"]
 
 
-@register_layer_format
 class PVQLinear(PackedLinear):
     """Linear layer ``y = W' (R x) + b`` with ``W'`` held as PVQ codes (format ``pvq``).
 
-    ``R`` is the layer's randomized rotation (:mod:`quantlab.rotation`), applied to the input in
+    ``R`` is the layer's randomized rotation (:mod:`quantlab.transforms.rotation`), applied to the
+    input in
     ``forward`` (a fast Walsh-Hadamard transform plus a small DCT, ``O(K log K)`` per token), so
     ``W' R = W`` and the layer computes what the unquantized weight's layer would, up to the
     quantization error.

@@ -1,9 +1,9 @@
 """The packed-layer formats quantlab can save and load, by name.
 
-Every quantized layer class (``QuantLinear`` for ``groupwise_int``, and one class per other format)
-registers itself here with :func:`register_layer_format`. Checkpoint writing, loading (quantlab's
-own loader and the transformers quantizer) and size accounting go through this table, so a new
-format needs no change anywhere else.
+The built-in layer classes (``QuantLinear`` for ``groupwise_int``, and one class per other format)
+are listed here; a format from outside quantlab joins with :func:`register_layer_format`.
+Checkpoint writing, loading (quantlab's own loader and the transformers quantizer) and size
+accounting go through this table, so a new format needs no change anywhere else.
 
 A layer class must provide the following (:class:`quantlab.nn.packed_linear.PackedLinear`, the
 base of the built-in ones, derives all but ``checkpoint_tensors`` from its format's meta):
@@ -22,22 +22,24 @@ base of the built-in ones, derives all but ``checkpoint_tensors`` from its forma
   one-time repacking for a kernel) and checks of their values (raise ``ValueError``);
 * optionally ``spec_keys: ClassVar[frozenset[str]]``: the fields its spec may hold (besides
   ``format``/``format_version``); a spec with any other field is refused, so a misspelt or
-  foreign field is never silently ignored. Read the fields with :func:`spec_int`,
-  :func:`spec_bool`, :func:`spec_str` and :func:`spec_int_list`, which refuse a JSON value of
-  the wrong type (the string ``"false"`` is not a boolean).
+  foreign field is never silently ignored. Read the fields with the typed readers of
+  :mod:`quantlab.nn.layer_spec`, which refuse a JSON value of the wrong type.
 """
 
 from __future__ import annotations
 
-import importlib
-import numbers
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
+from quantlab.nn.bitstack_linear import BitStackLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
+from quantlab.nn.layer_spec import FormatError
+from quantlab.nn.pvq_linear import PVQLinear
+from quantlab.nn.ternary_linear import TernaryLinear
+
 __all__ = [
-    "FormatError",
     "check_spec",
     "empty_layer_like",
     "is_quantized",
@@ -46,25 +48,10 @@ __all__ = [
     "quantized_modules",
     "register_layer_format",
     "registered_formats",
-    "spec_bool",
-    "spec_int",
-    "spec_int_list",
-    "spec_str",
 ]
 
-# Modules that define (and on import register) the built-in layer formats.
-_BUILTIN = (
-    "quantlab.nn.linear",
-    "quantlab.nn.bitstack_linear",
-    "quantlab.nn.ternary_linear",
-    "quantlab.nn.pvq_linear",
-)
 _FORMATS: dict[str, type[nn.Module]] = {}
 _REQUIRED = ("module_spec", "empty_like", "checkpoint_tensors", "storage_bits")
-
-
-class FormatError(ValueError):
-    """A module spec names a format (or a version of one) this quantlab cannot read."""
 
 
 def register_layer_format(cls: type[nn.Module]) -> type[nn.Module]:
@@ -81,61 +68,12 @@ def register_layer_format(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def _load_builtin() -> None:
-    for module in _BUILTIN:
-        importlib.import_module(module)
-
-
 def registered_formats() -> dict[str, type[nn.Module]]:
-    _load_builtin()
     return dict(_FORMATS)
 
 
-_NO_DEFAULT: Any = object()
-
-
-def _field(spec: Mapping[str, Any], key: str, default: Any) -> Any:
-    if key in spec:
-        return spec[key]
-    if default is _NO_DEFAULT:
-        raise FormatError(f"field {key!r} is missing")
-    return default
-
-
-def _wrong_type(key: str, kind: str, value: Any) -> FormatError:
-    return FormatError(f"field {key!r} must be {kind}, got {type(value).__name__} {value!r}")
-
-
-def spec_int(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> int:
-    """An integer field of a module spec (a JSON boolean or string is refused)."""
-    value = _field(spec, key, default)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _wrong_type(key, "an integer", value)
-    return int(value)
-
-
-def spec_bool(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> bool:
-    """A boolean field of a module spec (``"false"`` or ``0`` are refused, not coerced)."""
-    value = _field(spec, key, default)
-    if not isinstance(value, bool):
-        raise _wrong_type(key, "true or false", value)
-    return value
-
-
-def spec_str(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> str:
-    value = _field(spec, key, default)
-    if not isinstance(value, str):
-        raise _wrong_type(key, "a string", value)
-    return value
-
-
-def spec_int_list(spec: Mapping[str, Any], key: str, default: Any = _NO_DEFAULT) -> list[int]:
-    value = _field(spec, key, default)
-    if not isinstance(value, list | tuple) or any(
-        isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value
-    ):
-        raise _wrong_type(key, "a list of integers", value)
-    return [int(v) for v in value]
+for _builtin in (QuantLinear, BitStackLinear, TernaryLinear, PVQLinear):
+    register_layer_format(_builtin)
 
 
 def layer_class(spec: dict[str, Any], default_format: str = "groupwise_int") -> type[nn.Module]:

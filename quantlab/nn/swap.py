@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from quantlab.formats.groupwise_int import FORMAT_NAME
-from quantlab.nn.linear import QuantLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
 from quantlab.nn.registry import empty_layer_like
 
 __all__ = ["set_submodule", "swap_in_empty", "swap_in_quant_linear"]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantlab.formats import ternary_packing
 from quantlab.formats.tensor_layout import dtype_name
 from quantlab.formats.ternary import (
     FORMAT_NAME,
@@ -19,9 +20,8 @@ from quantlab.formats.ternary import (
     dtype_from_name,
     granularity_name,
 )
+from quantlab.nn.layer_spec import spec_int, spec_str
 from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format, spec_int, spec_str
-from quantlab.ops import reference_ternary as reference
 from quantlab.ops import ternary as ternary_ops
 
 __all__ = ["TernaryLinear"]
@@ -38,13 +38,12 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-@register_layer_format
 class TernaryLinear(PackedLinear):
     """Linear layer ``y = A8(x) @ (s * t).T + b`` with ternary weights.
 
     ``A8`` is BitNet b1.58's per-token int8 absmax quantization of the activations (W1.58A8), the
     arithmetic every backend implements: exact integer sums per scale group, then the scales (see
-    :mod:`quantlab.ops.reference_ternary`). Native BitNet checkpoints were trained with exactly
+    :mod:`quantlab.ops.ternary_reference`). Native BitNet checkpoints were trained with exactly
     this; for a post-training-quantized float model it adds a small error of its own.
 
     Buffers (shapes from :class:`TernaryMeta`): ``qweight`` uint8 ``[N, ceil(K/4)]`` (i2) or
@@ -130,9 +129,9 @@ class TernaryLinear(PackedLinear):
                 if m.packing == "i2" and m.in_features % _CUDA_ROW_ALIGN == 0:
                     weight = q
                 else:
-                    t = reference.unpack_trits(q, m.packing, m.in_features)
+                    t = ternary_packing.unpack_trits(q, m.packing, m.in_features)
                     pad = -m.in_features % _CUDA_ROW_ALIGN
-                    weight = reference.pack_i2(nn.functional.pad(t, (0, pad)))
+                    weight = ternary_packing.pack_i2(nn.functional.pad(t, (0, pad)))
                 scales = self.scales.to(torch.float32).contiguous()
             else:
                 weight = ternary_ops.lut_pack(q, m.packing, m.out_features, m.in_features)
@@ -148,7 +147,7 @@ class TernaryLinear(PackedLinear):
 
     def trits(self) -> torch.Tensor:
         """int8 ``[N, K]`` trits."""
-        return reference.unpack_trits(self.qweight, self.meta.packing, self.in_features)
+        return ternary_packing.unpack_trits(self.qweight, self.meta.packing, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``[N, K]`` weight ``s * t`` this layer represents."""

@@ -3,17 +3,19 @@ elsewhere.
 
 The op schemas are defined by the compiled extension when it is present; otherwise (and for any
 device the build has no kernel for, e.g. CUDA tensors with a CPU-only build) the reference
-implementations in :mod:`quantlab.ops.reference` are registered under the same names, so callers
-always go through one op. Fake (meta) implementations make the ops traceable by ``torch.compile``.
+implementations in :mod:`quantlab.ops.groupwise_int_reference` are registered under the same
+names, so callers always go through one op. Fake (meta) implementations make the ops traceable
+by ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantlab.ops import reference
+from quantlab.formats.groupwise_int_mma_layout import RepackedWeight
+from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import register_ops
-from quantlab.ops.groupwise_int_repack import RepackedWeight, mma_mm_reference
+from quantlab.ops.groupwise_int_mma_emulation import mma_mm_reference
 
 __all__ = ["backend", "dequant", "has_mma_kernel", "matmul", "mma_matmul"]
 
@@ -26,8 +28,9 @@ _SCHEMAS = {
         "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
         "int group_size) -> Tensor"
     ),
-    # The tensor-core kernel on weights repacked by quantlab.ops.groupwise_int_repack.repack
-    # (CUDA builds define it with its kernel; elsewhere it runs that module's reference).
+    # The tensor-core kernel on weights repacked by
+    # quantlab.formats.groupwise_int_mma_layout.repack (CUDA builds define it with its kernel;
+    # elsewhere it runs the reference of quantlab.ops.groupwise_int_mma_emulation).
     "groupwise_int_mma_mm": (
         "groupwise_int_mma_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
         "int group_size, int in_features, int out_features, int split_k) -> Tensor"
@@ -106,7 +109,8 @@ def dequant(
     in_features: int,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dense ``[N, K]`` weight; layout in :func:`quantlab.ops.reference.groupwise_int_dequant`."""
+    """Dense ``[N, K]`` weight; layout in
+    :func:`quantlab.ops.groupwise_int_reference.groupwise_int_dequant`."""
     return torch.ops.quantlab.groupwise_int_dequant(
         qweight, scales, qzeros, bits, group_size, in_features, out_dtype
     )
@@ -120,7 +124,8 @@ def matmul(
     bits: int,
     group_size: int,
 ) -> torch.Tensor:
-    """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype``; see :mod:`quantlab.ops.reference`."""
+    """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype``; see
+    :mod:`quantlab.ops.groupwise_int_reference`."""
     return torch.ops.quantlab.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
 
 

@@ -86,7 +86,8 @@ def decode(
     in_features: int,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Dense rotated weight ``[N, in_features]``; layout in :mod:`quantlab.ops.pvq_reference`."""
+    """Dense rotated weight ``[N, in_features]``; layout in :mod:`quantlab.formats.pvq`, decode in
+    :mod:`quantlab.ops.pvq_reference`."""
     return torch.ops.quantlab.pvq_decode(
         codes, row_scales, levels, dim, pulses, in_features, out_dtype
     )

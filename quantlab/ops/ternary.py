@@ -3,12 +3,13 @@
 * ``ternary_dequant``: packed (i2 / tq1) -> dense ``s * t``.
 * ``ternary_mm``: ``A8(x) @ W.T`` on the stored layout (i2 / tq1); the CUDA kernel reads i2 rows
   directly (2-bit decode + ``dp4a`` on int8 activations).
-* ``ternary_lut_pack`` / ``ternary_lut_mm``: the CPU kernel's layout (built once per layer, with
+* ``ternary_lut_pack`` / ``ternary_lut_mm``: the CPU kernel's layout
+  (:mod:`quantlab.formats.ternary_packing`, built once per layer, with
   :func:`lut_scales` for the scales) and the table-lookup matmul on it (T-MAC-style ``pshufb``
   lookups on AVX2).
 
 All matmuls share one definition (``A8`` = BitNet's per-token int8 absmax activations, exact
-integer sums per scale group): :mod:`quantlab.ops.reference_ternary`. The library
+integer sums per scale group): :mod:`quantlab.ops.ternary_reference`. The library
 ``quantlab._C_ternary`` defines the schemas when built; otherwise they are defined here, and the
 reference is registered for every device without a compiled kernel. Fake impls make the ops
 traceable by ``torch.compile``.
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from quantlab.ops import reference_ternary as reference
+from quantlab.formats import ternary_packing
+from quantlab.ops import ternary_reference as reference
 from quantlab.ops._extension import register_ops
 
 __all__ = [
@@ -55,10 +57,10 @@ _SCHEMAS = {
 def _lut_pack_reference(
     qweight: torch.Tensor, packing: str, out_features: int, in_features: int
 ) -> torch.Tensor:
-    t = reference.unpack_trits(qweight, packing, in_features)
+    t = ternary_packing.unpack_trits(qweight, packing, in_features)
     if t.shape[0] != out_features:
         raise ValueError(f"qweight has {t.shape[0]} rows, out_features is {out_features}")
-    return reference.lut_pack(t)
+    return ternary_packing.lut_pack(t)
 
 
 _REFERENCES = {
@@ -99,7 +101,7 @@ def _register() -> None:
     def _lut_pack_fake(
         qweight: torch.Tensor, packing: str, out_features: int, in_features: int
     ) -> torch.Tensor:
-        return qweight.new_empty(reference.lut_shape(out_features, in_features))
+        return qweight.new_empty(ternary_packing.lut_shape(out_features, in_features))
 
     @torch.library.register_fake("quantlab::ternary_lut_mm")
     def _lut_mm_fake(
@@ -167,7 +169,7 @@ def lut_scales(
     scales: torch.Tensor, out_features: int, in_features: int, group_size: int
 ) -> torch.Tensor:
     """The CPU LUT kernel's fp32 scale layout (``[1, 1, 1]`` or ``[tiles, G, 16]``)."""
-    return reference.lut_pack_scales(scales, out_features, in_features, group_size)
+    return ternary_packing.lut_pack_scales(scales, out_features, in_features, group_size)
 
 
 def lut_mm(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantlab.solvers.base import check_bits, check_group_size
+from quantlab.formats.groupwise_int import check_bits, check_group_size
 
 __all__ = [
     "ScaleSearchResult",

@@ -26,16 +26,14 @@ rescaled by its least-squares gain under ``H``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from quantlab.solvers.base import check_weight
-from quantlab.solvers.gptq import _inverse_cholesky, error_feedback_columns
+from quantlab.formats.bitstack import FACTOR_DTYPE, BitStackResult
+from quantlab.solvers.hessian import check_weight, error_feedback_columns, inverse_cholesky
 
 __all__ = [
     "SVD_METHODS",
-    "BitStackResult",
     "activation_scales",
     "decompose",
     "output_error",
@@ -43,46 +41,6 @@ __all__ = [
 ]
 
 SVD_METHODS = ("lowrank", "full")
-_FACTOR_DTYPE = torch.float16
-
-
-@dataclass
-class BitStackResult:
-    """Unpacked residual blocks of one weight.
-
-    Attributes:
-        positive: bool ``[B, N, K]``, ``True`` where block ``b``'s sign is +1.
-        u: fp32 ``[B, N, r]`` and ``v``: fp32 ``[B, r, K]``; every value is exactly
-            representable in fp16.
-        errors: with a Hessian, ``errors[b] = tr(R_b H R_b^T)`` -- the calibration output error
-            (summed over output channels) of the first ``b`` blocks, ``b = 0 .. B``
-            (``errors[0]`` is the weight's own output energy); empty without one.
-        seconds: time spent in the decomposition (SVDs included).
-        svd_seconds: time spent in the SVDs alone.
-    """
-
-    positive: torch.Tensor
-    u: torch.Tensor
-    v: torch.Tensor
-    errors: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    svd_seconds: float = 0.0
-
-    @property
-    def n_blocks(self) -> int:
-        return self.positive.shape[0]
-
-    @property
-    def rank(self) -> int:
-        return self.u.shape[-1]
-
-    def dequantize(self, n_blocks: int | None = None) -> torch.Tensor:
-        """fp32 ``[N, K]`` weight of the first ``n_blocks`` blocks (default all)."""
-        b = self.n_blocks if n_blocks is None else n_blocks
-        w = torch.zeros(self.positive.shape[1:], dtype=torch.float32, device=self.u.device)
-        for i in range(b):
-            w += torch.where(self.positive[i], 1.0, -1.0) * (self.u[i] @ self.v[i])
-        return w
 
 
 def activation_scales(
@@ -232,7 +190,7 @@ def decompose(
         h[dead, dead] = 1.0
         perm = torch.argsort(torch.diagonal(h), descending=True)
         inverse = torch.argsort(perm)
-        upper = _inverse_cholesky(h[perm][:, perm], damp_percent, 3, name)
+        upper = inverse_cholesky(h[perm][:, perm], damp_percent, 3, name)
     svd_seconds = 0.0
     generator = torch.Generator().manual_seed(seed)
     residual = weight.detach().to(torch.float32).clone()
@@ -251,14 +209,14 @@ def decompose(
             uf, s, vh = _low_rank_svd(target.abs(), rank, generator)
         svd_seconds += time.perf_counter() - t0
         root = s.clamp_min(0).sqrt()
-        u = (uf * root).to(_FACTOR_DTYPE).to(torch.float32)
-        v = (root.unsqueeze(1) * vh).to(_FACTOR_DTYPE).to(torch.float32)
+        u = (uf * root).to(FACTOR_DTYPE).to(torch.float32)
+        v = (root.unsqueeze(1) * vh).to(FACTOR_DTYPE).to(torch.float32)
         if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())):
             raise ValueError(f"{name}: block {b} factors overflow float16; the weight is too large")
         return u, v
 
     def scaled(u: torch.Tensor, gains: torch.Tensor, b: int) -> torch.Tensor:
-        out = (u * gains.unsqueeze(1)).to(_FACTOR_DTYPE).to(torch.float32)
+        out = (u * gains.unsqueeze(1)).to(FACTOR_DTYPE).to(torch.float32)
         if not bool(torch.isfinite(out).all()):
             raise ValueError(f"{name}: block {b} factors overflow float16 after the refit")
         return out

@@ -13,9 +13,12 @@ stereotype / anti-stereotype pairs. With ``H = 2 X X^T / n`` and ``D = 2 (X0 - X
 which shrinks the layer's response to the directions in which the paired inputs differ while
 keeping its product with ordinary inputs. As in the reference implementation (fair-gptq's
 ``gptq.py``), the shift is applied to ``W`` before GPTQ's column loop, which then rounds ``V`` with
-the ordinary ``H`` for error feedback and act-order (:func:`quantlab.solvers.gptq.gptq_quantize`
-with ``fair_hessian=``). ``sum_hessians=False`` is the reference's first-order variant,
-``V = W - W (alpha D) H^-1``.
+the ordinary ``H`` for error feedback and act-order (:func:`fair_gptq_quantize`: the shift, then
+:func:`quantlab.solvers.gptq.gptq_quantize` on ``V`` with the loss measured against ``W``).
+``sum_hessians=False`` is the reference's first-order variant, ``V = W - W (alpha D) H^-1``.
+
+GPTQ knows nothing of the term: this module builds on :mod:`quantlab.solvers.gptq` and
+:mod:`quantlab.solvers.hessian`, never the other way round.
 """
 
 from __future__ import annotations
@@ -24,7 +27,17 @@ import math
 
 import torch
 
-__all__ = ["bias_subspace", "check_fair_alpha", "debias_shift", "group_bias_term"]
+from quantlab.formats.groupwise_int import GroupwiseIntResult
+from quantlab.solvers.gptq import check_gptq_arguments, check_static_groups, gptq_quantize
+from quantlab.solvers.hessian import damped_factor, inverse_cholesky
+
+__all__ = [
+    "bias_subspace",
+    "check_fair_alpha",
+    "debias_shift",
+    "fair_gptq_quantize",
+    "group_bias_term",
+]
 
 
 def check_fair_alpha(alpha: float, name: str = "weight") -> None:
@@ -69,8 +82,6 @@ def debias_shift(
     Returns:
         fp32 ``[N, K]`` on ``weight``'s device.
     """
-    from quantlab.solvers.gptq import _inverse_cholesky  # gptq imports this module lazily
-
     check_fair_alpha(alpha, name)
     w = weight.detach().to(torch.float32)
     k = w.shape[1]
@@ -83,9 +94,91 @@ def debias_shift(
     dead = torch.diagonal(base) == 0
     if bool(dead.any()):
         base[dead, dead] = 1.0
-    u = _inverse_cholesky(base, damp_percent, max_damp_retries, name)
+    u = inverse_cholesky(base, damp_percent, max_damp_retries, name)
     # (base + damp)^-1 = U^T U, so W D (base + damp)^-1 = ((W D) U^T) U.
     return w - ((w @ d) @ u.t()) @ u
+
+
+def fair_gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+    name: str = "weight",
+    max_damp_retries: int = 5,
+    clip_search: bool = False,
+    *,
+    fair_hessian: torch.Tensor | None = None,
+    fair_alpha: float = 0.0,
+    sum_hessians: bool = True,
+) -> GroupwiseIntResult:
+    """Quantize one linear weight with Fair-GPTQ: the debiasing shift, then GPTQ.
+
+    The weight is first moved to the minimiser ``V`` of ``||W X - V X||^2 + fair_alpha ||V (X0 -
+    X1)||^2`` (:func:`debias_shift`, on the weight with its dead columns already zeroed) and
+    :func:`quantlab.solvers.gptq.gptq_quantize` rounds that target with the ordinary ``hessian``;
+    grids (static groups included) are fitted on it, and ``loss`` is measured against the
+    original weight, so the intended shift counts as error too. Input columns that never saw a
+    nonzero input (``diag(H) == 0``) stay 0, as in GPTQ.
+
+    Args:
+        weight, hessian, bits, group_size, sym, damp_percent, block_size, act_order,
+            static_groups, scale_dtype, name, max_damp_retries, clip_search: as for
+            :func:`quantlab.solvers.gptq.gptq_quantize` (``damp_percent`` and
+            ``max_damp_retries`` also damp the shift's inverse).
+        fair_hessian: Fair-GPTQ's group-bias matrix ``D = 2 (X0 - X1)(X0 - X1)^T / m`` ``[K, K]``
+            (:class:`quantlab.calib.stats.PairDifferenceAccumulator`). ``None`` or
+            ``fair_alpha=0`` is plain GPTQ, bit for bit.
+        fair_alpha: weight of the group-bias term (finite, >= 0; nonzero needs ``fair_hessian``).
+        sum_hessians: invert ``H + fair_alpha D`` for the shift (exact); ``False`` inverts ``H``
+            (the reference's first-order variant).
+
+    Returns:
+        :class:`quantlab.formats.groupwise_int.GroupwiseIntResult`, as GPTQ returns it.
+    """
+    # GPTQ's own checks come first, in its order, as when the term was one of its options.
+    check_gptq_arguments(
+        weight, hessian, bits, group_size, block_size, damp_percent, max_damp_retries, name
+    )
+    if fair_hessian is None and fair_alpha != 0.0:
+        raise ValueError(f"{name}: fair_alpha={fair_alpha} needs a fair_hessian")
+    check_static_groups(group_size, act_order, static_groups, name)
+    target = weight
+    loss_weight: torch.Tensor | None = None
+    if fair_hessian is not None and fair_alpha != 0.0:
+        # GPTQ pins a column that never saw a nonzero input to 0: so does the shift's input (it
+        # starts from the weight GPTQ would round) and its output (the shift may move the column).
+        w = weight.detach().to(torch.float32).clone()
+        dead = torch.diagonal(hessian.detach().to(device=weight.device, dtype=torch.float32)) == 0
+        if bool(dead.any()):
+            w[:, dead] = 0.0
+        target = debias_shift(
+            w, hessian, fair_hessian, fair_alpha, damp_percent, sum_hessians, name, max_damp_retries
+        )
+        target[:, dead] = 0.0
+        loss_weight = weight
+    return gptq_quantize(
+        target,
+        hessian,
+        bits,
+        group_size,
+        sym,
+        damp_percent,
+        block_size,
+        act_order,
+        static_groups,
+        scale_dtype,
+        name,
+        max_damp_retries,
+        clip_search,
+        loss_weight=loss_weight,
+    )
 
 
 def bias_subspace(
@@ -116,7 +209,6 @@ def bias_subspace(
         raise ValueError(f"{name}: hessian must be [{k}, {k}], got {tuple(hessian.shape)}")
     if not 1 <= rank <= k:
         raise ValueError(f"{name}: fair rank must be in [1, {k}], got {rank}")
-    from quantlab.solvers.gptq import damped_factor  # gptq imports this module lazily
 
     def lower_factor(hd: torch.Tensor) -> torch.Tensor | None:
         lower, info = torch.linalg.cholesky_ex(hd)
@@ -135,7 +227,7 @@ def bias_subspace(
 
 def group_bias_term(weight: torch.Tensor, fair_hessian: torch.Tensor) -> float:
     """``||W (X0 - X1)||_F^2 / m = tr(W D W^T) / 2``: the output difference of the layer between
-    the paired inputs, on the same scale as :func:`quantlab.solvers.gptq.proxy_loss`."""
+    the paired inputs, on the same scale as :func:`quantlab.solvers.hessian.proxy_loss`."""
     w = weight.detach().to(torch.float32)
     d = fair_hessian.detach().to(device=w.device, dtype=torch.float32)
     return float(((w @ d) * w).sum(dtype=torch.float64)) / 2.0

@@ -17,172 +17,63 @@ Differences from the IST-DASLab reference ``fasterquant``, all deliberate:
   updated values available, the block size is rounded to a multiple of ``group_size``.
 - A failed Cholesky factorisation is retried with more damping (with a warning) instead of
   crashing; GPTQModel does the same with a different schedule.
-- ``loss`` is computed exactly at the end (see :func:`proxy_loss`) rather than accumulated.
+- ``loss`` is computed exactly at the end (see :func:`quantlab.solvers.hessian.proxy_loss`)
+  rather than accumulated.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
 
 import torch
 
-from quantlab.solvers.base import GroupwiseIntResult, check_bits, check_group_size, check_weight
+from quantlab.formats.groupwise_int import GroupwiseIntResult, check_bits, check_group_size
+from quantlab.solvers.hessian import (
+    check_hessian,
+    check_weight,
+    error_feedback_columns,
+    inverse_cholesky,
+    proxy_loss,
+)
 from quantlab.solvers.rtn import group_params
 
-__all__ = ["gptq_quantize", "proxy_loss"]
+__all__ = ["check_gptq_arguments", "check_static_groups", "gptq_quantize"]
 
 
-def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """GPTQ's layer objective ``tr((W - Q) H (W - Q)^T) / 2``.
-
-    With ``H = 2 X X^T / n`` this is ``||(W - Q) X||_F^2 / n``: the squared output error of the
-    layer summed over output channels and averaged over the ``n`` calibration tokens. The factor
-    ``1/2`` makes it the same number as the reference implementation's accumulated
-    ``sum((w - q)^2 / Hinv_ii^2) / 2`` (which equals this trace, taken with the damped Hessian).
-
-    Args:
-        weight: float ``[N, K]`` original weight.
-        dequantized: float ``[N, K]`` quantized-then-dequantized weight.
-        hessian: float ``[K, K]`` symmetric ``H`` as accumulated (undamped).
-
-    Returns:
-        The loss as a Python float (computed in fp32, summed in fp64).
-    """
-    if weight.shape != dequantized.shape:
-        raise ValueError(
-            f"weight {tuple(weight.shape)} and dequantized {tuple(dequantized.shape)} differ"
-        )
-    k = weight.shape[1]
-    if tuple(hessian.shape) != (k, k):
-        raise ValueError(
-            f"hessian must be [{k}, {k}] for a weight with {k} columns, got {tuple(hessian.shape)}"
-        )
-    err = weight.detach().to(torch.float32) - dequantized.detach().to(
-        device=weight.device, dtype=torch.float32
-    )
-    h = hessian.detach().to(device=weight.device, dtype=torch.float32)
-    return float(((err @ h) * err).sum(dtype=torch.float64)) / 2.0
-
-
-def _check_hessian(hessian: torch.Tensor, k: int, name: str) -> None:
-    if hessian.dim() != 2 or tuple(hessian.shape) != (k, k):
-        raise ValueError(
-            f"{name}: hessian must be [K, K] = [{k}, {k}] for a weight with K={k} input columns, "
-            f"got {tuple(hessian.shape)}"
-        )
-    if not hessian.dtype.is_floating_point:
-        raise TypeError(f"{name}: hessian must be floating point, got {hessian.dtype}")
-    finite = torch.isfinite(hessian)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(
-            f"{name}: hessian has {bad} NaN/Inf entries (overflowed or corrupted calibration "
-            "activations?); refusing to quantize"
-        )
-
-
-def damped_factor(
-    h: torch.Tensor,
+def check_gptq_arguments(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    block_size: int,
     damp_percent: float,
     max_damp_retries: int,
     name: str,
-    factor: Callable[[torch.Tensor], torch.Tensor | None],
-    stacklevel: int = 3,
-) -> torch.Tensor:
-    """``factor(H + damp * mean(diag H) * I)``, GPTQ's damping with retries.
-
-    ``factor`` returns ``None`` when the damped matrix is not usable (a failed Cholesky); the
-    damping is then raised tenfold (at least to 0.01) and ``factor`` tried again. A retry warns,
-    at ``stacklevel`` (3: the caller of the function that called this one).
-    """
-    mean_diag = float(torch.diagonal(h).mean())
-    damp = damp_percent
-    tried: list[float] = []
-    for attempt in range(max_damp_retries + 1):
-        tried.append(damp)
-        hd = h.clone()
-        hd.diagonal().add_(damp * mean_diag)
-        result = factor(hd)
-        if result is not None:
-            if attempt > 0:
-                warnings.warn(
-                    f"{name}: Hessian was not positive definite with damp_percent="
-                    f"{damp_percent}; quantized with damp_percent={damp:g} instead",
-                    RuntimeWarning,
-                    stacklevel=stacklevel,
-                )
-            return result
-        damp = max(damp * 10.0, 0.01)
-    raise ValueError(
-        f"{name}: Hessian is singular / not positive definite; Cholesky failed with damp_percent "
-        f"in {[float(f'{d:g}') for d in tried]}. Collect more (or more varied) calibration "
-        "tokens for this layer, raise damp_percent or max_damp_retries, or fall back to RTN for it."
-    )
+) -> None:
+    """:func:`gptq_quantize`'s checks of the weight, the Hessian and the numeric options, in its
+    order (raises ``ValueError``/``TypeError`` naming the layer)."""
+    check_weight(weight, name)
+    check_bits(bits)
+    k = weight.shape[1]
+    check_group_size(group_size, k, name)
+    check_hessian(hessian, k, name)
+    if block_size < 1:
+        raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
+    if not (damp_percent >= 0.0 and math.isfinite(damp_percent)):
+        raise ValueError(f"{name}: damp_percent must be finite and >= 0, got {damp_percent}")
+    if max_damp_retries < 0:
+        raise ValueError(f"{name}: max_damp_retries must be >= 0, got {max_damp_retries}")
 
 
-def _upper_of_inverse(hd: torch.Tensor) -> torch.Tensor | None:
-    chol, info = torch.linalg.cholesky_ex(hd)
-    if int(info) != 0:
-        return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
-        return None
-    return upper
-
-
-def _inverse_cholesky(
-    h: torch.Tensor, damp_percent: float, max_damp_retries: int, name: str
-) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``),
-    with :func:`damped_factor`'s retries."""
-    return damped_factor(h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4)
-
-
-# Quantizes one column in place: (column index in quantization order, its error-corrected values
-# [N], where to write its codes [N], where to write its dequantized values [N]).
-ColumnQuantizer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-def error_feedback_columns(
-    wt: torch.Tensor, u: torch.Tensor, block_size: int, quantize_column: ColumnQuantizer
-) -> torch.Tensor:
-    """GPTQ's column loop: quantize the input columns in order, each after the rounding errors of
-    the earlier ones have been pushed into it through the inverse Hessian.
-
-    Args:
-        wt: fp32 ``[K, N]``, row ``i`` = input column ``i`` in quantization order; updated in
-            place (it ends as the error-corrected values each column was quantized from).
-        u: upper Cholesky factor ``[K, K]`` of ``H^-1`` in the same order.
-        block_size: columns whose errors reach the later blocks in one matmul (lazy batch
-            updates; the result does not depend on it beyond rounding).
-        quantize_column: writes a column's codes and dequantized values (see ``ColumnQuantizer``).
-
-    Returns:
-        ``[K, N]`` fp32 codes, row per column, in quantization order.
-    """
-    k, n = wt.shape
-    qt = torch.empty_like(wt)
-    deq = torch.empty(n, dtype=torch.float32, device=wt.device)
-    u_diag = torch.diagonal(u).tolist()
-    err_block = torch.empty_like(wt[: min(block_size, k)])
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        wb = wt[i1:i2]
-        ub = u[i1:i2, i1:i2]
-        eb = err_block[: i2 - i1]
-        for i in range(i2 - i1):
-            col = i1 + i
-            quantize_column(col, wb[i], qt[col], deq)
-            ecol = eb[i]
-            torch.sub(wb[i], deq, out=ecol)
-            ecol.div_(u_diag[col])
-            if i + 1 < i2 - i1:
-                wb[i + 1 :].addr_(ub[i, i + 1 :], ecol, alpha=-1.0)
-        if i2 < k:
-            wt[i2:].addmm_(u[i1:i2, i2:].t(), eb, alpha=-1.0)
-    return qt
+def check_static_groups(group_size: int, act_order: bool, static_groups: bool, name: str) -> None:
+    """Raise ``ValueError`` for act-order with dynamic groups, which the format cannot store."""
+    grouped = group_size != -1
+    if act_order and grouped and not static_groups:
+        raise ValueError(
+            f"{name}: act_order with static_groups=False gives each column a group by its position "
+            "in the quantization order, which needs a per-column g_idx that quantlab's groupwise "
+            "format does not store; use static_groups=True (same inference layout as no act-order)"
+        )
 
 
 def gptq_quantize(
@@ -200,9 +91,7 @@ def gptq_quantize(
     max_damp_retries: int = 5,
     clip_search: bool = False,
     *,
-    fair_hessian: torch.Tensor | None = None,
-    fair_alpha: float = 0.0,
-    sum_hessians: bool = True,
+    loss_weight: torch.Tensor | None = None,
 ) -> GroupwiseIntResult:
     """Quantize one linear weight with GPTQ.
 
@@ -226,43 +115,28 @@ def gptq_quantize(
         max_damp_retries: how often to retry a failed Cholesky with tenfold damping.
         clip_search: fit each group's grid with the range-shrink search of
             :func:`quantlab.solvers.rtn.group_params` instead of plain min/max.
-        fair_hessian: Fair-GPTQ's group-bias matrix ``D = 2 (X0 - X1)(X0 - X1)^T / m`` ``[K, K]``
-            (:class:`quantlab.calib.stats.PairDifferenceAccumulator`). With ``fair_alpha > 0`` the
-            weight is first moved to the minimiser of ``||W X - V X||^2 + fair_alpha ||V (X0 -
-            X1)||^2`` (:func:`quantlab.solvers.fair_gptq.debias_shift`) and GPTQ rounds that
-            target; grids (static groups included) are fitted on it. ``None`` or
-            ``fair_alpha=0`` is plain GPTQ, bit for bit.
-        fair_alpha: weight of the group-bias term.
-        sum_hessians: invert ``H + fair_alpha D`` for the shift (exact); ``False`` inverts ``H``
-            (the reference's first-order variant).
+        loss_weight: float ``[N, K]``, the weight ``loss`` is measured against (default
+            ``weight``). A caller that rounds a target moved away from the layer's weight (e.g.
+            :func:`quantlab.solvers.fair_gptq.fair_gptq_quantize`) passes the original weight, so
+            that the move counts as error too.
 
     Returns:
         :class:`GroupwiseIntResult` with ``q`` int32 ``[N, K]``, ``scales`` fp32 ``[N, G]``,
         ``zeros`` int32 ``[N, G]`` (``None`` if ``sym``) and ``loss`` =
-        :func:`proxy_loss` of the result against the undamped ``hessian`` and the original weight
-        (with a fairness term, the intended shift counts as error too).
+        :func:`quantlab.solvers.hessian.proxy_loss` of the result against the undamped
+        ``hessian`` and ``loss_weight``.
     """
-    check_weight(weight, name)
-    check_bits(bits)
-    n, k = weight.shape
-    check_group_size(group_size, k, name)
-    _check_hessian(hessian, k, name)
-    if block_size < 1:
-        raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
-    if not (damp_percent >= 0.0 and math.isfinite(damp_percent)):
-        raise ValueError(f"{name}: damp_percent must be finite and >= 0, got {damp_percent}")
-    if max_damp_retries < 0:
-        raise ValueError(f"{name}: max_damp_retries must be >= 0, got {max_damp_retries}")
-    fair = fair_hessian is not None and fair_alpha != 0.0
-    if fair_hessian is None and fair_alpha != 0.0:
-        raise ValueError(f"{name}: fair_alpha={fair_alpha} needs a fair_hessian")
-    grouped = group_size != -1
-    if act_order and grouped and not static_groups:
+    check_gptq_arguments(
+        weight, hessian, bits, group_size, block_size, damp_percent, max_damp_retries, name
+    )
+    check_static_groups(group_size, act_order, static_groups, name)
+    if loss_weight is not None and loss_weight.shape != weight.shape:
         raise ValueError(
-            f"{name}: act_order with static_groups=False gives each column a group by its position "
-            "in the quantization order, which needs a per-column g_idx that quantlab's groupwise "
-            "format does not store; use static_groups=True (same inference layout as no act-order)"
+            f"{name}: loss_weight {tuple(loss_weight.shape)} and weight {tuple(weight.shape)} "
+            "differ"
         )
+    n, k = weight.shape
+    grouped = group_size != -1
 
     device = weight.device
     maxq = float((1 << bits) - 1)
@@ -278,15 +152,6 @@ def gptq_quantize(
     if bool(dead.any()):
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-    if fair:
-        # Imported here: fair_gptq reuses this module's damped inverse.
-        from quantlab.solvers.fair_gptq import debias_shift
-
-        assert fair_hessian is not None
-        w = debias_shift(
-            w, hessian, fair_hessian, fair_alpha, damp_percent, sum_hessians, name, max_damp_retries
-        )
-        w[:, dead] = 0.0
 
     # Precomputed grids: per-channel (one group of K) or static groups. None = dynamic groups.
     fixed: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -300,7 +165,7 @@ def gptq_quantize(
         w = w[:, perm]
         h = h[perm][:, perm]
 
-    u = _inverse_cholesky(h, damp_percent, max_damp_retries, name)
+    u = inverse_cholesky(h, damp_percent, max_damp_retries, name)
     del h
 
     # Transposed working copy: row i of wt is input column i (in quantization order).
@@ -361,5 +226,7 @@ def gptq_quantize(
         bits=bits,
         group_size=group_size,
     )
-    result.loss = proxy_loss(weight, result.dequantize(), hessian)
+    result.loss = proxy_loss(
+        weight if loss_weight is None else loss_weight, result.dequantize(), hessian
+    )
     return result

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from quantlab.solvers.base import GroupwiseIntResult, check_bits, check_group_size, check_weight
+from quantlab.formats.groupwise_int import GroupwiseIntResult, check_bits, check_group_size
+from quantlab.solvers.hessian import check_weight
 
 __all__ = ["group_params", "quantize_to_grid", "rtn_quantize"]
 

@@ -25,27 +25,24 @@ Everything runs in fp32 on the weight's device; nothing is packed here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from quantlab.ops.reference_ternary import PER_ROW, PER_TENSOR, scale_shape
-from quantlab.solvers.base import check_weight
-from quantlab.solvers.gptq import (
-    _check_hessian,
-    _inverse_cholesky,
+from quantlab.formats.ternary import TernaryResult, check_ternary_group_size, expand_scales
+from quantlab.formats.ternary_packing import PER_ROW, PER_TENSOR, scale_shape
+from quantlab.solvers.hessian import (
+    check_hessian,
+    check_weight,
     error_feedback_columns,
+    inverse_cholesky,
     proxy_loss,
 )
 
 __all__ = [
     "PER_ROW",
     "PER_TENSOR",
-    "GROUP_SIZES",
     "SCALE_RULES",
-    "TernaryResult",
     "absmean_ternarize",
-    "check_ternary_group_size",
     "gptq_ternarize",
     "mse_ternarize",
     "refit_scales",
@@ -55,70 +52,6 @@ __all__ = [
 SCALE_RULES = ("absmean", "mse")
 # BitNet's clamp of mean |W| (transformers' WeightQuant, BitNet gpu/convert_checkpoint.py).
 _ABSMEAN_MIN = 1e-5
-# Group sizes the kernels take: multiples of 8 columns (two quads) that keep a group's integer
-# sums inside the CPU kernel's int16 range.
-GROUP_SIZES = (32, 64, 128)
-
-
-@dataclass
-class TernaryResult:
-    """An unpacked ternary weight, as a solver produces it.
-
-    Attributes:
-        t: int8 ``[N, K]`` in ``{-1, 0, 1}``.
-        scales: fp32 ``[1, 1]`` (per tensor), ``[N, 1]`` (per row) or ``[N, K / group_size]``;
-            values are already representable in the storage dtype.
-        group_size: ``PER_TENSOR``, ``PER_ROW`` or columns per scale.
-        loss: the solver's output-error estimate (GPTQ's proxy loss) or ``None``.
-    """
-
-    t: torch.Tensor
-    scales: torch.Tensor
-    group_size: int
-    loss: float | None = None
-
-    @property
-    def out_features(self) -> int:
-        return self.t.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.t.shape[1]
-
-    def column_scales(self) -> torch.Tensor:
-        """fp32 ``[N, K]`` scale of every weight."""
-        n, k = self.t.shape
-        return _expand(self.scales, n, k)
-
-    def dequantize(self) -> torch.Tensor:
-        """fp32 ``[N, K]`` weight ``s * t``."""
-        return self.t.to(torch.float32) * self.column_scales()
-
-    @property
-    def zero_fraction(self) -> float:
-        return float((self.t == 0).float().mean())
-
-
-def check_ternary_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
-    """Raise ``ValueError`` naming the layer unless ``group_size`` is a granularity it can take."""
-    if group_size in (PER_TENSOR, PER_ROW):
-        return
-    if group_size not in GROUP_SIZES:
-        raise ValueError(
-            f"{name}: ternary group_size must be {PER_TENSOR} (per tensor), {PER_ROW} (per row) or "
-            f"one of {GROUP_SIZES}, got {group_size}"
-        )
-    if in_features % group_size != 0:
-        working = [PER_TENSOR, PER_ROW] + [g for g in GROUP_SIZES if in_features % g == 0]
-        raise ValueError(
-            f"{name}: group_size {group_size} does not divide in_features {in_features}; "
-            f"granularities that work for this layer: {working}"
-        )
-
-
-def _expand(scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    g = k // scales.shape[1]
-    return scales.to(torch.float32).repeat_interleave(g, dim=1).expand(n, k)
 
 
 def _granules(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -152,7 +85,7 @@ def _result(
 ) -> TernaryResult:
     n, k = weight.shape
     if t is None:
-        t = round_to_trits(weight, _expand(scales, n, k))
+        t = round_to_trits(weight, expand_scales(scales, n, k))
     return TernaryResult(t=t.contiguous(), scales=scales.contiguous(), group_size=group_size)
 
 
@@ -392,7 +325,7 @@ def gptq_ternarize(
     check_weight(weight, name)
     n, k = weight.shape
     check_ternary_group_size(group_size, k, name)
-    _check_hessian(hessian, k, name)
+    check_hessian(hessian, k, name)
     if scale_rule not in SCALE_RULES:
         raise ValueError(f"{name}: scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")
     if block_size < 1:
@@ -418,17 +351,17 @@ def gptq_ternarize(
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     hp = h if perm is None else h[perm][:, perm]
-    u = _inverse_cholesky(hp, damp_percent, max_damp_retries, name)
+    u = inverse_cholesky(hp, damp_percent, max_damp_retries, name)
     del hp
     wp = w if perm is None else w[:, perm]
 
     def run_pass(scales: torch.Tensor) -> torch.Tensor:
-        cs = _expand(scales, n, k)
+        cs = expand_scales(scales, n, k)
         cs_t = (cs if perm is None else cs[:, perm]).t().contiguous()
         return _gptq_pass(wp, u, cs_t, perm, block_size)
 
     def loss_of(t: torch.Tensor, scales: torch.Tensor) -> float:
-        return proxy_loss(w, t.to(torch.float32) * _expand(scales, n, k), h)
+        return proxy_loss(w, t.to(torch.float32) * expand_scales(scales, n, k), h)
 
     # Each refit is the least-squares optimum for the trits it was fitted to, so it never raises
     # the loss; a new pass on refitted scales usually lowers it further but need not, so the best

@@ -9,7 +9,7 @@ from torch import nn
 
 import quantlab
 from quantlab.export.awq_checkpoint import load_awq, save_awq
-from quantlab.export.checkpoint import CheckpointError
+from quantlab.export.errors import CheckpointError
 
 
 @pytest.mark.parametrize("sym", [False, True])

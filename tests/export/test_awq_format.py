@@ -61,7 +61,7 @@ def test_pack_matches_the_spec_and_round_trips(n: int, k: int, g: int) -> None:
     w_spec = (_spec_unpack(t["qweight"]) - _spec_unpack(t["qzeros"]).repeat_interleave(g, 0)) * t[
         "scales"
     ].float().repeat_interleave(g, 0)
-    from quantlab.solvers.base import GroupwiseIntResult
+    from quantlab.formats.groupwise_int import GroupwiseIntResult
 
     w_ours = GroupwiseIntResult(q, scales, zeros, 4, g).dequantize()
     assert torch.equal(w_spec.t(), w_ours)

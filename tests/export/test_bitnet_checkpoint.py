@@ -14,7 +14,8 @@ from torch import nn
 
 import quantlab
 from quantlab.export.bitnet_checkpoint import load_bitnet, unpack_hf_bitnet
-from quantlab.export.checkpoint import CheckpointError, save_quantized
+from quantlab.export.errors import CheckpointError
+from quantlab.export.quantlab_checkpoint import save_quantized
 from quantlab.nn.ternary_linear import TernaryLinear
 
 transformers = pytest.importorskip("transformers")

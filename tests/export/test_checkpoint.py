@@ -10,7 +10,8 @@ from torch import nn
 
 import quantlab
 from quantlab.export.atomic import atomic_directory
-from quantlab.export.checkpoint import CheckpointError, validate_checkpoint
+from quantlab.export.errors import CheckpointError
+from quantlab.export.quantlab_checkpoint import validate_checkpoint
 
 
 @pytest.fixture

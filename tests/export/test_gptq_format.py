@@ -1,7 +1,7 @@
 """GPTQ checkpoint tensors: bit-exact against an independent spec, exact round trips, clear errors.
 
 The oracle below is written from the layout description only (AutoGPTQ ``pack()`` semantics), with
-plain Python integers, and shares no code with ``quantlab.ops.reference``:
+plain Python integers, and shares no code with ``quantlab.formats.bitstream``:
 
 - ``qweight[w, n]``: column ``n`` is a little-endian bitstream of ``q[n, :]``; value ``k`` sits at
   stream bits ``[k*bits, (k+1)*bits)``, stream bit ``t`` is bit ``t % 32`` of word ``t // 32``.
@@ -22,7 +22,7 @@ from quantlab.export.gptq_format import (
     gptq_quantization_config,
     to_gptq_tensors,
 )
-from quantlab.solvers.base import GroupwiseIntResult
+from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.solvers.gptq import gptq_quantize
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from quantlab.formats.bitstream import field_words, pack_fields, unpack_fields
 from quantlab.formats.pvq import (
     PackedPVQ,
     PVQMeta,
@@ -15,9 +16,10 @@ from quantlab.formats.pvq import (
     unpack,
     unpack_signs,
 )
-from quantlab.ops.pvq_reference import field_words, pack_fields, pvq_decode, unpack_fields
-from quantlab.rotation import random_signs
-from quantlab.solvers.pvq import PVQParams, pvq_quantize, pyramid_size, unrank
+from quantlab.formats.pvq_codebook import PVQParams, pyramid_size, unrank
+from quantlab.ops.pvq_reference import pvq_decode
+from quantlab.solvers.pvq import pvq_quantize
+from quantlab.transforms.rotation import random_signs
 
 CASES = [
     # (out, in, dim, pulses, levels): odd row counts, codes of 8 to 63 bits, 1 or many levels.

@@ -14,7 +14,7 @@ from quantlab.calib.data import load_text, token_stream
 from quantlab.config import CalibConfig
 from quantlab.eval.perplexity import perplexity
 from quantlab.export.bitstack_checkpoint import plan_from_checkpoint
-from quantlab.export.checkpoint import save_quantized
+from quantlab.export.quantlab_checkpoint import save_quantized
 from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.registry import quantized_modules
 

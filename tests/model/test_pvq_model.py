@@ -11,13 +11,13 @@ from torch import nn
 
 import quantlab
 from quantlab.config import CalibConfig, config_from_dict
-from quantlab.methods import get_method
+from quantlab.formats.pvq_codebook import PVQParams
 from quantlab.methods.pvq import PVQConfig, candidate_params, model_bits_per_weight
+from quantlab.methods.registry import get_method
 from quantlab.models.arch import resolve
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.swap import set_submodule
-from quantlab.rotation import random_signs, rotate
-from quantlab.solvers.pvq import PVQParams
+from quantlab.transforms.rotation import random_signs, rotate
 
 # The quantization test runs on the first two blocks of the real model (its real weights, 14
 # linears, embeddings and head; the other 28 blocks dropped): the whole model takes minutes, and

@@ -17,9 +17,9 @@ from quantlab.export.bitstack_checkpoint import (
     parse_memory,
     plan_from_checkpoint,
 )
-from quantlab.export.checkpoint import save_quantized
+from quantlab.export.quantlab_checkpoint import save_quantized
 from quantlab.formats.bitstack import pack
-from quantlab.methods.bitstack import BitStackConfig
+from quantlab.methods.bitstack.config import BitStackConfig
 from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.registry import module_spec, quantized_modules
 from quantlab.pipeline import quantize_model

@@ -13,17 +13,18 @@ import torch
 from torch import nn
 
 from quantlab.formats import bitstack, groupwise_int, pvq, ternary
+from quantlab.formats.pvq_codebook import PVQParams
 from quantlab.formats.ternary import PER_ROW, PER_TENSOR
 from quantlab.nn.bitstack_linear import BitStackLinear
-from quantlab.nn.linear import QuantLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
 from quantlab.nn.packed_linear import PackedLinear
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.ternary_linear import TernaryLinear
-from quantlab.rotation import random_signs
 from quantlab.solvers.bitstack import decompose
-from quantlab.solvers.pvq import PVQParams, pvq_quantize
+from quantlab.solvers.pvq import pvq_quantize
 from quantlab.solvers.rtn import rtn_quantize
 from quantlab.solvers.ternary import mse_ternarize
+from quantlab.transforms.rotation import random_signs
 
 N = 17  # odd on purpose: no kernel tile divides it
 

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from quantlab.formats.pvq import pack
+from quantlab.formats.pvq_codebook import PVQParams
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.registry import layer_class, module_spec, registered_formats
-from quantlab.rotation import random_signs
-from quantlab.solvers.pvq import PVQParams, pvq_quantize
+from quantlab.solvers.pvq import pvq_quantize
+from quantlab.transforms.rotation import random_signs
 
 
 def _layer(

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import quantlab
-from quantlab.export.checkpoint import CheckpointError, save_quantized
+from quantlab.export.errors import CheckpointError
+from quantlab.export.quantlab_checkpoint import save_quantized
+from quantlab.nn.layer_spec import FormatError
 from quantlab.nn.registry import (
-    FormatError,
     layer_class,
     quantized_modules,
     register_layer_format,

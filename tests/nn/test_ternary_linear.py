@@ -13,7 +13,7 @@ import quantlab
 from quantlab.formats.ternary import pack
 from quantlab.nn.registry import layer_class, module_spec, registered_formats
 from quantlab.nn.ternary_linear import TernaryLinear
-from quantlab.ops import reference_ternary as ref
+from quantlab.ops import ternary_reference as ref
 from quantlab.solvers.ternary import mse_ternarize
 from tests.tolerances import ternary_epilogue_bound
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlab.formats import bitstream
 from quantlab.ops import groupwise_int as ops
-from quantlab.ops import reference
+from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import extension_error, has_kernel
 from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
 
@@ -50,13 +51,13 @@ def _weight(
     gen = torch.Generator(device="cuda").manual_seed(n * 7919 + k * 31 + bits * 3 + int(sym))
     groups = 1 if group == -1 else k // group
     q = torch.randint(0, 2**bits, (n, k), device="cuda", generator=gen)
-    qw = reference.pack_bitstream(q, bits)
+    qw = bitstream.pack_bitstream(q, bits)
     s = (torch.rand(n, groups, device="cuda", generator=gen) + 0.5) * (2.0 / 2**bits)
     s = s.to(scale_dtype)
     qz = None
     if not sym:
         z = torch.randint(0, 2**bits, (n, groups), device="cuda", generator=gen)
-        qz = reference.pack_bitstream(z, bits)
+        qz = bitstream.pack_bitstream(z, bits)
     dense = reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32)
     return qw, s, qz, dense
 

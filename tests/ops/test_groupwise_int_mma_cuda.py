@@ -15,12 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlab.formats import bitstream
+from quantlab.formats import groupwise_int_mma_layout as rp
 from quantlab.formats.groupwise_int import GroupwiseIntMeta, PackedGroupwiseInt
 from quantlab.nn import QuantLinear
-from quantlab.nn import linear as linear_module
+from quantlab.nn import groupwise_int_linear as linear_module
 from quantlab.ops import groupwise_int as ops
-from quantlab.ops import groupwise_int_repack as rp
-from quantlab.ops import reference
+from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import extension_error
 from tests.tolerances import fp32_dot_bound
 
@@ -51,8 +52,8 @@ def _weight(
     qz = None
     if not sym:
         z = torch.randint(0, 2**bits, (n, groups), device="cuda", generator=gen)
-        qz = reference.pack_bitstream(z, bits)
-    return reference.pack_bitstream(q, bits), s.to(scale_dtype), qz
+        qz = bitstream.pack_bitstream(z, bits)
+    return bitstream.pack_bitstream(q, bits), s.to(scale_dtype), qz
 
 
 def _x(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:

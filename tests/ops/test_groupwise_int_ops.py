@@ -13,7 +13,7 @@ import torch
 
 from quantlab.formats.groupwise_int import pack
 from quantlab.ops import groupwise_int as ops
-from quantlab.ops import reference
+from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import extension_error, has_kernel
 from quantlab.solvers.rtn import rtn_quantize
 from tests.shapes import M_VALUES, NK_SHAPES
@@ -141,8 +141,8 @@ def test_cpu_kernels_accept_every_scale_dtype(scale_dtype: torch.dtype) -> None:
 _FORCED_ISA_SCRIPT = """
 import os
 import torch
-from quantlab.ops import groupwise_int as ops, reference
-from quantlab.ops.reference import pack_bitstream
+from quantlab.ops import groupwise_int as ops, groupwise_int_reference as reference
+from quantlab.formats.bitstream import pack_bitstream
 assert torch.ops.quantlab.groupwise_int_cpu_path(4, 64, 576) == os.environ["QUANTLAB_CPU_ISA"]
 torch.manual_seed(0)
 for bits in (2, 3, 4, 8):

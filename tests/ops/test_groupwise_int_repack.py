@@ -1,5 +1,6 @@
 """The mma kernel layout on the CPU: repack, its inverse, and the emulation of the kernel's
-fragment reads (quantlab/ops/groupwise_int_repack.py) against the reference dequantization.
+fragment reads (quantlab/formats/groupwise_int_mma_layout.py,
+quantlab/ops/groupwise_int_mma_emulation.py) against the reference dequantization.
 
 The emulator reads the repacked tensors the way csrc/groupwise_int/cuda_mma_kernel.cuh's threads
 do; every check here is exact (torch.equal) except the emulated product, whose fp64 sums are
@@ -11,11 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlab.formats import bitstream
+from quantlab.formats import groupwise_int_mma_layout as rp
 from quantlab.formats.groupwise_int import pack
 from quantlab.nn import QuantLinear
 from quantlab.ops import groupwise_int as ops
-from quantlab.ops import groupwise_int_repack as rp
-from quantlab.ops import reference
+from quantlab.ops import groupwise_int_mma_emulation as emu
+from quantlab.ops import groupwise_int_reference as reference
 from quantlab.solvers.rtn import rtn_quantize
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
@@ -28,11 +31,11 @@ def _weight(n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch
     gen = torch.Generator().manual_seed(n * 7919 + k * 31 + bits * 3 + int(sym) + group)
     groups = 1 if group == -1 else k // group
     q = torch.randint(0, 2**bits, (n, k), generator=gen)
-    qw = reference.pack_bitstream(q, bits)
+    qw = bitstream.pack_bitstream(q, bits)
     s = ((torch.rand(n, groups, generator=gen) + 0.5) * (2.0 / 2**bits)).to(scale_dtype)
     qz = None
     if not sym:
-        qz = reference.pack_bitstream(torch.randint(0, 2**bits, (n, groups), generator=gen), bits)
+        qz = bitstream.pack_bitstream(torch.randint(0, 2**bits, (n, groups), generator=gen), bits)
     return qw, s, qz
 
 
@@ -63,7 +66,7 @@ def test_kernel_reads_reproduce_the_reference_weight(
     # half math where the scale dtype is the activation dtype, fp32 otherwise).
     assert torch.equal(rp.dequant_repacked(rep), ref)
     for act in ACT_DTYPES:
-        assert torch.equal(rp.emulate_b_fragments(rep, act), ref.to(act)), act
+        assert torch.equal(emu.emulate_b_fragments(rep, act), ref.to(act)), act
 
 
 def _tensors(rep: rp.RepackedWeight) -> dict[str, torch.Tensor]:
@@ -95,7 +98,7 @@ def test_ldmatrix_mapping_reads_the_activation_tile(m: int, k: int, act: torch.d
     zero-padded past M and K."""
     x = torch.randn(m, k).to(act)
     k_pad = -(-k // rp.STAGE_K) * rp.STAGE_K
-    _, seen = rp.emulate_a_fragments(x, k_pad)
+    _, seen = emu.emulate_a_fragments(x, k_pad)
     want = torch.zeros(-(-m // 16) * 16, k_pad, dtype=act)
     want[:m, :k] = x
     assert torch.equal(seen, want)
@@ -116,7 +119,7 @@ def test_emulated_product_matches_the_oracle(
         qw, s, qz = _weight(n, k, bits, group, sym, act)
         rep = rp.repack(qw, s, qz, bits, group, k)
         x = torch.randn(m, k).to(act)
-        y = rp.emulate_mm(x, rep, splits)
+        y = emu.emulate_mm(x, rep, splits)
         assert not bool(y.isnan().any())
         w = reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32).to(act)
         oracle = x.double() @ w.double().t()

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantlab.formats.bitstream import pack_fields
+from quantlab.formats.pvq_codebook import PVQParams
 from quantlab.ops import pvq as ops
 from quantlab.ops import pvq_reference as reference
 from quantlab.ops._extension import extension_error, has_kernel
-from quantlab.solvers.pvq import PVQParams
 from tests.shapes import M_VALUES, NK_SHAPES
 from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
 
@@ -52,7 +53,7 @@ def _packed(n: int, k: int, dim: int, pulses: int, levels: int, device: str = "c
     n_codes = n * (k // dim)
     codes = (torch.rand(n_codes, generator=gen, dtype=torch.float64) * (p.size * levels)).long()
     codes = codes.clamp_(0, p.size * levels - 1)
-    words = reference.pack_fields(codes, p.code_bits)
+    words = pack_fields(codes, p.code_bits)
     scales = (torch.rand(n, generator=gen) + 0.5).half()
     lv = torch.sort(torch.rand(levels, generator=gen) * 2 + 0.1).values.half()
     to = {"device": device}

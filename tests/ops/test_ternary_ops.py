@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from quantlab.ops import reference_ternary as ref
+from quantlab.formats import ternary_packing as tp
 from quantlab.ops import ternary as ops
+from quantlab.ops import ternary_reference as ref
 from quantlab.ops._extension import extension_error
 from tests.shapes import M_VALUES, NK_SHAPES
 from tests.tolerances import a8_activation_bound, ternary_epilogue_bound
@@ -32,7 +33,7 @@ def _case(n: int, k: int, group_size: int, seed: int = 0) -> tuple[torch.Tensor,
     g = torch.Generator().manual_seed(seed + 7919 * n + 31 * k + group_size)
     t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
     # Scales within 3x of each other, as in real layers (group scales of a row vary that much).
-    s = (0.5 + torch.rand(ref.scale_shape(n, k, group_size), generator=g)).half().float()
+    s = (0.5 + torch.rand(tp.scale_shape(n, k, group_size), generator=g)).half().float()
     return t, s
 
 
@@ -68,20 +69,20 @@ CASES = [(n, k, g) for n, k in SHAPES for g in GRANULARITIES if _valid(k, g)]
 @pytest.mark.parametrize("packing", ["i2", "tq1"])
 def test_cpu_lut_pack_matches_reference(n: int, k: int, packing: str) -> None:
     t, _ = _case(n, k, 0)
-    q = ref.pack_i2(t) if packing == "i2" else ref.pack_tq1(t)
-    assert torch.equal(ops.lut_pack(q, packing, n, k), ref.lut_pack(t))
+    q = tp.pack_i2(t) if packing == "i2" else tp.pack_tq1(t)
+    assert torch.equal(ops.lut_pack(q, packing, n, k), tp.lut_pack(t))
 
 
 @needs_cpu_kernel
 def test_cpu_lut_pack_accepts_padded_i2_rows_and_rejects_corrupt_codes() -> None:
     t, _ = _case(9, 20, 0)
-    q = torch.nn.functional.pad(ref.pack_i2(t), (0, 11), value=0xFF)  # 5 -> 16 bytes per row
-    assert torch.equal(ops.lut_pack(q, "i2", 9, 20), ref.lut_pack(t))
-    bad = ref.pack_i2(t)
+    q = torch.nn.functional.pad(tp.pack_i2(t), (0, 11), value=0xFF)  # 5 -> 16 bytes per row
+    assert torch.equal(ops.lut_pack(q, "i2", 9, 20), tp.lut_pack(t))
+    bad = tp.pack_i2(t)
     bad[3, 2] = 0xFF
     with pytest.raises(ValueError, match="corrupt i2 weights: 4 entries"):
         ops.lut_pack(bad, "i2", 9, 20)
-    bad = ref.pack_tq1(t)
+    bad = tp.pack_tq1(t)
     bad[0, 0] = 1  # ceil(256 v / 243) skips 1: no 5 trits encode to it
     with pytest.raises(ValueError, match="corrupt tq1 weights"):
         ops.lut_pack(bad, "tq1", 9, 20)
@@ -93,7 +94,7 @@ def test_cpu_lut_pack_accepts_padded_i2_rows_and_rejects_corrupt_codes() -> None
 def test_cpu_lut_mm_matches_fp64_oracle(m: int, n: int, k: int, group_size: int) -> None:
     t, s = _case(n, k, group_size)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    y = ops.lut_mm(x, ref.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
+    y = ops.lut_mm(x, tp.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
     assert y.dtype == torch.float32 and y.shape == (m, n)
     oracle, abs_dot = _oracle(x, t, s, group_size)
     bound = ternary_epilogue_bound(abs_dot, _cpu_adds(k, group_size, m))
@@ -108,10 +109,10 @@ def test_cpu_lut_mm_integer_arithmetic_is_exact(group_size: int) -> None:
     n, k = 70, 576
     t, _ = _case(n, k, group_size, seed=5)
     g = torch.Generator().manual_seed(9)
-    s = 2.0 ** torch.randint(-3, 3, ref.scale_shape(n, k, group_size), generator=g).float()
+    s = 2.0 ** torch.randint(-3, 3, tp.scale_shape(n, k, group_size), generator=g).float()
     x = torch.randint(-127, 128, (5, k), generator=g).float()
     x[:, 0] = 127.0
-    y = ops.lut_mm(x, ref.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
+    y = ops.lut_mm(x, tp.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
     oracle, _ = _oracle(x, t, s, group_size)
     assert torch.equal(y.double(), oracle)
 
@@ -123,7 +124,7 @@ def test_cpu_lut_mm_low_precision_activations(dtype: torch.dtype, m: int) -> Non
     n, k, group_size = 96, 576, 64
     t, s = _case(n, k, group_size)
     x = torch.randn(m, k).to(dtype)
-    y = ops.lut_mm(x, ref.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
+    y = ops.lut_mm(x, tp.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
     assert y.dtype == dtype and y.shape == (m, n)
     # The int8 activations come from the exact fp32 value of x, so the only extra error is the
     # final rounding to the output dtype.
@@ -139,8 +140,8 @@ def test_cpu_lut_mm_against_the_unquantized_matmul() -> None:
     n, k, group_size = 64, 1536, 32
     t, s = _case(n, k, group_size)
     x = torch.randn(4, k)
-    y = ops.lut_mm(x, ref.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
-    w = ref.ternary_dequant(ref.pack_i2(t), s, "i2", k, group_size, torch.float64)
+    y = ops.lut_mm(x, tp.lut_pack(t), ops.lut_scales(s, n, k, group_size), n, k, group_size)
+    w = ref.ternary_dequant(tp.pack_i2(t), s, "i2", k, group_size, torch.float64)
     _, inv = ref.quantize_activations(x)
     _, abs_dot = _oracle(x, t, s, group_size)
     bound = a8_activation_bound(w, inv) + ternary_epilogue_bound(abs_dot, _cpu_adds(k, 32))
@@ -161,8 +162,8 @@ def test_stored_layout_and_lut_layout_references_agree() -> None:
     t, s = _case(n, k, group_size)
     x = torch.randn(3, k)
     lut = ops.lut_scales(s, n, k, group_size)
-    by_lut = ref.ternary_lut_mm(x, ref.lut_pack(t), lut, n, k, group_size)
-    for q, packing in ((ref.pack_i2(t), "i2"), (ref.pack_tq1(t), "tq1")):
+    by_lut = ref.ternary_lut_mm(x, tp.lut_pack(t), lut, n, k, group_size)
+    for q, packing in ((tp.pack_i2(t), "i2"), (tp.pack_tq1(t), "tq1")):
         assert torch.equal(ref.ternary_mm(x, q, s, packing, k, group_size), by_lut)
 
 
@@ -178,7 +179,7 @@ def test_cpu_path_choice() -> None:
 def test_cpu_lut_mm_empty_batch_and_non_finite_rows() -> None:
     n, k = 24, 64
     t, s = _case(n, k, -1)
-    lut, ls = ref.lut_pack(t), ops.lut_scales(s, n, k, -1)
+    lut, ls = tp.lut_pack(t), ops.lut_scales(s, n, k, -1)
     assert ops.lut_mm(torch.empty(0, k), lut, ls, n, k, -1).shape == (0, n)
     x = torch.randn(3, k)
     x[1, 7] = float("nan")
@@ -192,7 +193,7 @@ def test_cpu_lut_mm_empty_batch_and_non_finite_rows() -> None:
 def test_cpu_lut_mm_bad_arguments_are_named() -> None:
     n, k = 24, 64
     t, s = _case(n, k, 32)
-    lut, ls = ref.lut_pack(t), ops.lut_scales(s, n, k, 32)
+    lut, ls = tp.lut_pack(t), ops.lut_scales(s, n, k, 32)
     x = torch.randn(2, k)
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
         ops.lut_mm(torch.randn(2, 65), lut, ls, n, k, 32)
@@ -209,29 +210,30 @@ def test_cpu_lut_mm_bad_arguments_are_named() -> None:
 def test_reference_bad_arguments_are_named() -> None:
     t, s = _case(8, 64, 32)
     with pytest.raises(ValueError, match=r"scales must be \[8, 2\]"):
-        ref.ternary_mm(torch.randn(2, 64), ref.pack_i2(t), s[:, :1], "i2", 64, 32)
+        ref.ternary_mm(torch.randn(2, 64), tp.pack_i2(t), s[:, :1], "i2", 64, 32)
     with pytest.raises(ValueError, match="packing must be one of"):
-        ref.ternary_mm(torch.randn(2, 64), ref.pack_i2(t), s, "i3", 64, 32)
+        ref.ternary_mm(torch.randn(2, 64), tp.pack_i2(t), s, "i3", 64, 32)
     with pytest.raises(ValueError, match="positive divisor"):
-        ref.scale_shape(8, 64, 48)
+        tp.scale_shape(8, 64, 48)
 
 
 def test_dequant_op_is_exact() -> None:
     t, s = _case(33, 160, 32)
-    for q, packing in ((ref.pack_i2(t), "i2"), (ref.pack_tq1(t), "tq1")):
+    for q, packing in ((tp.pack_i2(t), "i2"), (tp.pack_tq1(t), "tq1")):
         dense = ops.dequant(q, s, packing, 160, 32, torch.float32)
         assert torch.equal(dense, t.float() * s.repeat_interleave(32, dim=1))
 
 
 _SCALAR_SCRIPT = """
 import hashlib, sys, torch
-from quantlab.ops import ternary as ops, reference_ternary as ref
+from quantlab.formats import ternary_packing as tp
+from quantlab.ops import ternary as ops
 sys.path.insert(0, {root!r})
 from tests.ops.test_ternary_ops import _scalar_cases
 assert ops.cpu_path(1, 64, 64, 0) == "lut-scalar", ops.cpu_path(1, 64, 64, 0)
 h = hashlib.sha256()
 for x, lut, ls, n, k, g, t in _scalar_cases():
-    q = ref.pack_i2(t)
+    q = tp.pack_i2(t)
     assert torch.equal(ops.lut_pack(q, "i2", n, k), lut)
     h.update(ops.lut_mm(x, lut, ls, n, k, g).numpy().tobytes())
 print("digest", h.hexdigest())
@@ -244,7 +246,7 @@ def _scalar_cases() -> list[tuple]:
         t, s = _case(n, k, g, seed=11)
         for m in (1, 5):
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
-            cases.append((x, ref.lut_pack(t), ops.lut_scales(s, n, k, g), n, k, g, t))
+            cases.append((x, tp.lut_pack(t), ops.lut_scales(s, n, k, g), n, k, g, t))
     return cases
 
 
@@ -292,11 +294,11 @@ def test_ops_pass_opcheck() -> None:
     n, k = 33, 160
     t, s = _case(n, k, 32)
     x = torch.randn(3, k)
-    q = ref.pack_i2(t)
+    q = tp.pack_i2(t)
     cases = [
         (
             torch.ops.quantlab.ternary_lut_mm,
-            (x, ref.lut_pack(t), ops.lut_scales(s, n, k, 32), n, k, 32),
+            (x, tp.lut_pack(t), ops.lut_scales(s, n, k, 32), n, k, 32),
         ),
         (torch.ops.quantlab.ternary_lut_pack, (q, "i2", n, k)),
         (torch.ops.quantlab.ternary_mm, (x, q, s, "i2", k, 32)),

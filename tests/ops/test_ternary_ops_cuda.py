@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlab.formats import ternary_packing as tp
 from quantlab.nn.ternary_linear import TernaryLinear
-from quantlab.ops import reference_ternary as ref
 from quantlab.ops import ternary as ops
+from quantlab.ops import ternary_reference as ref
 from tests.shapes import M_VALUES, NK_SHAPES
 from tests.tolerances import LOW_PRECISION_SLACK, ternary_epilogue_bound
 
@@ -27,7 +28,7 @@ SHAPES = (*NK_SHAPES, (4096, 4096), (17, 4), (40, 1000), (300, 4160))
 def _case(n: int, k: int, group_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 7919 * n + 31 * k + group_size)
     t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
-    s = (0.5 + torch.rand(ref.scale_shape(n, k, group_size), generator=g)).half().float()
+    s = (0.5 + torch.rand(tp.scale_shape(n, k, group_size), generator=g)).half().float()
     return t, s
 
 
@@ -67,7 +68,7 @@ def test_cuda_mm_converts_tq1(m: int, n: int, k: int, group_size: int) -> None:
 
 def _check_fp32(m: int, n: int, k: int, group_size: int, packing: str) -> None:
     t, s = _case(n, k, group_size)
-    q = (ref.pack_i2(t) if packing == "i2" else ref.pack_tq1(t)).cuda()
+    q = (tp.pack_i2(t) if packing == "i2" else tp.pack_tq1(t)).cuda()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).cuda()
     y = ops.matmul(x, q, s.cuda(), packing, k, group_size)
     assert y.dtype == torch.float32 and y.shape == (m, n)
@@ -82,7 +83,7 @@ def _check_fp32(m: int, n: int, k: int, group_size: int, packing: str) -> None:
 def test_cuda_mm_low_precision(dtype: torch.dtype, m: int, n: int, k: int, group_size: int) -> None:
     t, s = _case(n, k, group_size)
     x = torch.randn(m, k).to(dtype).cuda()
-    y = ops.matmul(x, ref.pack_i2(t).cuda(), s.cuda(), "i2", k, group_size)
+    y = ops.matmul(x, tp.pack_i2(t).cuda(), s.cuda(), "i2", k, group_size)
     assert y.dtype == dtype
     oracle, abs_dot = _oracle(x, t, s)
     err = (y.double().cpu() - oracle).abs()
@@ -98,7 +99,7 @@ def test_cuda_mm_low_precision(dtype: torch.dtype, m: int, n: int, k: int, group
         # dense computation (flash-attention's rule).
         xq, inv = ref.quantize_activations(x.float().cpu())
         xf = (xq.float() / inv.unsqueeze(1)).to(dtype).cuda()
-        w = ref.ternary_dequant(ref.pack_i2(t), s, "i2", k, group_size, dtype).cuda()
+        w = ref.ternary_dequant(tp.pack_i2(t), s, "i2", k, group_size, dtype).cuda()
         torch_err = ((xf @ w.t()).double().cpu() - oracle).abs().max()
         assert float(err.max()) <= 2 * float(torch_err) + LOW_PRECISION_SLACK
 
@@ -107,7 +108,7 @@ def test_cuda_mm_low_precision(dtype: torch.dtype, m: int, n: int, k: int, group
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_dequant_is_exact(packing: str, dtype: torch.dtype) -> None:
     t, s = _case(33, 160, 32)
-    q = ref.pack_i2(t) if packing == "i2" else ref.pack_tq1(t)
+    q = tp.pack_i2(t) if packing == "i2" else tp.pack_tq1(t)
     dense = ops.dequant(q.cuda(), s.cuda(), packing, 160, 32, dtype)
     assert torch.equal(dense.cpu(), ref.ternary_dequant(q, s, packing, 160, 32, dtype))
 
@@ -117,10 +118,10 @@ def test_cuda_integer_arithmetic_is_exact(group_size: int) -> None:
     n, k = 70, 576
     t, _ = _case(n, k, group_size, seed=5)
     g = torch.Generator().manual_seed(9)
-    s = 2.0 ** torch.randint(-3, 3, ref.scale_shape(n, k, group_size), generator=g).float()
+    s = 2.0 ** torch.randint(-3, 3, tp.scale_shape(n, k, group_size), generator=g).float()
     x = torch.randint(-127, 128, (5, k), generator=g).float()
     x[:, 0] = 127.0
-    y = ops.matmul(x.cuda(), ref.pack_i2(t).cuda(), s.cuda(), "i2", k, group_size)
+    y = ops.matmul(x.cuda(), tp.pack_i2(t).cuda(), s.cuda(), "i2", k, group_size)
     oracle, _ = _oracle(x, t, s)
     assert torch.equal(y.double().cpu(), oracle)
 
@@ -144,6 +145,6 @@ def test_cuda_non_finite_rows() -> None:
     x = torch.randn(3, 64)
     x[1, 7] = float("nan")
     x[2, 3] = float("inf")
-    y = ops.matmul(x.cuda(), ref.pack_i2(t).cuda(), s.cuda(), "i2", 64, -1).cpu()
+    y = ops.matmul(x.cuda(), tp.pack_i2(t).cuda(), s.cuda(), "i2", 64, -1).cpu()
     assert bool(torch.isfinite(y[0]).all())
     assert bool(torch.isnan(y[1]).all()) and bool(torch.isnan(y[2]).all())

@@ -10,8 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.solvers.fair_gptq import bias_subspace, debias_shift, group_bias_term
-from quantlab.solvers.gptq import gptq_quantize, proxy_loss
+from quantlab.solvers.fair_gptq import (
+    bias_subspace,
+    debias_shift,
+    fair_gptq_quantize,
+    group_bias_term,
+)
+from quantlab.solvers.gptq import gptq_quantize
+from quantlab.solvers.hessian import proxy_loss
 from quantlab.solvers.rtn import group_params
 from tests.tolerances import FAIR_SHIFT_RTOL
 
@@ -82,7 +88,7 @@ def test_without_the_term_gptq_is_bit_identical(
     kw = dict(bits=4, group_size=group_size, sym=sym, act_order=act_order, clip_search=True)
     plain = gptq_quantize(w, h, **kw)
     for extra in ({"fair_hessian": d, "fair_alpha": 0.0}, {"fair_hessian": None}):
-        other = gptq_quantize(w, h, **kw, **extra)
+        other = fair_gptq_quantize(w, h, **kw, **extra)
         assert torch.equal(plain.q, other.q) and torch.equal(plain.scales, other.scales)
         assert (plain.zeros is None and other.zeros is None) or torch.equal(
             plain.zeros, other.zeros
@@ -95,7 +101,7 @@ def test_fair_gptq_rounds_the_shifted_target() -> None:
     reported loss is measured against the original weight."""
     w, h, d = _problem(seed=4)
     kw = dict(bits=4, group_size=32, act_order=True, clip_search=True)
-    fair = gptq_quantize(w, h, fair_hessian=d, fair_alpha=1.0, **kw)
+    fair = fair_gptq_quantize(w, h, fair_hessian=d, fair_alpha=1.0, **kw)
     v = debias_shift(w, h, d, 1.0, DAMP)
     on_v = gptq_quantize(v, h, **kw)
     assert torch.equal(fair.q, on_v.q) and torch.equal(fair.scales, on_v.scales)
@@ -108,7 +114,7 @@ def test_fair_gptq_lowers_the_bias_term_at_a_bounded_cost() -> None:
     w, h, d = _problem(seed=5)
     kw = dict(bits=4, group_size=32, act_order=True, clip_search=True)
     plain = gptq_quantize(w, h, **kw)
-    fair = gptq_quantize(w, h, fair_hessian=d, fair_alpha=1.0, **kw)
+    fair = fair_gptq_quantize(w, h, fair_hessian=d, fair_alpha=1.0, **kw)
     bias_plain = group_bias_term(plain.dequantize(), d)
     bias_fair = group_bias_term(fair.dequantize(), d)
     assert bias_fair < 0.5 * bias_plain
@@ -122,26 +128,26 @@ def test_dead_columns_stay_zero() -> None:
     h[5, :] = 0.0
     d[5, :] += 0.1  # pair inputs reach a column the calibration text never did
     d[:, 5] += 0.1
-    res = gptq_quantize(w, h, bits=4, group_size=32, fair_hessian=d, fair_alpha=1.0)
+    res = fair_gptq_quantize(w, h, bits=4, group_size=32, fair_hessian=d, fair_alpha=1.0)
     assert bool((res.dequantize()[:, 5] == 0).all())
 
 
 def test_bad_fairness_arguments() -> None:
     w, h, d = _problem(seed=7)
     with pytest.raises(ValueError, match="needs a fair_hessian"):
-        gptq_quantize(w, h, 4, 32, fair_alpha=0.5)
+        fair_gptq_quantize(w, h, 4, 32, fair_alpha=0.5)
     with pytest.raises(ValueError, match=r"fair_hessian must be \[K, K\] = \[128, 128\]"):
-        gptq_quantize(w, h, 4, 32, fair_hessian=d[:64, :64], fair_alpha=0.5)
+        fair_gptq_quantize(w, h, 4, 32, fair_hessian=d[:64, :64], fair_alpha=0.5)
     with pytest.raises(ValueError, match="fair_alpha must be a finite number >= 0"):
-        gptq_quantize(w, h, 4, 32, fair_hessian=d, fair_alpha=-1.0)
+        fair_gptq_quantize(w, h, 4, 32, fair_hessian=d, fair_alpha=-1.0)
     with pytest.raises(ValueError, match="fair_alpha must be a finite number >= 0"):
-        gptq_quantize(w, h, 4, 32, fair_hessian=d, fair_alpha=float("nan"))
+        fair_gptq_quantize(w, h, 4, 32, fair_hessian=d, fair_alpha=float("nan"))
     bad = d.clone()
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="fair_hessian has NaN/Inf"):
-        gptq_quantize(w, h, 4, 32, fair_hessian=bad, fair_alpha=0.5)
+        fair_gptq_quantize(w, h, 4, 32, fair_hessian=bad, fair_alpha=0.5)
     with pytest.raises(TypeError, match="fair_hessian must be floating point"):
-        gptq_quantize(w, h, 4, 32, fair_hessian=d.to(torch.int32), fair_alpha=0.5)
+        fair_gptq_quantize(w, h, 4, 32, fair_hessian=d.to(torch.int32), fair_alpha=0.5)
 
 
 def test_bias_subspace_keeps_the_directions_cheapest_to_debias() -> None:

@@ -15,8 +15,9 @@ import warnings
 import pytest
 import torch
 
-from quantlab.solvers.base import GroupwiseIntResult
-from quantlab.solvers.gptq import gptq_quantize, proxy_loss
+from quantlab.formats.groupwise_int import GroupwiseIntResult
+from quantlab.solvers.gptq import gptq_quantize
+from quantlab.solvers.hessian import proxy_loss
 from quantlab.solvers.rtn import group_params, rtn_quantize
 
 DAMP = 0.01

@@ -10,25 +10,27 @@ import random
 import pytest
 import torch
 
-from quantlab.rotation import random_signs
-from quantlab.solvers.gptq import proxy_loss
-from quantlab.solvers.pvq import (
+from quantlab.formats.pvq_codebook import (
     MAX_CODE_BITS,
     PVQParams,
     code_bits,
     count_table,
-    fit_levels,
-    pulse_moves,
-    pvq_quantize,
     pyramid_points,
-    pyramid_search,
     pyramid_size,
-    quantize_gains,
     rank,
     rank_batch,
     unrank,
     unrank_batch,
 )
+from quantlab.solvers.hessian import proxy_loss
+from quantlab.solvers.pvq import (
+    fit_levels,
+    pulse_moves,
+    pvq_quantize,
+    pyramid_search,
+    quantize_gains,
+)
+from quantlab.transforms.rotation import random_signs
 
 SMALL = [(d, k) for d in range(1, 6) for k in range(0, 7)] + [(6, 5), (8, 3), (3, 12)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.solvers.gptq import proxy_loss
+from quantlab.solvers.hessian import proxy_loss
 from quantlab.solvers.ternary import (
     PER_ROW,
     PER_TENSOR,

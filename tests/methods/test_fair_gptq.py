@@ -11,8 +11,8 @@ from torch import nn
 from quantlab.calib.pairs import load_pairs, split_pairs
 from quantlab.cli import _parser
 from quantlab.config import GPTQConfig, config_from_dict
-from quantlab.methods import get_method
 from quantlab.methods.fair_gptq import FairGPTQConfig, calibration_pairs, fair_layer_indices
+from quantlab.methods.registry import get_method
 from quantlab.pipeline import quantize_model
 from tests.fairness_helpers import WordTokenizer
 

@@ -1,4 +1,4 @@
-"""BitStack prefix distillation (quantlab.methods.bitstack_distill and its use in the method):
+"""BitStack prefix distillation (quantlab.methods.bitstack.distill and its use in the method):
 the teacher capture, the tuning of the prefix's factors with the signs fixed, and the later
 blocks decomposed again from the tuned prefix."""
 
@@ -12,8 +12,9 @@ from torch import nn
 
 from quantlab.calib.capture import capture_block_inputs
 from quantlab.formats.bitstack import unpack_signs
-from quantlab.methods.bitstack import BitStackConfig, _float_outputs, _head_inputs
-from quantlab.methods.bitstack_distill import distill_prefix
+from quantlab.methods.bitstack.config import BitStackConfig
+from quantlab.methods.bitstack.decompose import float_outputs, head_inputs
+from quantlab.methods.bitstack.distill import distill_prefix
 from quantlab.models.arch import resolve
 from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.registry import quantized_modules
@@ -40,8 +41,8 @@ def test_head_inputs_block_by_block_equal_the_whole_model(tiny_llama: nn.Module)
     whole = _head_inputs_of_whole_model(tiny_llama, SAMPLES)
     assert whole.shape == (4, 32, 128)
     inputs = capture_block_inputs(tiny_llama, tiny_llama.model.layers, SAMPLES, 2, "cpu")
-    outputs = _float_outputs(tiny_llama.model.layers, inputs, cpu)
-    blockwise = _head_inputs(tiny_llama, spec, outputs, cpu)
+    outputs = float_outputs(tiny_llama.model.layers, inputs, cpu)
+    blockwise = head_inputs(tiny_llama, spec, outputs, cpu)
     # fp32 on both paths, the same ops: only the batching of the matmuls differs.
     torch.testing.assert_close(blockwise, whole, rtol=1e-5, atol=1e-5)
 

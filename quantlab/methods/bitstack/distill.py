@@ -9,7 +9,8 @@ hundred gradient steps on them (signs fixed, nothing else trained) remove much o
 error while the format, the kernels and the loading order stay as they are.
 
 Teacher: the float model's final hidden states (the head's inputs) on the calibration windows
-(:mod:`quantlab.methods.bitstack` takes them from the float block outputs of its decomposition
+(:mod:`quantlab.methods.bitstack.decompose` takes them from the float block outputs of its
+decomposition
 pass, or from a separate float pass when replay feeds that pass compressed outputs). The head is
 frozen and shared, so the teacher's logits are recomputed from them per step (``[S, L, hidden]``
 floats instead of ``[S, L, vocab]``).

@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 from torch import nn
 
-from quantlab.awq_smoothing import apply_awq
-from quantlab.config import AWQConfig
-from quantlab.methods import Method, MethodContext, register_method
+from quantlab.methods.awq.config import AWQConfig
+from quantlab.methods.awq.smoothing import apply_awq
+from quantlab.methods.base import Method, MethodContext
 from quantlab.methods.gptq import gptq_options, run_gptq
 from quantlab.methods.rtn import groupwise_options, rtn_block
 from quantlab.models.arch import resolve
@@ -91,14 +91,12 @@ def _config_from_args(args: argparse.Namespace) -> AWQConfig:
     )
 
 
-register_method(
-    Method(
-        name="awq",
-        config_cls=AWQConfig,
-        run=_run,
-        config_from_args=_config_from_args,
-        add_arguments=_add_arguments,
-        export_formats=("quantlab", "gptq", "awq"),
-        help="activation-aware scale search and clipping",
-    )
+METHOD = Method(
+    name="awq",
+    config_cls=AWQConfig,
+    run=_run,
+    config_from_args=_config_from_args,
+    add_arguments=_add_arguments,
+    export_formats=("quantlab", "gptq", "awq"),
+    help="activation-aware scale search and clipping",
 )

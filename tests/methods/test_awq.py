@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.awq_smoothing import apply_awq
 from quantlab.config import AWQConfig, CalibConfig
+from quantlab.methods.awq.smoothing import apply_awq
 from quantlab.models.arch import UnsupportedArchitectureError, resolve
-from quantlab.nn.linear import QuantLinear
+from quantlab.nn.groupwise_int_linear import QuantLinear
 from quantlab.pipeline import quantize_model
 from tests.families import FAMILIES, tiny_model
 

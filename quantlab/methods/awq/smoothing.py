@@ -5,7 +5,8 @@ batch records each linear group's input statistics (mean ``|x|``, per-group Gram
 inspected modules' calls on the first ``search_samples`` sequences, and yields the block's output,
 which is the next block's input. Then, in forward order, every smoothing map of the architecture
 gets its scales searched (:func:`quantlab.solvers.awq.search_scales`) and folded
-(:func:`quantlab.fold.fold_smooth_map`); then every linear except the architecture's ``clip_skip``
+(:func:`quantlab.transforms.fold.fold_smooth_map`); then every linear except the architecture's
+``clip_skip``
 ones gets its clipping thresholds. The model stays float and computes the same function up to the
 clipping; a rounding solver runs afterwards (or per block through ``on_block``).
 
@@ -31,9 +32,8 @@ from quantlab.calib.capture import (
     run_block_with_taps,
 )
 from quantlab.calib.stats import ChannelStatsAccumulator
-from quantlab.config import AWQConfig
-from quantlab.fold import fold_smooth_map, smooth_map_applies
 from quantlab.formats.groupwise_int import dtype_from_name
+from quantlab.methods.awq.config import AWQConfig
 from quantlab.models.arch import ArchSpec, SmoothMap, get_submodule, smooth_maps_for
 from quantlab.solvers.awq import (
     apply_clip,
@@ -42,6 +42,7 @@ from quantlab.solvers.awq import (
     search_clip,
     search_scales,
 )
+from quantlab.transforms.fold import fold_smooth_map, smooth_map_applies
 
 __all__ = ["MapReport", "SmoothingReport", "apply_awq"]
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from quantlab.fold import fold_input_scales, fold_smooth_map, smooth_map_applies
 from quantlab.models.arch import (
     UnsupportedArchitectureError,
     get_submodule,
     resolve,
     smooth_maps_for,
 )
+from quantlab.transforms.fold import fold_input_scales, fold_smooth_map, smooth_map_applies
 from tests.families import FAMILIES, tiny_model
 
 

@@ -16,22 +16,23 @@ from quantlab.formats.groupwise_int import (
     PackedGroupwiseInt,
     dtype_from_name,
 )
-from quantlab.formats.tensor_layout import dtype_name
-from quantlab.nn.packed_linear import PackedLinear
-from quantlab.nn.registry import register_layer_format, spec_bool, spec_int, spec_str
-from quantlab.ops import groupwise_int as gw_ops
-from quantlab.ops.groupwise_int_repack import (
+from quantlab.formats.groupwise_int_mma_layout import (
     MAX_ROWS,
     RepackedWeight,
     fast_path_reason,
     mma_layout,
     repack,
 )
+from quantlab.formats.tensor_layout import dtype_name
+from quantlab.nn.layer_spec import spec_bool, spec_int, spec_str
+from quantlab.nn.packed_linear import PackedLinear
+from quantlab.ops import groupwise_int as gw_ops
 
 __all__ = ["QuantLinear"]
 
 # Non-persistent buffers holding the weight in the CUDA tensor-core kernel's layout
-# (quantlab/ops/groupwise_int_repack.py); never saved, always re-derived from the exported ones.
+# (quantlab/formats/groupwise_int_mma_layout.py); never saved, always re-derived from the exported
+# ones.
 _KERNEL_BUFFERS = ("mma_qweight", "mma_scales", "mma_zeros")
 _MMA_ACT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -48,7 +49,6 @@ def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     module.prepare_kernel_layout()
 
 
-@register_layer_format
 class QuantLinear(PackedLinear):
     """Linear layer ``y = x @ W.T + b`` with ``W`` held as packed groupwise integers.
 
@@ -61,8 +61,8 @@ class QuantLinear(PackedLinear):
     kernel when one exists for the device, the PyTorch reference otherwise).
 
     On a CUDA device (sm_80+, CUDA build) a weight the tensor-core kernel takes
-    (:func:`quantlab.ops.groupwise_int_repack.fast_path_reason`) is also held repacked in that
-    kernel's layout, in the non-persistent buffers ``mma_qweight``/``mma_scales``/``mma_zeros``
+    (:func:`quantlab.formats.groupwise_int_mma_layout.fast_path_reason`) is also held repacked in
+    that kernel's layout, in the non-persistent buffers ``mma_qweight``/``mma_scales``/``mma_zeros``
     (not in the state dict; checkpoints keep the exported layout). They are made once, outside
     ``forward``: whenever the layer's tensors move or change dtype (``.to``/``.cuda``), after a
     ``load_state_dict`` and in ``after_load``/``from_packed`` (:meth:`prepare_kernel_layout`), so

@@ -1,16 +1,15 @@
 """The tensor-core ("mma") kernel layout of groupwise-int weights: the one-time repack from the
-exported bitstream layout, its inverse, and a CPU emulator of the kernel's fragment reads.
+exported bitstream layout, and its inverse.
 
-This module is the specification of ``csrc/groupwise_int/cuda_mma.cuh`` (the layout the CUDA
-kernel reads): the repack here is the only producer of that layout (it runs on any device, once
-per layer, see :class:`quantlab.nn.QuantLinear`), and the emulator below reads the repacked
-tensors the way the kernel's threads do -- which lane loads which 16-byte chunk, which nibble of
-which word becomes which half of which ``mma.sync.m16n8k16`` B register, which scale and zero
-point a thread applies, where ``ldmatrix`` puts the activations and where the epilogue writes
-each accumulator -- and rebuilds the dense weight and the product from those reads alone. The
-tests (``tests/ops/test_groupwise_int_repack.py``) check on the CPU that the emulation
-reproduces the reference dequantization bit for bit, so a layout bug shows up without a GPU.
-Section names in the comments ("[B-frag]", "[scales]", ...) are the ones the CUDA code uses.
+This module is the specification of the layout ``csrc/groupwise_int/cuda_mma.cuh`` reads: the
+repack here is the only producer of that layout (it runs on any device, once per layer, see
+:class:`quantlab.nn.QuantLinear`) and :func:`dequant_repacked` is its exact inverse. The CPU
+emulator of the kernel's reads of these tensors -- which lane loads which 16-byte chunk, which
+nibble becomes which half of which B register, where ``ldmatrix`` puts the activations and where
+the epilogue writes -- is ``ops/groupwise_int_mma_emulation.py``; the tests
+(``tests/ops/test_groupwise_int_repack.py``) check on the CPU that it reproduces the reference
+dequantization bit for bit, so a layout bug shows up without a GPU. Section names in the comments
+("[B-frag]", "[scales]", ...) are the ones the CUDA code uses.
 
 Terms. ``mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}``: per warp, A is 16 x 16 (M x K), B is
 16 x 8 (K x N), C is 16 x 8 fp32. Lane ``l`` has ``g = l // 4`` and ``t = l % 4`` (PTX's groupID
@@ -30,6 +29,8 @@ Kernel layout (padded shapes: ``Np`` = N rounded up to 64, ``Kp`` = K rounded up
   ``64 nn + 8c + {0..7}``). Lane ``l`` owns column ``64 nn + 8c + g`` of every subtile and the
   k rows ``{2t, 2t+1, 2t+8, 2t+9}`` of the tile -- exactly its B fragments -- and its
   ``bits`` words are contiguous (16 bytes at 4 bits, 32 at 8), so one 16-byte load per 4-bit tile.
+  A lane's ``bits`` words are one little-endian bitstream (:mod:`quantlab.formats.bitstream`)
+  of its 32 codes, word by word in the slot order below.
 * [B-frag 4-bit] word ``j`` (0..3) of a lane covers subtiles ``2j`` ("A") and ``2j + 1`` ("B").
   Nibble ``p`` (bits ``4p .. 4p+3``) holds (k offset from ``2t``, subtile):
   ``p0 (0, A), p1 (8, A), p2 (0, B), p3 (8, B), p4 (1, A), p5 (9, A), p6 (1, B), p7 (9, B)``.
@@ -51,21 +52,9 @@ Kernel layout (padded shapes: ``Np`` = N rounded up to 64, ``Kp`` = K rounded up
   columns and groups are 0, so padded weights are exactly 0 (inside a real group a padded k has a
   finite weight ``-z s``, multiplied by an activation the kernel zero-fills).
 
-Dequantization: ``w = (q - z) * s``. Where the scale dtype is the activation dtype the kernel
-does it in that dtype -- ``(magic + q) - (magic + z)`` is exact, and the product is rounded once,
-which equals rounding the exact fp32 product as the reference does; otherwise in fp32
-(``(2**23 + q) - (2**23 + z)`` exact, the product exact, one rounding to the activation dtype).
-Both give ``reference.groupwise_int_dequant(...).to(act_dtype)`` exactly.
-
-[A-ldmatrix] The activation tile is ``BM x 64`` in shared memory (row pitch 72 elements). For the
-m16 block ``mb`` and k step ``s`` of a stage, lane ``l`` passes ``ldmatrix.x4`` the address of
-row ``16 mb + l % 16``, column ``16 s + 8 (l // 16)``; matrix ``q`` is built from the rows lanes
-``8q .. 8q + 7`` address and lane ``l`` receives row ``l // 4``, columns ``2 (l % 4) + {0, 1}`` of
-it into ``a_q``.
-
-[epilogue] Warp ``w`` of the CTA owns columns ``256 n_cta + 64 w + [0, 64)``; accumulator
-``c_i`` of subtile ``c`` of m16 block ``mb`` is output row ``m0 + 16 mb + g + 8 (i // 2)``,
-column ``256 n_cta + 64 w + 8c + 2t + i % 2``.
+Dequantization: ``w = (q - z) * s``, as the exported format's (the kernel's arithmetic for it, in
+the activation dtype or in fp32, is described and emulated in
+``ops/groupwise_int_mma_emulation.py``).
 
 [split-K] The ``Kp / 64`` k tiles are cut into ``splits`` contiguous ranges of
 ``ceil(k_tiles / requested)`` tiles (:func:`split_plan`); with more than one range each CTA
@@ -79,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantlab.ops.reference import unpack_bitstream
+from quantlab.formats.bitstream import pack_bitstream, unpack_bitstream
 
 __all__ = [
     "CTA_N",
@@ -92,23 +81,24 @@ __all__ = [
     "MmaLayout",
     "RepackedWeight",
     "dequant_repacked",
-    "emulate_a_fragments",
-    "emulate_b_fragments",
-    "emulate_mm",
     "fast_path_reason",
     "mma_layout",
-    "mma_mm_reference",
     "repack",
     "split_plan",
 ]
 
-TILE_K = 16  # k rows per mma step / per B tile
-TILE_N = 64  # columns per B tile (one warp's slab)
-STAGE_K = 64  # k per pipeline stage
-CTA_N = 256  # columns per CTA (4 warps)
+TILE_K = 16  # k rows per mma step / per B tile (the k of mma.sync m16n8k16)
+TILE_N = 64  # columns per B tile (one warp's slab: eight n8 subtiles)
+STAGE_K = 64  # k per pipeline stage (csrc kMmaStageK; K is padded to a multiple of it)
+CTA_N = 256  # columns per CTA (4 warps of TILE_N; csrc kMmaCtaN)
 MAX_ROWS = 255  # batches the mma path takes; from 256 rows dequantize + cuBLAS
+# Most K ranges one output tile is split into (csrc kMmaMaxSplits): bounds the fp32 partial-sum
+# workspace and the split counts the kernel's heuristic tries.
 MAX_SPLITS = 16
+# Code widths whose B fragments fill whole words ([B-frag 4-bit], [B-frag 8-bit]): 4 or 8 words
+# per lane per tile, one or two 16-byte loads.
 SUPPORTED_BITS = (4, 8)
+# The 16-bit float types of mma.sync's A and B operands the kernel is built for (f16, bf16).
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # [B-frag 4-bit]: nibble p -> (k offset from 2t, subtile within the word's pair).
 _NIBBLE_SLOTS = ((0, 0), (8, 0), (0, 1), (8, 1), (1, 0), (9, 0), (1, 1), (9, 1))
@@ -210,18 +200,14 @@ def split_plan(k_tiles: int, requested: int) -> tuple[int, int]:
 # Repack (the producer of the layout)
 
 
-def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``[..., 32 // bits * words]`` codes (last dim in stream order) into int32 words."""
-    per_word = 32 // bits
-    c = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, per_word)
-    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int64) * bits
-    words = (c << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def _unpack_whole_words(qweight: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:
     """4/8-bit bitstream rows -> int32 codes (no value straddles a word), in int32 throughout so
-    a large layer's temporaries stay at 4 bytes per weight."""
+    a large layer's temporaries stay at 4 bytes per weight.
+
+    The same stream and the same codes as :func:`quantlab.formats.bitstream.unpack_bitstream`;
+    kept apart for memory, not layout: that decoder works in int64 (it handles straddling
+    widths), and this one runs on a whole layer at once on the GPU.
+    """
     per_word = 32 // bits
     shifts = torch.arange(per_word, device=qweight.device, dtype=torch.int32) * bits
     codes = (qweight[..., None] >> shifts) & ((1 << bits) - 1)  # the mask drops sign bits
@@ -272,12 +258,18 @@ def repack(
     k_off = 2 * t[None, :, None, None] + krow[None, None, :, :]  # [1, 32, words, slots]
     packed_q = torch.empty(layout.shapes()["qweight"], dtype=torch.int32, device=dev)
     # A few k16 rows of tiles at a time: the index grids of a whole 70B layer would take GBs.
+    # One k16 row of tiles is nt * 32 lanes * 32 codes; 2**22 codes (~4M) keeps each chunk's
+    # int64 grids and codes at tens of MB.
     rows = max(1, 2**22 // (nt * 32 * 32))
     for kk0 in range(0, kp // TILE_K, rows):
         kk = torch.arange(kk0, min(kp // TILE_K, kk0 + rows), device=dev)
         k_idx = kk[:, None, None, None, None] * TILE_K + k_off[None]
         codes = q[n_idx[None], k_idx]  # broadcast to [rows, nt, 32, words, slots]
-        packed_q[kk0 : kk0 + len(kk)] = _pack_codes(codes, bits).reshape(len(kk), nt, 32, bits)
+        # Each lane's 32 codes, in (word, slot) order, are one bitstream of `bits` words.
+        lane_codes = codes.reshape(*codes.shape[:-2], -1)
+        packed_q[kk0 : kk0 + len(kk)] = pack_bitstream(lane_codes, bits).reshape(
+            len(kk), nt, 32, bits
+        )
     del q
 
     # [scales] / [zeros]: (grp, nn, g, c) -> column 64 nn + 8 c + g.
@@ -292,7 +284,8 @@ def repack(
     if qzeros is not None:
         z_pad = torch.zeros(np_, n_groups, dtype=torch.int32, device=dev)
         z_pad[:n, :groups] = unpack_bitstream(qzeros, bits, groups)
-        packed_z = _pack_codes(z_pad.t()[:, cols], bits).contiguous()  # [Gp, nt, 8, bits/4]
+        # The eight codes (c = 0..7) of each (grp, nn, g) as one stream: [Gp, nt, 8, bits/4].
+        packed_z = pack_bitstream(z_pad.t()[:, cols], bits).contiguous()
     return RepackedWeight(packed_q, packed_s, packed_z, layout)
 
 
@@ -301,10 +294,8 @@ def repack(
 
 
 def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
-    per_word = 32 // bits
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * bits
-    return ((u[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
+    """Every code of whole ``bits``-bit words ``[..., w]``: int64 ``[..., w * 32 // bits]``."""
+    return unpack_bitstream(words, bits, words.shape[-1] * (32 // bits)).to(torch.int64)
 
 
 def _check_repacked(rep: RepackedWeight) -> None:
@@ -358,213 +349,3 @@ def dequant_repacked(rep: RepackedWeight, out_dtype: torch.dtype = torch.float32
     grp = torch.arange(kp, device=dev) // lay.kernel_group
     w = (q.to(torch.float32) - z[:, grp]) * s[:, grp]
     return w[: lay.out_features, : lay.in_features].to(out_dtype)
-
-
-def mma_mm_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    out_features: int,
-    split_k: int = 0,
-) -> torch.Tensor:
-    """What ``groupwise_int_mma_mm`` computes: ``x @ W.T`` with ``W`` dequantized and rounded to
-    ``x``'s dtype (as the kernel's B fragments are), products summed in fp32, one rounding.
-    ``split_k`` changes only the kernel's summation order, so it is ignored here."""
-    if x.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"groupwise_int_mma_mm: x must be fp16 or bf16, got {x.dtype}")
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"groupwise_int_mma_mm: x must be [M, {in_features}], got {list(x.shape)}")
-    layout = mma_layout(bits, group_size, in_features, out_features, zeros is None)
-    w = dequant_repacked(RepackedWeight(qweight, scales, zeros, layout), torch.float32)
-    return (x.to(torch.float32) @ w.to(x.dtype).to(torch.float32).t()).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Emulator of the kernel's reads (the check of the CUDA code's index arithmetic)
-
-
-def _magic(dtype: torch.dtype) -> tuple[int, float]:
-    """16-bit exponent pattern whose mantissa takes a small code, and its value."""
-    return (0x6400, 1024.0) if dtype == torch.float16 else (0x4300, 128.0)
-
-
-def _as_half(bits16: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return bits16.to(torch.int16).view(dtype)
-
-
-def _lane_scales(rep: RepackedWeight, grp: torch.Tensor, nn: int) -> tuple:
-    """[scales]/[zeros] as a lane reads them: for each k step's group ``grp`` [S] and lane,
-    the eight scales (one 16-byte chunk at ``((grp * nt + nn) * 8 + g) * 8``) and zero codes."""
-    lay = rep.layout
-    flat_s = rep.scales.reshape(-1)
-    g = torch.arange(32) // 4
-    base = ((grp[:, None] * lay.n_tiles + nn) * 8 + g[None, :]) * 8  # [S, 32]
-    s = flat_s[base[..., None] + torch.arange(8)]  # [S, 32, 8]
-    if rep.zeros is None:
-        z = torch.full(s.shape, 1 << (lay.bits - 1), dtype=torch.int64)
-    else:
-        wpz = lay.bits // 4
-        flat_z = rep.zeros.reshape(-1)
-        zbase = ((grp[:, None] * lay.n_tiles + nn) * 8 + g[None, :]) * wpz
-        zwords = flat_z[zbase[..., None] + torch.arange(wpz)]  # [S, 32, wpz]
-        z = _unpack_words(zwords, lay.bits)  # [S, 32, 8]
-    return s, z
-
-
-def _dequant_pair(
-    code_lo: torch.Tensor,
-    code_hi: torch.Tensor,
-    s: torch.Tensor,
-    z: torch.Tensor,
-    act: torch.Tensor,
-    half_math: bool,
-) -> torch.Tensor:
-    """The kernel's arithmetic on one register pair: ``[..., 2]`` values in the act dtype."""
-    dtype = act.dtype
-    codes = torch.stack([code_lo, code_hi], -1)
-    if half_math:
-        magic_bits, magic = _magic(dtype)
-        q = _as_half(codes | magic_bits, dtype)  # lop3 / prmt: magic + q, exact
-        zm = (torch.tensor(magic, dtype=torch.float64) + z.double()).to(dtype)  # exact
-        return (q - zm[..., None]) * s.to(dtype)[..., None]  # one rounding each, as HSUB2/HMUL2
-    # fp32: (2^23 + q) - (2^23 + z) exact, product exact, one rounding to the act dtype.
-    qf = (codes | 0x4B000000).to(torch.int32).view(torch.float32)
-    zf = torch.tensor(8388608.0) + z.to(torch.float32)
-    return ((qf - zf[..., None]) * s.to(torch.float32)[..., None]).to(dtype)
-
-
-def emulate_b_fragments(rep: RepackedWeight, act_dtype: torch.dtype) -> torch.Tensor:
-    """The dense ``[N, K]`` weight in ``act_dtype`` that the kernel's B fragments hold, built only
-    from what each lane loads ([B-tiles], [scales], [zeros]), the kernel's dequant arithmetic and
-    PTX's B fragment layout (``b_r`` = rows ``2t + 8r + {0, 1}`` of column ``g``)."""
-    _check_repacked(rep)
-    lay = rep.layout
-    half_math = rep.scales.dtype == act_dtype and not (
-        lay.bits == 8 and act_dtype == torch.bfloat16
-    )
-    nt, ksteps = lay.n_tiles, lay.k_pad // TILE_K
-    flat_q = rep.qweight.reshape(-1).to(torch.int64) & 0xFFFFFFFF
-    out = torch.full((lay.n_pad, lay.k_pad), float("nan"), dtype=act_dtype)
-    lane = torch.arange(32)
-    g, t = lane // 4, lane % 4
-    kk = torch.arange(ksteps)
-    grp = kk * TILE_K // lay.kernel_group  # the group of each k step
-    for nn in range(nt):
-        s_all, z_all = _lane_scales(rep, grp, nn)  # [S, 32, 8]
-        # The lane's words of tile (kk, nn): ((kk * nt + nn) * 32 + lane) * bits + j.
-        base = ((kk[:, None] * nt + nn) * 32 + lane[None, :]) * lay.bits  # [S, 32]
-        words = flat_q[base[..., None] + torch.arange(lay.bits)]  # [S, 32, bits]
-        frags = torch.empty(ksteps, 32, 8, 2, 2, dtype=act_dtype)  # [S, lane, subtile, r, e]
-        if lay.bits == 4:
-            for j in range(4):
-                w = words[..., j]
-                for i in range(4):
-                    pair = (w >> (4 * i)) & 0x000F000F
-                    sub, reg = 2 * j + i // 2, i % 2
-                    frags[:, :, sub, reg] = _dequant_pair(
-                        pair & 0xFFFF,
-                        pair >> 16,
-                        s_all[..., sub],
-                        z_all[..., sub],
-                        out,
-                        half_math,
-                    )
-        else:
-            for j in range(8):
-                w = words[..., j]
-                for reg in range(2):
-                    lo = (w >> (16 * reg)) & 0xFF
-                    hi = (w >> (16 * reg + 8)) & 0xFF
-                    frags[:, :, j, reg] = _dequant_pair(
-                        lo, hi, s_all[..., j], z_all[..., j], out, half_math
-                    )
-        # PTX B layout: b_r element e is row 2t + 8r + e of column g of subtile c.
-        r = torch.arange(2)[None, None, :, None]
-        e = torch.arange(2)[None, None, None, :]
-        krow = 2 * t[:, None, None, None] + 8 * r + e  # [32, 1, 2, 2]
-        for sub in range(8):
-            ncol = nn * TILE_N + 8 * sub + g  # [32]
-            k_idx = kk[:, None, None, None] * TILE_K + krow.squeeze(1)[None]  # [S, 32, 2, 2]
-            n_idx = ncol[None, :, None, None].expand_as(k_idx)
-            out[n_idx.reshape(-1), k_idx.reshape(-1)] = frags[:, :, sub].reshape(-1)
-    return out[: lay.out_features, : lay.in_features]
-
-
-def emulate_a_fragments(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[A-ldmatrix]: what ``ldmatrix.x4`` gives each lane for every m16 block and k step, and the
-    A operand PTX's A layout reads out of those registers.
-
-    Returns ``(frags [Mb, S, 32, 4, 2], a_seen [Mb * 16, k_pad])``: ``a_seen`` must equal ``x``
-    zero-padded to ``[Mb * 16, k_pad]`` (the kernel zero-fills rows past M and k past K)."""
-    m, k = x.shape
-    mb = -(-m // 16)
-    tile = torch.zeros(mb * 16, k_pad, dtype=x.dtype)
-    tile[:m, :k] = x
-    steps = k_pad // TILE_K
-    lane = torch.arange(32)
-    # Address each lane passes: row 16 mb + l % 16, column 16 s + 8 (l // 16).
-    addr_row = lane % 16
-    addr_col = 8 * (lane // 16)
-    frags = torch.empty(mb, steps, 32, 4, 2, dtype=x.dtype)
-    for q in range(4):
-        src_lane = 8 * q + lane // 4  # the lane whose address is row l // 4 of matrix q
-        rows = addr_row[src_lane]
-        cols = addr_col[src_lane][:, None] + 2 * (lane % 4)[:, None] + torch.arange(2)[None, :]
-        for b in range(mb):
-            for s in range(steps):
-                frags[b, s, :, q] = tile[16 * b + rows[:, None], 16 * s + cols]
-    a_seen = torch.full_like(tile, float("nan"))
-    g, t = lane // 4, lane % 4
-    for q in range(4):
-        rows = g + 8 * (q % 2)
-        cols = 2 * t + 8 * (q // 2)
-        for b in range(mb):
-            for s in range(steps):
-                for e in range(2):
-                    a_seen[16 * b + rows, 16 * s + cols + e] = frags[b, s, :, q, e]
-    return frags, a_seen
-
-
-def emulate_mm(x: torch.Tensor, rep: RepackedWeight, splits: int = 1) -> torch.Tensor:
-    """``y [M, N]`` as the kernel computes it, from emulated fragments: B from
-    :func:`emulate_b_fragments`, A from :func:`emulate_a_fragments`, the per-warp mma products
-    accumulated over each split's k range (fp64 here: the kernel's fp32 sums differ only in
-    rounding), partial sums of the splits added in range order ([split-K]), and every
-    accumulator written where [epilogue] says. Rows/columns never written stay NaN."""
-    lay = rep.layout
-    m = x.shape[0]
-    w = torch.zeros(lay.n_pad, lay.k_pad, dtype=x.dtype)
-    w[: lay.out_features, : lay.in_features] = emulate_b_fragments(rep, x.dtype)
-    _, a_seen = emulate_a_fragments(x, lay.k_pad)
-    k_tiles = lay.k_pad // STAGE_K
-    n_splits, per = split_plan(k_tiles, splits)
-    mb = a_seen.shape[0] // 16
-    acc = torch.zeros(n_splits, mb * 16, lay.n_pad, dtype=torch.float64)
-    for z in range(n_splits):
-        k0, k1 = z * per * STAGE_K, min(k_tiles, (z + 1) * per) * STAGE_K
-        acc[z] = a_seen[:, k0:k1].double() @ w[:, k0:k1].double().t()
-    total = acc[0].clone()
-    for z in range(1, n_splits):
-        total += acc[z]
-    y = torch.full((m, lay.out_features), float("nan"), dtype=torch.float64)
-    lane = torch.arange(32)
-    g, t = lane // 4, lane % 4
-    n_ctas = -(-lay.n_pad // CTA_N)
-    for n_cta in range(n_ctas):
-        for warp in range(CTA_N // TILE_N):
-            n_base = n_cta * CTA_N + warp * TILE_N
-            if n_base >= lay.n_pad:
-                continue  # an idle warp of the last CTA
-            for b in range(mb):
-                for sub in range(8):
-                    for i in range(4):
-                        rows = 16 * b + g + 8 * (i // 2)
-                        cols = n_base + 8 * sub + 2 * t + i % 2
-                        # The fragment register c_i of this lane holds C[g + 8(i//2), 2t + i%2].
-                        keep = (rows < m) & (cols < lay.out_features)
-                        y[rows[keep], cols[keep]] = total[rows[keep], cols[keep]]
-    return y.to(x.dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.rotation import (
+from quantlab.transforms.rotation import (
     dct_matrix,
     hadamard_factors,
     hadamard_matrix,

@@ -1,0 +1,109 @@
+"""Writing a quantized model: the ``--format`` dispatch over the layouts quantlab writes, and the
+bound on a checkpoint's size that lets the CLI refuse a full disk before quantizing.
+
+``quantlab``: quantlab's own layout (:mod:`quantlab.export.quantlab_checkpoint`), any method.
+``gptq`` and ``awq``: the layouts transformers, vLLM, GPTQModel and AutoAWQ load, for the
+groupwise-integer methods (:mod:`quantlab.export.gptq_checkpoint`,
+:mod:`quantlab.export.awq_checkpoint`). Each method lists the formats it can be written in
+(``Method.export_formats``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from quantlab.export.awq_checkpoint import save_awq
+from quantlab.export.awq_format import awq_quantization_config
+from quantlab.export.gptq_checkpoint import save_gptq
+from quantlab.export.quantlab_checkpoint import save_quantized
+from quantlab.methods.base import excluded
+from quantlab.models.arch import get_submodule, resolve
+
+__all__ = ["EXPORT_FORMATS", "check_exportable", "estimate_checkpoint_bytes", "save_checkpoint"]
+
+EXPORT_FORMATS = ("quantlab", "gptq", "awq")
+# config.json (with one quantization_config entry per module), generation config, report,
+# checksum manifest: a fixed allowance plus one per tensor (also covers its safetensors header).
+_FIXED_BYTES = 1 << 20
+_PER_TENSOR_BYTES = 1 << 10
+# tokenizer.json stores each vocabulary entry and merge; 256 bytes per token bounds the large
+# vocabularies measured (SmolLM2 49k: 3.5 MB, Gemma 256k: 34 MB).
+_TOKENIZER_BYTES_PER_TOKEN = 256
+
+
+def check_exportable(config: Any, export_format: str) -> None:
+    """Refuse an encoding ``export_format`` cannot store, before any quantization time is spent
+    (the AWQ layout holds 4-bit grouped weights only)."""
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    if export_format == "awq":
+        awq_quantization_config(config.bits, config.group_size)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    export_format: str,
+    config: Any,
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+) -> tuple[Path, str]:
+    """Write ``model``, quantized with ``config``, in ``export_format``; return the directory and
+    a description of the layout written (e.g. ``"quantlab groupwise_int v1"``, ``"gptq_v2"``)."""
+    if export_format == "gptq":
+        return save_gptq(model, out_dir, config.to_dict(), tokenizer, report)
+    if export_format == "awq":
+        return save_awq(model, out_dir, config.to_dict(), tokenizer, report), "awq gemm"
+    if export_format != "quantlab":
+        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    out = save_quantized(model, out_dir, config.method, config.to_dict(), tokenizer, report)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    return out, f"quantlab {qcfg['format']} v{qcfg['format_version']}"
+
+
+def estimate_checkpoint_bytes(model: nn.Module, config: Any, tokenizer: Any = None) -> int:
+    """Upper bound of the bytes of the checkpoint ``model`` will have once quantized with
+    ``config`` (computed from the unquantized model, before quantization).
+
+    Counts every tensor of the state dict as written today (float tensors in the model's dtype,
+    tied tensors once), except the weights of the linears the method will quantize, which count
+    at the bound its config gives (``config.max_linear_bits``); plus the tokenizer and the JSON
+    files. The quantized linears are the ones every method takes: the architecture's block
+    linears not matched by ``config.modules_to_not_convert``.
+    """
+    spec = resolve(model)
+    blocks = get_submodule(model, spec.blocks)
+    patterns = getattr(config, "modules_to_not_convert", ())
+    quantized: dict[str, tuple[int, int]] = {}
+    for index, block in enumerate(blocks):
+        for name in spec.block_linears:
+            full = f"{spec.blocks}.{index}.{name}"
+            if not excluded(full, patterns):
+                weight = get_submodule(block, name).weight
+                quantized[f"{full}.weight"] = tuple(weight.shape)
+
+    total_bits = 0
+    seen: set[tuple[int, int, Any]] = set()
+    tensors = 0
+    for key, tensor in model.state_dict().items():
+        # Same de-duplication as the writer's state_dict_without_shared: tied tensors once.
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype)
+        if tensor.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        tensors += 1
+        if key in quantized:
+            total_bits += config.max_linear_bits(*quantized[key])
+            tensors += 3  # codes, scales, zero points (plus g_idx) replace the weight
+        else:
+            total_bits += 8 * tensor.numel() * tensor.element_size()
+    total = math.ceil(total_bits / 8) + _FIXED_BYTES + _PER_TENSOR_BYTES * tensors
+    if tokenizer is not None:
+        total += _FIXED_BYTES + _TOKENIZER_BYTES_PER_TOKEN * len(tokenizer)
+    return total

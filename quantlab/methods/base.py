@@ -1,0 +1,272 @@
+"""What every quantization method shares: the :class:`Method` record and the
+:class:`MethodContext` its runner gets, the options every calibrated method takes
+(:class:`CalibConfig`) and those of the groupwise-integer family (:class:`GroupwiseIntConfig`), the
+per-layer report, the packing of a solved layer into its quantized module, and the choice of
+calibration samples.
+
+A method is one module of this package (or a folder, for the large ones) holding its config class
+beside its runner; :mod:`quantlab.methods.registry` lists the built-in ones. Methods import this
+module, the solvers, formats, layers and calibration code; never :mod:`quantlab.pipeline` (the
+entry point that calls them) and never the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quantlab.formats.groupwise_int import (
+    SCALE_DTYPES,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    GroupwiseIntResult,
+    pack,
+)
+from quantlab.nn.groupwise_int_linear import QuantLinear
+
+__all__ = [
+    "CalibConfig",
+    "GroupwiseIntConfig",
+    "LayerReport",
+    "Method",
+    "MethodContext",
+    "QuantizationReport",
+    "calibration_samples_for",
+    "excluded",
+    "packed_layer",
+]
+
+SCALE_DTYPE_NAMES = tuple(SCALE_DTYPES)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration tokens come from and how many.
+
+    Attributes:
+        source: a text source understood by :func:`quantlab.calib.data.load_text`.
+        n_samples: number of token windows.
+        seq_len: tokens per window.
+        seed: seed of the window offsets.
+        batch_size: windows per forward pass (``None`` = all at once, which is fastest).
+    """
+
+    source: str = "wiki-calib"
+    n_samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupwiseIntConfig:
+    """Options shared by every method that emits the groupwise integer format.
+
+    Attributes:
+        bits: 2, 3, 4 or 8.
+        group_size: 32, 64, 128, or -1 for one group per output channel.
+        sym: symmetric grid (zero point 2^(bits-1)) instead of min/max with an integer zero point.
+        scale_dtype: storage dtype of the scales.
+        clip_search: shrink each group's range where that lowers its rounding error.
+        modules_to_not_convert: module names (or shell patterns) left in full precision.
+    """
+
+    method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    needs_calibration: ClassVar[bool] = False
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = False
+    scale_dtype: str = "float16"
+    clip_search: bool = False
+    modules_to_not_convert: tuple[str, ...] = field(default=("lm_head",))
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be one of {SUPPORTED_GROUP_SIZES} (-1 = per-channel), "
+                f"got {self.group_size}"
+            )
+        if self.scale_dtype not in SCALE_DTYPE_NAMES:
+            raise ValueError(
+                f"scale_dtype must be one of {SCALE_DTYPE_NAMES}, got {self.scale_dtype!r}"
+            )
+        object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        return {"method": self.method, "version": self.version, **d}
+
+    def describe(self) -> str:
+        """One line for summaries: method and encoding."""
+        return f"{self.method} W{self.bits} g{self.group_size} {'sym' if self.sym else 'asym'}"
+
+    def max_linear_bits(self, out_features: int, in_features: int) -> int:
+        """Upper bound of the stored bits of one linear quantized with this config, in any of the
+        layouts its method exports (quantlab, GPTQ, AWQ)."""
+        n, k = out_features, in_features
+        groups = 1 if self.group_size == -1 else math.ceil(k / self.group_size)
+        scale_bits = max(16, 8 * SCALE_DTYPES[self.scale_dtype].itemsize)
+        return (
+            n * 32 * math.ceil(k * self.bits / 32)  # codes, rows padded to 32-bit words
+            + n * groups * (scale_bits + 16)  # a scale and a zero point (<= 16 bits) per group
+            + 32 * (n + k)  # zero-point words padded per row; GPTQ's int32 g_idx per column
+        )
+
+
+@dataclass
+class LayerReport:
+    """One quantized layer: shape, encoding (``bits``: per weight, may be fractional;
+    ``group_size``: ``None`` where the format has no groups), the solver's loss, its time."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bits: float
+    group_size: int | None
+    loss: float | None
+    seconds: float
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    config: dict[str, Any]
+    calib: dict[str, Any] | None
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(layer.out_features * layer.in_features for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "config": self.config,
+            "calib": self.calib,
+            "seconds": self.seconds,
+            "layers": [asdict(layer) for layer in self.layers],
+            "details": self.details,
+        }
+
+
+@dataclass
+class MethodContext:
+    """What a method runner gets besides the model and its config.
+
+    Attributes:
+        tokenizer: the model's tokenizer (``None`` when token ids were given).
+        calib: calibration options.
+        report: the report being filled (append :class:`LayerReport` rows,
+            put method-specific figures under ``report.details[<method>]``).
+        device: where blocks are processed.
+        progress: show progress bars.
+        given_samples: calibration token ids passed by the caller instead of ``calib``'s text.
+    """
+
+    tokenizer: Any
+    calib: CalibConfig
+    report: QuantizationReport
+    device: torch.device
+    progress: bool
+    given_samples: torch.Tensor | None = None
+    _samples: torch.Tensor | None = field(default=None, repr=False)
+
+    def samples(self, method: str) -> torch.Tensor:
+        """Calibration token ids ``[S, L]``: the given ones, else ``calib``'s windows of its text
+        (drawn once)."""
+        if self._samples is None:
+            self._samples = calibration_samples_for(
+                self.tokenizer, self.calib, method, self.given_samples
+            )
+        return self._samples
+
+
+@dataclass(frozen=True)
+class Method:
+    """One quantization method.
+
+    Attributes:
+        name: the ``--method`` / ``quantlab.quantize(method=...)`` name; equals
+            ``config_cls.method``.
+        config_cls: frozen, validating dataclass with ``method``/``version`` class variables,
+            ``needs_calibration`` and ``to_dict()``.
+        run: ``run(model, config, context)`` quantizes ``model`` in place.
+        config_from_args: builds the config from the parsed ``quantlab quantize`` arguments (the
+            shared ones, ``--bits``, ``--group-size``, ... included).
+        add_arguments: adds the method's own options to the ``quantize`` parser (prefix them with
+            the method's name unless the option is the method's alone by nature).
+        export_formats: ``--format`` values its checkpoints can be written in.
+        help: one line for ``--help``.
+    """
+
+    name: str
+    config_cls: type
+    run: Callable[[nn.Module, Any, MethodContext], None]
+    config_from_args: Callable[[argparse.Namespace], Any]
+    add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
+    export_formats: tuple[str, ...] = ("quantlab",)
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if getattr(self.config_cls, "method", None) != self.name:
+            raise ValueError(
+                f"method {self.name!r}: {self.config_cls.__name__}.method is "
+                f"{getattr(self.config_cls, 'method', None)!r}"
+            )
+
+
+def packed_layer(
+    result: GroupwiseIntResult, linear: nn.Linear, config: GroupwiseIntConfig, name: str
+) -> QuantLinear:
+    """The :class:`QuantLinear` holding ``result``, on ``linear``'s device with its bias."""
+    layer = QuantLinear.from_packed(pack(result, config.scale_dtype), linear.bias, name=name)
+    return layer.to(linear.weight.device)
+
+
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether module path ``name`` matches one of ``modules_to_not_convert``'s patterns."""
+    return any(fnmatch.fnmatch(name, p) or name == p or name.endswith("." + p) for p in patterns)
+
+
+def calibration_samples_for(
+    tokenizer: Any, calib: CalibConfig, method: str, given: torch.Tensor | None
+) -> torch.Tensor:
+    """Calibration token ids ``[S, L]``: ``given`` (checked), else ``calib``'s windows."""
+    from quantlab.calib.data import calibration_samples
+
+    if given is not None:
+        if given.dim() != 2 or given.dtype not in (torch.int32, torch.int64) or given.numel() == 0:
+            raise ValueError(
+                f"samples must be a non-empty 2-D integer [S, L] tensor of token ids, got "
+                f"{given.dtype} {tuple(given.shape)}"
+            )
+        return given.to(torch.int64)
+    if tokenizer is None:
+        raise ValueError(f"{method} needs a tokenizer for its calibration text")
+    return calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)

@@ -1,0 +1,322 @@
+"""BitStack's decomposition driver: every block linear of the model decomposed into ~1-bit
+residual blocks and swapped for :class:`BitStackLinear` with every block loaded
+(:func:`decompose_model`), optionally followed by the prefix distillation
+(:mod:`quantlab.methods.bitstack.distill`) and the re-decomposition of the later blocks.
+
+Orchestration only: statistics come from the spine (one float pass per decoder block,
+:func:`~quantlab.calib.capture.run_block_with_taps` feeding
+:class:`~quantlab.calib.stats.HessianAccumulator`), scales are folded with
+:func:`quantlab.transforms.fold.fold_smooth_map` along the architecture's smoothing maps, the math
+is in :mod:`quantlab.solvers.bitstack`, the packing in :mod:`quantlab.formats.bitstack`.
+
+Each block is processed alone on the compute device: its Hessians are gathered on its float
+inputs, its scales folded (output-preserving, so the next block's inputs are the float block
+outputs either way), its linears decomposed and swapped for :class:`BitStackLinear` with every
+block loaded. The loading order is computed afterwards (:mod:`quantlab.methods.bitstack.ordering`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantlab.calib.capture import (
+    BlockInputs,
+    capture_block_inputs,
+    move_outside_blocks,
+    run_block,
+    run_block_with_taps,
+)
+from quantlab.calib.stats import HessianAccumulator
+from quantlab.formats.bitstack import pack
+from quantlab.methods.base import LayerReport, MethodContext, excluded
+from quantlab.methods.bitstack.config import BitStackConfig
+from quantlab.methods.bitstack.distill import distill_prefix
+from quantlab.models.arch import (
+    ArchSpec,
+    SmoothMap,
+    get_submodule,
+    resolve,
+    smooth_maps_for,
+)
+from quantlab.nn.bitstack_linear import BitStackLinear
+from quantlab.nn.swap import set_submodule
+from quantlab.ops import bitstack as bs_ops
+from quantlab.solvers.bitstack import activation_scales, decompose, output_error
+from quantlab.transforms.fold import fold_smooth_map, smooth_map_applies
+
+__all__ = [
+    "Decomposition",
+    "LayerRecord",
+    "decompose_model",
+    "fixed_bytes",
+    "float_outputs",
+    "head_inputs",
+]
+
+
+@dataclass
+class LayerRecord:
+    """One decomposed linear: its calibration output errors ``tr(R_b H R_b^T)`` after ``b = 0 ..
+    n`` blocks (``errors[0]`` is the weight's own output energy), the bytes of one block and the
+    seconds its SVDs took."""
+
+    errors: list[float]
+    block_bytes: int
+    svd_seconds: float
+    # Kept only for the prefix distillation, which decomposes the later blocks again.
+    weight: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+
+def fixed_bytes(model: nn.Module, element_bytes: int | None = None) -> int:
+    """Bytes of every state-dict tensor of ``model`` outside its BitStack layers' packed blocks
+    (embeddings, norms, biases, undecomposed linears; tied tensors once), at ``element_bytes``
+    per float element (default: as held)."""
+    packed: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BitStackLinear):
+            packed.update(id(t) for t in (module.signs, module.u, module.v))
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        if id(tensor) in packed:
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        size = element_bytes if element_bytes and tensor.is_floating_point() else None
+        total += tensor.numel() * (size or tensor.element_size())
+    return total
+
+
+@dataclass
+class Decomposition:
+    """What :func:`decompose_model` leaves besides the swapped layers: each layer's record, the
+    smoothing maps it could not fold, the decomposition's seconds (the distillation's are in
+    ``distill``) and the distillation's summary (empty without it)."""
+
+    records: dict[str, LayerRecord]
+    skipped_maps: list[str]
+    seconds: float
+    distill: dict[str, Any]
+
+
+def decompose_model(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> Decomposition:
+    """Decompose every block linear of ``model`` (not excluded by the config) in place, one
+    decoder block at a time, then distil the prefix if ``config.distill_steps``."""
+    start = time.perf_counter()
+    spec = resolve(model)
+    maps = smooth_maps_for(model, spec) if config.scale_alpha > 0 else ()
+    samples = ctx.samples("BitStack")
+    blocks = get_submodule(model, spec.blocks)
+    batch = ctx.calib.batch_size or samples.shape[0]
+    outside_home = next(model.parameters()).device
+    move_outside_blocks(model, blocks, ctx.device)
+    try:
+        inputs = capture_block_inputs(model, blocks, samples, batch, ctx.device)
+    finally:
+        move_outside_blocks(model, blocks, outside_home)
+
+    teacher = None
+    if config.distill_steps and config.replay_blocks:
+        # Replay feeds the loop compressed outputs, so the teacher needs its own float pass.
+        teacher = head_inputs(model, spec, float_outputs(blocks, inputs, ctx.device), ctx.device)
+    records: dict[str, LayerRecord] = {}
+    skipped_maps: list[str] = []
+    for index in tqdm(range(len(blocks)), desc="bitstack", disable=not ctx.progress):
+        block = blocks[index]
+        home = next(block.parameters()).device
+        block.to(ctx.device)
+        outs = _decompose_block(
+            index, block, spec, maps, inputs, config, ctx, records, skipped_maps
+        )
+        block.to(home)
+        inputs = BlockInputs(hidden=outs, kwargs=inputs.kwargs)
+    decompose_seconds = time.perf_counter() - start
+    distill: dict[str, Any] = {}
+    if config.distill_steps:
+        if teacher is None:  # without replay the loop's last outputs are the float model's
+            teacher = head_inputs(model, spec, inputs, ctx.device)
+        distill = _distill_and_redecompose(model, spec, samples, teacher, config, ctx, records)
+    return Decomposition(records, skipped_maps, decompose_seconds, distill)
+
+
+def _decompose_block(
+    index: int,
+    block: nn.Module,
+    spec: ArchSpec,
+    maps: Sequence[SmoothMap],
+    inputs: BlockInputs,
+    config: BitStackConfig,
+    ctx: MethodContext,
+    records: dict[str, LayerRecord],
+    skipped_maps: list[str],
+) -> list[torch.Tensor]:
+    device = ctx.device
+    stats: dict[str, HessianAccumulator] = {}
+    group_of: dict[str, str] = {}
+    for group in spec.sequential_groups:
+        stats[group[0]] = HessianAccumulator(block.get_submodule(group[0]).in_features, device)
+        for name in group:
+            group_of[name] = group[0]
+    taps = {head: acc.add for head, acc in stats.items()}
+    outs, _ = run_block_with_taps(block, inputs, device, taps)
+    hessians = {head: acc.hessian() for head, acc in stats.items()}
+
+    folded: dict[str, torch.Tensor] = {}
+    if config.scale_alpha > 0:
+        for smooth in maps:
+            if not smooth_map_applies(block, smooth):
+                skipped_maps.append(f"{spec.blocks}.{index}: {smooth.prev} -> {smooth.linears}")
+                continue
+            head = group_of[smooth.linears[0]]
+            scales = activation_scales(hessians[head], config.scale_alpha)
+            fold_smooth_map(block, smooth, scales, spec.norm_weight_offset)
+            folded[head] = scales.to(device)
+
+    for name in spec.block_linears:
+        full = f"{spec.blocks}.{index}.{name}"
+        if excluded(full, config.modules_to_not_convert):
+            continue
+        linear = block.get_submodule(name)
+        head = group_of[name]
+        h = hessians[head]
+        s = folded.get(head)
+        if s is not None:
+            # The linear now reads x / s: its Hessian is D^-1 H D^-1.
+            h = h / s.unsqueeze(0) / s.unsqueeze(1)
+        result = decompose(
+            linear.weight,
+            config.n_blocks,
+            config.rank,
+            h,
+            config.svd,
+            config.seed,
+            full,
+            error_feedback=config.error_feedback,
+            damp_percent=config.damp_percent,
+        )
+        layer = BitStackLinear.from_packed(
+            pack(result.positive, result.u, result.v), linear.bias, name=full
+        )
+        set_submodule(block, name, layer.to(linear.weight.device))
+        records[full] = LayerRecord(result.errors, layer.block_bytes, result.svd_seconds)
+        if config.distill_steps:
+            records[full].weight = linear.weight.detach().to(torch.float32).cpu().clone()
+            records[full].hessian = h.detach().cpu().clone()
+        ctx.report.layers.append(
+            LayerReport(
+                full,
+                linear.out_features,
+                linear.in_features,
+                layer.storage_bits() / (linear.out_features * linear.in_features),
+                None,
+                result.errors[-1] / result.errors[0] if result.errors[0] > 0 else None,
+                result.seconds,
+            )
+        )
+    if config.replay_blocks:
+        # The next block sees what a model of `replay_blocks` blocks per linear computes here.
+        compressed = copy.deepcopy(block)
+        for module in compressed.modules():
+            if isinstance(module, BitStackLinear):
+                module.truncate(config.replay_blocks)
+        outs, _ = run_block_with_taps(compressed, inputs, device, {})
+    return outs
+
+
+@torch.no_grad()
+def float_outputs(blocks: nn.ModuleList, inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """The float decoder stack's outputs on ``inputs``, one block on the device at a time."""
+    current = inputs
+    for block in blocks:
+        home = next(block.parameters()).device
+        block.to(device)
+        current = BlockInputs(hidden=run_block(block, current, device), kwargs=inputs.kwargs)
+        block.to(home)
+    return current
+
+
+@torch.no_grad()
+def head_inputs(
+    model: nn.Module, spec: ArchSpec, outputs: BlockInputs, device: torch.device
+) -> torch.Tensor:
+    """The head's inputs ``[S, L, hidden]`` (fp32, on ``device``) from the last decoder block's
+    outputs: the distillation's teacher when those are the float model's."""
+    norm = get_submodule(model, spec.final_norm)
+    home = next(norm.parameters()).device
+    norm.to(device)
+    try:
+        return torch.cat([norm(h.to(device)).to(torch.float32) for h in outputs.hidden])
+    finally:
+        norm.to(home)
+
+
+def _distill_and_redecompose(
+    model: nn.Module,
+    spec: ArchSpec,
+    samples: torch.Tensor,
+    teacher: torch.Tensor,
+    config: BitStackConfig,
+    ctx: MethodContext,
+    records: dict[str, LayerRecord],
+) -> dict[str, Any]:
+    """Distil the first ``distill_blocks`` blocks of every linear, then decompose the blocks
+    after them again from the tuned prefix's residual (with each layer's kept Hessian), so every
+    budget above the prefix builds on it. Updates ``records``' errors; returns the losses."""
+
+    start = time.perf_counter()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BitStackLinear)}
+    for layer in layers.values():
+        layer.truncate(min(config.distill_blocks, layer.n_blocks))
+    home = next(model.parameters()).device
+    model.to(ctx.device)
+    try:
+        losses = distill_prefix(
+            model, spec, samples, teacher, config.distill_steps, config.distill_lr,
+            config.distill_batch, ctx.device, config.seed, ctx.progress,
+        )  # fmt: skip
+    finally:
+        model.to(home)
+    for name, layer in tqdm(layers.items(), desc="bitstack re-decompose", disable=not ctx.progress):
+        rec = records[name]
+        assert rec.weight is not None and rec.hessian is not None
+        device = layer.u.device
+        weight, hessian = rec.weight.to(device), rec.hessian.to(device)
+        errors = rec.errors[:1]  # the weight's own output energy; the weight did not change
+        for b in range(1, layer.n_blocks + 1):
+            prefix = bs_ops.dequant(layer.signs[:b], layer.u[:b], layer.v[:b], layer.in_features)
+            errors.append(output_error(weight - prefix.to(torch.float32), hessian))
+        if config.n_blocks > layer.n_blocks:
+            tail = decompose(
+                weight - prefix.to(torch.float32),
+                config.n_blocks - layer.n_blocks,
+                config.rank,
+                hessian,
+                config.svd,
+                config.seed,
+                name,
+                error_feedback=config.error_feedback,
+                damp_percent=config.damp_percent,
+            )
+            packed = pack(tail.positive, tail.u, tail.v)
+            layer.append_blocks(packed.signs, packed.u, packed.v)
+            errors.extend(tail.errors[1:])
+        rec.errors, rec.weight, rec.hessian = errors, None, None
+    return {
+        "blocks": config.distill_blocks,
+        "steps": config.distill_steps,
+        "lr": config.distill_lr,
+        "batch": config.distill_batch,
+        "losses": losses,
+        "seconds": time.perf_counter() - start,
+    }
