@@ -223,7 +223,7 @@ void check_mma_shape(const at::Tensor& t, const char* name, at::ScalarType dtype
   TORCH_CHECK(t.scalar_type() == dtype, "groupwise_int_mma_mm: ", name, " must be ", dtype,
               ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes().equals(shape), "groupwise_int_mma_mm: ", name, " must be ",
-              c10::IntArrayRef(shape), " (the repacked layout of groupwise_int_repack.py), got ",
+              c10::IntArrayRef(shape), " (the layout of formats/groupwise_int_mma_layout.py), got ",
               t.sizes());
   TORCH_CHECK(t.is_contiguous(), "groupwise_int_mma_mm: ", name, " must be contiguous");
 }
