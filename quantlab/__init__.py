@@ -29,8 +29,8 @@ __all__ = [
 if TYPE_CHECKING:
     import torch
 
+    from quantlab.methods.base import QuantizationReport
     from quantlab.nn.groupwise_int_linear import QuantLinear
-    from quantlab.pipeline import QuantizationReport
 
 
 def quantize(

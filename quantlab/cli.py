@@ -239,7 +239,7 @@ def _fmt_ppl(p: float | None) -> str:
 
 def _model_dirs(spec: str) -> tuple[Path, ...]:
     """The local directory ``--model`` names (none for a hub id): ``--out`` must not replace it."""
-    from quantlab.models.loading import resolve_model_path
+    from quantlab.export.model_source import resolve_model_path
 
     path = Path(resolve_model_path(spec)[0])
     return (path,) if path.is_dir() else ()
@@ -275,9 +275,9 @@ def _quantize_locked(
     import torch
 
     from quantlab.calib.data import load_text, token_stream
+    from quantlab.export.model_source import load_model
     from quantlab.export.output_guard import check_free_space
     from quantlab.export.save import estimate_checkpoint_bytes, save_checkpoint
-    from quantlab.models.loading import load_model
     from quantlab.pipeline import quantize_model
 
     loaded = load_model(args.model, args.dtype, args.device)
@@ -373,7 +373,7 @@ def _quantize_locked(
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from quantlab.calib.data import load_text, token_stream
     from quantlab.eval.generation import generate_text
-    from quantlab.models.loading import load_model
+    from quantlab.export.model_source import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, args.dtype, args.device, verify=not args.no_verify)

@@ -17,17 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.formats.groupwise_int import dtype_from_name
+from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     CalibConfig,
     LayerReport,
     MethodContext,
     QuantizationReport,
-    excluded,
     packed_layer,
 )
 from quantlab.methods.registry import get_method
 from quantlab.methods.rtn import RTNConfig
+from quantlab.models.arch import excluded
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.rtn import rtn_quantize
 

@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> None:
         load_bitstack,
         plan_from_checkpoint,
     )
+    from quantlab.export.default_model import default_model_dir
     from quantlab.export.quantlab_checkpoint import save_quantized
-    from quantlab.models.default_model import default_model_dir
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,11 +263,11 @@ def compare_orders(args: argparse.Namespace) -> None:
     from quantlab.calib.data import load_text, token_stream
     from quantlab.config import CalibConfig
     from quantlab.export.bitstack_checkpoint import load_bitstack
+    from quantlab.export.default_model import default_model_dir
     from quantlab.export.quantlab_checkpoint import save_quantized
     from quantlab.methods.base import MethodContext
     from quantlab.methods.bitstack.config import BitStackConfig
     from quantlab.methods.bitstack.ordering import order_blocks
-    from quantlab.models.default_model import default_model_dir
     from quantlab.pipeline import QuantizationReport
 
     out = Path(args.out)

@@ -159,7 +159,7 @@ def _quantized_model(
 def _run_one(name: str, args: argparse.Namespace, eval_sets: dict[str, list]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantlab.models.default_model import default_model_dir
+    from quantlab.export.default_model import default_model_dir
 
     path = default_model_dir()
     tok = AutoTokenizer.from_pretrained(path)

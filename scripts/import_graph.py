@@ -83,6 +83,36 @@ def import_edges(modules: dict[str, Path]) -> dict[str, set[str]]:
     return edges
 
 
+def defined_names(path: Path) -> set[str]:
+    """Names a module's top level binds itself (functions, classes, assignments, also under
+    ``if``/``try``), not the names it imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        for sub in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(sub.name)
+            elif isinstance(sub, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target]
+                names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def borrowed_imports(modules: dict[str, Path]) -> list[str]:
+    """``from quantlab.x import name`` where ``x`` only re-exports ``name``: quantlab's own
+    modules import every name from the module that defines it (re-exports are for users)."""
+    defined = {module: defined_names(path) for module, path in modules.items()}
+    found = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or node.module not in modules:
+                continue
+            for alias in node.names:
+                name = alias.name
+                if name not in defined[node.module] and f"{node.module}.{name}" not in modules:
+                    found.append(f"{module}:{node.lineno}: {name} from {node.module}")
+    return found
+
+
 def cycles(edges: dict[str, set[str]], nodes: list[str]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan, iterative)."""
     index: dict[str, int] = {}
@@ -168,6 +198,8 @@ def summary(modules: dict[str, Path] | None = None, root: Path = ROOT) -> dict:
         "modules": len(modules),
         "edges": sum(len(t) for t in edges.values()),
         "cycles": cycles(edges, sorted(modules)),
+        "folder_cycles": folder_cycles(folders),
+        "borrowed_imports": borrowed_imports(modules),
         "cross_folder_edges": sum(folders.values()),
         "folder_edges": {f"{a} -> {b}": n for (a, b), n in sorted(folders.items())},
         "largest_files": [{"path": p, "lines": n} for n, p in sizes[:10]],
@@ -180,30 +212,37 @@ def write_dot(path: Path, folders: Counter[tuple[str, str]]) -> None:
     path.write_text("\n".join([*lines, "}"]) + "\n")
 
 
+def folder_cycles(folders: Counter[tuple[str, str]]) -> list[list[str]]:
+    """Cycles between folders: two folders importing each other through different modules is
+    no module cycle, but the folders then have no order (docs/architecture.md wants one)."""
+    nodes = sorted({n for edge in folders for n in edge})
+    edges: dict[str, set[str]] = {n: set() for n in nodes}
+    for a, b in folders:
+        if a != b:
+            edges[a].add(b)
+    return cycles(edges, nodes)
+
+
 def layers(folders: Counter[tuple[str, str]]) -> list[list[str]]:
-    """Folders in rows, each one row below the lowest folder that imports it, so arrows point
-    down. Folders are coarser than modules: two folders may import each other through
-    different modules with no module cycle (models/loading.py -> export/load.py, export/save.py
-    -> models/arch.py); then the folder with the fewest unplaced importers goes first and that
-    edge points up in the drawing."""
+    """Folders in rows, each one row below the lowest folder that imports it, so every arrow
+    points down.
+
+    Raises:
+        ValueError: the folders import each other in a cycle (:func:`folder_cycles`).
+    """
+    found = folder_cycles(folders)
+    if found:
+        raise ValueError("folder cycles: " + "; ".join(" <-> ".join(c) for c in found))
     nodes = sorted({n for edge in folders for n in edge})
     importers = {n: {a for (a, b) in folders if b == n and a != n} for n in nodes}
     depth: dict[str, int] = {}
     while len(depth) < len(nodes):
-        ready = [n for n in nodes if n not in depth and importers[n] <= depth.keys()]
-        if not ready:
-            ready = [
-                min(
-                    (n for n in nodes if n not in depth),
-                    key=lambda n: (len(importers[n] - depth.keys()), n),
-                )
-            ]
-        for node in ready:
-            depth[node] = 1 + max((depth[i] for i in importers[node] if i in depth), default=-1)
+        for node in [n for n in nodes if n not in depth and importers[n] <= depth.keys()]:
+            depth[node] = 1 + max((depth[i] for i in importers[node]), default=-1)
     rows: list[list[str]] = [[] for _ in range(max(depth.values()) + 1)]
     for node in nodes:
         rows[depth[node]].append(node)
-    return [row for row in rows if row]
+    return rows
 
 
 def write_png(path: Path, folders: Counter[tuple[str, str]]) -> None:
@@ -263,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{data['modules']} modules, {data['edges']} import edges, "
-        f"{data['cross_folder_edges']} across folders, {len(data['cycles'])} cycles"
+        f"{data['cross_folder_edges']} across folders, {len(data['cycles'])} cycles, "
+        f"{len(data['folder_cycles'])} folder cycles"
     )
-    for component in data["cycles"]:
+    for component in data["cycles"] + data["folder_cycles"]:
         print("  cycle:", " <-> ".join(component))
+    for line in data["borrowed_imports"]:
+        print("  borrowed import:", line)
     for edge, n in data["folder_edges"].items():
         print(f"  {edge}: {n}")
     print("largest files:")

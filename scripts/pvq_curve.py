@@ -171,7 +171,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         from quantlab.calib.data import load_text, token_stream
-        from quantlab.models.default_model import default_model_dir
+        from quantlab.export.default_model import default_model_dir
 
         model_path = default_model_dir()
         tok = AutoTokenizer.from_pretrained(model_path)

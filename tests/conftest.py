@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The bundled SmolLM2-135M-Instruct as an fp32 safetensors directory (converted once)."""
-    from quantlab.models.default_model import default_model_dir
+    from quantlab.export.default_model import default_model_dir
 
     return default_model_dir()
 

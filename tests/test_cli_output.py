@@ -65,7 +65,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def load_model(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr("quantlab.models.loading.load_model", load_model)
+    monkeypatch.setattr("quantlab.export.model_source.load_model", load_model)
 
 
 def _quantize(model: Path | str, out: Path | str, *extra: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +35,66 @@ def test_quantlab_import_graph_has_no_cycle() -> None:
     assert "quantlab.methods.base" in modules and "quantlab.calib.stats" in modules
     found = graph.cycles(graph.import_edges(modules), sorted(modules))
     assert found == [], "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_folders_import_one_way() -> None:
+    """docs/architecture.md draws the folders in layers, every arrow pointing down: no two folders
+    import each other, even through different modules."""
+    graph = _graph_script()
+    modules = graph.discover_modules()
+    folders = graph.folder_edges(graph.import_edges(modules), graph.packages_of(modules))
+    assert ("quantlab.methods", "quantlab.solvers") in folders
+    assert graph.folder_cycles(folders) == []
+    assert len(graph.layers(folders)) >= 5
+
+
+def test_folder_cycle_is_found_and_refuses_a_layering() -> None:
+    graph = _graph_script()
+    folders = Counter({("pkg.a", "pkg.b"): 2, ("pkg.b", "pkg.c"): 1, ("pkg.c", "pkg.a"): 1})
+    assert graph.folder_cycles(folders) == [["pkg.a", "pkg.b", "pkg.c"]]
+    with pytest.raises(ValueError, match="folder cycles"):
+        graph.layers(folders)
+    del folders[("pkg.c", "pkg.a")]
+    assert graph.layers(folders) == [["pkg.a"], ["pkg.b"], ["pkg.c"]]
+
+
+def test_integrations_import_only_the_schema_and_the_loader() -> None:
+    """The transformers integration goes through export's two public levels, never a layout's
+    own module, so a change inside export cannot reach it (issue #20)."""
+    graph = _graph_script()
+    modules = graph.discover_modules()
+    edges = graph.import_edges(modules)
+    imported = {
+        target
+        for source, targets in edges.items()
+        if source.startswith("quantlab.integrations")
+        for target in targets
+        if target.startswith("quantlab.export")
+    }
+    assert imported == {"quantlab.export.schema", "quantlab.export.load"}
+
+
+def test_quantlab_imports_every_name_from_its_owner() -> None:
+    """A re-export (``quantlab.config``, ``pipeline.QuantizationReport``) is for users; inside
+    quantlab each name comes from the module that defines it, so moving a concept moves its
+    importers' lines and nothing else (docs/architecture.md, "One owner per concept")."""
+    graph = _graph_script()
+    assert graph.borrowed_imports(graph.discover_modules()) == []
+
+
+def test_borrowed_import_is_found(tmp_path: Path) -> None:
+    graph = _graph_script()
+    _write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/owner.py": "VALUE = 1\n\n\ndef helper():\n    return VALUE\n",
+            "pkg/facade.py": "from pkg.owner import VALUE, helper\n",
+            "pkg/user.py": "from pkg.facade import VALUE\nfrom pkg.owner import helper\n",
+        },
+    )
+    modules = graph.discover_modules({"pkg": tmp_path / "pkg"})
+    assert graph.borrowed_imports(modules) == ["pkg.user:1: VALUE from pkg.facade"]
 
 
 def _write_package(root: Path, files: dict[str, str]) -> None:

@@ -35,7 +35,7 @@ def test_the_package_has_no_unpickling_call() -> None:
 def test_a_pickled_model_is_refused(
     tiny_llama: nn.Module, tmp_path: Path, default_tokenizer: Any
 ) -> None:
-    from quantlab.models.loading import load_model
+    from quantlab.export.model_source import load_model
 
     # A model directory as older tools wrote it: config.json and a pickled state dict.
     tiny_llama.config.save_pretrained(tmp_path)

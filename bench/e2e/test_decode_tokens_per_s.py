@@ -108,7 +108,7 @@ def _load_float_model() -> tuple[torch.nn.Module, torch.Tensor, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     if MODEL == "default":
-        from quantlab.models.default_model import default_model_dir
+        from quantlab.export.default_model import default_model_dir
 
         path = default_model_dir()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()

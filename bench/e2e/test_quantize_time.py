@@ -15,7 +15,7 @@ import quantlab
 
 @pytest.fixture(scope="module")
 def model_dir():  # noqa: ANN201
-    from quantlab.models.default_model import default_model_dir
+    from quantlab.export.default_model import default_model_dir
 
     return default_model_dir()
 

@@ -1,7 +1,7 @@
 """Checkpoints in the AutoAWQ GEMM layout (``quant_method: "awq"``) that transformers and vLLM load.
 
 Writing converts every :class:`~quantlab.nn.groupwise_int_linear.QuantLinear` to the tensors of
-:mod:`quantlab.export.awq_format`; linears left in float precision are listed in
+:mod:`quantlab.formats.awq_layout`; linears left in float precision are listed in
 ``modules_to_not_convert``. Reading turns an AWQ GEMM checkpoint (quantlab's or AutoAWQ's /
 llm-compressor's) back into QuantLinear layers.
 """
@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.export.awq_format import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
 from quantlab.export.model_fill import instantiate_quantized
 from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
 from quantlab.export.schema import groupwise_specs
+from quantlab.formats.awq_layout import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.groupwise_int_linear import QuantLinear
 

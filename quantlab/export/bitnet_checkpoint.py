@@ -37,7 +37,8 @@ from quantlab.export.foreign_layout import config_field
 from quantlab.export.model_fill import instantiate_quantized
 from quantlab.export.safetensors_file import read_header, read_tensors
 from quantlab.export.schema import read_quantization_config
-from quantlab.formats.ternary import FORMAT_NAME, PER_TENSOR, TernaryResult, pack
+from quantlab.formats.ternary import FORMAT_NAME, TernaryResult, pack
+from quantlab.formats.ternary_packing import PER_TENSOR
 from quantlab.solvers.ternary import absmean_ternarize
 
 __all__ = ["BITNET_QUANT_METHOD", "bitnet_modules", "load_bitnet", "unpack_hf_bitnet"]

@@ -2,7 +2,7 @@
 
 Writing converts every :class:`~quantlab.nn.groupwise_int_linear.QuantLinear` of a model to the
 GPTQ tensors of
-:mod:`quantlab.export.gptq_format` (``qweight``/``qzeros``/``scales``/``g_idx``) and stores a
+:mod:`quantlab.formats.gptq_layout` (``qweight``/``qzeros``/``scales``/``g_idx``) and stores a
 ``quantization_config`` with ``quant_method: "gptq"`` and an explicit ``checkpoint_format``.
 quantlab's act-order uses static groups, so every ``g_idx`` is ``k // group_size`` and the config
 says ``desc_act: false``: loaders take their fast no-reordering path. Reading turns such a
@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
-from quantlab.export.gptq_format import (
+from quantlab.export.model_fill import instantiate_quantized
+from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
+from quantlab.export.schema import groupwise_specs
+from quantlab.formats.gptq_layout import (
     from_gptq_tensors,
     gptq_quantization_config,
     to_gptq_tensors,
 )
-from quantlab.export.model_fill import instantiate_quantized
-from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
-from quantlab.export.schema import groupwise_specs
 from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.groupwise_int_linear import QuantLinear
 

@@ -1,7 +1,9 @@
 """Loading any quantized checkpoint directory: the one dispatch over the layouts quantlab reads.
 
-:func:`quantlab.load`, the CLI (through :func:`quantlab.models.loading.load_model`) and user code
-all come here. The layout is read from config.json's ``quantization_config.quant_method``
+:func:`quantlab.load`, the CLI (through :func:`quantlab.export.model_source.load_model`), the
+transformers integration (:func:`prepare_model_for_weights` and
+:func:`finish_model_after_weights`, around transformers' own weight loading) and user code all
+come here. The layout is read from config.json's ``quantization_config.quant_method``
 (:func:`checkpoint_kind`); BitStack checkpoints, which load to a memory budget, are recognised by
 their format first. Each layout's loader is strict (docs/reliability.md).
 """
@@ -13,16 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from quantlab.export.awq_checkpoint import load_awq
 from quantlab.export.bitnet_checkpoint import load_bitnet
 from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint, load_bitstack
+from quantlab.export.checksums import verify_checksums
 from quantlab.export.errors import CheckpointError
 from quantlab.export.gptq_checkpoint import load_gptq
+from quantlab.export.model_fill import finish_loaded_layers
 from quantlab.export.quantlab_checkpoint import load_quantized
+from quantlab.export.safetensors_file import TensorInfo, read_header
 from quantlab.export.schema import read_config_json
+from quantlab.export.state_check import check_state_matches_model
+from quantlab.nn.swap import swap_in_empty
 
-__all__ = ["LOADABLE_KINDS", "checkpoint_kind", "load_checkpoint"]
+__all__ = [
+    "LOADABLE_KINDS",
+    "checkpoint_kind",
+    "finish_model_after_weights",
+    "load_checkpoint",
+    "prepare_model_for_weights",
+]
 
 # quant_method values of the layouts :func:`load_checkpoint` reads.
 LOADABLE_KINDS = ("quantlab", "gptq", "awq", "bitnet")
@@ -72,3 +86,49 @@ def load_checkpoint(
     if kind == "bitnet":
         return load_bitnet(path, device=device, dtype=dtype)
     return load_quantized(path, device=device, dtype=dtype, verify=verify)
+
+
+def prepare_model_for_weights(
+    model: nn.Module, specs: dict[str, dict[str, Any]], checkpoint_files: list[str] | None
+) -> None:
+    """For a loader that copies the tensors itself (transformers' ``from_pretrained``): swap an
+    empty quantized layer in for every module of ``specs`` (checked by
+    :func:`quantlab.export.schema.module_specs`), then check, before a value is read, that the
+    safetensors files hold exactly the tensors the model now expects and match the checksums
+    recorded at export.
+
+    Raises:
+        CheckpointError: a module the model lacks, no files or a file that is not safetensors,
+            missing or unexpected tensors, or a checksum mismatch.
+    """
+    for name, spec in specs.items():
+        try:
+            swap_in_empty(model, name, spec)
+        except ValueError as exc:
+            raise CheckpointError(f"quantization_config: module {name}: {exc}") from exc
+    if not checkpoint_files:
+        raise CheckpointError(
+            "quantlab checkpoints load from their safetensors files; the loader passed none"
+        )
+    files = [Path(f) for f in checkpoint_files]
+    found: dict[str, TensorInfo] = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: quantlab checkpoints are safetensors only")
+        found.update(read_header(path).tensors)
+    source = files[0] if len(files) == 1 else files[0].parent
+    check_state_matches_model(model, found, source)
+    verify_checksums(files[0].parent)
+
+
+def finish_model_after_weights(model: nn.Module, source: object) -> None:
+    """The other half of :func:`prepare_model_for_weights`, once the tensors are in: every
+    quantized layer's own checks and fix-ups, and every float tensor finite.
+
+    Raises:
+        CheckpointError: naming ``source`` and the module or tensor that failed.
+    """
+    finish_loaded_layers(model, source)
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{key} holds NaN or Inf values")

@@ -19,11 +19,10 @@ from typing import Any
 from torch import nn
 
 from quantlab.export.awq_checkpoint import save_awq
-from quantlab.export.awq_format import awq_quantization_config
 from quantlab.export.gptq_checkpoint import save_gptq
 from quantlab.export.quantlab_checkpoint import save_quantized
-from quantlab.methods.base import excluded
-from quantlab.models.arch import get_submodule, resolve
+from quantlab.formats.awq_layout import awq_quantization_config
+from quantlab.models.arch import excluded, get_submodule, resolve
 
 __all__ = ["EXPORT_FORMATS", "check_exportable", "estimate_checkpoint_bytes", "save_checkpoint"]
 

@@ -17,6 +17,10 @@ __all__ = [
     "check_tensors",
     "dtype_from_name",
     "dtype_name",
+    "explicit_zeros",
+    "packed_int32_tensors",
+    "scales_to_store",
+    "zeros_to_store",
     "storage_bits",
 ]
 
@@ -90,3 +94,69 @@ def storage_bits(expected: TensorShapes) -> int:
         math.prod(shape) * torch.empty((), dtype=dtype).element_size() * 8
         for shape, dtype in expected.values()
     )
+
+
+def packed_int32_tensors(
+    tensors: Mapping[str, torch.Tensor], layout: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(qweight, qzeros, scales)`` of one linear in another tool's groupwise layout (``layout``
+    names it in errors: "GPTQ", "AWQ"): all three present, the two packed ones 2-D int32 (their
+    shapes are the layout's to check)."""
+    missing = [key for key in ("qweight", "qzeros", "scales") if key not in tensors]
+    if missing:
+        raise ValueError(f"{layout} tensors are missing {missing} (have {sorted(tensors)})")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    for key, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dim() != 2 or t.dtype != torch.int32:
+            raise ValueError(f"{key} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    return qweight, qzeros, scales
+
+
+def explicit_zeros(zeros: torch.Tensor, bits: int, sym: bool) -> torch.Tensor | None:
+    """The zero points a layout stores even for symmetric weights: ``zeros`` as they are, or with
+    ``sym`` ``None`` once every one is checked to be the midpoint ``2**(bits-1)``."""
+    if not sym:
+        return zeros
+    mid = 1 << (bits - 1)
+    if not bool((zeros == mid).all()):
+        raise ValueError(f"sym=True but some zero points differ from {mid}")
+    return None
+
+
+def scales_to_store(
+    scales: torch.Tensor, n: int, g: int, dtype: torch.dtype, layout: str, hint: str = ""
+) -> torch.Tensor:
+    """Float ``[N, G]`` scales as another tool's groupwise layout stores them: ``dtype``
+    ``[G, N]``, contiguous, refused when they overflow ``dtype`` (the error names ``layout`` and
+    ends with ``hint``, what the caller can change)."""
+    if tuple(scales.shape) != (n, g) or not scales.dtype.is_floating_point:
+        raise ValueError(
+            f"scales must be a float [N, G] = [{n}, {g}] tensor, got {scales.dtype} "
+            f"{tuple(scales.shape)}"
+        )
+    stored = scales.t().to(dtype).contiguous()
+    if not bool(torch.isfinite(stored).all()):
+        raise ValueError(f"scales overflow {dtype}, which the {layout} layout stores{hint}")
+    return stored
+
+
+def zeros_to_store(
+    zeros: torch.Tensor | None, n: int, g: int, bits: int, device: torch.device
+) -> torch.Tensor:
+    """Integer ``[N, G]`` zero points in ``[0, 2**bits)`` as int64, or for symmetric weights
+    (``None``) the midpoint ``2**(bits-1)`` written explicitly, as GPTQ and AWQ checkpoints
+    always carry zeros."""
+    if zeros is None:
+        return torch.full((n, g), 1 << (bits - 1), dtype=torch.int64, device=device)
+    if tuple(zeros.shape) != (n, g) or zeros.dtype.is_floating_point or zeros.dtype == torch.bool:
+        raise ValueError(
+            f"zeros must be an integer [N, G] = [{n}, {g}] tensor or None, got {zeros.dtype} "
+            f"{tuple(zeros.shape)}"
+        )
+    maxq = (1 << bits) - 1
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > maxq):
+        raise ValueError(
+            f"zeros must lie in [0, {maxq}] for {bits}-bit, got "
+            f"[{int(zeros.min())}, {int(zeros.max())}]"
+        )
+    return zeros.to(torch.int64)

@@ -4,8 +4,9 @@ After :func:`register`, a directory written by
 :func:`quantlab.export.quantlab_checkpoint.save_quantized` loads with plain
 ``AutoModelForCausalLM.from_pretrained(path)``: transformers builds the model on the meta device,
 our quantizer swaps the listed linears for :class:`~quantlab.nn.groupwise_int_linear.QuantLinear`
-(or the layer
-of each module's format), and transformers streams the packed tensors in.
+(or the layer of each module's format), and transformers streams the packed tensors in. The checks
+before and after are :mod:`quantlab.export.load`'s: of export, this module imports only that
+module and the schema.
 
 The load is as strict as ``quantlab.load`` (docs/reliability.md): the config's module specs are
 checked field by field when transformers parses it; before any weight is read the safetensors
@@ -17,7 +18,6 @@ tensor is checked finite. A failure is a :class:`~quantlab.export.errors.Checkpo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,14 +29,9 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from quantlab.export.checksums import verify_checksums
-from quantlab.export.errors import CheckpointError
-from quantlab.export.model_fill import finish_loaded_layers
-from quantlab.export.safetensors_file import TensorInfo, read_header
+from quantlab.export.load import finish_model_after_weights, prepare_model_for_weights
 from quantlab.export.schema import QUANT_METHOD, module_specs
-from quantlab.export.state_check import check_state_matches_model
 from quantlab.formats.groupwise_int import FORMAT_NAME, FORMAT_VERSION
-from quantlab.nn.swap import swap_in_empty
 
 __all__ = ["QUANT_METHOD", "QuantlabConfig", "QuantlabHfQuantizer", "register"]
 
@@ -99,30 +94,10 @@ class QuantlabHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> None:
-        for name, spec in self.quantization_config.modules.items():
-            try:
-                swap_in_empty(model, name, spec)
-            except ValueError as exc:
-                raise CheckpointError(f"quantization_config: module {name}: {exc}") from exc
-        if not checkpoint_files:
-            raise CheckpointError(
-                "quantlab checkpoints load from their safetensors files; transformers passed none"
-            )
-        files = [Path(f) for f in checkpoint_files]
-        found: dict[str, TensorInfo] = {}
-        for path in files:
-            if path.suffix != ".safetensors":
-                raise CheckpointError(f"{path}: quantlab checkpoints are safetensors only")
-            found.update(read_header(path).tensors)
-        source = files[0] if len(files) == 1 else files[0].parent
-        check_state_matches_model(model, found, source)
-        verify_checksums(files[0].parent)
+        prepare_model_for_weights(model, self.quantization_config.modules, checkpoint_files)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        finish_loaded_layers(model, getattr(model, "name_or_path", "checkpoint"))
-        for key, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{key} holds NaN or Inf values")
+        finish_model_after_weights(model, getattr(model, "name_or_path", "checkpoint"))
         return model
 
     def is_serializable(self) -> bool:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -24,12 +23,12 @@ import torch
 from torch import nn
 
 from quantlab.formats.groupwise_int import (
-    SCALE_DTYPES,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     GroupwiseIntResult,
     pack,
 )
+from quantlab.formats.tensor_layout import SCALE_DTYPES
 from quantlab.nn.groupwise_int_linear import QuantLinear
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "MethodContext",
     "QuantizationReport",
     "calibration_samples_for",
-    "excluded",
     "packed_layer",
 ]
 
@@ -247,11 +245,6 @@ def packed_layer(
     """The :class:`QuantLinear` holding ``result``, on ``linear``'s device with its bias."""
     layer = QuantLinear.from_packed(pack(result, config.scale_dtype), linear.bias, name=name)
     return layer.to(linear.weight.device)
-
-
-def excluded(name: str, patterns: Sequence[str]) -> bool:
-    """Whether module path ``name`` matches one of ``modules_to_not_convert``'s patterns."""
-    return any(fnmatch.fnmatch(name, p) or name == p or name.endswith("." + p) for p in patterns)
 
 
 def calibration_samples_for(

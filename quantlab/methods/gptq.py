@@ -13,7 +13,8 @@ from torch import nn
 
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.formats.groupwise_int import GroupwiseIntResult, dtype_from_name
+from quantlab.formats.groupwise_int import GroupwiseIntResult
+from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     CalibConfig,
     GroupwiseIntConfig,
@@ -21,11 +22,10 @@ from quantlab.methods.base import (
     Method,
     MethodContext,
     QuantizationReport,
-    excluded,
     packed_layer,
 )
 from quantlab.methods.rtn import groupwise_options
-from quantlab.models.arch import get_submodule, resolve
+from quantlab.models.arch import excluded, get_submodule, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.gptq import gptq_quantize
 

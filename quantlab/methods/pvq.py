@@ -26,8 +26,8 @@ from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.pvq import PVQMeta, PVQResult, pack
 from quantlab.formats.pvq_codebook import MAX_CODE_BITS, PVQParams
-from quantlab.methods.base import LayerReport, Method, MethodContext, excluded
-from quantlab.models.arch import ArchSpec, get_submodule, resolve
+from quantlab.methods.base import LayerReport, Method, MethodContext
+from quantlab.models.arch import ArchSpec, excluded, get_submodule, resolve
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.pvq import pvq_quantize

@@ -10,17 +10,16 @@ from typing import ClassVar
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.formats.groupwise_int import dtype_from_name
+from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     GroupwiseIntConfig,
     LayerReport,
     Method,
     MethodContext,
     QuantizationReport,
-    excluded,
     packed_layer,
 )
-from quantlab.models.arch import ArchSpec, get_submodule, resolve
+from quantlab.models.arch import ArchSpec, excluded, get_submodule, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.rtn import rtn_quantize
 

@@ -22,19 +22,11 @@ from tqdm.auto import tqdm
 
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.formats.ternary import (
-    GROUP_SIZES,
-    PACKINGS,
-    PER_ROW,
-    PER_TENSOR,
-    SCALE_DTYPES,
-    TernaryResult,
-    dtype_from_name,
-    granularity_name,
-    pack,
-)
-from quantlab.methods.base import LayerReport, Method, MethodContext, QuantizationReport, excluded
-from quantlab.models.arch import get_submodule, resolve
+from quantlab.formats.tensor_layout import SCALE_DTYPES, dtype_from_name
+from quantlab.formats.ternary import GROUP_SIZES, TernaryResult, granularity_name, pack
+from quantlab.formats.ternary_packing import PACKINGS, PER_ROW, PER_TENSOR
+from quantlab.methods.base import LayerReport, Method, MethodContext, QuantizationReport
+from quantlab.models.arch import excluded, get_submodule, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.nn.ternary_linear import TernaryLinear
 from quantlab.solvers.ternary import (

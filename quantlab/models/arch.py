@@ -6,6 +6,8 @@ names.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -15,6 +17,7 @@ __all__ = [
     "ArchSpec",
     "SmoothMap",
     "UnsupportedArchitectureError",
+    "excluded",
     "get_submodule",
     "resolve",
     "smooth_maps_for",
@@ -269,3 +272,8 @@ def smooth_maps_for(model: nn.Module, spec: ArchSpec) -> tuple[SmoothMap, ...]:
                 "(a norm in front of each linear group), so scales cannot be folded"
             )
     return spec.smooth_maps
+
+
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether module path ``name`` matches one of ``modules_to_not_convert``'s patterns."""
+    return any(fnmatch.fnmatch(name, p) or name == p or name.endswith("." + p) for p in patterns)

@@ -14,7 +14,6 @@ from quantlab.formats.groupwise_int import (
     FORMAT_VERSION,
     GroupwiseIntMeta,
     PackedGroupwiseInt,
-    dtype_from_name,
 )
 from quantlab.formats.groupwise_int_mma_layout import (
     MAX_ROWS,
@@ -23,7 +22,7 @@ from quantlab.formats.groupwise_int_mma_layout import (
     mma_layout,
     repack,
 )
-from quantlab.formats.tensor_layout import dtype_name
+from quantlab.formats.tensor_layout import dtype_from_name, dtype_name
 from quantlab.nn.layer_spec import spec_bool, spec_int, spec_str
 from quantlab.nn.packed_linear import PackedLinear
 from quantlab.ops import groupwise_int as gw_ops

@@ -10,16 +10,15 @@ import torch
 from torch import nn
 
 from quantlab.formats import ternary_packing
-from quantlab.formats.tensor_layout import dtype_name
+from quantlab.formats.tensor_layout import dtype_from_name, dtype_name
 from quantlab.formats.ternary import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    PER_TENSOR,
     PackedTernary,
     TernaryMeta,
-    dtype_from_name,
     granularity_name,
 )
+from quantlab.formats.ternary_packing import PER_TENSOR
 from quantlab.nn.layer_spec import spec_int, spec_str
 from quantlab.nn.packed_linear import PackedLinear
 from quantlab.ops import ternary as ternary_ops

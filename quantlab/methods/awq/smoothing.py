@@ -32,7 +32,7 @@ from quantlab.calib.capture import (
     run_block_with_taps,
 )
 from quantlab.calib.stats import ChannelStatsAccumulator
-from quantlab.formats.groupwise_int import dtype_from_name
+from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.awq.config import AWQConfig
 from quantlab.models.arch import ArchSpec, SmoothMap, get_submodule, smooth_maps_for
 from quantlab.solvers.awq import (

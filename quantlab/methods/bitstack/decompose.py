@@ -36,12 +36,13 @@ from quantlab.calib.capture import (
 )
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.bitstack import pack
-from quantlab.methods.base import LayerReport, MethodContext, excluded
+from quantlab.methods.base import LayerReport, MethodContext
 from quantlab.methods.bitstack.config import BitStackConfig
 from quantlab.methods.bitstack.distill import distill_prefix
 from quantlab.models.arch import (
     ArchSpec,
     SmoothMap,
+    excluded,
     get_submodule,
     resolve,
     smooth_maps_for,

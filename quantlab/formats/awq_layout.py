@@ -23,6 +23,13 @@ from typing import Any
 
 import torch
 
+from quantlab.formats.tensor_layout import (
+    explicit_zeros,
+    packed_int32_tensors,
+    scales_to_store,
+    zeros_to_store,
+)
+
 __all__ = [
     "AWQ_BITS",
     "AWQ_ORDER",
@@ -104,24 +111,8 @@ def to_awq_tensors(
     g = _check_encoding(bits, group_size, k, n)
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError(f"q values must lie in [0, 15], got [{int(q.min())}, {int(q.max())}]")
-    if tuple(scales.shape) != (n, g) or not scales.dtype.is_floating_point:
-        raise ValueError(
-            f"scales must be float [N, G] = [{n}, {g}], got {scales.dtype} {tuple(scales.shape)}"
-        )
-    stored_scales = scales.t().to(torch.float16).contiguous()
-    if not bool(torch.isfinite(stored_scales).all()):
-        raise ValueError("scales overflow float16, which the AWQ layout stores")
-    if zeros is None:
-        z = torch.full((n, g), 1 << (bits - 1), dtype=torch.int32, device=q.device)
-    else:
-        if tuple(zeros.shape) != (n, g) or zeros.dtype.is_floating_point:
-            raise ValueError(
-                f"zeros must be an integer [N, G] = [{n}, {g}] tensor or None, got "
-                f"{zeros.dtype} {tuple(zeros.shape)}"
-            )
-        z = zeros
-        if z.numel() and (int(z.min()) < 0 or int(z.max()) > 15):
-            raise ValueError(f"zeros must lie in [0, 15], got [{int(z.min())}, {int(z.max())}]")
+    stored_scales = scales_to_store(scales, n, g, torch.float16, "AWQ")
+    z = zeros_to_store(zeros, n, g, bits, q.device)
     return {
         "qweight": pack_awq_columns(q.t().contiguous()),
         "qzeros": pack_awq_columns(z.t().contiguous()),
@@ -138,13 +129,7 @@ def from_awq_tensors(
         ``(q int32 [N, K], scales fp32 [N, G], zeros int32 [N, G] or None)``; ``sym=True``
         checks that every zero is 8 and returns ``None``.
     """
-    missing = [key for key in ("qweight", "qzeros", "scales") if key not in tensors]
-    if missing:
-        raise ValueError(f"AWQ tensors are missing {missing} (have {sorted(tensors)})")
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-    for key, t in (("qweight", qweight), ("qzeros", qzeros)):
-        if t.dim() != 2 or t.dtype != torch.int32:
-            raise ValueError(f"{key} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    qweight, qzeros, scales = packed_int32_tensors(tensors, "AWQ")
     k, words = qweight.shape
     n = words * _PACK
     g = _check_encoding(bits, group_size, k, n)
@@ -155,13 +140,7 @@ def from_awq_tensors(
             f"scales must be float [G, N] = [{g}, {n}], got {scales.dtype} {tuple(scales.shape)}"
         )
     q = unpack_awq_columns(qweight).t().contiguous()
-    z = unpack_awq_columns(qzeros).t().contiguous()
-    if sym:
-        if not bool((z == 1 << (bits - 1)).all()):
-            raise ValueError(f"sym=True but some zero points differ from {1 << (bits - 1)}")
-        zeros: torch.Tensor | None = None
-    else:
-        zeros = z
+    zeros = explicit_zeros(unpack_awq_columns(qzeros).t().contiguous(), bits, sym)
     return q, scales.t().to(torch.float32).contiguous(), zeros
 
 

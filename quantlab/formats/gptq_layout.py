@@ -40,6 +40,12 @@ import torch
 
 from quantlab.formats.bitstream import pack_bitstream, unpack_bitstream
 from quantlab.formats.groupwise_int import SUPPORTED_BITS
+from quantlab.formats.tensor_layout import (
+    explicit_zeros,
+    packed_int32_tensors,
+    scales_to_store,
+    zeros_to_store,
+)
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -127,29 +133,10 @@ def to_gptq_tensors(
         raise ValueError(
             f"q values must lie in [0, {maxq}] for {bits}-bit, got [{int(q.min())}, {int(q.max())}]"
         )
-    if tuple(scales.shape) != (n, g) or not scales.dtype.is_floating_point:
-        raise ValueError(
-            f"scales must be a float [N, G] = [{n}, {g}] tensor, got {scales.dtype} "
-            f"{tuple(scales.shape)}"
-        )
-    stored_scales = scales.t().to(scale_dtype).contiguous()
-    if not bool(torch.isfinite(stored_scales).all()):
-        raise ValueError(f"scales overflow {scale_dtype}; export with a wider scale_dtype")
-
-    if zeros is None:
-        z = torch.full((n, g), 1 << (bits - 1), dtype=torch.int64, device=q.device)
-    else:
-        if tuple(zeros.shape) != (n, g) or zeros.dtype.is_floating_point:
-            raise ValueError(
-                f"zeros must be an integer [N, G] = [{n}, {g}] tensor or None, got {zeros.dtype} "
-                f"{tuple(zeros.shape)}"
-            )
-        z = zeros.to(torch.int64)
-        if z.numel() and (int(z.min()) < 0 or int(z.max()) > maxq):
-            raise ValueError(
-                f"zeros must lie in [0, {maxq}] for {bits}-bit, got "
-                f"[{int(z.min())}, {int(z.max())}]"
-            )
+    stored_scales = scales_to_store(
+        scales, n, g, scale_dtype, "GPTQ", "; export with a wider scale_dtype"
+    )
+    z = zeros_to_store(zeros, n, g, bits, q.device)
     if checkpoint_format == "gptq":
         z = z - 1
         if z.numel() and int(z.min()) < 0:
@@ -195,13 +182,7 @@ def from_gptq_tensors(
             which quantlab's layout cannot express), or a v1 field that decodes to ``2**bits``.
     """
     _check_common(bits, checkpoint_format)
-    missing = [key for key in ("qweight", "qzeros", "scales") if key not in tensors]
-    if missing:
-        raise ValueError(f"GPTQ tensors are missing {missing} (have {sorted(tensors)})")
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-    for key, t in (("qweight", qweight), ("qzeros", qzeros)):
-        if t.dim() != 2 or t.dtype != torch.int32:
-            raise ValueError(f"{key} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    qweight, qzeros, scales = packed_int32_tensors(tensors, "GPTQ")
     words_k, n = qweight.shape
     if (words_k * 32) % bits != 0:
         raise ValueError(
@@ -241,14 +222,7 @@ def from_gptq_tensors(
                 f"{maxq + 1}, outside the {bits}-bit grid: the checkpoint was written with an "
                 "underflowed zero point of 0 (asymmetric v1 export); re-export it as gptq_v2"
             )
-    if sym:
-        mid = 1 << (bits - 1)
-        if not bool((z == mid).all()):
-            raise ValueError(f"sym=True but some zero points differ from {mid}")
-        zeros: torch.Tensor | None = None
-    else:
-        zeros = z
-    return q, scales.t().to(torch.float32).contiguous(), zeros
+    return q, scales.t().to(torch.float32).contiguous(), explicit_zeros(z, bits, sym)
 
 
 def _quantizer_tag() -> str:

@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 
-from quantlab.export.gptq_format import (
+from quantlab.formats.gptq_layout import (
     from_gptq_tensors,
     gptq_quantization_config,
     to_gptq_tensors,

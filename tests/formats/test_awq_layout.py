@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.export.awq_format import (
+from quantlab.formats.awq_layout import (
     awq_quantization_config,
     from_awq_tensors,
     pack_awq_columns,

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from quantlab.export.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from quantlab.export.load import LOADABLE_KINDS, checkpoint_kind, load_checkpoint
-from quantlab.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
 __all__ = ["LoadedModel", "load_model", "resolve_model_path"]
 
