@@ -15,8 +15,10 @@ so the extension links against the torch that is installed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import types
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -50,6 +52,35 @@ def _components() -> list[str]:
     )
 
 
+def _kernel_sources_module() -> types.ModuleType:
+    # quantlab is not importable while it is being built: load the torch-free file by path.
+    spec = importlib.util.spec_from_file_location(
+        "quantlab_kernel_sources", ROOT / "quantlab" / "ops" / "kernel_sources.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_ext_class(base: type, cuda_families: dict[str, bool]) -> type:
+    """``base`` that, after a successful build, records per family whether it has CUDA kernels and
+    the digest of their sources (quantlab/_kernel_build.json): the kernel policy only runs a
+    family's CUDA kernels by default when a GPU run verified that digest."""
+
+    class BuildExtWithRecord(base):
+        def run(self) -> None:
+            super().run()
+            sources = _kernel_sources_module()
+            target_dir = ROOT / "quantlab" if self.inplace else Path(self.build_lib) / "quantlab"
+            target = target_dir / sources.BUILD_RECORD.name
+            record = sources.read_build_record(target)
+            merged = {f: bool(v.get("cuda")) for f, v in record.items() if isinstance(v, dict)}
+            merged.update(cuda_families)  # families rebuilt now replace their earlier entries
+            sources.write_build_record(CSRC, merged, target)
+
+    return BuildExtWithRecord
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("QUANTLAB_BUILD_EXT", "1") == "0":
         return [], {}
@@ -65,6 +96,7 @@ def _extensions() -> tuple[list, dict]:
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0a")
     extensions = []
+    cuda_families: dict[str, bool] = {}
     only = [f for f in os.environ.get("QUANTLAB_BUILD_ONLY", "").split(",") if f]
     for family in _components():
         if only and family not in only:
@@ -74,6 +106,7 @@ def _extensions() -> tuple[list, dict]:
         # csrc/bindings/<family>_cuda.cpp (CUDA impls).
         cpu_sources = _sources(f"{family}/*.cpp") + _sources(f"bindings/{family}.cpp")
         cuda_sources = _sources(f"bindings/{family}_cuda.cpp") + _sources(f"{family}/*.cu")
+        cuda_families[family] = bool(cuda and cuda_sources)
         if cuda and cuda_sources:
             ext = CUDAExtension(
                 f"quantlab._C_{family}",
@@ -95,7 +128,8 @@ def _extensions() -> tuple[list, dict]:
                 **link,
             )
         extensions.append(ext)
-    return extensions, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    build_ext = BuildExtension.with_options(no_python_abi_suffix=False)
+    return extensions, {"build_ext": _build_ext_class(build_ext, cuda_families)}
 
 
 ext_modules, cmdclass = _extensions()
@@ -104,7 +138,11 @@ setup(
     packages=find_packages(include=["quantlab", "quantlab.*"], exclude=["quantlab.calib*"])
     + ["quantlab.calib"],
     package_dir={"quantlab.calib": "calib"},
-    package_data={"quantlab.calib": ["texts/*"]},
+    package_data={
+        "quantlab.calib": ["texts/*"],
+        "quantlab": ["_kernel_build.json"],
+        "quantlab.ops": ["verified_kernels.json"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -361,6 +361,9 @@ def _quantize_locked(
     losses = [layer.loss for layer in report.layers if layer.loss is not None]
     if losses:
         rows.append(("mean layer loss", f"{sum(losses) / len(losses):.4g}"))
+    result["backends"], kernels_row = _kernel_backends()
+    if kernels_row:
+        rows.append(kernels_row)
     rows += [
         ("quantize time", f"{report.seconds:.1f} s"),
         ("total time", f"{seconds:.1f} s"),
@@ -368,6 +371,19 @@ def _quantize_locked(
     ]
     _print_table("quantlab quantize", rows, to_stderr=args.json)
     return result
+
+
+def _kernel_backends() -> tuple[dict[str, dict[str, str]], tuple[str, str] | None]:
+    """The path each layer family's ops took in this run (kernel_policy), for --json and a row of
+    the summary table; an unverified CUDA kernel or a torch fallback is visible in both."""
+    from quantlab.ops.kernel_policy import backends_used
+
+    used = backends_used()
+    text = "; ".join(
+        f"{family} {', '.join(f'{dev}: {b}' for dev, b in devices.items())}"
+        for family, devices in used.items()
+    )
+    return used, (("kernels", text) if text else None)
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -405,6 +421,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(("stereotype score", _fmt_fairness(fairness)))
     if sample is not None:
         rows.append(("generation", f"{args.prompt!r} -> {sample!r}"))
+    result["backends"], kernels_row = _kernel_backends()
+    if kernels_row:
+        rows.append(kernels_row)
     rows.append(("time", f"{result['seconds']:.1f} s"))
     _print_table("quantlab eval", rows, to_stderr=args.json)
     return result
@@ -416,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     command = shlex.join(["quantlab", *(sys.argv[1:] if argv is None else argv)])
     try:
+        from quantlab.ops.kernel_policy import reset_usage
+
+        reset_usage()
         result = cmd_quantize(args, command) if args.command == "quantize" else cmd_eval(args)
     except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as exc:
         if os.environ.get("QUANTLAB_DEBUG"):

@@ -39,13 +39,9 @@ def make_tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def write_checkpoint(kind: str, out: Path) -> Path:
-    """A small checkpoint of ``kind``: ``rtn`` (groupwise W4 g32, asymmetric, tied head),
-    ``rtn-sym``, ``untied`` (W4 g32, separate head), ``bitstack`` (3 blocks, rank 2), ``gptq``
-    and ``awq`` (the foreign layouts), ``ternary``."""
-    from quantlab.export.awq_checkpoint import save_awq
-    from quantlab.export.gptq_checkpoint import save_gptq
-
+def quantize_tiny(kind: str) -> tuple[nn.Module, Any]:
+    """The quantized tiny Llama (and its report) that :func:`write_checkpoint` saves for
+    ``kind``; deterministic, so a test can rebuild the model a checkpoint was written from."""
     model = make_tiny_llama(tie=kind != "untied")
     if kind == "bitstack":
         from quantlab.methods.bitstack.config import BitStackConfig
@@ -59,6 +55,17 @@ def write_checkpoint(kind: str, out: Path) -> Path:
     else:
         sym = kind in ("rtn-sym", "gptq")
         report = quantlab.quantize(model, "rtn", bits=4, group_size=32, sym=sym, progress=False)
+    return model, report
+
+
+def write_checkpoint(kind: str, out: Path) -> Path:
+    """A small checkpoint of ``kind``: ``rtn`` (groupwise W4 g32, asymmetric, tied head),
+    ``rtn-sym``, ``untied`` (W4 g32, separate head), ``bitstack`` (3 blocks, rank 2), ``gptq``
+    and ``awq`` (the foreign layouts), ``ternary``."""
+    from quantlab.export.awq_checkpoint import save_awq
+    from quantlab.export.gptq_checkpoint import save_gptq
+
+    model, report = quantize_tiny(kind)
     if kind == "gptq":
         return save_gptq(model, out, report.config)[0]
     if kind == "awq":

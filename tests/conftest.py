@@ -56,3 +56,27 @@ def tiny_llama() -> torch.nn.Module:
     from tests.checkpoint_mutations import make_tiny_llama
 
     return make_tiny_llama()
+
+
+@pytest.fixture
+def fresh_kernel_policy():  # noqa: ANN201 (the policy module)
+    """The kernel policy with no decision made yet (and none left behind for later tests)."""
+    from quantlab.ops import kernel_policy
+
+    kernel_policy.reset()
+    yield kernel_policy
+    kernel_policy.reset()
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_run_the_compiled_kernels(request: pytest.FixtureRequest) -> None:
+    """A ``gpu`` test tests the compiled CUDA kernels, verified or not: it runs with
+    QUANTLAB_CUDA_KERNELS=1 (a test of the default policy unsets it itself)."""
+    if request.node.get_closest_marker("gpu") is None:
+        return
+    from quantlab.ops import kernel_policy
+
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv(kernel_policy.ENV_VAR, "1")
+    kernel_policy.reset()
+    request.addfinalizer(kernel_policy.reset)

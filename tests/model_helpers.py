@@ -55,3 +55,21 @@ def kl_to(teacher: torch.nn.Module, student: torch.nn.Module, ids: torch.Tensor)
     target = F.log_softmax(teacher(ids).logits, -1)
     got = F.log_softmax(student(ids).logits, -1)
     return float(F.kl_div(got, target, log_target=True, reduction="none").sum(-1).mean())
+
+
+@torch.no_grad()
+def first_q_proj_loss(
+    float_model: torch.nn.Module, quantized: torch.nn.Module, samples: torch.Tensor
+) -> float:
+    """Oracle of the solver loss reported for ``model.layers.0.self_attn.q_proj``: its inputs are
+    the float model's (nothing is quantized before it), the embedding of ``samples`` through block
+    0's input norm, so ``H = 2 X X^T / n`` and ``tr((W - Q) H (W - Q)^T) / 2`` are computed here
+    directly, in fp64."""
+    block = float_model.model.layers[0]
+    x = block.input_layernorm(float_model.model.embed_tokens(samples)).double()
+    x = x.reshape(-1, x.shape[-1])
+    h = 2.0 * x.t() @ x / x.shape[0]
+    w = block.self_attn.q_proj.weight.double()
+    q = quantized.model.layers[0].self_attn.q_proj.dequantized_weight().double()
+    e = w - q
+    return float(torch.trace(e @ h @ e.t())) / 2.0

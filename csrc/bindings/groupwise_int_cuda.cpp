@@ -154,6 +154,9 @@ at::Tensor mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     const at::Tensor w = dequant_cuda(qweight, scales, qzeros, bits, group_size, a.k, x.scalar_type());
     return at::matmul(x, w.t());
   }
+  // No rows: nothing to launch (a grid of zero blocks is a launch error); the CPU op returns
+  // the same empty [0, N].
+  if (m == 0) return at::empty({0, a.n}, x.options());
   const PreparedWeight p = prepare(a, qweight, scales, qzeros);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({m, a.n}, x.options());
@@ -226,6 +229,11 @@ void check_mma_shape(const at::Tensor& t, const char* name, at::ScalarType dtype
               c10::IntArrayRef(shape), " (the layout of formats/groupwise_int_mma_layout.py), got ",
               t.sizes());
   TORCH_CHECK(t.is_contiguous(), "groupwise_int_mma_mm: ", name, " must be contiguous");
+  // The kernel copies these tensors to shared memory with 16-byte cp.async: a view that starts
+  // off a 16-byte boundary (a storage offset) would fault on the GPU instead of failing here.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "groupwise_int_mma_mm: ", name,
+              " must start on a 16-byte boundary (the kernel reads it with 16-byte cp.async), got "
+              "a view at storage offset ", t.storage_offset(), "; pass a .clone()");
 }
 
 at::Tensor mma_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

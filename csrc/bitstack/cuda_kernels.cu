@@ -33,6 +33,8 @@
 
 #include "bitstack/cuda_kernels.cuh"
 #include "common/cuda_check.h"
+#include "common/ptx.cuh"
+#include "common/cuda_launch.cuh"
 
 namespace quantlab::bitstack {
 namespace {
@@ -54,11 +56,7 @@ struct Traits<__half> {
     return *reinterpret_cast<uint32_t*>(&r);
   }
   __device__ static void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_f16(c, a, b0, b1);
   }
   __device__ static float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
   __device__ static uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
@@ -73,11 +71,7 @@ struct Traits<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&r);
   }
   __device__ static void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_bf16(c, a, b0, b1);
   }
   __device__ static float to_float(uint16_t bits) {
     return __bfloat162float(__ushort_as_bfloat16(bits));
@@ -243,10 +237,10 @@ cudaError_t launch_for_m(const CudaWeight& w, const void* x, void* y, cudaStream
   const auto* xs = static_cast<const uint16_t*>(x);
   auto* ys = static_cast<uint16_t*>(y);
   switch (nt) {
-    case 1: gemv_kernel<T, M, 1><<<grid, kThreads, 0, stream>>>(w, xs, ys); break;
-    case 2: gemv_kernel<T, M, 2><<<grid, kThreads, 0, stream>>>(w, xs, ys); break;
-    case 3: gemv_kernel<T, M, 3><<<grid, kThreads, 0, stream>>>(w, xs, ys); break;
-    default: gemv_kernel<T, M, kMaxNTiles><<<grid, kThreads, 0, stream>>>(w, xs, ys); break;
+    case 1: QUANTLAB_LAUNCH(grid, kThreads, 0, stream, gemv_kernel<T, M, 1>)(w, xs, ys); break;
+    case 2: QUANTLAB_LAUNCH(grid, kThreads, 0, stream, gemv_kernel<T, M, 2>)(w, xs, ys); break;
+    case 3: QUANTLAB_LAUNCH(grid, kThreads, 0, stream, gemv_kernel<T, M, 3>)(w, xs, ys); break;
+    default: QUANTLAB_LAUNCH(grid, kThreads, 0, stream, gemv_kernel<T, M, kMaxNTiles>)(w, xs, ys); break;
   }
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
@@ -288,7 +282,7 @@ cudaError_t launch_dequant_rows(const CudaWeight& w, int64_t row0, int64_t row1,
   constexpr int kBlock = 256;
   const int64_t grid = (total + kBlock - 1) / kBlock;
   if (grid > 0x7fffffff) return cudaErrorInvalidValue;
-  dequant_rows_kernel<<<static_cast<unsigned>(grid), kBlock, 0, stream>>>(w, row0, row1 - row0,
+  QUANTLAB_LAUNCH(static_cast<unsigned>(grid), kBlock, 0, stream, dequant_rows_kernel)(w, row0, row1 - row0,
                                                                         out, out_dtype);
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }

@@ -44,6 +44,7 @@
 #include "common/cuda_check.h"
 #include "common/cuda_convert.cuh"
 #include "groupwise_int/cuda_kernels.cuh"
+#include "common/cuda_launch.cuh"
 
 namespace quantlab::groupwise_int {
 namespace {
@@ -355,13 +356,13 @@ template <typename T, int BITS, int BM>
 cudaError_t gemm_typed(const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(a.m, BM)),
                   static_cast<unsigned>(ceil_div(a.w.n, kBN)), static_cast<unsigned>(a.splits));
-  gemm_kernel<T, BITS, BM><<<grid, kThreads, 0, stream>>>(a);
+  QUANTLAB_LAUNCH(grid, kThreads, 0, stream, gemm_kernel<T, BITS, BM>)(a);
   QUANTLAB_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (a.splits > 1) {
     const int64_t mn = a.m * a.w.n;
     const int threads = 256;
     const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
-    splitk_reduce_kernel<T><<<blocks, threads, 0, stream>>>(a.workspace, static_cast<T*>(a.y),
+    QUANTLAB_LAUNCH(blocks, threads, 0, stream, splitk_reduce_kernel<T>)(a.workspace, static_cast<T*>(a.y),
                                                             mn, a.splits);
   }
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();

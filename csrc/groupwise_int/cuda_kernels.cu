@@ -18,6 +18,7 @@
 #include "common/cuda_check.h"
 #include "common/cuda_convert.cuh"
 #include "groupwise_int/cuda_kernels.cuh"
+#include "common/cuda_launch.cuh"
 
 namespace quantlab::groupwise_int {
 namespace {
@@ -135,14 +136,14 @@ cudaError_t dequant_typed(const CudaWeight& w, void* out, cudaStream_t stream) {
   const int threads = 256;
   const int64_t total = w.n * w.k;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535));
-  dequant_kernel<T><<<blocks, threads, 0, stream>>>(w, static_cast<T*>(out));
+  QUANTLAB_LAUNCH(blocks, threads, 0, stream, dequant_kernel<T>)(w, static_cast<T*>(out));
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
 
 template <typename T, int M>
 cudaError_t gemv_typed_m(const CudaWeight& w, const void* x, void* y, cudaStream_t stream) {
   const int blocks = static_cast<int>((w.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  gemv_kernel<T, M><<<blocks, kWarp * kWarpsPerBlock, 0, stream>>>(w, static_cast<const T*>(x),
+  QUANTLAB_LAUNCH(blocks, kWarp * kWarpsPerBlock, 0, stream, gemv_kernel<T, M>)(w, static_cast<const T*>(x),
                                                                    static_cast<T*>(y));
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }

@@ -36,6 +36,8 @@
 
 #include "common/cuda_check.h"
 #include "common/cuda_convert.cuh"
+#include "common/cuda_launch.cuh"
+#include "common/ptx.cuh"
 #include "groupwise_int/cuda_mma.cuh"
 
 namespace quantlab::groupwise_int::mma {
@@ -88,72 +90,47 @@ struct Vec2<__nv_bfloat16> {
   static constexpr uint32_t kMagic = 0x4300u;  // 128.0: codes < 128
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
+// The PTX instructions, through csrc/common/ptx.cuh's wrappers (the emulation implements them).
+__device__ __forceinline__ uint64_t evict_first_policy() { return ptx::evict_first_policy(); }
 
 __device__ __forceinline__ void cp_async16_stream(void* dst, const void* src, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)),
-               "l"(src), "l"(policy));
+  ptx::cp_async_cg16_hint(dst, src, policy);
 }
 
 // 16 bytes, zero-filled when !valid (src must still be a valid address).
 __device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(bytes));
+  ptx::cp_async_cg16_zfill(dst, src, valid ? 16 : 0);
 }
 
 template <int BYTES>
 __device__ __forceinline__ void cp_async_small(void* dst, const void* src) {
-  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async size");
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "n"(BYTES));
+  ptx::cp_async_ca<BYTES>(dst, src);
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_commit() { ptx::cp_async_commit_group(); }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  // "memory": shared-memory reads of the landed stage must not move above the wait.
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+  ptx::cp_async_wait_group<N>();
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-               : "r"(smem_addr(p)));
+  ptx::ldmatrix_x4(a, p);
 }
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_f16(c, a, b0, b1);
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    ptx::mma_m16n8k16_bf16(c, a, b0, b1);
   }
 }
 
-// (a & b) | c in one instruction.
+// (a & b) | c in one instruction: lop3 with the table of F = (A & B) | C, 0xF0 & 0xCC | 0xAA.
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
+  return ptx::lop3<0xEA>(a, b, c);
 }
 
 template <typename V>
@@ -511,7 +488,7 @@ cudaError_t launch_instance(const Args& a, dim3 grid, cudaStream_t stream) {
   // Per launch: the attribute is per device, and the call is cheap next to a launch.
   QUANTLAB_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kTotal));
-  kernel<<<grid, kThreads, L::kTotal, stream>>>(a);
+  QUANTLAB_LAUNCH(grid, kThreads, L::kTotal, stream, kernel)(a);
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
 

@@ -21,6 +21,7 @@
 #include "common/cuda_convert.cuh"
 #include "pvq/cuda_kernels.cuh"
 #include "pvq/pvq_decode.h"
+#include "common/cuda_launch.cuh"
 
 namespace quantlab::pvq {
 namespace {
@@ -115,7 +116,7 @@ template <typename T>
 cudaError_t decode_typed(const CudaWeight& w, T* out, cudaStream_t stream) {
   const int64_t total = w.n * (w.k / w.dim);
   const int64_t blocks = std::min<int64_t>((total + kDecodeThreads - 1) / kDecodeThreads, 65535);
-  decode_kernel<T><<<static_cast<unsigned>(blocks), kDecodeThreads, table_bytes(w), stream>>>(w,
+  QUANTLAB_LAUNCH(static_cast<unsigned>(blocks), kDecodeThreads, table_bytes(w), stream, decode_kernel<T>)(w,
                                                                                              out);
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
@@ -123,8 +124,7 @@ cudaError_t decode_typed(const CudaWeight& w, T* out, cudaStream_t stream) {
 template <typename T, int M>
 cudaError_t gemv_m(const CudaWeight& w, const T* x, T* y, cudaStream_t stream) {
   const int64_t blocks = (w.n + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  gemv_kernel<T, M>
-      <<<static_cast<unsigned>(blocks), kWarp * kWarpsPerBlock, table_bytes(w), stream>>>(w, x, y);
+  QUANTLAB_LAUNCH(static_cast<unsigned>(blocks), kWarp * kWarpsPerBlock, table_bytes(w), stream, gemv_kernel<T, M>)(w, x, y);
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
 

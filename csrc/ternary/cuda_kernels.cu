@@ -20,6 +20,7 @@
 #include "common/cuda_check.h"
 #include "common/cuda_convert.cuh"
 #include "ternary/cuda_kernels.cuh"
+#include "common/cuda_launch.cuh"
 
 namespace quantlab::ternary {
 namespace {
@@ -302,7 +303,7 @@ cudaError_t launch_gemv_typed(const CudaWeight& w, const T* x, T* y, int sm_coun
   // Two blocks per SM are enough to keep the loads in flight; more would only repeat the
   // prologue (each block quantizes x) for rows another block could take.
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 2 * sm_count)));
-  kernel<<<grid, kThreads, shared, stream>>>(w, x, y);
+  QUANTLAB_LAUNCH(grid, kThreads, shared, stream, kernel)(w, x, y);
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }
 
@@ -377,15 +378,15 @@ cudaError_t launch_fake_quantize_activations(const void* x, void* out, int64_t m
   const dim3 grid(static_cast<unsigned>(m));
   switch (dtype) {
     case DType::kFloat32:
-      fake_quantize_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(x),
+      QUANTLAB_LAUNCH(grid, kThreads, 0, stream, fake_quantize_kernel<float>)(static_cast<const float*>(x),
                                                                  static_cast<float*>(out), k);
       break;
     case DType::kFloat16:
-      fake_quantize_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x),
+      QUANTLAB_LAUNCH(grid, kThreads, 0, stream, fake_quantize_kernel<__half>)(static_cast<const __half*>(x),
                                                                   static_cast<__half*>(out), k);
       break;
     case DType::kBFloat16:
-      fake_quantize_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+      QUANTLAB_LAUNCH(grid, kThreads, 0, stream, fake_quantize_kernel<__nv_bfloat16>)(
           static_cast<const __nv_bfloat16*>(x), static_cast<__nv_bfloat16*>(out), k);
       break;
   }
@@ -398,15 +399,15 @@ cudaError_t launch_dequant(const uint8_t* qweight, int packing, int64_t row_byte
   const int grid = grid_for(n * k, kThreads);
   switch (out_dtype) {
     case DType::kFloat32:
-      dequant_kernel<float><<<grid, kThreads, 0, stream>>>(qweight, packing, row_bytes, scales, n,
+      QUANTLAB_LAUNCH(grid, kThreads, 0, stream, dequant_kernel<float>)(qweight, packing, row_bytes, scales, n,
                                                            k, group_size, static_cast<float*>(out));
       break;
     case DType::kFloat16:
-      dequant_kernel<__half><<<grid, kThreads, 0, stream>>>(
+      QUANTLAB_LAUNCH(grid, kThreads, 0, stream, dequant_kernel<__half>)(
           qweight, packing, row_bytes, scales, n, k, group_size, static_cast<__half*>(out));
       break;
     case DType::kBFloat16:
-      dequant_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+      QUANTLAB_LAUNCH(grid, kThreads, 0, stream, dequant_kernel<__nv_bfloat16>)(
           qweight, packing, row_bytes, scales, n, k, group_size, static_cast<__nv_bfloat16*>(out));
       break;
   }
@@ -417,7 +418,7 @@ cudaError_t launch_to_aligned_i2(const uint8_t* qweight, int packing, int64_t ro
                                  int64_t n, int64_t k, uint8_t* out, int64_t row_bytes_out,
                                  cudaStream_t stream) {
   if (row_bytes_out % kCudaRowAlign != 0 || 4 * row_bytes_out < k) return cudaErrorInvalidValue;
-  to_aligned_i2_kernel<<<grid_for(n * row_bytes_out, kThreads), kThreads, 0, stream>>>(
+  QUANTLAB_LAUNCH(grid_for(n * row_bytes_out, kThreads), kThreads, 0, stream, to_aligned_i2_kernel)(
       qweight, packing, row_bytes_in, n, k, out, row_bytes_out);
   QUANTLAB_CUDA_RETURN_LAUNCH_ERROR();
 }

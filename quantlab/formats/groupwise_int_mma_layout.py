@@ -3,13 +3,11 @@ exported bitstream layout, and its inverse.
 
 This module is the specification of the layout ``csrc/groupwise_int/cuda_mma.cuh`` reads: the
 repack here is the only producer of that layout (it runs on any device, once per layer, see
-:class:`quantlab.nn.QuantLinear`) and :func:`dequant_repacked` is its exact inverse. The CPU
-emulator of the kernel's reads of these tensors -- which lane loads which 16-byte chunk, which
-nibble becomes which half of which B register, where ``ldmatrix`` puts the activations and where
-the epilogue writes -- is ``ops/groupwise_int_mma_emulation.py``; the tests
-(``tests/ops/test_groupwise_int_repack.py``) check on the CPU that it reproduces the reference
-dequantization bit for bit, so a layout bug shows up without a GPU. Section names in the comments
-("[B-frag]", "[scales]", ...) are the ones the CUDA code uses.
+:class:`quantlab.nn.QuantLinear`) and :func:`dequant_repacked` is its exact inverse. The kernel's
+own source runs on the CPU emulation (tests/emulation/test_groupwise_int_mma_emulation.py,
+docs/emulation.md) on weights repacked here and reads every weight back bit for bit, so a
+disagreement between this layout and the kernel's index arithmetic shows up without a GPU.
+Section names in the comments ("[B-frag]", "[scales]", ...) are the ones the CUDA code uses.
 
 Terms. ``mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}``: per warp, A is 16 x 16 (M x K), B is
 16 x 8 (K x N), C is 16 x 8 fp32. Lane ``l`` has ``g = l // 4`` and ``t = l % 4`` (PTX's groupID
@@ -53,8 +51,8 @@ Kernel layout (padded shapes: ``Np`` = N rounded up to 64, ``Kp`` = K rounded up
   finite weight ``-z s``, multiplied by an activation the kernel zero-fills).
 
 Dequantization: ``w = (q - z) * s``, as the exported format's (the kernel's arithmetic for it, in
-the activation dtype or in fp32, is described and emulated in
-``ops/groupwise_int_mma_emulation.py``).
+the activation dtype or in fp32, is described at the top of
+``csrc/groupwise_int/cuda_mma_kernel.cuh``).
 
 [split-K] The ``Kp / 64`` k tiles are cut into ``splits`` contiguous ranges of
 ``ceil(k_tiles / requested)`` tiles (:func:`split_plan`); with more than one range each CTA

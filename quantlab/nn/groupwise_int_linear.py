@@ -39,7 +39,7 @@ _MMA_ACT_DTYPES = (torch.float16, torch.bfloat16)
 def _mma_device_ok(device: torch.device) -> bool:
     return (
         device.type == "cuda"
-        and gw_ops.has_mma_kernel()
+        and gw_ops.mma_kernel_enabled()
         and torch.cuda.get_device_capability(device)[0] >= 8
     )
 

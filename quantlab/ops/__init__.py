@@ -4,7 +4,7 @@
 which implementation a device gets. Importing this package never initialises CUDA.
 """
 
-from quantlab.ops._extension import extension_error, extension_loaded, has_kernel
+from quantlab.ops._extension import extension_error, extension_loaded
 from quantlab.ops.groupwise_int import backend, dequant, matmul
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "dequant",
     "extension_error",
     "extension_loaded",
-    "has_kernel",
     "matmul",
 ]

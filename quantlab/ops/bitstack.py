@@ -13,8 +13,9 @@ import torch
 
 from quantlab.ops import bitstack_reference as reference
 from quantlab.ops._extension import register_ops
+from quantlab.ops.kernel_policy import decide, use_kernel
 
-__all__ = ["FAMILY", "backend", "cpu_path", "dequant", "matmul"]
+__all__ = ["FAMILY", "backend", "compiled", "cpu_path", "dequant", "matmul"]
 
 FAMILY = "bitstack"
 _SCHEMAS = {
@@ -54,10 +55,17 @@ def _register() -> None:
 _register()
 
 
-def backend(device_type: str) -> str:
-    """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
+def compiled(device_type: str) -> bool:
+    """Whether this build has a compiled ``bitstack_mm`` kernel for ``device_type`` (whether the
+    ops *use* it is :func:`backend`'s answer)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return f"{device_type}-kernel" if _KERNELS.get(("bitstack_mm", key)) else "reference"
+    return bool(_KERNELS.get(("bitstack_mm", key)))
+
+
+def backend(device_type: str) -> str:
+    """Which implementation the ops run on ``device_type`` (:mod:`quantlab.ops.kernel_policy`):
+    ``"cpu-kernel"``, ``"cuda-kernel"`` or ``"torch"``."""
+    return decide(FAMILY, device_type, compiled(device_type)).backend
 
 
 def cpu_path(m: int, rank: int) -> str:
@@ -76,9 +84,15 @@ def dequant(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dense ``[N, K]`` weight of the stacked blocks (see ``bitstack_reference``)."""
+    device = signs.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.bitstack_dequant(signs, u, v, in_features, out_dtype)
     return torch.ops.quantlab.bitstack_dequant(signs, u, v, in_features, out_dtype)
 
 
 def matmul(x: torch.Tensor, signs: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ Ŵ^T`` -> ``[M, N]`` in ``x.dtype``, without forming ``Ŵ``."""
+    device = x.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.bitstack_mm(x, signs, u, v)
     return torch.ops.quantlab.bitstack_mm(x, signs, u, v)

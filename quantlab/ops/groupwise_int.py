@@ -15,9 +15,18 @@ import torch
 from quantlab.formats.groupwise_int_mma_layout import RepackedWeight
 from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import register_ops
-from quantlab.ops.groupwise_int_mma_emulation import mma_mm_reference
+from quantlab.ops.groupwise_int_mma_reference import mma_mm_reference
+from quantlab.ops.kernel_policy import decide, use_kernel
 
-__all__ = ["backend", "dequant", "has_mma_kernel", "matmul", "mma_matmul"]
+__all__ = [
+    "backend",
+    "compiled",
+    "dequant",
+    "has_mma_kernel",
+    "matmul",
+    "mma_kernel_enabled",
+    "mma_matmul",
+]
 
 _SCHEMAS = {
     "groupwise_int_dequant": (
@@ -30,7 +39,7 @@ _SCHEMAS = {
     ),
     # The tensor-core kernel on weights repacked by
     # quantlab.formats.groupwise_int_mma_layout.repack (CUDA builds define it with its kernel;
-    # elsewhere it runs the reference of quantlab.ops.groupwise_int_mma_emulation).
+    # elsewhere it runs the reference of quantlab.ops.groupwise_int_mma_reference).
     "groupwise_int_mma_mm": (
         "groupwise_int_mma_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
         "int group_size, int in_features, int out_features, int split_k) -> Tensor"
@@ -89,15 +98,46 @@ def _register() -> None:
 _register()
 
 
-def backend(device_type: str) -> str:
-    """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
+def compiled(device_type: str, op: str = "groupwise_int_mm") -> bool:
+    """Whether this build has a compiled kernel of ``op`` for ``device_type`` (whether the ops
+    *use* it is :func:`backend`'s answer)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return f"{device_type}-kernel" if _KERNELS.get(("groupwise_int_mm", key)) else "reference"
+    return bool(_KERNELS.get((op, key)))
+
+
+def backend(device_type: str) -> str:
+    """Which implementation ``matmul`` runs on ``device_type`` (:mod:`quantlab.ops.kernel_policy`):
+    ``"cpu-kernel"``, ``"cuda-kernel"`` or ``"torch"``."""
+    return decide(FAMILY, device_type, compiled(device_type)).backend
 
 
 def has_mma_kernel() -> bool:
     """Whether this build has the CUDA tensor-core kernel of ``groupwise_int_mma_mm``."""
-    return bool(_KERNELS.get(("groupwise_int_mma_mm", "CUDA")))
+    return compiled("cuda", "groupwise_int_mma_mm")
+
+
+def mma_kernel_enabled() -> bool:
+    """Whether layers may run the tensor-core kernel: built, and the CUDA kernels of this family
+    are verified on a GPU or opted in to (:mod:`quantlab.ops.kernel_policy`)."""
+    return has_mma_kernel() and use_kernel(FAMILY, "cuda", compiled("cuda"))
+
+
+def _torch_mm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    if x.device.type != "cuda":
+        return reference.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
+    # Dequantize straight into the activations' dtype and let cuBLAS multiply: the weight is
+    # rounded to x.dtype exactly as the kernels do before their tensor-core products.
+    w = reference.groupwise_int_dequant(
+        qweight, scales, qzeros, bits, group_size, x.shape[-1], x.dtype
+    )
+    return x @ w.T
 
 
 def dequant(
@@ -111,6 +151,11 @@ def dequant(
 ) -> torch.Tensor:
     """Dense ``[N, K]`` weight; layout in
     :func:`quantlab.ops.groupwise_int_reference.groupwise_int_dequant`."""
+    device = qweight.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.groupwise_int_dequant(
+            qweight, scales, qzeros, bits, group_size, in_features, out_dtype
+        )
     return torch.ops.quantlab.groupwise_int_dequant(
         qweight, scales, qzeros, bits, group_size, in_features, out_dtype
     )
@@ -126,6 +171,9 @@ def matmul(
 ) -> torch.Tensor:
     """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype``; see
     :mod:`quantlab.ops.groupwise_int_reference`."""
+    device = x.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return _torch_mm(x, qweight, scales, qzeros, bits, group_size)
     return torch.ops.quantlab.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
 
 
@@ -133,7 +181,12 @@ def mma_matmul(x: torch.Tensor, rep: RepackedWeight, split_k: int = 0) -> torch.
     """``x [M, K] @ W.T`` on a repacked weight (fp16/bf16 ``x``); ``split_k`` 0 lets the kernel
     choose, ``>= 1`` forces that many K ranges (clamped)."""
     lay = rep.layout
-    return torch.ops.quantlab.groupwise_int_mma_mm(
+    op = (
+        torch.ops.quantlab.groupwise_int_mma_mm
+        if x.device.type != "cuda" or mma_kernel_enabled()
+        else mma_mm_reference
+    )
+    return op(
         x,
         rep.qweight,
         rep.scales,

@@ -15,8 +15,9 @@ import torch
 
 from quantlab.ops import pvq_reference as reference
 from quantlab.ops._extension import register_ops
+from quantlab.ops.kernel_policy import decide, use_kernel
 
-__all__ = ["FAMILY", "backend", "cpu_path", "decode", "matmul"]
+__all__ = ["FAMILY", "backend", "compiled", "cpu_path", "decode", "matmul"]
 
 FAMILY = "pvq"
 _SCHEMAS = {
@@ -63,10 +64,17 @@ def _register() -> None:
 _register()
 
 
-def backend(device_type: str) -> str:
-    """Which implementation ``matmul`` runs on ``device_type``: compiled kernel or reference."""
+def compiled(device_type: str) -> bool:
+    """Whether this build has a compiled kernel of ``pvq_mm`` for ``device_type`` (whether the ops
+    *use* it is :func:`backend`'s answer)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return f"{device_type}-kernel" if _KERNELS.get(("pvq_mm", key)) else "reference"
+    return bool(_KERNELS.get(("pvq_mm", key)))
+
+
+def backend(device_type: str) -> str:
+    """Which implementation the ops run on ``device_type`` (:mod:`quantlab.ops.kernel_policy`):
+    ``"cpu-kernel"``, ``"cuda-kernel"`` or ``"torch"``."""
+    return decide(FAMILY, device_type, compiled(device_type)).backend
 
 
 def cpu_path() -> str:
@@ -88,6 +96,9 @@ def decode(
 ) -> torch.Tensor:
     """Dense rotated weight ``[N, in_features]``; layout in :mod:`quantlab.formats.pvq`, decode in
     :mod:`quantlab.ops.pvq_reference`."""
+    device = codes.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.pvq_decode(codes, row_scales, levels, dim, pulses, in_features, out_dtype)
     return torch.ops.quantlab.pvq_decode(
         codes, row_scales, levels, dim, pulses, in_features, out_dtype
     )
@@ -102,4 +113,7 @@ def matmul(
     pulses: int,
 ) -> torch.Tensor:
     """``x [M, K] @ W'^T`` -> ``[M, N]`` in ``x.dtype`` (``x`` in the rotated space)."""
+    device = x.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.pvq_mm(x, codes, row_scales, levels, dim, pulses)
     return torch.ops.quantlab.pvq_mm(x, codes, row_scales, levels, dim, pulses)

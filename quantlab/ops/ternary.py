@@ -22,10 +22,12 @@ import torch
 from quantlab.formats import ternary_packing
 from quantlab.ops import ternary_reference as reference
 from quantlab.ops._extension import register_ops
+from quantlab.ops.kernel_policy import decide, use_kernel
 
 __all__ = [
     "FAMILY",
     "backend",
+    "compiled",
     "cpu_path",
     "dequant",
     "lut_mm",
@@ -118,10 +120,21 @@ def _register() -> None:
 _register()
 
 
-def backend(device_type: str, op: str = "ternary_lut_mm") -> str:
-    """Which implementation ``op`` runs on ``device_type``: compiled kernel or reference."""
+# The op whose compiled kernel a device's layers run: the LUT kernel on CPU, the i2 GEMV on CUDA.
+_LAYER_OP = {"cpu": "ternary_lut_mm", "cuda": "ternary_mm"}
+
+
+def compiled(device_type: str, op: str | None = None) -> bool:
+    """Whether this build has a compiled kernel of ``op`` (default: the one the layers run on
+    ``device_type``); whether the ops *use* it is :func:`backend`'s answer."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return f"{device_type}-kernel" if _KERNELS.get((op, key)) else "reference"
+    return bool(_KERNELS.get((op or _LAYER_OP.get(device_type, "ternary_mm"), key)))
+
+
+def backend(device_type: str) -> str:
+    """Which implementation the ops run on ``device_type`` (:mod:`quantlab.ops.kernel_policy`):
+    ``"cpu-kernel"``, ``"cuda-kernel"`` or ``"torch"``."""
+    return decide(FAMILY, device_type, compiled(device_type)).backend
 
 
 def cpu_path(m: int, out_features: int, in_features: int, group_size: int) -> str:
@@ -141,6 +154,11 @@ def dequant(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dense ``[N, K]`` weight ``s * t``; see :func:`reference_ternary.ternary_dequant`."""
+    device = qweight.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.ternary_dequant(
+            qweight, scales, packing, in_features, group_size, out_dtype
+        )
     return torch.ops.quantlab.ternary_dequant(
         qweight, scales, packing, in_features, group_size, out_dtype
     )
@@ -155,6 +173,9 @@ def matmul(
     group_size: int,
 ) -> torch.Tensor:
     """``A8(x) [M, K] @ W.T`` -> ``[M, N]`` in ``x.dtype`` on the stored layout."""
+    device = x.device.type
+    if not use_kernel(FAMILY, device, compiled(device)):
+        return reference.ternary_mm(x, qweight, scales, packing, in_features, group_size)
     return torch.ops.quantlab.ternary_mm(x, qweight, scales, packing, in_features, group_size)
 
 

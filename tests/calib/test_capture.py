@@ -66,8 +66,10 @@ def test_sequential_statistics_match_a_plain_forward(
         progress=False,
     )
     assert set(seen) == set(direct)
+    # Other batchings of the same fp32 matmuls: measured at most 2.4e-6 apart (entries up to 5.3),
+    # 0.43 of this tolerance.
     for key in direct:
-        torch.testing.assert_close(seen[key], direct[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(seen[key], direct[key], rtol=1e-5, atol=1e-6)
 
 
 def test_single_pass_and_staged_modes_agree_when_quantizing(tiny_llama: nn.Module) -> None:
@@ -99,7 +101,7 @@ def test_single_pass_and_staged_modes_agree_when_quantizing(tiny_llama: nn.Modul
         )
         results.append(seen)
     fp = _direct_hessians(tiny_llama, x)
-    for key in fp:
-        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-4, atol=1e-5)
+    for key in fp:  # measured at 0.25 of this tolerance
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
     # 2-bit quantization of block 0 changes what block 1's down_proj sees.
     assert not torch.allclose(results[0]["1.mlp.down_proj"], fp["1.mlp.down_proj"], rtol=1e-2)

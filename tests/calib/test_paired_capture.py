@@ -80,8 +80,17 @@ def test_pair_batches_layout() -> None:
     for s, a in zip(first.stereo_index.tolist(), first.anti_index.tolist(), strict=True):
         assert s // row_width % 2 == 0 and a // row_width % 2 == 1
     assert flat[first.valid_index].numel() == int(first.lengths.sum())
-    lakisha = batches[0] if batches[0].ids.shape[1] > 6 else batches[1]
-    assert lakisha.stereo_index.numel() >= 1
+    # Exact positions, worked out by hand. Batch 0 (width 6): "a quiet one" / "a loud one" (rows
+    # 0, 1: the differing word and the suffix, positions 2, 3) and the Lakisha pair (rows 2, 3:
+    # "Laki sha" against "Ann", so the name's last token 4 meets 3, then the suffix 5 meets 4).
+    # Batch 1 (width 7): the nurse pair, positions 4 ("she" / "he") to 6 in both rows.
+    assert (first.stereo_index.tolist(), first.anti_index.tolist()) == (
+        [2, 3, 2 * 6 + 4, 2 * 6 + 5],
+        [6 + 2, 6 + 3, 3 * 6 + 3, 3 * 6 + 4],
+    )
+    assert first.lengths.tolist() == [4, 4, 6, 5]
+    nurse = batches[1]
+    assert (nurse.stereo_index.tolist(), nurse.anti_index.tolist()) == ([4, 5, 6], [11, 12, 13])
     with pytest.raises(ValueError, match="no sentence pairs"):
         pair_batches(tok, [])
 

@@ -131,8 +131,8 @@ def test_loads_like_transformers_bitnet(linear_class: str, mode: str, tmp_path: 
     theirs = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
     a, b = _logits(ours, IDS), _logits(theirs, IDS)
     # Same int8 activations and trits; transformers sums the dequantized float products, we
-    # the integers: fp32 rounding order only.
-    assert float((a - b).abs().max()) <= 1e-4 * float(b.abs().max())
+    # the integers: fp32 rounding order only (measured at most 4.1e-7 of the largest logit).
+    assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
 
 
 def test_round_trips_through_the_quantlab_format(tmp_path: Path) -> None:

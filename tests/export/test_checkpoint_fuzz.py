@@ -177,4 +177,6 @@ def test_the_fuzzer_damages_something(original: tuple[Path, Any], tmp_path: Path
             quantlab.load(str(root))
         except CheckpointError:
             refused += 1
-    assert refused >= 15
+    # The 20 cases are seeded: all 20 are refused (measured); one that stops being refused is a
+    # mutation that no longer lands, or a check that no longer fires.
+    assert refused == 20

@@ -31,6 +31,7 @@ from tests.checkpoint_mutations import (
     edit_header,
     edit_state,
     first_module,
+    quantize_tiny,
     read_raw,
     write_checkpoint,
     write_raw,
@@ -545,13 +546,15 @@ def test_the_manifest_catches_every_case(
 def test_pristine_checkpoints_load_and_verify(
     kind: str, pristine: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    """The corpus's starting points are sound (so each refusal above is the damage's doing)."""
+    """The corpus's starting points are sound (so each refusal above is the damage's doing): each
+    loads, with or without verification, as the very model it was written from."""
     root = copy_checkpoint(pristine(kind), tmp_path / "ckpt")
-    model = quantlab.load(str(root))
+    written, _ = quantize_tiny(kind)
     ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert bool(torch.isfinite(model(ids).logits).all())
-    assert quantlab.load(str(root), verify=False) is not None
+        want = written(ids).logits
+        for verify in (True, False):
+            assert torch.equal(quantlab.load(str(root), verify=verify)(ids).logits, want), verify
 
 
 def test_missing_directory_is_named(tmp_path: Path) -> None:

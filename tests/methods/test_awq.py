@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from quantlab.config import AWQConfig, CalibConfig
 from quantlab.methods.awq.smoothing import apply_awq
+from quantlab.methods.rtn import RTNConfig
 from quantlab.models.arch import UnsupportedArchitectureError, resolve
 from quantlab.nn.groupwise_int_linear import QuantLinear
 from quantlab.pipeline import quantize_model
@@ -34,13 +37,18 @@ def test_scaling_alone_keeps_every_family_output(model_type: str) -> None:
     assert any(m.alpha is not None for m in report.maps)  # something was actually folded
     with torch.no_grad():
         out = model(x).logits
-    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    # fp32 reassociation noise only: measured 1.6e-7 to 8.0e-7 relative over the families.
+    assert float((out - ref).norm() / ref.norm()) < 1.5e-6
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "opt", "gemma2"])
 @pytest.mark.parametrize("rounding", ["rtn", "gptq"])
 def test_awq_quantizes_every_block_linear(model_type: str, rounding: str) -> None:
     model = tiny_model(model_type, gqa=True)
+    rtn = copy.deepcopy(model)
+    x = _samples(1, 8)
+    with torch.no_grad():
+        ref = model(x).logits
     spec = resolve(model)
     config = AWQConfig(bits=4, group_size=64, rounding=rounding, **_FAST)
     report = quantize_model(model, config, samples=_samples(), progress=False)
@@ -51,8 +59,14 @@ def test_awq_quantizes_every_block_linear(model_type: str, rounding: str) -> Non
     assert len(report.layers) == len(blocks) * len(spec.block_linears)
     clipped = len(blocks) * (len(spec.block_linears) - len(spec.clip_skip))
     assert report.details["awq"]["clipped"] == clipped
+    # The quantized model still computes the float model's function, better than plain RTN W4 g64
+    # of the same weights: measured relative logit errors 0.070-0.197 for AWQ, 0.150-0.217 for
+    # RTN (AWQ / RTN 0.44-0.91) over these families and roundings.
+    quantize_model(rtn, RTNConfig(bits=4, group_size=64), progress=False)
     with torch.no_grad():
-        assert bool(torch.isfinite(model(_samples(1, 8)).logits).all())
+        err = float((model(x).logits - ref).norm() / ref.norm())
+        err_rtn = float((rtn(x).logits - ref).norm() / ref.norm())
+    assert err < 0.25 and err < err_rtn, (err, err_rtn)
 
 
 def test_calibration_in_several_batches_gives_the_same_scales() -> None:

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantlab.calib.capture import capture_block_inputs
@@ -78,12 +79,50 @@ def test_distillation_tunes_the_prefix_and_redecomposes_the_rest(tiny_llama: nn.
     assert kl_tuned < 0.7 * kl_plain, (kl_plain, kl_tuned)
 
 
-def test_distillation_with_replay_takes_its_own_float_teacher(tiny_llama: nn.Module) -> None:
+def test_distillation_with_replay_takes_its_own_float_teacher(
+    tiny_llama: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # With replay the loop's last outputs are compressed; the teacher comes from a float pass.
+    # Capture what the distillation receives, and the student it starts from.
+    import quantlab.methods.bitstack.decompose as decompose_module
+
+    float_heads = _head_inputs_of_whole_model(tiny_llama, SAMPLES)
+    seen: dict[str, torch.Tensor] = {}
+    real = decompose_module.distill_prefix
+
+    def spy(model: nn.Module, spec, samples, teacher_inputs, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen["teacher"] = teacher_inputs.detach().clone()
+        # The student as handed over: every linear truncated to distill_blocks = replay_blocks =
+        # 1, i.e. what the replay loop's compressed outputs came from.
+        seen["student"] = _head_inputs_of_whole_model(model, samples)
+        with torch.no_grad():
+            target = F.log_softmax(model.lm_head(teacher_inputs), -1)
+            got = F.log_softmax(model(samples).logits, -1)
+            kl = F.kl_div(got, target, log_target=True, reduction="none").sum(-1).mean(-1)
+        seen["window_kl"] = kl
+        return real(model, spec, samples, teacher_inputs, *args, **kwargs)
+
+    monkeypatch.setattr(decompose_module, "distill_prefix", spy)
     config = BitStackConfig(n_blocks=2, replay_blocks=1, distill_steps=3, distill_blocks=1)
     report = quantize_model(copy.deepcopy(tiny_llama), config, samples=SAMPLES, progress=False)
     losses = report.details["bitstack"]["distill"]["losses"]
-    assert len(losses) == 3 and all(0 < loss < float("inf") for loss in losses)
+    assert len(losses) == 3
+
+    # The teacher is the unquantized model's head input on the same windows (fp32 both ways;
+    # only the batching of the matmuls differs, as in the block-by-block test above).
+    teacher = seen["teacher"]
+    assert teacher.shape == float_heads.shape
+    torch.testing.assert_close(teacher, float_heads, rtol=1e-5, atol=1e-5)
+    # (measured: bit-identical.) It is not the compressed student's, which the loop's last outputs
+    # came from: those differ from the float ones by 0.59 in relative norm (measured), so a teacher
+    # taken from the replayed outputs fails the check above by orders of magnitude.
+    gap = (seen["student"] - float_heads).norm() / float_heads.norm()
+    assert gap > 0.1, gap
+    # The first step's loss is KL(teacher || student) on one calibration window (batch 1): measured
+    # 0.00731, equal to window 0's to the last bit; the windows' KLs range 0.0073-0.0111.
+    kl = seen["window_kl"]
+    assert kl.min() > 0
+    assert float((kl - losses[0]).abs().min()) <= 1e-4 * losses[0], (losses[0], kl)
 
 
 def test_bad_distillation_arguments(tiny_llama: nn.Module) -> None:

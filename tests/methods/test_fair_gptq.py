@@ -134,7 +134,8 @@ def test_term_changes_only_the_debiased_linears_and_what_follows(tiny_llama: nn.
     assert details["layers"] == [1] and details["modules"] == ["self_attn.o_proj"]
     assert details["pairs"] == 612 and details["pair_positions"] > 612
     (row,) = details["debiased"]
-    assert row["bias_term_after"] < row["bias_term_before"]
+    # alpha 1 removes most of the group-bias term: measured after / before = 0.036.
+    assert row["bias_term_after"] < 0.07 * row["bias_term_before"], row
 
 
 def test_bad_setups_are_clear_errors(tiny_llama: nn.Module) -> None:

@@ -28,7 +28,13 @@ def test_awq_w4_beats_rtn_and_round_trips_through_the_awq_layout(
     maps = awq_w4.report.details["awq"]["maps"]
     # SmolLM2 uses grouped-query attention: v -> o cannot fold, the other 3 maps per block do.
     assert len(maps) == 30 * 3 and len(awq_w4.report.details["awq"]["skipped_maps"]) == 30
+    # The search starts from the unscaled weights (base_loss), so no map can end above it; what
+    # can fail is how much the scaling finds: measured on 90 of 90 maps, the summed block-output
+    # MSE at 0.333x the unscaled rounding's.
     assert all(m["loss"] <= m["base_loss"] for m in maps)
+    assert sum(m["alpha"] is not None for m in maps) >= 85
+    ratio = sum(m["loss"] for m in maps) / sum(m["base_loss"] for m in maps)
+    assert ratio < 0.45, ratio
     # Full evaluation: RTN 25.66, AWQ 22.52 (docs/results.md), 0.88x; these 1k tokens measured
     # 30.36 vs 33.19 (0.915x), so 0.96x still fails if scaling or clipping stops helping.
     assert awq_w4.short_ppl < 0.96 * rtn_w4.short_ppl, (awq_w4.short_ppl, rtn_w4.short_ppl)

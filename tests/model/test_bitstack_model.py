@@ -3,7 +3,6 @@ checkpoint, budgeted loads and in-place resizing."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -59,12 +58,13 @@ def test_bitstack_decomposes_saves_and_resizes_the_real_model(
     assert len(plan.order) == 7 * 2
     small = quantlab.load(str(out), memory_budget=plan.config_bytes(0))
     ppl_full, ppl_small = _ppl(default_model, tokens), _ppl(small, tokens)
-    # Measured (2 x 256 tokens, fp32 25.8), alpha 0.5: block 0 at 3 blocks x rank 2 40.7, at 1
-    # block 915 (one ~1-bit block is a 60 % relative error: it breaks the model, as BitStack's
-    # smallest configurations do); with alpha 1 (2026-12-01) 37.9 and 4e4. A wrong sign bit order
-    # or a lost fold sends the all-blocks ppl to the thousands.
-    assert base_ppl < ppl_full < 2 * base_ppl, (base_ppl, ppl_full)
-    assert ppl_full < ppl_small and math.isfinite(ppl_small), (ppl_full, ppl_small)
+    # Measured (2 x 256 tokens, fp32 25.8), alpha 0.5: block 0 at 3 blocks x rank 2 40.7 (re-
+    # measured 40.5, 1.57x), at 1 block 915 (re-measured 918; one ~1-bit block is a 60 % relative
+    # error: it breaks the model, as BitStack's smallest configurations do); with alpha 1
+    # (2026-12-01) 37.9 and 4e4. A wrong sign bit order or a lost fold sends the all-blocks ppl
+    # to the thousands; the one-block band is +-0.4 nats of mean loss around 918.
+    assert base_ppl < ppl_full < 1.8 * base_ppl, (base_ppl, ppl_full)
+    assert 600 < ppl_small < 1400, (ppl_full, ppl_small)
 
     ids = tokens[:64].unsqueeze(0)
     mid = plan.config_bytes(10)
@@ -139,6 +139,6 @@ def test_distillation_lowers_the_real_models_divergence(default_model, default_t
             layer.truncate(1)
         divergence[steps] = kl_to(teacher, model, ids)
     # Held-out text (wiki-eval; calibration is wiki-calib), block 0's linears at one block each.
-    # Measured: KL 3.77 -> 3.42 (one ~1-bit block breaks the model; 12 steps on 2 x 128 tokens
-    # only start the repair, which is all this checks).
+    # Measured: KL 3.77 -> 3.42, re-measured 3.76 -> 3.40 (one ~1-bit block breaks the model;
+    # 12 steps on 2 x 128 tokens only start the repair, which is all this checks).
     assert divergence[12] < 0.95 * divergence[0], divergence

@@ -38,9 +38,12 @@ def test_quantize_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert "quantlab quantize" in captured.err  # the summary table goes to stderr with --json
-    # 4 + 16/64 + 4/64 = 4.3125, plus the padding of 9-group zero streams of K=576 rows to 2 words.
-    assert 4.3125 < result["bits_per_weight"] < 4.37
-    assert result["ppl_baseline"] < result["ppl"] < 2 * result["ppl_baseline"]
+    # 4 + 16/64 + 4/64 = 4.3125, plus the padding of zero streams to whole 32-bit words (9 groups
+    # of a K=576 row: 36 bits in 2 words; 24 groups of K=1536: 96 bits in 3): exactly 835/192 over
+    # the 7 linears of a block.
+    assert result["bits_per_weight"] == pytest.approx(835 / 192, rel=1e-12)
+    # W4 g64 RTN on these 256 tokens: measured 30.61 vs 24.91 (1.23x).
+    assert result["ppl_baseline"] < result["ppl"] < 1.45 * result["ppl_baseline"]
     assert result["eval_tokens"] == 256 and result["seconds"] > 0
     assert len(result["layers"]) == 210
     assert (out / "model.safetensors").is_file() and (out / "quantlab_report.json").is_file()

@@ -19,8 +19,9 @@ def test_rtn_w4_degrades_mildly_and_round_trips(
 ) -> None:  # noqa: ANN001
     fp = short_ppl(default_model, eval_tokens)
     assert len(rtn_w4.report.layers) == 30 * 7
-    # W4 g64 RTN costs SmolLM2 about 30% ppl on Wikipedia (peers: 25.6 vs 19.7 on 20k tokens).
-    assert fp < rtn_w4.short_ppl < 1.6 * fp
+    # W4 g64 RTN costs SmolLM2 about 30% ppl on Wikipedia (peers: 25.6 vs 19.7 on 20k tokens;
+    # these 1k tokens measured 33.19 vs 26.05, 1.27x).
+    assert fp < rtn_w4.short_ppl < 1.45 * fp, (fp, rtn_w4.short_ppl)
     out = quantlab.save(rtn_w4.model, str(tmp_path / "rtn"), rtn_w4.report, default_tokenizer)
     loaded = quantlab.load(str(out))
     ids = eval_tokens[:300].unsqueeze(0)

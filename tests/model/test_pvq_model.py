@@ -93,7 +93,8 @@ def test_pvq_beats_gptq_w3_on_the_same_layers_and_reloads_exactly(
     pvq_loss = sum(layer.loss for layer in report.layers)
     gptq_loss = sum(layer.loss for layer in gptq_report.layers)
     # At 3.22 bits/weight PVQ's output error on these layers is ~0.55x that of GPTQ W3 g64 at
-    # 3.31 bits/weight (measured); 0.8x still fails if the rotation or the feedback breaks.
+    # 3.31 bits/weight (measured; re-measured 16.25 vs 24.32, 0.668x); 0.8x still fails if the
+    # rotation or the feedback breaks.
     assert pvq_loss < 0.8 * gptq_loss, (pvq_loss, gptq_loss)
 
     # The truncated model's perplexity means nothing; the error of its last hidden states
@@ -103,7 +104,8 @@ def test_pvq_beats_gptq_w3_on_the_same_layers_and_reloads_exactly(
         ref = _first_blocks(default_model_path).model(ids).last_hidden_state
         pvq_err = float((pvq.model(ids).last_hidden_state - ref).norm() / ref.norm())
         gptq_err = float((gptq.model(ids).last_hidden_state - ref).norm() / ref.norm())
-    assert pvq_err < 0.9 * gptq_err, (pvq_err, gptq_err)
+    # Measured 0.115 vs 0.171 (0.673x).
+    assert pvq_err < 0.8 * gptq_err, (pvq_err, gptq_err)
 
     out = quantlab.save(pvq, str(tmp_path / "pvq"), report, default_tokenizer)
     loaded = quantlab.load(str(out))

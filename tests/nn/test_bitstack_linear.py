@@ -24,6 +24,7 @@ from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.registry import module_spec, quantized_modules
 from quantlab.pipeline import quantize_model
 from quantlab.solvers.bitstack import decompose
+from tests.tolerances import fp32_dot_bound
 
 
 def _layer(n: int = 24, k: int = 40, r: int = 3, b: int = 4, bias: bool = True) -> BitStackLinear:
@@ -37,8 +38,11 @@ def _layer(n: int = 24, k: int = 40, r: int = 3, b: int = 4, bias: bool = True) 
 def test_forward_is_x_times_the_stacked_weight_plus_bias() -> None:
     layer = _layer()
     x = torch.randn(2, 3, 40)
-    want = x @ layer.dequantized_weight().t() + layer.bias
-    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    w = layer.dequantized_weight()
+    want = x.double() @ w.double().t() + layer.bias.double()
+    # fp32 accumulation only (measured: equal to the fp32 dense product).
+    bound = fp32_dot_bound(x.reshape(-1, 40), w).view(2, 3, 24)
+    assert bool(((layer(x).double() - want).abs() <= bound).all())
     assert layer(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"expects input \[\.\.\., 40\]"):
         layer(torch.randn(2, 39))

@@ -8,6 +8,7 @@ import quantlab
 from quantlab.formats.groupwise_int import pack
 from quantlab.nn import QuantLinear
 from quantlab.solvers.rtn import rtn_quantize
+from tests.tolerances import fp32_dot_bound
 
 
 def _layer(
@@ -41,9 +42,10 @@ def test_forward_matches_dense_reference(
     )
     y = layer(x)
     assert y.shape == (*lead, out_f) and y.dtype == torch.float32
-    # fp32 accumulation over K terms: error bounded by K * eps * sum|x||w| (loosely, 1e-5 relative).
-    bound = 1e-5 * (x.abs().double() @ w.abs().double().t()).max() + 1e-6
-    assert float((y.double() - ref).abs().max()) <= float(bound)
+    # fp32 accumulation over K terms, per output: K * eps32 * sum|x||w| (measured at most 0.75% of
+    # it; the former single bound, 1e-5 of the largest sum, was 250x the measured error).
+    bound = fp32_dot_bound(x.reshape(-1, in_f), w).view(y.shape)
+    assert bool(((y.double() - ref).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -88,8 +90,10 @@ def test_replace_linear_on_any_torch_model() -> None:
     replaced = quantlab.replace_linear(model, bits=8, group_size=32, exclude=("4",))
     assert replaced == ["0", "2"]
     assert isinstance(model[0], QuantLinear) and isinstance(model[4], nn.Linear)
-    # 8-bit RTN: outputs stay within a few percent of the float model.
-    assert float((model(x) - ref).norm() / ref.norm()) < 0.02
+    # 8-bit RTN g32: outputs stay within a few tenths of a percent of the float model (measured
+    # 0.33%).
+    with torch.no_grad():
+        assert float((model(x) - ref).norm() / ref.norm()) < 0.005
 
 
 def test_replace_linear_names_the_layer_it_cannot_group() -> None:

@@ -14,12 +14,13 @@ import torch
 from quantlab.formats.bitstack import pack
 from quantlab.ops import bitstack as ops
 from quantlab.ops import bitstack_reference as reference
-from quantlab.ops._extension import extension_error, has_kernel
+from quantlab.ops._extension import extension_error
+from quantlab.ops.kernel_policy import KernelPathWarning
 from tests.shapes import M_VALUES
 from tests.tolerances import LOW_PRECISION_SLACK, bitstack_bound
 
 needs_cpu_kernel = pytest.mark.skipif(
-    not has_kernel("bitstack_mm", "cpu", family="bitstack"),
+    not ops.compiled("cpu"),
     reason=f"BitStack CPU kernel not built: {extension_error('bitstack')}",
 )
 
@@ -136,12 +137,14 @@ def test_cpu_paths() -> None:
         assert ops.cpu_path(1, 16) == "lut-avx512" and ops.cpu_path(1, 2) == "lut-avx2"
 
 
-def test_every_device_has_an_implementation() -> None:
+def test_every_device_has_an_implementation(fresh_kernel_policy: object) -> None:
     for name in ("bitstack_mm", "bitstack_dequant"):
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantlab::{name}", key)
     if torch.version.cuda is None:
-        assert ops.backend("cuda") == "reference"
+        assert not ops.compiled("cuda")
+        with pytest.warns(KernelPathWarning, match="no CUDA kernels for bitstack"):
+            assert ops.backend("cuda") == "torch"
 
 
 @pytest.mark.parametrize(
@@ -200,7 +203,7 @@ def test_cuda_matmul_matches_oracle(
 
 @pytest.mark.gpu
 def test_cuda_paths_and_dequant() -> None:
-    if not has_kernel("bitstack_mm", "cuda", family="bitstack"):
+    if not ops.compiled("cuda"):
         pytest.skip(f"BitStack CUDA kernels not built: {extension_error('bitstack')}")
     path = torch.ops.quantlab.bitstack_cuda_path
     assert path(1, 576, 2, torch.float16) == "tensor-core-gemv"

@@ -5,6 +5,13 @@ which ``groupwise_int_mm`` runs for fp16/bf16 batches of 9-255 rows, against the
 (``split_k >= 1``) or chosen by the SM-count heuristic (``split_k == 0``), so every configuration
 is reachable whatever the batch size. Everything here needs a CUDA device (sm_80+) and a CUDA
 build of the extension; it is skipped otherwise.
+
+Assertions (the same as the CPU emulation's, tests/emulation/test_groupwise_int_emulation.py):
+integer-valued data (codes, zero points, power-of-two scales, small integer activations) make
+every product and partial sum exact in fp32 in any order, so the kernel's output must equal the
+fp64 oracle rounded once to the output dtype, bit for bit; one wrong weight changes an output.
+Only the dequantize + cuBLAS path (batches from 256), which may reduce in the activation dtype,
+is held to a rounding bound instead.
 """
 
 from __future__ import annotations
@@ -15,14 +22,14 @@ import torch
 from quantlab.formats import bitstream
 from quantlab.ops import groupwise_int as ops
 from quantlab.ops import groupwise_int_reference as reference
-from quantlab.ops._extension import extension_error, has_kernel
+from quantlab.ops._extension import extension_error
 from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
 
 
 def _skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA device"
-    if not has_kernel("groupwise_int_gemm_cuda", "cuda"):
+    if not ops.compiled("cuda"):
         return f"CUDA GEMM kernel not built: {extension_error() or 'the extension has no CUDA'}"
     if torch.cuda.get_device_capability()[0] < 8:
         return "the tensor-core GEMM needs sm_80+"
@@ -46,13 +53,13 @@ def _weight(
     n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype = torch.float16
 ) -> tuple:
     """Random codes over the full range (3-bit values straddling words included), random zero
-    points, scales of about 2 / 2**bits so |w| is O(1) at every width; the dense weight is the
-    reference dequantization (the format's specification)."""
+    points, power-of-two scales (exact in every scale dtype, and (q - z) * s exact); the dense
+    weight is the reference dequantization (the format's specification)."""
     gen = torch.Generator(device="cuda").manual_seed(n * 7919 + k * 31 + bits * 3 + int(sym))
     groups = 1 if group == -1 else k // group
     q = torch.randint(0, 2**bits, (n, k), device="cuda", generator=gen)
     qw = bitstream.pack_bitstream(q, bits)
-    s = (torch.rand(n, groups, device="cuda", generator=gen) + 0.5) * (2.0 / 2**bits)
+    s = 2.0 ** torch.randint(-3, 1, (n, groups), device="cuda", generator=gen).float()
     s = s.to(scale_dtype)
     qz = None
     if not sym:
@@ -64,7 +71,15 @@ def _weight(
 
 def _x(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(m * 131 + k)
-    return torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    return torch.randint(-2, 3, (m, k), device="cuda", generator=gen).to(dtype)
+
+
+def _assert_exact(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    """The fp64 oracle rounded once to the output dtype, bit for bit (module docstring)."""
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], dense.shape[0])
+    want = (x.double() @ dense.double().t()).to(x.dtype)
+    bad = (y.view(torch.int16) != want.view(torch.int16)).nonzero()
+    assert bad.numel() == 0, f"{len(bad)} outputs differ, first at {bad[0].tolist()}"
 
 
 def _assert_low_precision_close(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
@@ -101,7 +116,7 @@ def test_gemm_shapes_match_reference(
 ) -> None:
     qw, s, qz, dense = _weight(n, k, 4, 64, sym=False)
     x = _x(m, k, dtype)
-    _assert_low_precision_close(_gemm(x, qw, s, qz, 4, 64, split_k), x, dense)
+    _assert_exact(_gemm(x, qw, s, qz, 4, 64, split_k), x, dense)
 
 
 FORMAT_CASES = [
@@ -122,7 +137,7 @@ def test_gemm_every_format_matches_reference(
 ) -> None:
     qw, s, qz, dense = _weight(n, k, bits, group, sym, scale_dtype=torch.bfloat16)
     x = _x(m, k, dtype)
-    _assert_low_precision_close(_gemm(x, qw, s, qz, bits, group, split_k), x, dense)
+    _assert_exact(_gemm(x, qw, s, qz, bits, group, split_k), x, dense)
 
 
 @pytest.mark.parametrize("split_k", SPLITS)
@@ -137,7 +152,7 @@ def test_gemm_per_channel_k_not_multiple_of_8(
     end inside the row's last word), and x is read element by element."""
     qw, s, qz, dense = _weight(n, k, bits, -1, sym)
     x = _x(m, k, dtype)
-    _assert_low_precision_close(_gemm(x, qw, s, qz, bits, -1, split_k), x, dense)
+    _assert_exact(_gemm(x, qw, s, qz, bits, -1, split_k), x, dense)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -148,21 +163,23 @@ def test_gemm_per_channel_k_not_multiple_of_8(
 def test_split_k_agrees_with_no_split(
     m: int, n: int, k: int, bits: int, group: int, dtype: torch.dtype
 ) -> None:
-    """Every split count (0 = the heuristic) against one pass. Both sum the same exact products
-    (fp16/bf16 products are exact in fp32) in fp32 in different orders, each within
-    fp32_dot_bound of the exact sum, and round once to the dtype (half an ulp each, at most
-    eps * |y| apart in total); fp16 results in the subnormal range add at most 2**-24."""
+    """Every split count (0 = the heuristic) against one pass: on integer-valued data every
+    order of the fp32 sums is exact, so all agree bit for bit with the oracle; on real-valued
+    activations each split stays within the operands' fp32 rounding bound of the exact sum."""
     qw, s, qz, dense = _weight(n, k, bits, group, sym=False)
     x = _x(m, k, dtype)
-    one = _gemm(x, qw, s, qz, bits, group, 1).double()
-    w_dt = dense.to(dtype)
-    eps = torch.finfo(dtype).eps
-    bound = 2 * fp32_dot_bound(x, w_dt) + 2.0**-24
+    one = _gemm(x, qw, s, qz, bits, group, 1)
+    _assert_exact(one, x, dense)
     for split_k in (0, 2, 3, 5, 16, 64):
-        split = _gemm(x, qw, s, qz, bits, group, split_k).double()
-        allowed = bound + eps * (one.abs() + split.abs())
-        assert bool(((split - one).abs() <= allowed).all()), split_k
-    _assert_low_precision_close(_gemm(x, qw, s, qz, bits, group, 16), x, dense)
+        assert torch.equal(_gemm(x, qw, s, qz, bits, group, split_k), one), split_k
+    xr = torch.randn(m, k, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    xr = xr.to(dtype)
+    w_dt = dense.to(dtype)
+    oracle = xr.double() @ w_dt.double().t()
+    bound = fp32_dot_bound(xr, w_dt) + torch.finfo(dtype).eps * oracle.abs() + 2.0**-24
+    for split_k in (1, 16):
+        err = (_gemm(xr, qw, s, qz, bits, group, split_k).double() - oracle).abs()
+        assert bool((err <= bound).all()), split_k
 
 
 def test_mm_routes_mid_size_batches_to_the_gemm() -> None:
@@ -189,7 +206,11 @@ def test_mm_batches_around_the_cutoffs_match_reference(dtype: torch.dtype) -> No
     qw, s, qz, dense = _weight(300, 576, 4, 64, sym=True)
     for m in (8, 9, 255, 256):
         x = _x(m, 576, dtype)
-        _assert_low_precision_close(ops.matmul(x, qw, s, qz, 4, 64), x, dense)
+        y = ops.matmul(x, qw, s, qz, 4, 64)
+        if m < 256:  # the GEMV and the fused GEMM: exact
+            _assert_exact(y, x, dense)
+        else:  # dequantize + cuBLAS
+            _assert_low_precision_close(y, x, dense)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -219,3 +240,11 @@ def test_gemm_bad_arguments_are_named() -> None:
     qw12, s12, qz12, _ = _weight(16, 96, 4, 12, sym=False)
     with pytest.raises(RuntimeError, match="group size that is a multiple of 8"):
         _gemm(_x(9, 96, torch.float16), qw12, s12, qz12, 4, 12, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mm_with_no_rows_returns_an_empty_result_like_the_cpu_op(dtype: torch.dtype) -> None:
+    qw, s, qz, _ = _weight(48, 96, 4, 32, sym=False)
+    y = ops.matmul(torch.empty(0, 96, device="cuda", dtype=dtype), qw, s, qz, 4, 32)
+    cpu = ops.matmul(torch.empty(0, 96, dtype=dtype), qw.cpu(), s.cpu(), qz.cpu(), 4, 32)
+    assert y.shape == cpu.shape == (0, 48) and y.dtype == cpu.dtype == dtype

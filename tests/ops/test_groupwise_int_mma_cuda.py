@@ -2,12 +2,12 @@
 PyTorch reference, and QuantLinear's dispatch to it. Needs a CUDA device (sm_80+) and a CUDA
 build of the extension; skipped otherwise.
 
-Tolerance: the kernel's B fragments are bit-identical to ``W.to(dtype)`` (checked on the CPU by
-tests/ops/test_groupwise_int_repack.py), the products of two fp16/bf16 numbers are exact in
-fp32, and the sums run in fp32 in some order with one final rounding. So against the fp64 oracle
-``x @ W.to(dtype).T`` every output is within ``fp32_dot_bound(x, W.to(dtype))`` plus half an ulp
-of the dtype (``eps * |y|``), plus 2**-24 for fp16 results in the subnormal range. A misplaced or
-mis-decoded weight moves an output by about ``|x_k w_k|`` ~ 1, far outside that.
+Assertions (the same as the CPU emulation's, tests/emulation/test_groupwise_int_mma_emulation.py):
+the data are integer-valued -- codes, zero points, small integer activations, power-of-two scales
+-- so every product and every partial sum is exact in fp32 in any order (tensor-core order,
+split-K), and each output must equal the fp64 oracle rounded once to the output dtype, bit for
+bit. A misplaced or mis-decoded weight changes an output; an fp32 rounding bound
+(``fp32_dot_bound``, ~1.06 at K = 4096 for real-valued data) could not have caught it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def _weight(
     gen = torch.Generator(device="cuda").manual_seed(n * 7919 + k * 31 + bits * 3 + int(sym))
     groups = 1 if group == -1 else k // group
     q = torch.randint(0, 2**bits, (n, k), device="cuda", generator=gen)
-    s = (torch.rand(n, groups, device="cuda", generator=gen) + 0.5) * (2.0 / 2**bits)
+    # Powers of two: exact in fp16 and bf16, and (q - z) * s stays exact in every dtype.
+    s = 2.0 ** torch.randint(-3, 1, (n, groups), device="cuda", generator=gen).float()
     qz = None
     if not sym:
         z = torch.randint(0, 2**bits, (n, groups), device="cuda", generator=gen)
@@ -58,18 +59,25 @@ def _weight(
 
 def _x(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(m * 131 + k)
-    return torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    return torch.randint(-2, 3, (m, k), device="cuda", generator=gen).to(dtype)
 
 
 def _assert_close(y: torch.Tensor, x: torch.Tensor, w_dt: torch.Tensor) -> None:
-    """The module docstring's bound; also: every output written (no NaN from poison)."""
+    """Exact: the fp64 oracle rounded once to the output dtype, bit for bit (the module
+    docstring says why that holds on integer-valued data); every output written."""
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w_dt.shape[0])
-    assert not bool(y.isnan().any())
+    want = (x.double() @ w_dt.double().t()).to(x.dtype)
+    bad = (y.view(torch.int16) != want.view(torch.int16)).nonzero()
+    assert bad.numel() == 0, f"{len(bad)} outputs differ, first at {bad[0].tolist()}"
+
+
+def _assert_within_rounding(y: torch.Tensor, x: torch.Tensor, w_dt: torch.Tensor) -> None:
+    """Real-valued data: within the fp32 accumulation bound of the actual operands plus half an
+    ulp (a realism check; the exact checks above are the ones that catch a wrong weight)."""
     oracle = x.double() @ w_dt.double().t()
     eps = torch.finfo(x.dtype).eps
     bound = fp32_dot_bound(x, w_dt) + eps * y.double().abs() + 2.0**-24
-    err = (y.double() - oracle).abs()
-    assert bool((err <= bound).all()), float((err - bound).max())
+    assert bool(((y.double() - oracle).abs() <= bound).all())
 
 
 def _case(m: int, n: int, k: int, bits: int, group: int, sym: bool, sdt: torch.dtype, act):  # noqa: ANN001, ANN202
@@ -132,9 +140,15 @@ def test_mma_split_k_is_deterministic_and_consistent(dtype: torch.dtype) -> None
         for _ in range(3):  # the order of the partial sums never depends on CTA timing
             assert torch.equal(ops.mma_matmul(x, rep, split_k), first), split_k
         _assert_close(first, x, w_dt)
-        eps = torch.finfo(dtype).eps
-        allowed = 2 * fp32_dot_bound(x, w_dt) + eps * (one.double().abs() + first.double().abs())
-        assert bool(((first.double() - one.double()).abs() <= allowed + 2.0**-23).all())
+        assert torch.equal(first, one)
+    # Real-valued activations: the summation order differs between splits, so only the
+    # operands' rounding bound holds; still deterministic run to run.
+    xr = torch.randn(9, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    xr = xr.to(dtype)
+    for split_k in (1, 5):
+        y = ops.mma_matmul(xr, rep, split_k)
+        assert torch.equal(ops.mma_matmul(xr, rep, split_k), y)
+        _assert_within_rounding(y, xr, w_dt)
 
 
 def test_mma_split_heuristic_fills_the_gpu() -> None:
@@ -195,6 +209,33 @@ def test_mma_bad_arguments_are_named() -> None:
     assert lay.n_groups == 2
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a view that starts 4 bytes past a 16-byte boundary."""
+    words = t.numel() * t.element_size() // 4
+    buf = torch.empty(words + 1, dtype=torch.int32, device=t.device)
+    view = buf[1:].view(t.dtype).view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 == 4 and view.is_contiguous()
+    return view
+
+
+def test_mma_refuses_weights_off_a_16_byte_boundary() -> None:
+    """cp.async reads qweight, scales and zeros 16 bytes at a time: a view with a storage offset
+    is named in an error instead of faulting on the GPU."""
+    rep, _, x = _case(3, 64, 128, 4, 64, False, torch.float16, torch.float16)
+    mm = torch.ops.quantlab.groupwise_int_mma_mm
+    want = mm(x, rep.qweight, rep.scales, rep.zeros, 4, 64, 128, 64, 0)
+    tensors = {"qweight": rep.qweight, "scales": rep.scales, "zeros": rep.zeros}
+    for name in tensors:
+        bad = dict(tensors, **{name: _misaligned(tensors[name])})
+        with pytest.raises(RuntimeError, match=f"{name} must start on a 16-byte boundary"):
+            mm(x, bad["qweight"], bad["scales"], bad["zeros"], 4, 64, 128, 64, 0)
+        fixed = {k: v.clone() for k, v in bad.items()}
+        assert torch.equal(
+            mm(x, fixed["qweight"], fixed["scales"], fixed["zeros"], 4, 64, 128, 64, 0), want
+        )
+
+
 def _layer(n: int, k: int, bits: int, group: int, sym: bool, sdt: str) -> QuantLinear:
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[sdt]
     qw, s, qz = _weight(n, k, bits, group, sym, dtype)
@@ -217,9 +258,12 @@ def test_quant_linear_dispatch_across_every_boundary(dtype: torch.dtype) -> None
         if want_path == "mma":
             _assert_close(y, x, w_dt)
         else:
+            # cuBLAS may reduce in the activation dtype (torch's default for fp16/bf16 GEMMs):
+            # twice torch's own error on this product, plus half an ulp of each output.
             oracle = x.double() @ w_dt.double().t()
             torch_err = float(((x @ w_dt.t()).double() - oracle).abs().max())
-            assert float((y.double() - oracle).abs().max()) <= 2 * torch_err + 1e-3
+            half_ulp = torch.finfo(dtype).eps * oracle.abs()
+            assert bool(((y.double() - oracle).abs() <= 2 * torch_err + half_ulp).all())
     # fp32 activations and 3-bit weights never take the mma path.
     assert layer.kernel_path(_x(4, 576, torch.float32)) == "groupwise_int_mm"
     assert _layer(64, 128, 3, 64, False, "float16").mma_qweight is None

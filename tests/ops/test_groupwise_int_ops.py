@@ -14,7 +14,8 @@ import torch
 from quantlab.formats.groupwise_int import pack
 from quantlab.ops import groupwise_int as ops
 from quantlab.ops import groupwise_int_reference as reference
-from quantlab.ops._extension import extension_error, has_kernel
+from quantlab.ops._extension import extension_error
+from quantlab.ops.kernel_policy import KernelPathWarning
 from quantlab.solvers.rtn import rtn_quantize
 from tests.shapes import M_VALUES, NK_SHAPES
 from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
@@ -22,7 +23,7 @@ from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
 ROOT = Path(__file__).resolve().parents[2]
 
 needs_cpu_kernel = pytest.mark.skipif(
-    not has_kernel("groupwise_int_mm", "cpu"), reason=f"CPU kernel not built: {extension_error()}"
+    not ops.compiled("cpu"), reason=f"CPU kernel not built: {extension_error()}"
 )
 
 
@@ -199,15 +200,18 @@ def test_cpu_path_is_vectorized_where_expected() -> None:
     assert torch.ops.quantlab.groupwise_int_cpu_path(4, -1, 100) == "scalar"
 
 
-def test_every_device_has_an_implementation() -> None:
+@needs_cpu_kernel
+def test_every_device_has_an_implementation(fresh_kernel_policy: object) -> None:
     """CUDA tensors reach the reference when the build has no CUDA kernel, so the op never fails
-    with 'no kernel registered'."""
+    with 'no kernel registered'; the CPU layers run the compiled kernel."""
     for name in ("groupwise_int_mm", "groupwise_int_dequant"):
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantlab::{name}", key)
-    assert ops.backend("cpu") in {"cpu-kernel", "reference"}
+    assert ops.backend("cpu") == "cpu-kernel"
     if torch.version.cuda is None:  # a CPU torch cannot have built the CUDA kernels
-        assert ops.backend("cuda") == "reference"
+        assert not ops.compiled("cuda") and not ops.has_mma_kernel()
+        with pytest.warns(KernelPathWarning, match="no CUDA kernels for groupwise_int"):
+            assert ops.backend("cuda") == "torch"
 
 
 @needs_cpu_kernel

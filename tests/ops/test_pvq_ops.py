@@ -15,18 +15,18 @@ from quantlab.formats.bitstream import pack_fields
 from quantlab.formats.pvq_codebook import PVQParams
 from quantlab.ops import pvq as ops
 from quantlab.ops import pvq_reference as reference
-from quantlab.ops._extension import extension_error, has_kernel
+from quantlab.ops._extension import extension_error
 from tests.shapes import M_VALUES, NK_SHAPES
 from tests.tolerances import LOW_PRECISION_SLACK, fp32_dot_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 
 needs_cpu_kernel = pytest.mark.skipif(
-    not has_kernel("pvq_mm", "cpu", family="pvq"),
+    not ops.compiled("cpu"),
     reason=f"PVQ CPU kernel not built: {extension_error('pvq')}",
 )
 needs_cuda_kernel = pytest.mark.skipif(
-    not (torch.cuda.is_available() and has_kernel("pvq_mm", "cuda", family="pvq")),
+    not (torch.cuda.is_available() and ops.compiled("cuda")),
     reason="needs a CUDA device and the CUDA build of quantlab._C_pvq",
 )
 

@@ -16,7 +16,7 @@ from tests.tolerances import LOW_PRECISION_SLACK, ternary_epilogue_bound
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not torch.cuda.is_available() or ops.backend("cuda", "ternary_mm") != "cuda-kernel",
+        not torch.cuda.is_available() or not ops.compiled("cuda"),
         reason="needs a CUDA device and the CUDA build of quantlab._C_ternary",
     ),
 ]

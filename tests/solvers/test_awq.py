@@ -54,8 +54,9 @@ def test_linear_output_mse_equals_the_output_mse() -> None:
         slow = output_mse(lambda: lin(x), reference)
         lin.weight.copy_(fake_quantize(lin.weight, 3, 32))
         a, b = fast(), slow()
-    # Both are fp32 means of the same squared errors, one through a Gram matrix.
-    assert a > 0 and abs(a - b) / b < 1e-4
+    # Both are fp32 means of the same squared errors, one through a Gram matrix (measured equal;
+    # fp32 rounding allows a few 1e-7).
+    assert a > 0 and abs(a - b) / b < 1e-5
 
 
 @pytest.mark.parametrize("modes", [("duo",), ("plain",), ("plain", "duo")])
@@ -73,8 +74,8 @@ def test_scale_search_beats_plain_rounding_and_restores_weights(modes: tuple[str
     assert result.alpha is not None and result.alpha > 0
     if len(modes) == 1:
         assert result.duo == (modes[0] == "duo")
-    # Salient channels are protected by scaling: the loss must drop clearly.
-    assert result.loss < 0.8 * result.base_loss
+    # Salient channels are protected by scaling: the loss must drop clearly (measured 0.56-0.57x).
+    assert result.loss < 0.7 * result.base_loss, result.loss / result.base_loss
     # The result's loss is what the chosen scales give.
     s = result.scales
     with torch.no_grad():

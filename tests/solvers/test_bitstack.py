@@ -28,11 +28,13 @@ def test_each_block_is_a_sign_times_a_rank_r_magnitude_of_the_residual() -> None
         u, s, vh = torch.linalg.svd(residual.abs(), full_matrices=False)
         best = (u[:, :2] * s[:2]) @ vh[:2]
         got = res.u[b] @ res.v[b]
-        assert (got - best).norm() <= 2e-3 * best.norm()
+        # fp16 storage of both factors: at most 2 * 2^-11 relative (measured 2.9e-4).
+        assert (got - best).norm() <= 2.0**-10 * best.norm()
         assert torch.equal(res.u[b], res.u[b].half().float())
         residual = residual - torch.where(res.positive[b], 1.0, -1.0) * got
     # The stored blocks reproduce the residual chain exactly (rounded factors are subtracted).
-    assert torch.allclose(w - res.dequantize(), residual, atol=1e-5)
+    # fp32 sums of three terms of |w| < 4: measured 2.4e-7 apart.
+    assert torch.allclose(w - res.dequantize(), residual, rtol=0, atol=1e-6)
 
 
 def test_error_falls_with_every_block_and_lowrank_matches_full_svd() -> None:
@@ -44,12 +46,14 @@ def test_error_falls_with_every_block_and_lowrank_matches_full_svd() -> None:
     assert len(full.errors) == 6
     assert full.errors[0] == pytest.approx(output_error(w, h), rel=1e-5)
     assert all(a > b for a, b in zip(full.errors, full.errors[1:], strict=False))
-    assert full.errors[-1] < 0.05 * full.errors[0]
-    # The randomized SVD (3 power iterations) is within a few percent of the exact one.
+    # Five blocks of rank 4 leave 0.54% of the output energy (measured).
+    assert full.errors[-1] < 0.01 * full.errors[0]
+    # The randomized SVD (3 power iterations) is within a few percent of the exact one (measured
+    # 0.99x to 1.019x per prefix).
     for a, b in zip(full.errors[1:], fast.errors[1:], strict=True):
-        assert b <= 1.1 * a
+        assert b <= 1.04 * a
     e = w - full.dequantize(2)
-    assert full.errors[2] == pytest.approx(float(((e @ h) * e).sum()), rel=1e-4)
+    assert full.errors[2] == pytest.approx(float(((e @ h) * e).sum()), rel=1e-6)
 
 
 def test_decompose_is_deterministic_and_prefixes_are_consistent() -> None:
@@ -68,7 +72,8 @@ def test_activation_scales_follow_the_rms_and_are_normalised() -> None:
     rms = x.pow(2).mean(0).sqrt()
     ratio = s[:5] / rms[:5]
     assert torch.allclose(ratio, ratio[0].expand(5), rtol=1e-4)
-    assert float(s[5]) > 0  # a dead channel gets the floor, not zero
+    # A dead channel gets the floor, 1e-3 of the mean rms (over all 6 channels), not zero.
+    assert float(s[5]) == pytest.approx(float(ratio[0] * 1e-3 * rms.mean()), rel=1e-4)
     half = activation_scales(h, alpha=0.5)
     assert torch.allclose(half[:5] / rms[:5].sqrt(), (half[0] / rms[0].sqrt()).expand(5), rtol=1e-4)
 
@@ -153,7 +158,7 @@ def test_error_feedback_lowers_the_output_error_of_short_prefixes() -> None:
         assert aware.errors[b] < 0.95 * plain.errors[b], (b, aware.errors, plain.errors)
     # The recorded errors are those of the stored (fp16) blocks.
     e = w - aware.dequantize(2)
-    assert aware.errors[2] == pytest.approx(float(((e @ h) * e).sum()), rel=1e-4)
+    assert aware.errors[2] == pytest.approx(float(((e @ h) * e).sum()), rel=1e-6)
     assert torch.equal(aware.u, aware.u.half().float())
 
 

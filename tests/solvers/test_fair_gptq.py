@@ -74,7 +74,10 @@ def test_shift_removes_the_pair_difference_as_alpha_grows() -> None:
     w, h, d = _problem(seed=2)
     terms = [group_bias_term(debias_shift(w, h, d, a, DAMP), d) for a in (0.0, 0.1, 1.0, 10.0)]
     assert terms == sorted(terms, reverse=True)
-    assert terms[-1] < 0.05 * terms[0]
+    # D is low rank, so the term falls ~(damping / alpha)^2: measured 2.1e-3, 2.6e-5 and 6.4e-7
+    # of the undebiased term at alpha 0.1, 1 and 10.
+    assert terms[1] < 4e-3 * terms[0] and terms[2] < 5e-5 * terms[0], terms
+    assert terms[3] < 1.5e-6 * terms[0], terms
     assert group_bias_term(w, d) == pytest.approx(terms[0])
 
 
@@ -117,9 +120,11 @@ def test_fair_gptq_lowers_the_bias_term_at_a_bounded_cost() -> None:
     fair = fair_gptq_quantize(w, h, fair_hessian=d, fair_alpha=1.0, **kw)
     bias_plain = group_bias_term(plain.dequantize(), d)
     bias_fair = group_bias_term(fair.dequantize(), d)
-    assert bias_fair < 0.5 * bias_plain
-    # The joint objective is what Fair-GPTQ minimises: it must be lower than plain GPTQ's.
-    assert fair.loss + bias_fair < plain.loss + bias_plain
+    # Measured: the bias term falls to 0.0126x plain GPTQ's, at 1.14x its proxy loss.
+    assert bias_fair < 0.025 * bias_plain, bias_fair / bias_plain
+    assert fair.loss < 1.3 * plain.loss, fair.loss / plain.loss
+    # The joint objective is what Fair-GPTQ minimises: measured 0.024x plain GPTQ's.
+    assert fair.loss + bias_fair < 0.05 * (plain.loss + bias_plain)
 
 
 def test_dead_columns_stay_zero() -> None:

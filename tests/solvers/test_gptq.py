@@ -127,7 +127,10 @@ def test_beats_rtn_and_rounds_consistently(
     rtn = rtn_quantize(w, bits, group_size, sym=sym)
     rtn_loss = proxy_loss(w, rtn.dequantize(), h)
     assert res.loss is not None
-    assert res.loss < 0.7 * rtn_loss, (res.loss, rtn_loss)
+    # Measured GPTQ / RTN proxy-loss ratios on these problems: act-order 0.012-0.022; without it
+    # 0.14-0.38 at 2 bits, 0.11-0.20 at 3-8 bits.
+    bound = 0.03 if act_order else (0.5 if bits == 2 else 0.25)
+    assert res.loss < bound * rtn_loss, (res.loss / rtn_loss, bound)
 
     perm = (
         torch.argsort(torch.diagonal(h), descending=True, stable=True)
@@ -170,25 +173,29 @@ def test_odd_shapes(n: int, k: int, group_size: int) -> None:
             else torch.arange(k)
         )
         _assert_rounding_invariant(w, h, res, perm)
-        assert res.loss < proxy_loss(w, rtn_quantize(w, 4, group_size).dequantize(), h)
+        # Measured GPTQ / RTN: 0.015-0.031 with act-order, 0.11-0.38 without.
+        rtn_loss = proxy_loss(w, rtn_quantize(w, 4, group_size).dequantize(), h)
+        assert res.loss < (0.05 if act_order else 0.5) * rtn_loss, (res.loss / rtn_loss, act_order)
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 32, 100, 128, 1000])
 def test_block_size_does_not_change_the_math(block_size: int) -> None:
     # Lazy batching is an exact reordering of the same updates, so the grid and q agree with the
-    # unblocked run up to fp32 summation order.
+    # unblocked run up to fp32 summation order. Measured: identical q and loss for every block
+    # size; the slack allows a few codes (of 3072) flipped by a near-tie rounding the other way.
     w, h, _ = _problem(24, 128, seed=3)
     ref = gptq_quantize(w, h, 4, 32, block_size=128)
     res = gptq_quantize(w, h, 4, 32, block_size=block_size)
-    assert float((res.q != ref.q).float().mean()) < 0.01
-    assert res.loss == pytest.approx(ref.loss, rel=1e-2)
+    assert int((res.q != ref.q).sum()) <= 4
+    assert res.loss == pytest.approx(ref.loss, rel=1e-3)
 
 
 def test_loss_is_the_direct_trace() -> None:
     w, h, x = _problem(20, 128, seed=11)
     res = gptq_quantize(w, h, 3, 32)
     direct = _direct_loss(w, res.dequantize(), h)
-    assert res.loss == pytest.approx(direct, rel=1e-4)
+    # fp32 products summed in fp64 against fp64 throughout: measured 9e-8 relative.
+    assert res.loss == pytest.approx(direct, rel=1e-6)
     # And the trace is ||(W - Q) X||^2 / n for H = 2 X X^T / n.
     e = w.double() - res.dequantize().double()
     assert direct == pytest.approx(float(((e @ x.double()) ** 2).sum()) / x.shape[1], rel=1e-6)
@@ -261,11 +268,13 @@ def test_singular_hessian_retries_with_more_damping() -> None:
     w = torch.randn(8, 64)
     with pytest.warns(RuntimeWarning, match=r"blk\.0\.q_proj.*damp_percent=0\.01"):
         res = gptq_quantize(w, h, 4, 32, damp_percent=0.0, name="blk.0.q_proj")
-    assert torch.isfinite(res.dequantize()).all()
-    # With enough damping from the start there is nothing to retry.
+    # With enough damping from the start there is nothing to retry, and the retry is that run.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gptq_quantize(w, h, 4, 32, damp_percent=0.01)
+        direct = gptq_quantize(w, h, 4, 32, damp_percent=0.01)
+    assert torch.equal(res.q, direct.q) and torch.equal(res.scales, direct.scales)
+    assert torch.equal(res.zeros, direct.zeros) and res.loss == direct.loss
+    _assert_rounding_invariant(w, h, res, torch.arange(64))
 
 
 def test_hopeless_hessian_raises_naming_the_layer() -> None:
@@ -311,11 +320,38 @@ def test_bad_arguments(kwargs: dict, exc: type[Exception], match: str) -> None:
         gptq_quantize(**args)
 
 
-def test_act_order_dynamic_is_fine_per_channel() -> None:
-    # Without groups there is no g_idx to store, so dynamic act-order is allowed.
+@pytest.mark.parametrize("sym", [False, True])
+def test_act_order_dynamic_is_fine_per_channel(sym: bool) -> None:
+    # Without groups there is no g_idx to store, so dynamic act-order is allowed. The diagonal of
+    # H spans 585x here, so the quantization order matters.
     w, h, _ = _problem(8, 64, seed=9)
-    res = gptq_quantize(w, h, 4, -1, act_order=True, static_groups=False)
-    assert res.scales.shape == (8, 1)
+    res = gptq_quantize(
+        w, h, 4, -1, sym=sym, act_order=True, static_groups=False, damp_percent=DAMP
+    )
+    assert res.q.dtype == torch.int32 and res.q.shape == (8, 64)
+    assert int(res.q.min()) >= 0 and int(res.q.max()) < 16
+    # One group per row: the grid is the untouched row's, whatever static_groups says.
+    s_ref, z_ref = group_params(w, 4, sym)
+    assert torch.equal(res.scales, s_ref.view(8, 1))
+    if not sym:
+        assert torch.equal(res.zeros, z_ref.view(8, 1))
+    static = gptq_quantize(w, h, 4, -1, sym=sym, act_order=True, damp_percent=DAMP)
+    assert torch.equal(res.q, static.q)
+
+    # Act-order really was applied: every q is the rounding of its error-updated value in the
+    # descending-H_ii order (this fails for the natural order by more than one grid step).
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    _assert_rounding_invariant(w, h, res, perm)
+
+    # The reported loss is the proxy loss of the dequantized result (fp32 against fp64: measured
+    # 9.3e-7 relative).
+    assert res.loss == pytest.approx(_direct_loss(w, res.dequantize(), h), rel=2e-6)
+    # Measured (asym / sym): GPTQ act-order 0.0305 / 0.0344, without act-order 0.221 / 0.228,
+    # RTN 1.69 / 1.63, i.e. ratios 0.14-0.15 to no-act-order and 0.018-0.021 to RTN.
+    natural = gptq_quantize(w, h, 4, -1, sym=sym, damp_percent=DAMP)
+    assert res.loss < 0.3 * natural.loss, (res.loss, natural.loss)
+    rtn_loss = proxy_loss(w, rtn_quantize(w, 4, -1, sym=sym).dequantize(), h)
+    assert res.loss < 0.04 * rtn_loss, (res.loss, rtn_loss)
 
 
 def test_real_layer_shapes() -> None:
@@ -325,7 +361,8 @@ def test_real_layer_shapes() -> None:
         w, h, _ = _problem(n, k, seed=n, tokens=1024)
         res = gptq_quantize(w, h, 4, 64)
         rtn = rtn_quantize(w, 4, 64)
-        assert res.loss < 0.5 * proxy_loss(w, rtn.dequantize(), h)
+        # Measured GPTQ / RTN: 0.18 (1536 x 576), 0.14 (576 x 1536).
+        assert res.loss < 0.25 * proxy_loss(w, rtn.dequantize(), h)
 
 
 @pytest.mark.gpu

@@ -218,9 +218,9 @@ def test_plain_pvq_reconstructs_in_the_original_space() -> None:
     assert torch.equal(r.points.view(24, 6, 16).abs().sum(-1), torch.full((24, 6), 28))
     deq = r.dequantize()
     rel = float(((w - deq) ** 2).sum() / (w**2).sum())
-    # ~3.2 bits per weight on Gaussian rows: about 17 dB SQNR.
-    assert rel < 10 ** (-1.5)
-    assert r.loss == pytest.approx(float(((w - deq) ** 2).sum()), rel=1e-5)
+    # ~3.2 bits per weight on Gaussian rows: about 17 dB SQNR (measured 0.0188, 17.3 dB).
+    assert rel < 0.025
+    assert r.loss == pytest.approx(float(((w - deq) ** 2).sum()), rel=1e-6)
     # Storage precision: scales and levels are fp16 values.
     assert torch.equal(r.row_scales, r.row_scales.half().float())
     assert torch.equal(r.levels, r.levels.half().float())
@@ -238,9 +238,10 @@ def test_hessian_feedback_lowers_the_output_error() -> None:
     searched = pvq_quantize(w, params, signs, hessian=h, hessian_search=True, search_moves=2)
     plain_loss = proxy_loss(w, plain.dequantize(), h)
     assert aware.loss == pytest.approx(proxy_loss(w, aware.dequantize(), h))
-    # Error feedback roughly halves the output error of nearest-code PVQ on such Hessians.
-    assert aware.loss < 0.8 * plain_loss
-    assert searched.loss < aware.loss
+    # Error feedback cuts the output error of nearest-code PVQ on such Hessians about fivefold
+    # (measured 0.199x); the Hessian-metric pulse search takes another 14% off (0.856x).
+    assert aware.loss < 0.3 * plain_loss, aware.loss / plain_loss
+    assert searched.loss < 0.95 * aware.loss, searched.loss / aware.loss
 
 
 def test_dead_input_columns_are_zeroed_as_in_gptq() -> None:
@@ -249,8 +250,17 @@ def test_dead_input_columns_are_zeroed_as_in_gptq() -> None:
     h[3, :] = 0.0
     h[:, 3] = 0.0
     w = torch.randn(8, k)
-    r = pvq_quantize(w, PVQParams(8, 14, 4), random_signs(k, 2), hessian=h)
-    assert math.isfinite(r.loss)
+    params, signs = PVQParams(8, 14, 4), random_signs(k, 2)
+    r = pvq_quantize(w, params, signs, hessian=h)
+    # The dead column's weights are ignored: the same codes as with that column zeroed.
+    w0 = w.clone()
+    w0[:, 3] = 0.0
+    r0 = pvq_quantize(w0, params, signs, hessian=h)
+    assert torch.equal(r.points, r0.points) and torch.equal(r.gain_codes, r0.gain_codes)
+    assert torch.equal(r.dequantize(), r0.dequantize())
+    # The other columns still get the error feedback (measured 0.14x plain PVQ's proxy loss).
+    plain_loss = proxy_loss(w, pvq_quantize(w, params, signs).dequantize(), h)
+    assert math.isfinite(r.loss) and r.loss < 0.3 * plain_loss, r.loss / plain_loss
 
 
 def test_bad_inputs_are_clear_errors() -> None:

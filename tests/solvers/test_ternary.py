@@ -73,9 +73,10 @@ def test_mse_scale_is_optimal_against_a_dense_search(weighted: bool) -> None:
         grid = torch.linspace(0.01, 3 * w[row].abs().max().item(), 3000)
         searched = min(_sq_error(w[row], float(s), h) for s in grid)
         assert mine <= searched * (1 + 1e-6) + 1e-9
-    # And it beats BitNet's absmean on the same granule.
+    # And it beats BitNet's absmean on the same granule (measured 0.72x / 0.73x its error).
     a = absmean_ternarize(w, PER_ROW, torch.float32)
-    assert float(((w - r.dequantize()) ** 2).sum()) < float(((w - a.dequantize()) ** 2).sum())
+    err_mse = float(((w - r.dequantize()) ** 2).sum())
+    assert err_mse < 0.85 * float(((w - a.dequantize()) ** 2).sum())
 
 
 def test_refit_scales_solve_the_least_squares_problem() -> None:
@@ -116,7 +117,8 @@ def test_gptq_lowers_the_output_error(group_size: int) -> None:
     fixed = gptq_ternarize(w, h, group_size, refit_rounds=0)
     refit = gptq_ternarize(w, h, group_size, refit_rounds=2)
     assert fixed.loss is not None and refit.loss is not None
-    assert fixed.loss < 0.9 * plain_loss
+    # Measured 0.62-0.66x of the nearest-scale ternarization's output error.
+    assert fixed.loss < 0.8 * plain_loss, fixed.loss / plain_loss
     assert refit.loss <= fixed.loss * (1 + 1e-6)
     assert refit.loss == pytest.approx(proxy_loss(w, refit.dequantize(), h), rel=1e-6)
     assert torch.equal(refit.scales, refit.scales.half().float())
@@ -126,7 +128,8 @@ def test_gptq_with_absmean_start_and_no_act_order() -> None:
     w, h = _weight(), _hessian()
     r = gptq_ternarize(w, h, 64, scale_rule="absmean", act_order=False, refit_rounds=1)
     plain = absmean_ternarize(w, 64, torch.float16)
-    assert r.loss < proxy_loss(w, plain.dequantize(), h)
+    plain_loss = proxy_loss(w, plain.dequantize(), h)
+    assert r.loss < 0.8 * plain_loss, r.loss / plain_loss  # measured 0.66
 
 
 def test_gptq_zeroes_dead_columns() -> None:

@@ -42,7 +42,8 @@ def test_folding_preserves_the_tiny_model_including_linear_to_linear(tiny_llama:
     assert _fold_everywhere(model, seed=1) == 2 * 4
     with torch.no_grad():
         out = model(x).logits
-    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    # fp32 reassociation noise only: measured 4.8e-7 relative.
+    assert float((out - ref).norm() / ref.norm()) < 1.5e-6
 
 
 @pytest.mark.model
@@ -81,8 +82,9 @@ def test_every_family_folds_without_changing_its_output(model_type: str, gqa: bo
     assert folded == 2 * per_block
     with torch.no_grad():
         out = model(x).logits
-    # fp32 forward of a 2-block model: reassociation noise is ~1e-7 relative.
-    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    # fp32 forward of a 2-block model: reassociation noise, measured 1.4e-7 to 7.1e-7 relative
+    # over the families (a wrongly folded channel is orders of magnitude more).
+    assert float((out - ref).norm() / ref.norm()) < 1.5e-6
 
 
 def test_post_norm_opt_has_no_smoothing_maps() -> None:
