@@ -42,13 +42,16 @@ def _want_cuda() -> bool:
 
 
 def _components() -> list[str]:
-    """Kernel families: every directory of csrc/ except the shared ``common`` and ``bindings``.
+    """Kernel families: every directory of csrc/ except the shared ``common`` and ``bindings`` and
+    the CPU ``emulation`` of the CUDA kernels (built for tests by scripts/build_emulation.py).
 
     Each becomes its own library ``quantlab._C_<family>``, so one family's build problem never
     takes the others' kernels down, and rebuilding one leaves the rest untouched.
     """
     return sorted(
-        p.name for p in CSRC.iterdir() if p.is_dir() and p.name not in ("common", "bindings")
+        p.name
+        for p in CSRC.iterdir()
+        if p.is_dir() and p.name not in ("common", "bindings", "emulation")
     )
 
 

@@ -131,7 +131,20 @@ class Command {
   std::map<std::string, Buffer> buffers_;
 };
 
+// p.expect_error=1: the launcher must refuse the call (its error is printed, the runner goes on);
+// otherwise a launch error stops the runner.
+bool g_expect_error = false;
+
 void check(cudaError_t err, const std::string& op) {
+  if (g_expect_error) {
+    if (err == cudaSuccess) {
+      std::fprintf(stderr, "quantlab-emulation: launch: %s succeeded, an error was expected\n",
+                   op.c_str());
+      std::exit(3);
+    }
+    std::printf("error %s\n", cudaGetErrorString(err));
+    return;
+  }
   if (err != cudaSuccess) {
     std::fprintf(stderr, "quantlab-emulation: launch: %s returned %s\n", op.c_str(),
                  cudaGetErrorString(err));
@@ -310,6 +323,7 @@ int main() {
     line.pop_back();
     if (!line.empty()) {
       Command c(line);
+      g_expect_error = c.p("expect_error", 0) != 0;
       run(c);
       c.write_outputs();
       std::printf("done %s\n", c.op().c_str());
