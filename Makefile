@@ -52,7 +52,9 @@ bench: setup
 	status=$$?; $(RUN) $(BENCH_REPORT) && exit $$status
 
 ## GPU kernel suite (quantlab vs cuBLAS vs _weight_int4pack_mm) and decode tokens/s on the GPU.
-## QUANTLAB_BENCH_QUICK=1 trims the kernel suite to 3 shapes x 5 batch sizes.
+## QUANTLAB_BENCH_QUICK=1 trims the kernel suite to 3 shapes x 5 batch sizes. It measures the
+## compiled kernels whether or not a GPU run has verified them (QUANTLAB_CUDA_KERNELS=1).
+bench-gpu: export QUANTLAB_CUDA_KERNELS = 1
 bench-gpu: setup
 	$(RUN) python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu: no CUDA device')"
 	mkdir -p $(BENCH_OUT)
@@ -65,4 +67,4 @@ cuda-check:
 	bash scripts/compile_cuda_check.sh
 
 clean:
-	rm -rf build out .pytest_cache quantlab/_C_*.so
+	rm -rf build out .pytest_cache quantlab/_C_*.so quantlab/_kernel_build.json

@@ -42,8 +42,8 @@ def _want_cuda() -> bool:
 
 
 def _components() -> list[str]:
-    """Kernel families: every directory of csrc/ except the shared ``common`` and ``bindings`` and
-    the CPU ``emulation`` of the CUDA kernels (built for tests by scripts/build_emulation.py).
+    """Kernel families: the directories of csrc/ that have a binding (``bindings/<family>.cpp``);
+    ``common``, ``bindings`` and the CPU ``emulation`` of the CUDA kernels have none.
 
     Each becomes its own library ``quantlab._C_<family>``, so one family's build problem never
     takes the others' kernels down, and rebuilding one leaves the rest untouched.
@@ -51,7 +51,7 @@ def _components() -> list[str]:
     return sorted(
         p.name
         for p in CSRC.iterdir()
-        if p.is_dir() and p.name not in ("common", "bindings", "emulation")
+        if p.is_dir() and (CSRC / "bindings" / f"{p.name}.cpp").is_file()
     )
 
 

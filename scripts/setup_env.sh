@@ -36,5 +36,8 @@ fi
 
 echo "[setup] building the extension (incremental)"
 python setup.py -q build_ext --inplace
-families=$(find csrc -mindepth 1 -maxdepth 1 -type d ! -name common ! -name bindings -printf '%f\n' | sort | paste -sd,)
+# A kernel family is a csrc/ directory with a binding, csrc/bindings/<family>.cpp (setup.py's rule).
+families=$(find csrc/bindings -maxdepth 1 -name '*.cpp' ! -name '*_cuda.cpp' -printf '%f\n' \
+  | sed 's/\.cpp$//' | while read -r f; do if [ -d "csrc/$f" ]; then echo "$f"; fi; done \
+  | sort | paste -sd,)
 python -c "import sys, quantlab.ops._extension as e; e.check_built(sys.argv[1].split(','))" "$families"

@@ -20,6 +20,7 @@
 #include "bitstack/cuda_kernels.cuh"
 #include "groupwise_int/cuda_kernels.cuh"
 #include "groupwise_int/cuda_mma.cuh"
+#include "groupwise_int/mma_layout.h"
 #include "pvq/cuda_kernels.cuh"
 #include "pvq/pvq_decode.h"
 #include "ternary/cuda_kernels.cuh"
@@ -225,6 +226,47 @@ void run(Command& c) {
     for (int v : counters)
       if (v != 0) quantlab_emu::fail("split-K", "a tile counter was left at %d after the launch", v);
     std::printf("splits %d\n", splits);
+  } else if (op == "groupwise_int_mma_layout_map") {
+    // The mma layout's index maps as mma_layout.h defines them (what the kernel reads), for the
+    // tests to check the Python repack against: per (n, k) of the padded weight the qweight word
+    // and bit of its code; per (n, group) the scales index and the zeros word and bit; the split
+    // plan for every request 0..20.
+    namespace ml = gw::mma_layout;
+    const int64_t n_pad = gw::mma_n_pad(c.p("n"));
+    const int64_t k_pad = gw::mma_k_pad(c.p("k"));
+    const int64_t group = c.p("group_size");
+    const int bits = static_cast<int>(c.p("bits"));
+    const int64_t n_tiles = n_pad / ml::kTileN;
+    const int64_t groups = (k_pad + group - 1) / group;
+    auto* q = c.buf<int64_t>("qpos");  // [n_pad, k_pad, 2]
+    for (int64_t kk = 0; kk < k_pad / ml::kTileK; ++kk)
+      for (int64_t nn = 0; nn < n_tiles; ++nn)
+        for (int lane = 0; lane < 32; ++lane)
+          for (int word = 0; word < bits; ++word)
+            for (int slot = 0; slot < 32 / bits; ++slot) {
+              const ml::TilePosition at = ml::b_code_position(lane, word, slot, bits);
+              const int64_t n = nn * ml::kTileN + at.col, k = kk * ml::kTileK + at.k;
+              q[(n * k_pad + k) * 2] = ml::b_word(kk, nn, n_tiles, lane, word, bits);
+              q[(n * k_pad + k) * 2 + 1] = slot * bits;
+            }
+    auto* sp = c.buf<int64_t>("spos");  // [n_pad, groups]
+    auto* zp = c.buf<int64_t>("zpos");  // [n_pad, groups, 2]
+    for (int64_t grp = 0; grp < groups; ++grp)
+      for (int64_t nn = 0; nn < n_tiles; ++nn)
+        for (int g = 0; g < 8; ++g)
+          for (int sub = 0; sub < 8; ++sub) {
+            const int64_t n = nn * ml::kTileN + 8 * sub + g;
+            sp[n * groups + grp] = ml::scale_index(grp, nn, n_tiles, g, sub);
+            zp[(n * groups + grp) * 2] = ml::zero_word(grp, nn, n_tiles, g, sub, bits);
+            zp[(n * groups + grp) * 2 + 1] = ml::zero_bit(sub, bits);
+          }
+    auto* plan = c.buf<int64_t>("plan");  // [21, 2]
+    for (int requested = 0; requested <= 20; ++requested) {
+      int splits = 0, per = 0;
+      ml::split_plan(k_pad / ml::kStageK, requested, gw::kMmaMaxSplits, &splits, &per);
+      plan[requested * 2] = splits;
+      plan[requested * 2 + 1] = per;
+    }
   }
   // ---- ternary ----
   else if (op == "ternary_gemv") {

@@ -6,6 +6,7 @@
 
 #include "groupwise_int/cuda_mma.cuh"
 #include "groupwise_int/cuda_mma_kernel.cuh"
+#include "groupwise_int/mma_layout.h"
 
 namespace quantlab::groupwise_int {
 namespace {
@@ -19,13 +20,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int tile_mb(int64_t m) { return m <= 16 ? 1 : (m <= 32 ? 2 : 4); }
 
-// [split-K] (mirrors split_plan in quantlab/formats/groupwise_int_mma_layout.py): each range takes
-// ceil(k_tiles / want) tiles, so fewer ranges may cover K and none is empty.
+// [split-K]: mma_layout.h's plan, capped at kMmaMaxSplits.
 void split_plan(int64_t k_tiles, int64_t requested, int* splits, int* per) {
-  const int64_t want = std::clamp<int64_t>(requested, 1, std::min<int64_t>(k_tiles, kMmaMaxSplits));
-  const int64_t tiles = ceil_div(k_tiles, want);
-  *per = static_cast<int>(tiles);
-  *splits = static_cast<int>(ceil_div(k_tiles, tiles));
+  mma_layout::split_plan(k_tiles, requested, kMmaMaxSplits, splits, per);
 }
 
 int act_index(DType t) { return t == DType::kBFloat16 ? 1 : 0; }

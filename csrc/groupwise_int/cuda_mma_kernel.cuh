@@ -39,6 +39,7 @@
 #include "common/cuda_launch.cuh"
 #include "common/ptx.cuh"
 #include "groupwise_int/cuda_mma.cuh"
+#include "groupwise_int/mma_layout.h"
 
 namespace quantlab::groupwise_int::mma {
 
@@ -278,7 +279,6 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane / 4;
-  const int t = lane % 4;
   const int n_tiles = a.n_pad / kMmaTileN;
   const int nn = blockIdx.x * kWarps + warp;  // this warp's n64 slab
   const bool warp_active = nn < n_tiles;
@@ -314,8 +314,9 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
     // [B-tiles]: the lane's words of tiles (4 kt + s, nn).
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
-      const int64_t tile = static_cast<int64_t>(kt * kSteps + s) * n_tiles + nn;
-      const uint32_t* src = a.w.qweight + (tile * 32 + lane) * BITS;
+      const uint32_t* src =
+          a.w.qweight + mma_layout::b_word(static_cast<int64_t>(kt) * kSteps + s, nn, n_tiles,
+                                           lane, 0, BITS);
       unsigned char* dst = b_smem(st) + (((warp * kSteps + s) * 32 + lane) * BITS) * 4;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) cp_async16_stream(dst + 16 * c, src + 4 * c, policy);
@@ -326,11 +327,11 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
     const int r = lane / 8;
     const int gg = lane % 8;
     if (r <= last - first) {
-      const int64_t entry = ((first + r) * n_tiles + nn) * 8 + gg;
-      cp_async_small<16>(s_smem(st) + ((r * kWarps + warp) * 8 + gg) * 16, scales + entry * 8);
+      cp_async_small<16>(s_smem(st) + ((r * kWarps + warp) * 8 + gg) * 16,
+                         scales + mma_layout::scale_index(first + r, nn, n_tiles, gg, 0));
       if (has_zeros) {
         cp_async_small<BITS>(z_smem(st) + ((r * kWarps + warp) * 8 + gg) * BITS,
-                             a.w.zeros + entry * (BITS / 4));
+                             a.w.zeros + mma_layout::zero_word(first + r, nn, n_tiles, gg, 0, BITS));
       }
     }
   };
@@ -421,12 +422,12 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int row = m0 + mb * 16 + g + 8 * h;
+          const int row = static_cast<int>(mma_layout::out_row(m0, mb, lane, 2 * h));
           if (row >= a.m) continue;
 #pragma unroll
           for (int c = 0; c < 8; ++c)
-            store_pair<T>(a, row, nn * kMmaTileN + 8 * c + 2 * t, acc[mb][c][2 * h],
-                          acc[mb][c][2 * h + 1]);
+            store_pair<T>(a, row, static_cast<int>(mma_layout::out_col(nn, c, lane, 0)),
+                          acc[mb][c][2 * h], acc[mb][c][2 * h + 1]);
         }
     }
     return;
@@ -438,11 +439,11 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m0 + mb * 16 + g + 8 * h;
+        const int row = static_cast<int>(mma_layout::out_row(m0, mb, lane, 2 * h));
         if (row >= a.m) continue;
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
-          const int col = nn * kMmaTileN + 8 * c + 2 * t;
+          const int col = static_cast<int>(mma_layout::out_col(nn, c, lane, 0));
           float* dst = a.workspace + blockIdx.z * mn + static_cast<int64_t>(row) * a.n_pad + col;
           *reinterpret_cast<float2*>(dst) = make_float2(acc[mb][c][2 * h], acc[mb][c][2 * h + 1]);
         }
@@ -461,11 +462,11 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m0 + mb * 16 + g + 8 * h;
+        const int row = static_cast<int>(mma_layout::out_row(m0, mb, lane, 2 * h));
         if (row >= a.m) continue;
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
-          const int col = nn * kMmaTileN + 8 * c + 2 * t;
+          const int col = static_cast<int>(mma_layout::out_col(nn, c, lane, 0));
           const float* src = a.workspace + static_cast<int64_t>(row) * a.n_pad + col;
           float v0 = 0.0f, v1 = 0.0f;
           for (int z = 0; z < a.splits; ++z) {
