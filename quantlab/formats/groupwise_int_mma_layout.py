@@ -5,8 +5,10 @@ This module is the specification of the layout ``csrc/groupwise_int/cuda_mma.cuh
 repack here is the only producer of that layout (it runs on any device, once per layer, see
 :class:`quantlab.nn.QuantLinear`) and :func:`dequant_repacked` is its exact inverse. The kernel's
 own source runs on the CPU emulation (tests/emulation/test_groupwise_int_mma_emulation.py,
-docs/emulation.md) on weights repacked here and reads every weight back bit for bit, so a
-disagreement between this layout and the kernel's index arithmetic shows up without a GPU.
+docs/emulation.md) on weights repacked here and reads every weight back bit for bit, and the
+kernel's index math lives in ``csrc/groupwise_int/mma_layout.h``, whose maps this repack is checked
+against value by value (tests/emulation/test_groupwise_int_mma_layout.py): a disagreement between
+this layout and the kernel shows up without a GPU.
 Section names in the comments ("[B-frag]", "[scales]", ...) are the ones the CUDA code uses.
 
 Terms. ``mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}``: per warp, A is 16 x 16 (M x K), B is
