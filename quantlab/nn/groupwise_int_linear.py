@@ -26,6 +26,7 @@ from quantlab.formats.tensor_layout import dtype_from_name, dtype_name
 from quantlab.nn.layer_spec import spec_bool, spec_int, spec_str
 from quantlab.nn.packed_linear import PackedLinear
 from quantlab.ops import groupwise_int as gw_ops
+from quantlab.ops.kernel_policy import warn_once
 
 __all__ = ["QuantLinear"]
 
@@ -208,6 +209,18 @@ class QuantLinear(PackedLinear):
         stale = self.kernel_path(x2) == "mma" and not torch.compiler.is_compiling()
         if stale and self._mma_source != self._source_key():
             self.prepare_kernel_layout()
+        if (
+            self.mma_qweight is not None
+            and x2.is_cuda
+            and x2.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        ):
+            warn_once(
+                "groupwise_int:fp32-activations",
+                "QuantLinear: fp32 activations on CUDA run the generic groupwise kernel, not the "
+                "tensor-core one (it takes fp16/bf16 activations); run the model in fp16 or bf16 "
+                "(the packed weights are unchanged by a dtype change)",
+            )
         if self.kernel_path(x2) == "mma":
             return torch.ops.quantlab.groupwise_int_mma_mm(
                 x2,

@@ -34,6 +34,7 @@ __all__ = [
     "PathDecision",
     "backends_used",
     "decide",
+    "warn_once",
     "read_verified_record",
     "reset",
     "reset_usage",
@@ -64,12 +65,22 @@ class PathDecision:
 
 _DECISIONS: dict[tuple[str, str], PathDecision] = {}
 _USED: dict[tuple[str, str], str] = {}
+_WARNED: set[str] = set()
 
 
 def reset() -> None:
     """Forget every decision (tests change the environment or the records between cases)."""
     _DECISIONS.clear()
     _USED.clear()
+    _WARNED.clear()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A :class:`KernelPathWarning` the first time ``key`` is seen in this process (a layer that
+    takes a slower path than the device offers, for a reason the caller names)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, KernelPathWarning, stacklevel=3)
 
 
 def reset_usage() -> None:

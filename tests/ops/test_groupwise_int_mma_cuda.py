@@ -12,6 +12,8 @@ bit. A misplaced or mis-decoded weight changes an output; an fp32 rounding bound
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ from quantlab.nn import groupwise_int_linear as linear_module
 from quantlab.ops import groupwise_int as ops
 from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import extension_error
+from quantlab.ops.kernel_policy import KernelPathWarning
 from tests.tolerances import fp32_dot_bound
 
 
@@ -313,3 +316,16 @@ def test_quant_linear_compiles_fullgraph_on_cuda() -> None:
     for m in (1, 4, 100):
         x = _x(m, 1024, torch.bfloat16)
         assert torch.equal(fn(x), layer(x))
+
+
+def test_fp32_activations_say_once_that_they_leave_the_tensor_core_path(
+    fresh_kernel_policy: object,
+) -> None:
+    layer = _layer(64, 128, 4, 64, False, "float16")
+    assert layer.mma_qweight is not None
+    with pytest.warns(KernelPathWarning, match="fp32 activations on CUDA"):
+        layer(_x(2, 128, torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(_x(2, 128, torch.float32))  # once per process
+        layer(_x(2, 128, torch.float16))  # the tensor-core path: nothing to say

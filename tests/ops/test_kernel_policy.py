@@ -191,6 +191,19 @@ def test_build_record_digest_follows_the_sources(tmp_path: Path) -> None:
         read_build_record(target)
 
 
+def test_warn_once_warns_once_per_key_until_reset(fresh_kernel_policy: object) -> None:
+    with pytest.warns(KernelPathWarning, match="slower"):
+        kernel_policy.warn_once("a", "slower path a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel_policy.warn_once("a", "slower path a")
+    with pytest.warns(KernelPathWarning, match="path b"):
+        kernel_policy.warn_once("b", "slower path b")
+    kernel_policy.reset()
+    with pytest.warns(KernelPathWarning):
+        kernel_policy.warn_once("a", "slower path a")
+
+
 def test_tracked_verified_record_is_well_formed() -> None:
     """Every recorded verification names what the policy matches on and what a reader needs."""
     data = json.loads(kernel_policy.VERIFIED_RECORD.read_text())
