@@ -1,8 +1,8 @@
 """The emulation's checkers catch what they exist for: each test breaks the real mma kernel
 source in one place (a missing barrier, a wrong cp.async wait count, an off-by-one bounds guard,
-a misaligned vector load, a skipped shared-memory fill, an early exit before a barrier, a split-K
-counter left set), builds that variant, runs it on a shape that reaches the broken line, and
-requires the checker's report. The unbroken kernel passes the same runs (the other emulation
+a shared-memory read past the end, a misaligned vector load, a skipped shared-memory fill, an
+early exit before a barrier, a split-K counter left set), builds that variant, runs it on a
+shape that reaches the broken line, and requires the checker's report. The unbroken kernel passes the same runs (the other emulation
 tests), so each report is the checker's doing, not noise.
 """
 
@@ -60,6 +60,15 @@ def test_off_by_one_row_guard_reads_past_the_activations() -> None:
     report = _report(emulator, _case(m=5))
     assert "AddressSanitizer: heap-buffer-overflow" in report
     assert "READ of size" in report
+
+
+def test_shared_memory_read_past_the_end() -> None:
+    """The zero points read from the end of the ring instead of their stage's section: just past
+    the CTA's dynamic shared memory (a heap block of exactly its size under the emulation)."""
+    old = "reinterpret_cast<const uint32_t*>(z_smem(st) + slot * BITS)[q]"
+    emulator = _broken("asan", old, old.replace("z_smem(st) + slot", "smem + L::kTotal + slot"))
+    report = _report(emulator, _case(k=512))
+    assert "AddressSanitizer: heap-buffer-overflow" in report and "READ of size 4" in report
 
 
 def test_misaligned_vector_load_of_shared_memory() -> None:
