@@ -2,8 +2,8 @@
 source in one place (a missing barrier, a wrong cp.async wait count, an off-by-one bounds guard,
 a shared-memory read past the end, a misaligned vector load, a skipped shared-memory fill, an
 early exit before a barrier, a split-K counter left set), builds that variant, runs it on a
-shape that reaches the broken line, and requires the checker's report. The unbroken kernel passes the same runs (the other emulation
-tests), so each report is the checker's doing, not noise.
+shape that reaches the broken line, and requires the checker's report. The unbroken kernel passes
+the same runs (the other emulation tests), so each report is the checker's doing, not noise.
 """
 
 from __future__ import annotations
