@@ -48,6 +48,7 @@ def test_awq_w4_beats_rtn_and_round_trips_through_the_awq_layout(
 
 @pytest.mark.slow
 def test_awq_w4_g64_full_eval_beats_llm_compressor(awq_w4: QuantizedModel, eval_tokens) -> None:  # noqa: ANN001
-    """Issue #4's acceptance figure: ppl <= 23.4 on 10 x 2048 eval tokens with the default
-    32 x 512 calibration (llm-compressor AWQ 23.41)."""
-    assert full_ppl(awq_w4.model, eval_tokens) <= 23.4
+    """Below the peer on the same calibration ids and eval windows
+    (scripts/peers/run_peers.py --with-awq, 2026-12-05: llm-compressor AWQ 23.16; quantlab
+    measured 22.52)."""
+    assert full_ppl(awq_w4.model, eval_tokens) < 23.15

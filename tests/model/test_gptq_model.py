@@ -64,6 +64,7 @@ def test_gptq_w4_beats_rtn_and_exports_in_gptq_layout(
 
 @pytest.mark.slow
 def test_gptq_w4_g64_full_eval_beats_the_peers(gptq_w4: QuantizedModel, eval_tokens) -> None:  # noqa: ANN001
-    """Issue #3's acceptance figure: ppl <= 23.9 on 10 x 2048 eval tokens with the default
-    32 x 512 calibration (peers: llm-compressor 24.03, GPTQModel 24.25; quantlab measured 23.19)."""
-    assert full_ppl(gptq_w4.model, eval_tokens) <= 23.9
+    """Below every peer on the same calibration ids and eval windows
+    (scripts/peers/run_peers.py, 2026-12-05: llm-compressor GPTQ 23.80, HQQ 23.89, GPTQModel
+    24.15; quantlab measured 23.19)."""
+    assert full_ppl(gptq_w4.model, eval_tokens) < 23.79
