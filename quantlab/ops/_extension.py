@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "check_built",
+    "compiled_kernel",
     "extension_error",
     "extension_loaded",
     "has_kernel",
@@ -63,6 +64,16 @@ def extension_error(family: str = DEFAULT_FAMILY) -> str | None:
     return None if load_extension(family) else _ERRORS.get(family, "unknown error")
 
 
+def _dispatch_key(device_type: str) -> str:
+    return {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+
+
+def compiled_kernel(kernels: dict[tuple[str, str], bool], op: str, device_type: str) -> bool:
+    """Whether ``register_ops`` found a compiled kernel of ``op`` for ``device_type`` (``kernels``
+    is its answer; whether the ops *use* it is the kernel policy's decision)."""
+    return bool(kernels.get((op, _dispatch_key(device_type))))
+
+
 def has_kernel(op_name: str, device_type: str, family: str = DEFAULT_FAMILY) -> bool:
     """Whether ``quantlab::<op_name>`` has a kernel for ``device_type`` ("cpu" or "cuda").
 
@@ -70,7 +81,7 @@ def has_kernel(op_name: str, device_type: str, family: str = DEFAULT_FAMILY) -> 
     that module's ``backend`` says whether it is a compiled kernel.
     """
     load_extension(family)
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type)
+    key = _dispatch_key(device_type)
     try:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"quantlab::{op_name}", key))
     except RuntimeError:  # the op is not defined at all

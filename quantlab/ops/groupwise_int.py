@@ -14,7 +14,7 @@ import torch
 
 from quantlab.formats.groupwise_int_mma_layout import RepackedWeight
 from quantlab.ops import groupwise_int_reference as reference
-from quantlab.ops._extension import register_ops
+from quantlab.ops._extension import compiled_kernel, register_ops
 from quantlab.ops.groupwise_int_mma_reference import mma_mm_reference
 from quantlab.ops.kernel_policy import decide, use_kernel
 
@@ -101,8 +101,7 @@ _register()
 def compiled(device_type: str, op: str = "groupwise_int_mm") -> bool:
     """Whether this build has a compiled kernel of ``op`` for ``device_type`` (whether the ops
     *use* it is :func:`backend`'s answer)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return bool(_KERNELS.get((op, key)))
+    return compiled_kernel(_KERNELS, op, device_type)
 
 
 def backend(device_type: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from quantlab.ops import pvq_reference as reference
-from quantlab.ops._extension import register_ops
+from quantlab.ops._extension import compiled_kernel, register_ops
 from quantlab.ops.kernel_policy import decide, use_kernel
 
 __all__ = ["FAMILY", "backend", "compiled", "cpu_path", "decode", "matmul"]
@@ -67,8 +67,7 @@ _register()
 def compiled(device_type: str) -> bool:
     """Whether this build has a compiled kernel of ``pvq_mm`` for ``device_type`` (whether the ops
     *use* it is :func:`backend`'s answer)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return bool(_KERNELS.get(("pvq_mm", key)))
+    return compiled_kernel(_KERNELS, "pvq_mm", device_type)
 
 
 def backend(device_type: str) -> str:

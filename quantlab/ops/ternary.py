@@ -21,7 +21,7 @@ import torch
 
 from quantlab.formats import ternary_packing
 from quantlab.ops import ternary_reference as reference
-from quantlab.ops._extension import register_ops
+from quantlab.ops._extension import compiled_kernel, register_ops
 from quantlab.ops.kernel_policy import decide, use_kernel
 
 __all__ = [
@@ -127,8 +127,7 @@ _LAYER_OP = {"cpu": "ternary_lut_mm", "cuda": "ternary_mm"}
 def compiled(device_type: str, op: str | None = None) -> bool:
     """Whether this build has a compiled kernel of ``op`` (default: the one the layers run on
     ``device_type``); whether the ops *use* it is :func:`backend`'s answer."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
-    return bool(_KERNELS.get((op or _LAYER_OP.get(device_type, "ternary_mm"), key)))
+    return compiled_kernel(_KERNELS, op or _LAYER_OP.get(device_type, "ternary_mm"), device_type)
 
 
 def backend(device_type: str) -> str:
