@@ -5,6 +5,7 @@
 
 #include "bindings/groupwise_int_checks.h"
 #include "groupwise_int/cpu_kernels.h"
+#include "groupwise_int/mma_repack.h"
 
 namespace quantlab {
 namespace {
@@ -76,6 +77,28 @@ at::Tensor mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// The mma-layout repack (csrc/groupwise_int/mma_repack.h): (qweight, scales, zeros), zeros empty
+// when symmetric.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_repack_cpu(
+    const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& qzeros,
+    int64_t bits, int64_t group_size, int64_t in_features) {
+  MmaRepackPlan plan =
+      check_mma_repack(qweight, scales, qzeros, bits, group_size, in_features, "cpu");
+  const at::Tensor qw = qweight.contiguous();
+  const at::Tensor sc = scales.contiguous();
+  const c10::optional<at::Tensor> qz =
+      qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
+  plan.source.qweight = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
+  plan.source.scales = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  plan.source.qzeros = qz ? reinterpret_cast<const uint32_t*>(qz->data_ptr<int32_t>()) : nullptr;
+  auto [q, s, z] = mma_repack_outputs(plan, qweight, scales.scalar_type(), !qz.has_value());
+  groupwise_int::mma_repack::repack_cpu(
+      plan.source, plan.extents, reinterpret_cast<uint32_t*>(q.data_ptr<int32_t>()),
+      reinterpret_cast<uint16_t*>(s.data_ptr()),
+      qz ? reinterpret_cast<uint32_t*>(z.data_ptr<int32_t>()) : nullptr);
+  return {q, s, z};
+}
+
 std::string cpu_path(int64_t bits, int64_t group_size, int64_t in_features) {
   groupwise_int::CpuParams p{};
   p.bits = static_cast<int>(bits);
@@ -94,6 +117,9 @@ TORCH_LIBRARY_FRAGMENT(quantlab, m) {
   m.def(
       "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
       "int group_size) -> Tensor");
+  m.def(
+      "groupwise_int_mma_repack(Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+      "int group_size, int in_features) -> (Tensor, Tensor, Tensor)");
   m.def("groupwise_int_cpu_path(int bits, int group_size, int in_features) -> str",
         &quantlab::cpu_path);
 }
@@ -101,4 +127,5 @@ TORCH_LIBRARY_FRAGMENT(quantlab, m) {
 TORCH_LIBRARY_IMPL(quantlab, CPU, m) {
   m.impl("groupwise_int_dequant", &quantlab::dequant_cpu);
   m.impl("groupwise_int_mm", &quantlab::mm_cpu);
+  m.impl("groupwise_int_mma_repack", &quantlab::mma_repack_cpu);
 }

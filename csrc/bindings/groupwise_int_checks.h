@@ -3,7 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "common/bitstream.h"
+#include "groupwise_int/mma_repack.h"
 
 namespace quantlab {
 
@@ -58,6 +61,58 @@ inline GroupwiseIntArgs check_groupwise_int(const at::Tensor& qweight, const at:
   TORCH_CHECK(on_device(qweight) && on_device(scales) && (!qzeros || on_device(*qzeros)),
               "groupwise_int: qweight, scales and qzeros must all be on the ", device);
   return {n, in_features, gs, groups, bits};
+}
+
+// The repack into the mma layout: the exported tensors checked as every groupwise_int op checks
+// them, plus what the layout needs (4/8 bits, fp16/bf16 scales, K % 8 == 0, a group size that is
+// a multiple of 16). Returns the source view and the repacked extents; the tensors must be
+// contiguous (the binding passes .contiguous() copies).
+struct MmaRepackPlan {
+  groupwise_int::mma_repack::Source source;
+  groupwise_int::mma_repack::Extents extents;
+};
+
+inline MmaRepackPlan check_mma_repack(const at::Tensor& qweight, const at::Tensor& scales,
+                                      const c10::optional<at::Tensor>& qzeros, int64_t bits,
+                                      int64_t group_size, int64_t in_features,
+                                      const char* device) {
+  const GroupwiseIntArgs a =
+      check_groupwise_int(qweight, scales, qzeros, bits, group_size, in_features, device);
+  TORCH_CHECK(bits == 4 || bits == 8, "groupwise_int_mma_repack: the mma layout takes 4- or "
+              "8-bit codes, got ", bits);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16,
+              "groupwise_int_mma_repack: the mma layout takes fp16 or bf16 scales, got ",
+              scales.scalar_type());
+  TORCH_CHECK(in_features % 8 == 0, "groupwise_int_mma_repack: in_features must be a multiple "
+              "of 8, got ", in_features);
+  TORCH_CHECK(group_size == -1 || group_size % 16 == 0, "groupwise_int_mma_repack: group_size "
+              "must be -1 or a multiple of 16, got ", group_size);
+  namespace ml = groupwise_int::mma_layout;
+  const int64_t kernel_group = group_size == -1 ? ml::k_pad(in_features) : group_size;
+  MmaRepackPlan plan{};
+  plan.source.n = a.n;
+  plan.source.k = a.k;
+  plan.source.groups = a.groups;
+  plan.source.q_row_words = qweight.size(1);
+  plan.source.z_row_words = qzeros.has_value() ? qzeros->size(1) : 0;
+  plan.source.bits = static_cast<int>(bits);
+  plan.extents.k16 = ml::k_pad(a.k) / ml::kTileK;
+  plan.extents.n_tiles = ml::n_pad(a.n) / ml::kTileN;
+  plan.extents.groups = ml::kernel_groups(a.k, kernel_group);
+  return plan;
+}
+
+// The repacked tensors of a plan, allocated like `like` (zeros: an empty int32 tensor when
+// symmetric, since an op cannot return None).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_repack_outputs(
+    const MmaRepackPlan& plan, const at::Tensor& like, at::ScalarType scale_dtype, bool sym) {
+  const auto& e = plan.extents;
+  const int64_t bits = plan.source.bits;
+  const auto ints = like.options().dtype(at::kInt);
+  at::Tensor q = at::empty({e.k16, e.n_tiles, 32, bits}, ints);
+  at::Tensor s = at::empty({e.groups, e.n_tiles, 8, 8}, like.options().dtype(scale_dtype));
+  at::Tensor z = sym ? at::empty({0}, ints) : at::empty({e.groups, e.n_tiles, 8, bits / 4}, ints);
+  return {q, s, z};
 }
 
 }  // namespace quantlab

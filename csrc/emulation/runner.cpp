@@ -226,6 +226,27 @@ void run(Command& c) {
     for (int v : counters)
       if (v != 0) quantlab_emu::fail("split-K", "a tile counter was left at %d after the launch", v);
     std::printf("splits %d\n", splits);
+  } else if (op == "groupwise_int_mma_repack") {
+    // The CUDA repack kernel (cuda_mma_repack.cu) on exported tensors: qweight [n, q_row_words],
+    // scales [n, groups] 16-bit, qzeros [n, z_row_words] when present.
+    namespace ml = gw::mma_layout;
+    gw::mma_repack::Source s{};
+    s.qweight = c.buf<uint32_t>("qweight");
+    s.scales = c.buf<uint16_t>("scales");
+    s.qzeros = c.opt_buf<uint32_t>("qzeros");
+    s.n = c.p("n");
+    s.k = c.p("k");
+    s.groups = c.p("groups");
+    s.bits = static_cast<int>(c.p("bits"));
+    s.q_row_words = (s.k * s.bits + 31) / 32;
+    s.z_row_words = (s.groups * s.bits + 31) / 32;
+    gw::mma_repack::Extents e{};
+    e.k16 = ml::k_pad(s.k) / ml::kTileK;
+    e.n_tiles = ml::n_pad(s.n) / ml::kTileN;
+    e.groups = ml::kernel_groups(s.k, c.p("group_size"));
+    check(gw::launch_mma_repack(s, e, c.buf<uint32_t>("q"), c.buf<uint16_t>("s"),
+                                c.opt_buf<uint32_t>("z"), nullptr),
+          op);
   } else if (op == "groupwise_int_mma_layout_map") {
     // The mma layout's index maps as mma_layout.h defines them (what the kernel reads), for the
     // tests to check the Python repack against: per (n, k) of the padded weight the qweight word

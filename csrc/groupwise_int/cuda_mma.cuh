@@ -2,11 +2,10 @@
 // for fp16/bf16 activations and batches of 1-255 rows (torch-free; the adapter is
 // csrc/bindings/groupwise_int_cuda.cpp).
 //
-// The layout is specified -- and produced -- by quantlab/formats/groupwise_int_mma_layout.py;
-// the CPU emulator of quantlab/ops/groupwise_int_mma_emulation.py reads it exactly as this kernel
-// does. The bracketed section names ([B-tiles], [B-frag 4-bit], [B-frag 8-bit], [scales], [zeros],
-// [split-K]) refer to the layout module's docstring, [A-ldmatrix] and [epilogue] to the
-// emulator's. Summary: qweight int32 [Kp/16][Np/64][32 lanes][bits words] (each
+// The layout's index math is mma_layout.h (the kernel, the repack of mma_repack.h and the tests all
+// call it); its derivation and the PyTorch reference repack are in
+// quantlab/formats/groupwise_int_mma_layout.py. The bracketed section names ([B-tiles],
+// [B-frag 4-bit], [B-frag 8-bit], [scales], [zeros], [smem], [split-K]) are mma_layout.h's. Summary: qweight int32 [Kp/16][Np/64][32 lanes][bits words] (each
 // lane's B fragments of a 16x64 tile, one 16-byte load at 4 bits), scales [Gp][Np/64][8][8] in the
 // layer's scale dtype, zeros int32 [Gp][Np/64][8][bits/4] (asymmetric only). Np = N rounded up to
 // 64, Kp = K rounded up to 64; padded codes/scales/zeros are 0.
@@ -18,6 +17,7 @@
 #include <cstdint>
 
 #include "groupwise_int/cuda_kernels.cuh"
+#include "groupwise_int/mma_repack.h"
 
 namespace quantlab::groupwise_int {
 
@@ -38,11 +38,10 @@ constexpr int kMmaCtaN = 256;    // columns per CTA (4 warps)
 constexpr int kMmaMaxRows = 255; // batches the adapter sends here; from 256 rows cuBLAS wins
 constexpr int kMmaMaxSplits = 16;
 
-inline int64_t mma_round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-inline int64_t mma_n_pad(int64_t n) { return mma_round_up(n, kMmaTileN); }
-inline int64_t mma_k_pad(int64_t k) { return mma_round_up(k, kMmaStageK); }
+inline int64_t mma_n_pad(int64_t n) { return mma_layout::n_pad(n); }
+inline int64_t mma_k_pad(int64_t k) { return mma_layout::k_pad(k); }
 inline int64_t mma_groups(int64_t k, int64_t group_size) {
-  return (mma_k_pad(k) + group_size - 1) / group_size;
+  return mma_layout::kernel_groups(k, group_size);
 }
 
 // Whether the kernel takes a weight of this encoding (mirrors fast_path_reason in
@@ -63,5 +62,12 @@ int64_t mma_counter_count(const MmaWeight& w, int64_t m, int splits);
 // (kFloat16 / kBFloat16), `splits` from mma_resolve_splits.
 cudaError_t launch_mma(const MmaWeight& w, const void* x, void* y, int64_t m, DType act_dtype,
                        int splits, float* workspace, int* counters, cudaStream_t stream);
+
+// The repack from the exported layout into this kernel's (cuda_mma_repack.cu): qweight
+// [Kp/16, Np/64, 32, bits] words, scales [Gp, Np/64, 8, 8] 16-bit patterns, zeros
+// [Gp, Np/64, 8, bits/4] words (nullptr exactly when s.qzeros is); every element written.
+cudaError_t launch_mma_repack(const mma_repack::Source& s, const mma_repack::Extents& e,
+                              uint32_t* qweight, uint16_t* scales, uint32_t* zeros,
+                              cudaStream_t stream);
 
 }  // namespace quantlab::groupwise_int

@@ -1,7 +1,9 @@
 // The mma kernel template (included by cuda_mma_f16.cu and cuda_mma_bf16.cu, one activation
-// dtype per file so the two compile in parallel). Host logic: cuda_mma.cu. Layout and section
-// names ([B-tiles], ...): quantlab/formats/groupwise_int_mma_layout.py; [A-ldmatrix] and
-// [epilogue]: quantlab/ops/groupwise_int_mma_emulation.py, which emulates this kernel's reads.
+// dtype per file so the two compile in parallel). Host logic: cuda_mma.cu. Every index -- global
+// words, scales and zeros, shared-memory slots, ldmatrix rows, output elements, split ranges --
+// comes from mma_layout.h, whose section names ([B-tiles], [B-frag 4-bit], [scales], [smem],
+// [A-ldmatrix], [epilogue], [split-K]) the comments here use; the layout's derivation is in
+// quantlab/formats/groupwise_int_mma_layout.py.
 //
 // Design:
 // - CTA = 4 warps; warp w owns the 64-column slab n64 = 4 * blockIdx.x + w ([epilogue]) for the
@@ -43,14 +45,16 @@
 
 namespace quantlab::groupwise_int::mma {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = 4;
-constexpr int kSteps = kMmaStageK / 16;  // k16 steps per stage
-constexpr int kAPitch = kMmaStageK + 8;   // elements; 144-byte rows: ldmatrix conflict-free
+using mma_layout::kAPitch;
+using mma_layout::kWarps;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSteps = mma_layout::kStepsPerStage;  // k16 steps per stage
 constexpr int kMaxStageGroups = 4;        // a 64-deep tile touches <= 4 groups of >= 16
 constexpr int kSmemBudget = 96 * 1024;    // under sm_89's 99 KB per block
 
-static_assert(kMmaCtaN == kWarps * kMmaTileN, "CTA width");
+static_assert(kMmaCtaN == kWarps * kMmaTileN && kMmaTileN == mma_layout::kTileN &&
+                  kMmaStageK == mma_layout::kStageK,
+              "CTA width and stage depth");
 
 template <int BITS, int MB>
 struct Smem {
@@ -302,13 +306,13 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
 #pragma unroll
     for (int i = 0; i < MB; ++i) {
       const int idx = tid + i * kThreads;
-      const int row = idx / 8;
-      const int ch = idx % 8;
+      const int row = mma_layout::a_chunk_row(idx);
+      const int kc = mma_layout::a_chunk_k(idx);
       const int64_t m = m0 + row;
-      const int64_t k = static_cast<int64_t>(kt) * kMmaStageK + ch * 8;
+      const int64_t k = static_cast<int64_t>(kt) * kMmaStageK + kc;
       const bool valid = m < a.m && k < a.w.k;  // K % 8 == 0: a chunk is all in or all out
       const T* src = valid ? x + m * a.w.k + k : x;
-      cp_async16_zfill(a_smem(st) + (row * kAPitch + ch * 8) * 2, src, valid);
+      cp_async16_zfill(a_smem(st) + mma_layout::smem_a_element(row, kc) * 2, src, valid);
     }
     if (!warp_active) return;
     // [B-tiles]: the lane's words of tiles (4 kt + s, nn).
@@ -317,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
       const uint32_t* src =
           a.w.qweight + mma_layout::b_word(static_cast<int64_t>(kt) * kSteps + s, nn, n_tiles,
                                            lane, 0, BITS);
-      unsigned char* dst = b_smem(st) + (((warp * kSteps + s) * 32 + lane) * BITS) * 4;
+      unsigned char* dst = b_smem(st) + mma_layout::smem_b_word(warp, s, lane, BITS) * 4;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) cp_async16_stream(dst + 16 * c, src + 4 * c, policy);
     }
@@ -327,10 +331,11 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
     const int r = lane / 8;
     const int gg = lane % 8;
     if (r <= last - first) {
-      cp_async_small<16>(s_smem(st) + ((r * kWarps + warp) * 8 + gg) * 16,
+      const int slot = mma_layout::smem_group_slot(r, warp, gg);
+      cp_async_small<16>(s_smem(st) + slot * 16,
                          scales + mma_layout::scale_index(first + r, nn, n_tiles, gg, 0));
       if (has_zeros) {
-        cp_async_small<BITS>(z_smem(st) + ((r * kWarps + warp) * 8 + gg) * BITS,
+        cp_async_small<BITS>(z_smem(st) + slot * BITS,
                              a.w.zeros + mma_layout::zero_word(first + r, nn, n_tiles, gg, 0, BITS));
       }
     }
@@ -370,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
       const int64_t group = (static_cast<int64_t>(kt) * kMmaStageK + s * 16) / gsize;
       if (group != cur_group) {  // warp-uniform
         const int r = static_cast<int>(group - first);
-        const int slot = (r * kWarps + warp) * 8 + g;
+        const int slot = mma_layout::smem_group_slot(r, warp, g);
         const uint4 sv = *reinterpret_cast<const uint4*>(s_smem(st) + slot * 16);
         uint32_t zw[BITS / 4] = {};
         if (has_zeros) {
@@ -385,13 +390,13 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(const Args a) {
       uint32_t afrag[MB][4];
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
-        const int row = mb * 16 + lane % 16;
-        const int col = s * 16 + (lane / 16) * 8;
-        ldmatrix_x4(afrag[mb], a_smem(st) + (row * kAPitch + col) * 2);
+        ldmatrix_x4(afrag[mb], a_smem(st) + mma_layout::smem_a_element(
+                                                mma_layout::ldmatrix_row(mb, lane),
+                                                mma_layout::ldmatrix_k(s, lane)) * 2);
       }
       // B: the lane's own words, then dequant.
       const uint4* wsrc =
-          reinterpret_cast<const uint4*>(b_smem(st) + (((warp * kSteps + s) * 32 + lane) * BITS) * 4);
+          reinterpret_cast<const uint4*>(b_smem(st) + mma_layout::smem_b_word(warp, s, lane, BITS) * 4);
       uint32_t bfrag[8][2];
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {

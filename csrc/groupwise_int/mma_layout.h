@@ -1,9 +1,10 @@
 // The index math of the tensor-core ("mma") layout, in one place: which word of `qweight`, which
-// entry of `scales` and `zeros`, which output element, and which k ranges of split-K. The kernel
-// (cuda_mma_kernel.cuh), its host launcher (cuda_mma.cu) and the tests (through the emulation
-// runner's `groupwise_int_mma_layout_map`, which the Python repack of
-// quantlab/formats/groupwise_int_mma_layout.py is checked against) all call these functions.
-// Torch-free; host and device.
+// entry of `scales` and `zeros`, which output element, which shared-memory slot of a pipeline
+// stage, and which k ranges of split-K. The kernel (cuda_mma_kernel.cuh), its host launcher
+// (cuda_mma.cu), the repack that produces the layout (mma_repack.h, run by the CPU and CUDA ops)
+// and the tests (the emulation runner's `groupwise_int_mma_layout_map`, which the PyTorch
+// reference repack of quantlab/formats/groupwise_int_mma_layout.py is checked against) all call
+// these functions. Torch-free; host and device.
 //
 // Terms (quantlab/formats/groupwise_int_mma_layout.py has the derivation): tile (kk, nn) is the
 // 16 x 64 (k x n) block k in [16 kk, 16 kk + 16), n in [64 nn, 64 nn + 64), made of eight n8
@@ -25,6 +26,20 @@ namespace quantlab::groupwise_int::mma_layout {
 constexpr int kTileN = 64;   // columns per B tile / per warp slab
 constexpr int kTileK = 16;   // k per B tile (one mma k step)
 constexpr int kStageK = 64;  // k per pipeline stage
+constexpr int kWarps = 4;    // warps per CTA, one 64-column slab each
+constexpr int kStepsPerStage = kStageK / kTileK;
+constexpr int kAPitch = kStageK + 8;  // activation row pitch in shared memory (elements): 144-byte
+                                      // rows keep ldmatrix's eight row reads conflict-free
+
+// Padded extents: K to whole pipeline stages, N to whole tiles; the kernel's groups over Kp.
+QUANTLAB_MMA_HD int64_t k_pad(int64_t k) { return (k + kStageK - 1) / kStageK * kStageK; }
+QUANTLAB_MMA_HD int64_t n_pad(int64_t n) { return (n + kTileN - 1) / kTileN * kTileN; }
+QUANTLAB_MMA_HD int64_t kernel_groups(int64_t k, int64_t kernel_group) {
+  return (k_pad(k) + kernel_group - 1) / kernel_group;
+}
+
+// Column within a tile of subtile `c`'s column `g` (lane group g owns it).
+QUANTLAB_MMA_HD int tile_column(int c, int g) { return 8 * c + g; }
 
 // [B-tiles] flat int32 index of word `word` of lane `lane` in tile (kk, nn): a lane's `bits`
 // words are contiguous (one 16-byte cp.async per 4-bit tile).
@@ -50,10 +65,10 @@ QUANTLAB_MMA_HD TilePosition b_code_position(int lane, int word, int slot, int b
   if (bits == 4) {
     const int k_offset = (slot & 1) * 8 + (slot >> 2);  // p0 0, p1 8, p4 1, p5 9 ...
     const int subtile = 2 * word + ((slot >> 1) & 1);
-    return {2 * t + k_offset, 8 * subtile + g};
+    return {2 * t + k_offset, tile_column(subtile, g)};
   }
   const int k_offset = (slot & 1) + 8 * (slot >> 1);  // bytes: 0, 1, 8, 9
-  return {2 * t + k_offset, 8 * word + g};
+  return {2 * t + k_offset, tile_column(word, g)};
 }
 
 // [scales] flat element index of the scale of group `grp`, column 64 nn + 8 c + g: the eight
@@ -78,6 +93,28 @@ QUANTLAB_MMA_HD int64_t out_row(int64_t m0, int mb, int lane, int i) {
 QUANTLAB_MMA_HD int64_t out_col(int64_t nn, int c, int lane, int i) {
   return nn * kTileN + 8 * c + 2 * (lane % 4) + i % 2;
 }
+
+// [smem] Offsets inside one pipeline stage's regions (B words, activations, scale and zero
+// rows); each region starts 16-byte aligned.
+// B: the `bits` words of lane `lane` for k16 step `step` of warp `warp`'s slab (in words): a
+// lane's 16-byte chunks are its own, copied and read by that lane only.
+QUANTLAB_MMA_HD int smem_b_word(int warp, int step, int lane, int bits) {
+  return ((warp * kStepsPerStage + step) * 32 + lane) * bits;
+}
+// Activations: element (row, k) of the stage's MB*16 x 64 tile (row pitch kAPitch). The stage is
+// copied as 16-byte chunks: chunk `idx` is row idx / 8, k 8 * (idx % 8).
+QUANTLAB_MMA_HD int smem_a_element(int row, int k) { return row * kAPitch + k; }
+QUANTLAB_MMA_HD int a_chunk_row(int idx) { return idx / 8; }
+QUANTLAB_MMA_HD int a_chunk_k(int idx) { return 8 * (idx % 8); }
+// [A-ldmatrix] The row and k of the 16-byte row lane `lane` points ldmatrix.x4 at for m16 block
+// `mb` and k16 step `step`: lanes 0-15 rows 0-15 at k 0 (matrices a0, a1), lanes 16-31 the same
+// rows at k 8 (a2, a3), PTX's A fragment order.
+QUANTLAB_MMA_HD int ldmatrix_row(int mb, int lane) { return 16 * mb + lane % 16; }
+QUANTLAB_MMA_HD int ldmatrix_k(int step, int lane) { return 16 * step + 8 * (lane / 16); }
+// Scales / zeros: slot of group row `r` (0..3: the groups one stage touches, from its first),
+// warp `warp`, lane group `g`: a 16-byte chunk of 8 scales at 16 * slot, `bits` bytes of 8 zero
+// codes at bits * slot.
+QUANTLAB_MMA_HD int smem_group_slot(int r, int warp, int g) { return (r * kWarps + warp) * 8 + g; }
 
 // [split-K] `splits` ranges of `per` k tiles: each takes ceil(k_tiles / want) tiles, so fewer
 // ranges may cover K and none is empty (want = requested clamped to [1, min(k_tiles, max)]).

@@ -1,14 +1,15 @@
 """The tensor-core ("mma") kernel layout of groupwise-int weights: the one-time repack from the
 exported bitstream layout, and its inverse.
 
-This module is the specification of the layout ``csrc/groupwise_int/cuda_mma.cuh`` reads: the
-repack here is the only producer of that layout (it runs on any device, once per layer, see
-:class:`quantlab.nn.QuantLinear`) and :func:`dequant_repacked` is its exact inverse. The kernel's
-own source runs on the CPU emulation (tests/emulation/test_groupwise_int_mma_emulation.py,
-docs/emulation.md) on weights repacked here and reads every weight back bit for bit, and the
-kernel's index math lives in ``csrc/groupwise_int/mma_layout.h``, whose maps this repack is checked
-against value by value (tests/emulation/test_groupwise_int_mma_layout.py): a disagreement between
-this layout and the kernel shows up without a GPU.
+This module derives the layout ``csrc/groupwise_int/cuda_mma.cuh`` reads and holds its PyTorch
+reference: :func:`repack` and its exact inverse :func:`dequant_repacked`. The layout's index math
+itself lives in ``csrc/groupwise_int/mma_layout.h``, which the kernel, the compiled repack ops
+(``groupwise_int_mma_repack`` on the CPU and CUDA, ``csrc/groupwise_int/mma_repack.h``; what
+:func:`quantlab.ops.groupwise_int.mma_repack` and :class:`quantlab.nn.QuantLinear` run) and the
+tests call. The tests tie the three together without a GPU: :func:`repack` puts every value where
+that header's maps say (tests/emulation/test_groupwise_int_mma_layout.py), the compiled repacks
+write :func:`repack`'s tensors bit for bit (the CUDA one on the CPU emulation), and the kernel's
+own source, run on the emulation, reads every weight back (test_groupwise_int_mma_emulation.py).
 Section names in the comments ("[B-frag]", "[scales]", ...) are the ones the CUDA code uses.
 
 Terms. ``mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}``: per warp, A is 16 x 16 (M x K), B is
@@ -222,9 +223,10 @@ def repack(
     group_size: int,
     in_features: int,
 ) -> RepackedWeight:
-    """Exported layout (docs/formats.md, ``groupwise_int`` v1) -> the mma kernel layout.
+    """Exported layout (docs/formats.md, ``groupwise_int`` v1) -> the mma kernel layout: the
+    PyTorch reference of the ``groupwise_int_mma_repack`` op.
 
-    Runs on the tensors' device in plain PyTorch; done once per layer and device.
+    Runs on the tensors' device in plain PyTorch.
     Raises ``ValueError`` naming the reason when :func:`fast_path_reason` refuses the weight.
     """
     reason = fast_path_reason(bits, group_size, in_features, scales.dtype)

@@ -20,7 +20,6 @@ from quantlab.formats.groupwise_int_mma_layout import (
     RepackedWeight,
     fast_path_reason,
     mma_layout,
-    repack,
 )
 from quantlab.formats.tensor_layout import dtype_from_name, dtype_name
 from quantlab.nn.layer_spec import spec_bool, spec_int, spec_str
@@ -152,7 +151,7 @@ class QuantLinear(PackedLinear):
         if reason is not None or not _mma_device_ok(device):
             return False
         with torch.no_grad():
-            rep = repack(
+            rep = gw_ops.mma_repack(
                 self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features
             )
         self.mma_qweight, self.mma_scales, self.mma_zeros = rep.qweight, rep.scales, rep.zeros

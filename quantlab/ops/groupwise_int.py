@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from quantlab.formats.groupwise_int_mma_layout import RepackedWeight
+from quantlab.formats.groupwise_int_mma_layout import (
+    RepackedWeight,
+    fast_path_reason,
+    mma_layout,
+    repack,
+)
 from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import compiled_kernel, register_ops
 from quantlab.ops.groupwise_int_mma_reference import mma_mm_reference
@@ -26,6 +31,7 @@ __all__ = [
     "matmul",
     "mma_kernel_enabled",
     "mma_matmul",
+    "mma_repack",
 ]
 
 _SCHEMAS = {
@@ -37,18 +43,40 @@ _SCHEMAS = {
         "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
         "int group_size) -> Tensor"
     ),
-    # The tensor-core kernel on weights repacked by
-    # quantlab.formats.groupwise_int_mma_layout.repack (CUDA builds define it with its kernel;
-    # elsewhere it runs the reference of quantlab.ops.groupwise_int_mma_reference).
+    # The tensor-core kernel on weights repacked by groupwise_int_mma_repack (CUDA builds define
+    # it with its kernel; elsewhere it runs the reference of
+    # quantlab.ops.groupwise_int_mma_reference).
     "groupwise_int_mma_mm": (
         "groupwise_int_mma_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
         "int group_size, int in_features, int out_features, int split_k) -> Tensor"
     ),
+    # The repack into that kernel's layout (csrc/groupwise_int/mma_repack.h: the kernel's own
+    # index maps); zeros is an empty int32 tensor for symmetric weights.
+    "groupwise_int_mma_repack": (
+        "groupwise_int_mma_repack(Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
+        "int group_size, int in_features) -> (Tensor, Tensor, Tensor)"
+    ),
 }
+
+
+def _mma_repack_reference(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rep = repack(qweight, scales, qzeros, bits, group_size, in_features)
+    zeros = rep.zeros if rep.zeros is not None else qweight.new_empty(0)
+    return rep.qweight, rep.scales, zeros
+
+
 _REFERENCES = {
     "groupwise_int_dequant": reference.groupwise_int_dequant,
     "groupwise_int_mm": reference.groupwise_int_mm,
     "groupwise_int_mma_mm": mma_mm_reference,
+    "groupwise_int_mma_repack": _mma_repack_reference,
 }
 FAMILY = "groupwise_int"
 _KERNELS: dict[tuple[str, str], bool] = {}
@@ -93,6 +121,24 @@ def _register() -> None:
         split_k: int,
     ) -> torch.Tensor:
         return x.new_empty((x.shape[0], out_features))
+
+    @torch.library.register_fake("quantlab::groupwise_int_mma_repack")
+    def _mma_repack_fake(
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        qzeros: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        in_features: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sym = qzeros is None
+        shapes = mma_layout(bits, group_size, in_features, qweight.shape[0], sym).shapes()
+        zeros = shapes.get("zeros", (0,))
+        return (
+            qweight.new_empty(shapes["qweight"]),
+            scales.new_empty(shapes["scales"]),
+            qweight.new_empty(zeros),
+        )
 
 
 _register()
@@ -174,6 +220,34 @@ def matmul(
     if not use_kernel(FAMILY, device, compiled(device)):
         return _torch_mm(x, qweight, scales, qzeros, bits, group_size)
     return torch.ops.quantlab.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
+
+
+def mma_repack(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> RepackedWeight:
+    """Exported tensors (``groupwise_int`` v1) -> the tensor-core kernel's layout, on their
+    device: the compiled repack (csrc/groupwise_int/mma_repack.h, the kernel's own index maps)
+    where this family's kernels run, else the PyTorch reference
+    (:func:`quantlab.formats.groupwise_int_mma_layout.repack`), which gives the same tensors bit
+    for bit. Raises ``ValueError`` when the layout does not take the weight."""
+    device = qweight.device.type
+    op = "groupwise_int_mma_repack"
+    if not use_kernel(FAMILY, device, compiled(device, op)):
+        return repack(qweight, scales, qzeros, bits, group_size, in_features)
+    # The reference's refusal (a ValueError naming the reason) for the compiled op too.
+    layout = mma_layout(bits, group_size, in_features, qweight.shape[0], qzeros is None)
+    reason = fast_path_reason(bits, group_size, in_features, scales.dtype)
+    if reason is not None:
+        raise ValueError(f"the mma kernel layout does not take this weight: {reason}")
+    q, s, z = torch.ops.quantlab.groupwise_int_mma_repack(
+        qweight, scales, qzeros, bits, group_size, in_features
+    )
+    return RepackedWeight(q, s, z if qzeros is not None else None, layout)
 
 
 def mma_matmul(x: torch.Tensor, rep: RepackedWeight, split_k: int = 0) -> torch.Tensor:

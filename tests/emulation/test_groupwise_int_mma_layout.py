@@ -1,7 +1,9 @@
-"""The Python repack (quantlab/formats/groupwise_int_mma_layout.py) puts every code, scale and
-zero point where csrc/groupwise_int/mma_layout.h -- the index math the kernel itself calls --
-says it is, and plans split-K the same way. The maps come from the emulation runner, compiled
-from that header."""
+"""The mma layout's producers against its consumer's index math: the PyTorch reference repack
+(quantlab/formats/groupwise_int_mma_layout.py) puts every code, scale and zero point where
+csrc/groupwise_int/mma_layout.h -- the index math the kernel itself calls -- says it is, and plans
+split-K the same way (the maps come from the emulation runner, compiled from that header); and the
+CUDA repack kernel (cuda_mma_repack.cu, built on that header), run on the emulation under ASan and
+TSan, writes exactly the reference's tensors."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from quantlab.formats import bitstream
 from quantlab.formats import groupwise_int_mma_layout as rp
 from tests.emulation.cases import integer_weight
-from tests.emulation.emulator import Call, Emulator
+from tests.emulation.emulator import Call, Emulator, assert_bits
 
 pytestmark = pytest.mark.emulation
 
@@ -63,3 +65,27 @@ def test_repack_places_every_value_where_the_kernel_reads_it(
     k_tiles = lay.k_pad // rp.STAGE_K
     plan = [list(rp.split_plan(k_tiles, r)) for r in range(21)]
     assert maps["plan"].tolist() == plan
+
+
+@pytest.mark.parametrize(("n", "k", "bits", "group", "sym"), CASES)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_cuda_repack_kernel_writes_the_reference_tensors(
+    emulator: Emulator, n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype
+) -> None:
+    """Every output element is compared (the runner fills outputs with 0xFF first, so one the
+    kernel never writes shows up), padding included."""
+    qw, s, qz, _ = integer_weight(n, k, bits, group, sym, scale_dtype)
+    want = rp.repack(qw, s, qz, bits, group, k)
+    shapes = want.layout.shapes()
+    inputs = {"qweight": qw, "scales": s}
+    outputs = {"q": (torch.int32, shapes["qweight"]), "s": (scale_dtype, shapes["scales"])}
+    if not sym:
+        inputs["qzeros"] = qz
+        outputs["z"] = (torch.int32, shapes["zeros"])
+    params = {"n": n, "k": k, "bits": bits, "groups": s.shape[1]}
+    params["group_size"] = want.layout.kernel_group
+    got = emulator.run([Call("groupwise_int_mma_repack", params, inputs, outputs)])[0]
+    assert torch.equal(got["q"], want.qweight)
+    assert_bits(got["s"], want.scales, "scales")
+    if not sym:
+        assert torch.equal(got["z"], want.zeros)

@@ -21,7 +21,6 @@ from quantlab.formats import bitstream
 from quantlab.formats import groupwise_int_mma_layout as rp
 from quantlab.formats.groupwise_int import GroupwiseIntMeta, PackedGroupwiseInt
 from quantlab.nn import QuantLinear
-from quantlab.nn import groupwise_int_linear as linear_module
 from quantlab.ops import groupwise_int as ops
 from quantlab.ops import groupwise_int_reference as reference
 from quantlab.ops._extension import extension_error
@@ -118,6 +117,26 @@ FORMAT_CASES = [
     for sym in (False, True)
     for sdt in DTYPES
 ]
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 64), (100, 96), (300, 576), (1000, 1032)])
+@pytest.mark.parametrize(("bits", "group", "sym", "scale_dtype"), FORMAT_CASES)
+def test_cuda_repack_equals_the_reference(
+    n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype
+) -> None:
+    """The CUDA repack kernel (cuda_mma_repack.cu) writes the PyTorch reference's tensors bit for
+    bit (every element: padding included)."""
+    if group != -1 and k % group:
+        group = -1
+    qw, s, qz = _weight(n, k, bits, group, sym, scale_dtype)
+    q, sc, z = torch.ops.quantlab.groupwise_int_mma_repack(qw, s, qz, bits, group, k)
+    want = rp.repack(qw, s, qz, bits, group, k)
+    assert torch.equal(q, want.qweight)
+    assert torch.equal(sc.view(torch.int16), want.scales.view(torch.int16))
+    if sym:
+        assert z.numel() == 0
+    else:
+        assert torch.equal(z, want.zeros)
 
 
 @pytest.mark.parametrize("act", DTYPES)
@@ -274,13 +293,13 @@ def test_quant_linear_dispatch_across_every_boundary(dtype: torch.dtype) -> None
 
 def test_quant_linear_repacks_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = linear_module.repack
+    real = ops.mma_repack
 
     def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(linear_module, "repack", counting)
+    monkeypatch.setattr(ops, "mma_repack", counting)
     layer = _layer(256, 512, 4, 128, True, "bfloat16")
     assert len(calls) == 1
     x = _x(4, 512, torch.bfloat16)

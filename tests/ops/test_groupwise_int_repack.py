@@ -1,7 +1,8 @@
-"""The mma kernel layout on the CPU: repack and its inverse
-(quantlab/formats/groupwise_int_mma_layout.py), the op's reference, and QuantLinear's handling of
-the kernel buffers. The kernel's reads of this layout are checked by running its real source on
-the CPU emulation (tests/emulation/test_groupwise_int_mma_emulation.py), not here.
+"""The mma kernel layout on the CPU: the PyTorch repack and its inverse
+(quantlab/formats/groupwise_int_mma_layout.py), the compiled repack op built on the kernel's own
+index maps (csrc/groupwise_int/mma_repack.h) against it, the op's reference, and QuantLinear's
+handling of the kernel buffers. The kernel's reads of this layout are checked by running its real
+source on the CPU emulation (tests/emulation/test_groupwise_int_mma_emulation.py), not here.
 """
 
 from __future__ import annotations
@@ -58,6 +59,80 @@ def test_repack_has_the_layout_shapes_and_inverts_exactly(
     ref = reference.groupwise_int_dequant(qw, s, qz, bits, group, k, torch.float32)
     assert {name: tuple(t.shape) for name, t in _tensors(rep).items()} == rep.layout.shapes()
     assert torch.equal(rp.dequant_repacked(rep), ref)
+
+
+needs_compiled_repack = pytest.mark.skipif(
+    not ops.compiled("cpu", "groupwise_int_mma_repack"),
+    reason="the CPU extension of groupwise_int is not built",
+)
+
+
+def _assert_same_tensors(got: rp.RepackedWeight, want: rp.RepackedWeight) -> None:
+    assert got.layout == want.layout
+    assert torch.equal(got.qweight, want.qweight)
+    assert got.scales.dtype == want.scales.dtype
+    assert torch.equal(got.scales.view(torch.int16), want.scales.view(torch.int16))
+    assert (got.zeros is None) == (want.zeros is None)
+    if want.zeros is not None:
+        assert torch.equal(got.zeros, want.zeros)
+
+
+@needs_compiled_repack
+@pytest.mark.parametrize(("n", "k", "bits", "group", "sym", "scale_dtype"), CASES)
+def test_compiled_repack_equals_the_reference(
+    n: int, k: int, bits: int, group: int, sym: bool, scale_dtype: torch.dtype
+) -> None:
+    """The C++ repack (mma_repack.h over mma_layout.h, the maps the kernel reads with) writes
+    the PyTorch reference's tensors bit for bit, padding included."""
+    qw, s, qz = _weight(n, k, bits, group, sym, scale_dtype)
+    q, sc, z = torch.ops.quantlab.groupwise_int_mma_repack(qw, s, qz, bits, group, k)
+    layout = rp.mma_layout(bits, group, k, n, sym)
+    got = rp.RepackedWeight(q, sc, None if sym else z, layout)
+    assert z.numel() == 0 if sym else z.shape == layout.shapes()["zeros"]
+    _assert_same_tensors(got, rp.repack(qw, s, qz, bits, group, k))
+
+
+@needs_compiled_repack
+def test_compiled_repack_takes_strided_inputs_and_checks_its_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n, k = 100, 96
+    qw, s, qz = _weight(n, k, 4, 32, False, torch.float16)
+    want = rp.repack(qw, s, qz, 4, 32, k)
+
+    def no_reference(*args: object) -> None:
+        raise AssertionError("the CPU kernel should have run, not the PyTorch reference")
+
+    # Layers on the CPU go through the compiled repack (the kernel policy's CPU default).
+    monkeypatch.setattr(ops, "repack", no_reference)
+    strided = (qw.t().contiguous().t(), s.t().contiguous().t(), qz.t().contiguous().t())
+    assert not strided[1].is_contiguous()
+    _assert_same_tensors(ops.mma_repack(*strided, 4, 32, k), want)
+    op = torch.ops.quantlab.groupwise_int_mma_repack
+    q3 = bitstream.pack_bitstream(torch.zeros(n, k, dtype=torch.int64), 3)
+    with pytest.raises(RuntimeError, match="4- or 8-bit codes, got 3"):
+        op(q3, s, None, 3, 32, k)
+    with pytest.raises(RuntimeError, match="fp16 or bf16 scales"):
+        op(qw, s.float(), qz, 4, 32, k)
+    with pytest.raises(RuntimeError, match="qweight must be"):
+        op(qw[:, :-1], s, qz, 4, 32, k)
+    with pytest.raises(RuntimeError, match="qzeros must be"):
+        op(qw, s, qz[:-1], 4, 32, k)
+    # The layer-facing wrapper refuses with the reference's ValueError on either path.
+    with pytest.raises(ValueError, match="does not take this weight: 3-bit"):
+        ops.mma_repack(q3, s, None, 3, 32, k)
+
+
+@needs_compiled_repack
+def test_repack_op_passes_opcheck() -> None:
+    """Schema, fake impl and dispatch agree (torch.compile can trace the repack)."""
+    for sym in (False, True):
+        qw, s, qz = _weight(72, 64, 8, 16, sym, torch.bfloat16)
+        torch.library.opcheck(
+            torch.ops.quantlab.groupwise_int_mma_repack,
+            (qw, s, qz, 8, 16, 64),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
 
 
 def _tensors(rep: rp.RepackedWeight) -> dict[str, torch.Tensor]:
