@@ -82,21 +82,10 @@ at::Tensor mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_repack_cpu(
     const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& qzeros,
     int64_t bits, int64_t group_size, int64_t in_features) {
-  MmaRepackPlan plan =
-      check_mma_repack(qweight, scales, qzeros, bits, group_size, in_features, "cpu");
-  const at::Tensor qw = qweight.contiguous();
-  const at::Tensor sc = scales.contiguous();
-  const c10::optional<at::Tensor> qz =
-      qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
-  plan.source.qweight = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
-  plan.source.scales = reinterpret_cast<const uint16_t*>(sc.data_ptr());
-  plan.source.qzeros = qz ? reinterpret_cast<const uint32_t*>(qz->data_ptr<int32_t>()) : nullptr;
-  auto [q, s, z] = mma_repack_outputs(plan, qweight, scales.scalar_type(), !qz.has_value());
-  groupwise_int::mma_repack::repack_cpu(
-      plan.source, plan.extents, reinterpret_cast<uint32_t*>(q.data_ptr<int32_t>()),
-      reinterpret_cast<uint16_t*>(s.data_ptr()),
-      qz ? reinterpret_cast<uint32_t*>(z.data_ptr<int32_t>()) : nullptr);
-  return {q, s, z};
+  MmaRepackCall c =
+      prepare_mma_repack(qweight, scales, qzeros, bits, group_size, in_features, "cpu");
+  groupwise_int::mma_repack::repack_cpu(c.source, c.extents, c.q_out(), c.s_out(), c.z_out());
+  return {c.q, c.s, c.z};
 }
 
 std::string cpu_path(int64_t bits, int64_t group_size, int64_t in_features) {

@@ -3,8 +3,6 @@
 
 #include <ATen/ATen.h>
 
-#include <tuple>
-
 #include "common/bitstream.h"
 #include "groupwise_int/mma_repack.h"
 
@@ -63,19 +61,28 @@ inline GroupwiseIntArgs check_groupwise_int(const at::Tensor& qweight, const at:
   return {n, in_features, gs, groups, bits};
 }
 
-// The repack into the mma layout: the exported tensors checked as every groupwise_int op checks
-// them, plus what the layout needs (4/8 bits, fp16/bf16 scales, K % 8 == 0, a group size that is
-// a multiple of 16). Returns the source view and the repacked extents; the tensors must be
-// contiguous (the binding passes .contiguous() copies).
-struct MmaRepackPlan {
+// One call of the repack into the mma layout, prepared for either device: the exported tensors
+// checked as every groupwise_int op checks them plus what the layout needs (4/8 bits, fp16/bf16
+// scales, K % 8 == 0, a group size that is a multiple of 16), contiguous copies of them (alive
+// for the launch), the source view and repacked extents of mma_repack.h, and the outputs
+// allocated on the inputs' device (zeros: an empty int32 tensor when symmetric, since an op
+// cannot return None).
+struct MmaRepackCall {
   groupwise_int::mma_repack::Source source;
   groupwise_int::mma_repack::Extents extents;
+  at::Tensor qweight, scales, qzeros;  // inputs (qzeros undefined when symmetric)
+  at::Tensor q, s, z;                  // outputs
+  uint32_t* q_out() { return reinterpret_cast<uint32_t*>(q.data_ptr<int32_t>()); }
+  uint16_t* s_out() { return reinterpret_cast<uint16_t*>(s.data_ptr()); }
+  uint32_t* z_out() {
+    return qzeros.defined() ? reinterpret_cast<uint32_t*>(z.data_ptr<int32_t>()) : nullptr;
+  }
 };
 
-inline MmaRepackPlan check_mma_repack(const at::Tensor& qweight, const at::Tensor& scales,
-                                      const c10::optional<at::Tensor>& qzeros, int64_t bits,
-                                      int64_t group_size, int64_t in_features,
-                                      const char* device) {
+inline MmaRepackCall prepare_mma_repack(const at::Tensor& qweight, const at::Tensor& scales,
+                                        const c10::optional<at::Tensor>& qzeros, int64_t bits,
+                                        int64_t group_size, int64_t in_features,
+                                        const char* device) {
   const GroupwiseIntArgs a =
       check_groupwise_int(qweight, scales, qzeros, bits, group_size, in_features, device);
   TORCH_CHECK(bits == 4 || bits == 8, "groupwise_int_mma_repack: the mma layout takes 4- or "
@@ -88,31 +95,31 @@ inline MmaRepackPlan check_mma_repack(const at::Tensor& qweight, const at::Tenso
   TORCH_CHECK(group_size == -1 || group_size % 16 == 0, "groupwise_int_mma_repack: group_size "
               "must be -1 or a multiple of 16, got ", group_size);
   namespace ml = groupwise_int::mma_layout;
+  MmaRepackCall c;
+  c.qweight = qweight.contiguous();
+  c.scales = scales.contiguous();
+  if (qzeros.has_value()) c.qzeros = qzeros->contiguous();
+  c.source.qweight = reinterpret_cast<const uint32_t*>(c.qweight.data_ptr<int32_t>());
+  c.source.scales = reinterpret_cast<const uint16_t*>(c.scales.data_ptr());
+  c.source.qzeros =
+      c.qzeros.defined() ? reinterpret_cast<const uint32_t*>(c.qzeros.data_ptr<int32_t>()) : nullptr;
+  c.source.n = a.n;
+  c.source.k = a.k;
+  c.source.groups = a.groups;
+  c.source.q_row_words = qweight.size(1);
+  c.source.z_row_words = c.qzeros.defined() ? c.qzeros.size(1) : 0;
+  c.source.bits = static_cast<int>(bits);
   const int64_t kernel_group = group_size == -1 ? ml::k_pad(in_features) : group_size;
-  MmaRepackPlan plan{};
-  plan.source.n = a.n;
-  plan.source.k = a.k;
-  plan.source.groups = a.groups;
-  plan.source.q_row_words = qweight.size(1);
-  plan.source.z_row_words = qzeros.has_value() ? qzeros->size(1) : 0;
-  plan.source.bits = static_cast<int>(bits);
-  plan.extents.k16 = ml::k_pad(a.k) / ml::kTileK;
-  plan.extents.n_tiles = ml::n_pad(a.n) / ml::kTileN;
-  plan.extents.groups = ml::kernel_groups(a.k, kernel_group);
-  return plan;
-}
-
-// The repacked tensors of a plan, allocated like `like` (zeros: an empty int32 tensor when
-// symmetric, since an op cannot return None).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_repack_outputs(
-    const MmaRepackPlan& plan, const at::Tensor& like, at::ScalarType scale_dtype, bool sym) {
-  const auto& e = plan.extents;
-  const int64_t bits = plan.source.bits;
-  const auto ints = like.options().dtype(at::kInt);
-  at::Tensor q = at::empty({e.k16, e.n_tiles, 32, bits}, ints);
-  at::Tensor s = at::empty({e.groups, e.n_tiles, 8, 8}, like.options().dtype(scale_dtype));
-  at::Tensor z = sym ? at::empty({0}, ints) : at::empty({e.groups, e.n_tiles, 8, bits / 4}, ints);
-  return {q, s, z};
+  c.extents.k16 = ml::k_pad(a.k) / ml::kTileK;
+  c.extents.n_tiles = ml::n_pad(a.n) / ml::kTileN;
+  c.extents.groups = ml::kernel_groups(a.k, kernel_group);
+  const auto& e = c.extents;
+  const auto ints = qweight.options().dtype(at::kInt);
+  c.q = at::empty({e.k16, e.n_tiles, 32, bits}, ints);
+  c.s = at::empty({e.groups, e.n_tiles, 8, 8}, scales.options());
+  c.z = c.qzeros.defined() ? at::empty({e.groups, e.n_tiles, 8, bits / 4}, ints)
+                           : at::empty({0}, ints);
+  return c;
 }
 
 }  // namespace quantlab

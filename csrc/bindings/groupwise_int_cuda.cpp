@@ -307,24 +307,13 @@ at::Tensor mma_mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_repack_cuda(
     const at::Tensor& qweight, const at::Tensor& scales, const c10::optional<at::Tensor>& qzeros,
     int64_t bits, int64_t group_size, int64_t in_features) {
-  MmaRepackPlan plan =
-      check_mma_repack(qweight, scales, qzeros, bits, group_size, in_features, "cuda");
   const c10::cuda::CUDAGuard guard(qweight.device());
-  const at::Tensor qw = qweight.contiguous();
-  const at::Tensor sc = scales.contiguous();
-  const c10::optional<at::Tensor> qz =
-      qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
-  plan.source.qweight = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
-  plan.source.scales = reinterpret_cast<const uint16_t*>(sc.data_ptr());
-  plan.source.qzeros = qz ? reinterpret_cast<const uint32_t*>(qz->data_ptr<int32_t>()) : nullptr;
-  auto [q, s, z] = mma_repack_outputs(plan, qweight, scales.scalar_type(), !qz.has_value());
-  check_launch(groupwise_int::launch_mma_repack(
-                   plan.source, plan.extents, reinterpret_cast<uint32_t*>(q.data_ptr<int32_t>()),
-                   reinterpret_cast<uint16_t*>(s.data_ptr()),
-                   qz ? reinterpret_cast<uint32_t*>(z.data_ptr<int32_t>()) : nullptr,
-                   c10::cuda::getCurrentCUDAStream()),
+  MmaRepackCall c =
+      prepare_mma_repack(qweight, scales, qzeros, bits, group_size, in_features, "cuda");
+  check_launch(groupwise_int::launch_mma_repack(c.source, c.extents, c.q_out(), c.s_out(),
+                                                c.z_out(), c10::cuda::getCurrentCUDAStream()),
                "mma_repack");
-  return {q, s, z};
+  return {c.q, c.s, c.z};
 }
 
 // The split count groupwise_int_mma_mm runs for these arguments on the current device.
