@@ -74,14 +74,30 @@ def load(
     return load_checkpoint(path, device, dtype, memory_budget, verify)
 
 
-def save(model: Any, out_dir: str, report: QuantizationReport, tokenizer: Any = None) -> Any:
+def save(
+    model: Any,
+    out_dir: str,
+    report: QuantizationReport,
+    tokenizer: Any = None,
+    max_shard_size: str | int = "5GB",
+) -> Any:
     """Save a model quantized by :func:`quantize` (``report`` is what it returned), atomically and
-    with a checksum manifest. ``out_dir`` may be new, empty, or a checkpoint quantlab wrote (then
-    replaced once the new one is complete); a file or another non-empty directory there is
-    refused (docs/reliability.md)."""
+    with a checksum manifest, in safetensors shards of at most ``max_shard_size`` (one
+    ``model.safetensors`` when it fits). ``out_dir`` may be new, empty, or a checkpoint quantlab
+    wrote (then replaced once the new one is complete); a file or another non-empty directory
+    there is refused (docs/reliability.md)."""
+    from quantlab.export.checkpoint_files import parse_size
     from quantlab.export.quantlab_checkpoint import save_quantized
 
-    return save_quantized(model, out_dir, report.method, report.config, tokenizer, report.to_dict())
+    return save_quantized(
+        model,
+        out_dir,
+        report.method,
+        report.config,
+        tokenizer,
+        report.to_dict(),
+        parse_size(max_shard_size),
+    )
 
 
 def resize(model: Any, memory_budget: str | int | float) -> int:

@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint layout: quantlab's own, or the GPTQ or AWQ (GEMM, 4-bit) layout "
         "transformers/vLLM read (groupwise-integer methods only)",
     )
+    q.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors file of the checkpoint (e.g. 5GB, 500MB, 2GiB); a larger "
+        "checkpoint is written as shards with model.safetensors.index.json",
+    )
     q.add_argument("--calib", default="wiki-calib", help="calibration text source")
     q.add_argument("--calib-samples", type=int, default=32)
     q.add_argument("--calib-seq-len", type=int, default=512)
@@ -248,14 +254,19 @@ def _model_dirs(spec: str) -> tuple[Path, ...]:
 def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Quantize, evaluate and save; ``command`` is the command line the output lock records."""
     from quantlab.export.atomic import output_lock
+    from quantlab.export.checkpoint_files import parse_size
     from quantlab.export.output_guard import check_output_target
     from quantlab.export.save import check_exportable
     from quantlab.methods.base import CalibConfig
 
     t0 = time.perf_counter()
     config = _method_config(args)
-    # Refuse an unexportable encoding before spending the quantization time.
+    # Refuse an unexportable encoding or a bad shard size before spending the quantization time.
     check_exportable(config, args.format)
+    try:
+        args.max_shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as exc:
+        raise ValueError(f"--max-shard-size: {exc}") from exc
     calib = CalibConfig(
         args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
     )
@@ -310,7 +321,9 @@ def _quantize_locked(
     report_dict = report.to_dict() | {"ppl": after, "ppl_baseline": baseline, "model": loaded.name}
     if args.fairness:
         report_dict |= {"stereotype": fairness_after, "stereotype_baseline": fairness_before}
-    out, layout = save_checkpoint(model, args.out, args.format, config, tok, report_dict)
+    out, layout = save_checkpoint(
+        model, args.out, args.format, config, tok, report_dict, args.max_shard_bytes
+    )
     seconds = time.perf_counter() - t0
     result = {
         "model": loaded.name,

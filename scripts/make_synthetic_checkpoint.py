@@ -10,8 +10,9 @@ shapes without downloading a model; the numbers it produces are meaningless as a
 Weights: ``W = N(0, 1) * row_scale[:, None] * col_scale[None, :] / sqrt(in_features)``, with
 log-normal row and column scales and a few input columns 10-30x larger (the activation-outlier
 channels AWQ and GPTQ see in real models); norms ``1 + N(0, 0.05)``, embeddings ``N(0, 0.02)``.
-One tensor is generated at a time and each shard is written (atomically, the whole directory at
-the end) before the next is started, so memory stays at about one shard.
+One tensor is generated at a time and goes straight to its shard
+(:class:`quantlab.export.checkpoint_files.ShardedWriter`; the directory appears atomically at the
+end), so memory stays at about one tensor.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from quantlab.export.atomic import atomic_directory  # noqa: E402
+from quantlab.export.checkpoint_files import ShardedWriter, parse_size  # noqa: E402
 from quantlab.export.default_model import default_model_dir  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -139,16 +140,6 @@ def synthetic_tensor(
     return weight
 
 
-def parse_size(text: str) -> int:
-    """``"2GB"``, ``"500MB"``, ``"1.5GiB"`` or a byte count -> bytes."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    upper = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper.rstrip("B"))
-
-
 def write_checkpoint(
     out: Path,
     preset_name: str,
@@ -167,37 +158,19 @@ def write_checkpoint(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
     preset, dtype = PRESETS[preset_name], DTYPES[dtype_name]
     shapes = model_shapes(preset, blocks)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    # Shards in file order, each under max_shard_bytes unless one tensor alone is larger.
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     with atomic_directory(out) as tmp:
-        for i, (names, file) in enumerate(zip(shards, files, strict=True)):
-            tensors = {name: synthetic_tensor(name, shapes[name], gen, dtype) for name in names}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            del tensors
-            if progress:
-                print(
-                    f"[synthetic] shard {i + 1}/{len(files)} written "
-                    f"({time.perf_counter() - start:.0f} s)",
-                    file=sys.stderr,
-                )
-        total = sum(math.prod(s) * itemsize for s in shapes.values())
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {n: f for names, f in zip(shards, files, strict=True) for n in names},
-        }
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        with ShardedWriter(tmp, max_shard_bytes) as writer:
+            for i, (name, shape) in enumerate(shapes.items()):
+                writer.add(name, synthetic_tensor(name, shape, gen, dtype))
+                if progress and (i + 1) % 9 == 0:
+                    print(
+                        f"[synthetic] {i + 1}/{len(shapes)} tensors "
+                        f"({time.perf_counter() - start:.0f} s)",
+                        file=sys.stderr,
+                    )
+            writer.close()
         config = preset.config(blocks, dtype_name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         source = default_model_dir()

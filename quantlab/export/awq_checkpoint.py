@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
 from quantlab.export.model_fill import instantiate_quantized
@@ -35,6 +36,7 @@ def save_awq(
     method_config: dict[str, Any],
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write ``model`` in the AWQ GEMM layout (4-bit, one group size for the whole model)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -60,7 +62,7 @@ def save_awq(
     float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
     qconfig = awq_quantization_config(bits, group_size, float_linears or None)
     qconfig["quantlab"] = {"method": method_config.get("method", "unknown")}
-    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report)
+    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
 
 
 def load_awq(

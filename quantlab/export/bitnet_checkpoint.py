@@ -23,7 +23,6 @@ tensor; everything else (embeddings, norms, ``lm_head``) loads as stored.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -32,10 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import config_field
 from quantlab.export.model_fill import instantiate_quantized
-from quantlab.export.safetensors_file import read_header, read_tensors
 from quantlab.export.schema import read_quantization_config
 from quantlab.formats.ternary import FORMAT_NAME, TernaryResult, pack
 from quantlab.formats.ternary_packing import PER_TENSOR
@@ -91,40 +90,6 @@ def bitnet_modules(
         out = model.get_output_embeddings()
         skip = [n for n, m in model.named_modules() if m is out]
     return [n for n in linears if not _should_skip(n, list(skip))]
-
-
-def _weight_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: invalid shard index: {exc}") from exc
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
-            for v in weight_map.values()
-        ):
-            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
-        files = [root / s for s in sorted(set(weight_map.values()))]
-    else:
-        files = [root / "model.safetensors"]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{root}: missing {f.name}")
-    return files
-
-
-def _read_state(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype]]:
-    state: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    for f in files:
-        header = read_header(f)
-        twice = sorted(set(header.tensors) & set(dtypes))
-        if twice:
-            raise CheckpointError(f"{f}: tensors {twice[:3]} are stored in another shard too")
-        dtypes.update({k: info.dtype for k, info in header.tensors.items()})
-        state.update(read_tensors(f))
-    return state, dtypes
 
 
 def _convert(
@@ -210,9 +175,10 @@ def load_bitnet(
             f"{cfg_path}: use_rms_norm=True (an RMSNorm inside every BitLinear) is not supported "
             "by quantlab's BitNet import"
         )
-    files = _weight_files(root)
-    state, tensor_dtypes = _read_state(files)
-    source = files[0] if len(files) == 1 else root
+    with CheckpointFiles(root) as files:
+        state = {key: files.get(key) for key in files.tensors}
+        tensor_dtypes = {key: info.dtype for key, info in files.tensors.items()}
+        source = files.source
 
     # The float model's module tree, to know every linear's shape and which ones are ternary.
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -33,16 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.export.errors import CheckpointError
-from quantlab.export.model_fill import WEIGHTS_NAME, fill_model
+from quantlab.export.model_fill import fill_model
 from quantlab.export.quantlab_checkpoint import check_checkpoint
-from quantlab.export.safetensors_file import (
-    SafetensorsHeader,
-    SafetensorsReader,
-    TensorInfo,
-    file_sha256,
-    read_header,
-)
+from quantlab.export.safetensors_file import TensorInfo, file_sha256
 from quantlab.export.schema import QUANT_METHOD, module_defaults, read_config_json
 from quantlab.formats.bitstack import FORMAT_NAME, block_bytes
 from quantlab.nn.bitstack_linear import BitStackLinear
@@ -70,8 +65,6 @@ _UNITS = {
     "mib": 2**20,
     "gib": 2**30,
 }
-# The files whose identity a loaded model keeps (see _FileIdentity).
-_IDENTITY_FILES = ("config.json", WEIGHTS_NAME)
 
 
 class BudgetError(ValueError):
@@ -165,8 +158,7 @@ def checkpoint_memory_bytes(path: str | os.PathLike[str], float_bytes: int = 2) 
     """Bytes of a (any method's) checkpoint's tensors with every float tensor at ``float_bytes``
     per element and integer tensors as stored: the convention of the ppl-vs-memory comparison
     (fp16 deployment; the tied head is stored once)."""
-    header = read_header(Path(path) / WEIGHTS_NAME)
-    return _tensor_bytes(header.tensors.values(), float_bytes)
+    return _tensor_bytes(CheckpointFiles(path).tensors.values(), float_bytes)
 
 
 def _tensor_bytes(infos: Iterable[TensorInfo], float_bytes: int) -> int:
@@ -205,10 +197,10 @@ def _element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _stack_shape(header: SafetensorsHeader, name: str) -> tuple[int, int]:
+def _stack_shape(tensors: dict[str, TensorInfo], name: str) -> tuple[int, int]:
     """``(out_features, in_features)`` of a BitStack module from its stored tensors (whose block
     counts check_checkpoint already matched with the spec's ``n_blocks``)."""
-    signs, v = header.tensors[f"{name}.signs"].shape, header.tensors[f"{name}.v"].shape
+    signs, v = tensors[f"{name}.signs"].shape, tensors[f"{name}.v"].shape
     return signs[1], v[2]
 
 
@@ -223,14 +215,14 @@ def plan_from_checkpoint(
     be a permutation of ``0 .. len(order) - 1``.
     """
     checked = check_checkpoint(path, verify)
-    root, header = checked.root, checked.header
+    root, tensors = checked.root, checked.tensors
     cfg_path = root / "config.json"
     modules = {n: s for n, s in checked.specs.items() if s.get("format") == FORMAT_NAME}
     if not modules:
         raise CheckpointError(f"{root}: no bitstack modules; not a BitStack checkpoint")
     order: list[tuple[int, str, int]] = []
     for name, spec in modules.items():
-        out_features, in_features = _stack_shape(header, name)
+        out_features, in_features = _stack_shape(tensors, name)
         actual = block_bytes(out_features, in_features, spec["rank"])
         if spec.get("block_bytes", actual) != actual:
             raise CheckpointError(
@@ -256,7 +248,7 @@ def plan_from_checkpoint(
     order.sort()
     packed = {f"{n}.{t}" for n in modules for t in _BLOCK_TENSORS}
     fixed = _tensor_bytes(
-        (info for key, info in header.tensors.items() if key not in packed),
+        (info for key, info in tensors.items() if key not in packed),
         _element_bytes(dtype),
     )
     others = {n: s for n, s in checked.specs.items() if n not in modules}
@@ -267,45 +259,50 @@ def plan_from_checkpoint(
         [(n, b) for _, n, b in order],
         _element_bytes(dtype),
         other_specs=others,
-        identity=_FileIdentity.of(root, checked.manifest),
+        identity=_FileIdentity.of(root, checked.files.file_names(), checked.manifest),
     )
 
 
 @dataclass(frozen=True)
 class _FileIdentity:
-    """Which files a model was loaded from: stat identity (device, inode, size, mtime) and
-    content hash of config.json and the weights, so a resize can refuse a replaced checkpoint."""
+    """Which files a model was loaded from (config.json and the weight files: the single file, or
+    the shard index and every shard): stat identity (device, inode, size, mtime) and content
+    hash, so a resize can refuse a replaced checkpoint."""
 
+    names: tuple[str, ...]
     stats: tuple[tuple[int, int, int, int], ...]
     hashes: tuple[str, ...]
 
     @staticmethod
-    def _stats(root: Path) -> tuple[tuple[int, int, int, int], ...]:
+    def _stats(root: Path, names: tuple[str, ...]) -> tuple[tuple[int, int, int, int], ...]:
         out = []
-        for name in _IDENTITY_FILES:
+        for name in names:
             st = (root / name).stat()
             out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(out)
 
     @classmethod
-    def of(cls, root: Path, manifest: dict[str, Any] | None = None) -> _FileIdentity:
+    def of(
+        cls, root: Path, weight_files: list[str], manifest: dict[str, Any] | None = None
+    ) -> _FileIdentity:
         """The identity of ``root``'s files now; the hashes come from ``manifest`` when the files
         were just verified against it (hashing the weights again would read them twice)."""
-        stats = cls._stats(root)
+        names = ("config.json", *weight_files)
+        stats = cls._stats(root, names)
         recorded = (manifest or {}).get("files", {})
         hashes = tuple(
             recorded[name]["sha256"] if name in recorded else file_sha256(root / name)
-            for name in _IDENTITY_FILES
+            for name in names
         )
-        return cls(stats, hashes)
+        return cls(names, stats, hashes)
 
     def check(self, root: Path) -> None:
         """Raise :class:`CheckpointError` unless ``root`` still holds the same files (a stat
         change alone, e.g. a copy back, is accepted when the contents hash the same)."""
         try:
-            if self._stats(root) == self.stats:
+            if self._stats(root, self.names) == self.stats:
                 return
-            same = tuple(file_sha256(root / name) for name in _IDENTITY_FILES) == self.hashes
+            same = tuple(file_sha256(root / name) for name in self.names) == self.hashes
         except FileNotFoundError:
             same = False
         if not same:
@@ -331,7 +328,7 @@ def _read_blocks(
     from the file the plan was made from (refused if it was replaced since)."""
     plan.identity.check(plan.path)
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with SafetensorsReader(plan.path / WEIGHTS_NAME) as reader:
+    with CheckpointFiles(plan.path) as reader:
         for name, (start, stop) in want.items():
             out[name] = {t: reader.get_leading(f"{name}.{t}", stop)[start:] for t in _BLOCK_TENSORS}
     return out
@@ -363,7 +360,8 @@ def load_bitstack(
     )
     counts = plan.blocks_at(steps)
     specs = dict(plan.other_specs)
-    found = dict(read_header(plan.path / WEIGHTS_NAME).tensors)
+    files = CheckpointFiles(plan.path)
+    found = dict(files.tensors)
     for name, spec in plan.modules.items():
         b = counts[name]
         specs[name] = {**spec, "n_blocks": b, "steps": list(spec.get("steps", []))[: b - 1]}
@@ -372,7 +370,7 @@ def load_bitstack(
             found[f"{name}.{t}"] = TensorInfo((b, *info.shape[1:]), info.dtype)
 
     plan.identity.check(plan.path)
-    with SafetensorsReader(plan.path / WEIGHTS_NAME) as reader:
+    with files as reader:
 
         def get(key: str) -> torch.Tensor:
             name, _, suffix = key.rpartition(".")
@@ -380,7 +378,7 @@ def load_bitstack(
                 return reader.get_leading(key, counts[name])
             return reader.get(key)
 
-        model = fill_model(plan.path, found, get, specs, dtype, plan.path / WEIGHTS_NAME)
+        model = fill_model(plan.path, found, get, specs, dtype, files.source)
     model.to(device)
     _attach(model, _Source(plan, steps))
     return model

@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
+from quantlab.export.checkpoint_files import INDEX_FILE, SINGLE_FILE, CheckpointFiles, has_weights
 from quantlab.export.checksums import verify_checksums
 from quantlab.export.errors import CheckpointError
-from quantlab.export.model_fill import WEIGHTS_NAME
-from quantlab.export.safetensors_file import read_header, read_tensors
 from quantlab.export.schema import read_quantization_config
 from quantlab.formats.groupwise_int import GroupwiseIntResult, pack
 from quantlab.nn.layer_spec import FormatError, spec_bool, spec_int, spec_str
@@ -41,9 +40,9 @@ class ForeignCheckpoint:
     quantization_config: dict[str, Any]
     verify: bool = True
 
-    @property
-    def weights(self) -> Path:
-        return self.root / WEIGHTS_NAME
+    def files(self) -> CheckpointFiles:
+        """Its tensors (single file or shards; headers checked)."""
+        return CheckpointFiles(self.root)
 
     @property
     def config_path(self) -> Path:
@@ -78,15 +77,16 @@ def read_foreign_checkpoint(
     path: str | os.PathLike[str], quant_method: str, kind: str, verify: bool = True
 ) -> ForeignCheckpoint:
     """Check ``path`` holds ``config.json`` (saying ``quant_method``, see
-    :func:`read_quantization_config`) and ``model.safetensors``; ``verify``: once the tensors
+    :func:`read_quantization_config`) and its weights (``model.safetensors`` or shards); ``verify``:
+    once the tensors
     are converted (whose errors are more specific), check the files against the checksums quantlab
     recorded when it wrote the checkpoint."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {root}")
     _, qcfg = read_quantization_config(root, quant_method, kind)
-    if not (root / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{root}: missing {WEIGHTS_NAME}")
+    if not has_weights(root):
+        raise CheckpointError(f"{root}: missing {SINGLE_FILE} (or {INDEX_FILE} and its shards)")
     return ForeignCheckpoint(root, qcfg, verify)
 
 
@@ -101,10 +101,10 @@ def state_in_groupwise_format(
     ``convert`` from its ``suffixes`` tensors to quantlab's groupwise tensors (fp16 scales), and
     the names of those modules. A module lacking a tensor, or one ``convert`` rejects
     (``ValueError``), raises :class:`CheckpointError` naming it."""
-    weights = checkpoint.weights
-    header = read_header(weights)
-    names = sorted(k[: -len(".qweight")] for k in header.tensors if k.endswith(".qweight"))
-    state = read_tensors(weights)
+    with checkpoint.files() as files:
+        weights = files.source
+        names = sorted(k[: -len(".qweight")] for k in files.tensors if k.endswith(".qweight"))
+        state = {key: files.get(key) for key in files.tensors}
     for name in names:
         missing = [s for s in suffixes if f"{name}.{s}" not in state]
         if missing:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
 from quantlab.export.model_fill import instantiate_quantized
 from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
@@ -53,6 +54,7 @@ def save_gptq(
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
     checkpoint_format: str = "auto",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> tuple[Path, str]:
     """Write ``model`` in the GPTQ layout; return ``(directory, checkpoint_format used)``.
 
@@ -89,7 +91,8 @@ def save_gptq(
     )
     qconfig["meta"]["quantlab_method"] = method_config.get("method", "unknown")
     qconfig["meta"]["quantlab_act_order"] = bool(method_config.get("act_order", False))
-    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report), fmt
+    out = write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+    return out, fmt
 
 
 def load_gptq(

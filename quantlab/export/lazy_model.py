@@ -10,137 +10,24 @@ back on the meta device when that part is done. Parameters keep their identity w
 loaded and released (:func:`torch.utils.swap_tensors`), so tied weights (an embedding shared with
 the head) stay tied and a checkpoint that stores them once loads them once.
 
-Headers are checked up front (:func:`quantlab.export.safetensors_file.read_header`): a missing
-shard, a truncated or corrupt file, a tensor the model does not have or a shape that differs
-from the model's is a :class:`CheckpointError` naming it before any block runs.
+Headers are checked up front (:class:`quantlab.export.checkpoint_files.CheckpointFiles`): a
+missing shard, a truncated or corrupt file, a tensor the model does not have or a shape that
+differs from the model's is a :class:`CheckpointError` naming it before any block runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.export.errors import CheckpointError
-from quantlab.export.safetensors_file import SafetensorsReader, TensorInfo, read_header
 
-__all__ = ["CheckpointWeights", "LazyModel", "empty_model"]
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointWeights:
-    """The tensors of a checkpoint directory by name, read one at a time from the memory-mapped
-    safetensors files; every header is checked when this object is made."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._file_of: dict[str, Path] = {}
-        self.infos: dict[str, TensorInfo] = {}
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            files = self._read_index(index)
-        elif (self.path / SINGLE_FILE).is_file():
-            files = {self.path / SINGLE_FILE: None}
-        else:
-            raise CheckpointError(
-                f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; quantlab reads safetensors "
-                "checkpoints only (a pytorch_model.bin would have to be unpickled)"
-            )
-        for file, names in files.items():
-            header = read_header(file)
-            if names is not None:
-                missing = sorted(names - set(header.tensors))
-                if missing:
-                    raise CheckpointError(
-                        f"{file}: {INDEX_FILE} places {len(missing)} tensors in this shard that "
-                        f"it does not hold (first: {missing[0]!r}); the checkpoint is incomplete"
-                    )
-            for name, info in header.tensors.items():
-                if names is not None and name not in names:
-                    continue  # the index is authoritative where a tensor appears in two files
-                self.infos[name] = info
-                self._file_of[name] = file
-        self._readers: dict[Path, SafetensorsReader] = {}
-
-    def _read_index(self, index: Path) -> dict[Path, set[str]]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: unreadable shard index ({exc})") from exc
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: weight_map must be a non-empty object")
-        files: dict[Path, set[str]] = {}
-        for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).name != file:
-                raise CheckpointError(f"{index}: {name!r} maps to {file!r}, not a file name")
-            shard = self.path / file
-            if not shard.is_file():
-                raise CheckpointError(f"{index}: shard {file} (holding {name!r}) is missing")
-            files.setdefault(shard, set()).add(name)
-        return files
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos
-
-    def dtype(self) -> torch.dtype:
-        """The checkpoint's floating-point dtype (the most common one by bytes)."""
-        counts: Counter[torch.dtype] = Counter()
-        for info in self.infos.values():
-            if info.dtype.is_floating_point:
-                counts[info.dtype] += _numel(info.shape) * _itemsize(info.dtype)
-        if not counts:
-            raise CheckpointError(f"{self.path}: no floating-point tensors")
-        return counts.most_common(1)[0][0]
-
-    def nbytes(self, prefix: str = "") -> int:
-        """Bytes stored for the tensors whose names start with ``prefix``."""
-        return sum(
-            _numel(info.shape) * _itemsize(info.dtype)
-            for name, info in self.infos.items()
-            if name.startswith(prefix)
-        )
-
-    def get(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` on the CPU in its stored dtype."""
-        file = self._file_of.get(name)
-        if file is None:
-            raise CheckpointError(f"{self.path}: no tensor {name!r} in the checkpoint")
-        reader = self._readers.get(file)
-        if reader is None:
-            reader = SafetensorsReader(file).__enter__()
-            self._readers[file] = reader
-        return reader.get(name)
-
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.__exit__(None, None, None)
-        self._readers.clear()
-
-    def __enter__(self) -> CheckpointWeights:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+__all__ = ["LazyModel", "empty_model"]
 
 
 @contextlib.contextmanager
@@ -187,7 +74,7 @@ class LazyModel:
     def __init__(
         self,
         model: nn.Module,
-        weights: CheckpointWeights,
+        weights: CheckpointFiles,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -203,7 +90,7 @@ class LazyModel:
             aliases.setdefault(id(tensor), []).append(name)
             tensors[id(tensor)] = tensor
         known = {name for names in aliases.values() for name in names}
-        extra = sorted(set(weights.infos) - known)
+        extra = sorted(set(weights.tensors) - known)
         if extra:
             raise CheckpointError(
                 f"{weights.path}: {len(extra)} tensors the {type(model).__name__} built from its "
@@ -223,7 +110,7 @@ class LazyModel:
                         "it); the checkpoint is incomplete"
                     )
                 continue
-            got = weights.infos[stored[0]].shape
+            got = weights.tensors[stored[0]].shape
             if tuple(got) != tuple(tensor.shape):
                 raise CheckpointError(
                     f"{weights.path}: {stored[0]} is {list(got)} in the checkpoint, "

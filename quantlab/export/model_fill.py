@@ -16,14 +16,11 @@ from quantlab.export.state_check import check_state_matches_model
 from quantlab.nn.registry import quantized_modules
 
 __all__ = [
-    "WEIGHTS_NAME",
     "build_model",
     "fill_model",
     "finish_loaded_layers",
     "instantiate_quantized",
 ]
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 def build_model(
@@ -143,4 +140,4 @@ def instantiate_quantized(
     """:func:`fill_model` from a state dict in memory (loaders of foreign layouts, once they have
     converted the tensors to quantlab's formats)."""
     found = {key: TensorInfo.of(t) for key, t in state.items()}
-    return fill_model(root, found, state.__getitem__, specs, dtype, source or root / WEIGHTS_NAME)
+    return fill_model(root, found, state.__getitem__, specs, dtype, source or root)

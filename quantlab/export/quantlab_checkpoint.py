@@ -5,8 +5,11 @@ Layout of a checkpoint directory:
 
 * ``config.json``: the model's transformers config plus ``quantization_config``
   (``quant_method: "quantlab"``, format name and layout version, method, per-module encoding).
-* ``model.safetensors``: every tensor of the model; quantized linears appear as
-  ``<name>.qweight`` / ``<name>.scales`` / ``<name>.qzeros`` / ``<name>.bias`` (docs/formats.md).
+* ``model.safetensors``, or shards ``model-0000i-of-0000N.safetensors`` with
+  ``model.safetensors.index.json`` beyond ``--max-shard-size``
+  (:mod:`quantlab.export.checkpoint_files`): every tensor of the model; quantized linears appear
+  as ``<name>.qweight`` / ``<name>.scales`` / ``<name>.qzeros`` / ``<name>.bias``
+  (docs/formats.md).
 * tokenizer files, ``generation_config.json`` when the model has one.
 * ``quantlab_report.json``: what produced it (method, calibration, per-layer loss, timings).
 """
@@ -20,15 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from quantlab.export.atomic import atomic_directory, output_lock
+from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles, ShardedWriter
 from quantlab.export.checksums import verify_checksums, write_checksums
-from quantlab.export.errors import CheckpointError
-from quantlab.export.model_fill import WEIGHTS_NAME, build_model, fill_model
+from quantlab.export.model_fill import build_model, fill_model
 from quantlab.export.output_guard import check_output_target
-from quantlab.export.safetensors_file import SafetensorsHeader, SafetensorsReader, read_header
+from quantlab.export.safetensors_file import TensorInfo
 from quantlab.export.schema import (
     QUANT_METHOD,
     REPORT_NAME,
@@ -70,9 +72,11 @@ def write_checkpoint(
     quantization_config: dict[str, Any],
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``state``, the config with ``quantization_config``, the tokenizer and the checksum
-    manifest (:mod:`quantlab.export.checksums`, written last), atomically.
+    """Write ``state`` (in shards of at most ``max_shard_bytes``), the config with
+    ``quantization_config``, the tokenizer and the checksum manifest
+    (:mod:`quantlab.export.checksums`, written last), atomically.
 
     Shared by every checkpoint layout quantlab writes; an existing ``out_dir`` is replaced only
     once the new directory is complete (:func:`quantlab.export.atomic.atomic_directory`), and only
@@ -90,8 +94,9 @@ def write_checkpoint(
     with output_lock(out):
         check_output_target(out, overwrite=True)
         with atomic_directory(out) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / WEIGHTS_NAME).chmod(0o644)
+            with ShardedWriter(tmp, max_shard_bytes) as writer:
+                writer.add_all(state)
+                writer.close()
             config = model.config.to_dict()
             config["quantization_config"] = quantization_config
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -113,11 +118,12 @@ def save_quantized(
     method_config: dict[str, Any],
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write ``model`` (with its QuantLinear modules) to ``out_dir`` in quantlab's own layout."""
     qconfig = quantization_config_of(model, method, method_config)
     state = state_dict_without_shared(model)
-    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report)
+    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
 
 
 @dataclass(frozen=True)
@@ -127,13 +133,18 @@ class CheckedCheckpoint:
     root: Path
     quantization_config: dict[str, Any]
     specs: dict[str, dict[str, Any]]
-    header: SafetensorsHeader
+    files: CheckpointFiles
     # The checksum manifest the files were verified against (None: not verified, or none).
     manifest: dict[str, Any] | None
 
     @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.files.tensors
+
+    @property
     def weights(self) -> Path:
-        return self.root / WEIGHTS_NAME
+        """The file errors about the tensors name: the single file, or the shard index."""
+        return self.files.source
 
 
 def check_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> CheckedCheckpoint:
@@ -146,14 +157,11 @@ def check_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Check
         raise FileNotFoundError(f"checkpoint directory not found: {root}")
     cfg_path, qcfg = read_quantization_config(root, QUANT_METHOD, "a quantlab")
     specs = module_specs(qcfg, cfg_path)
-    weights = root / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{root}: missing {WEIGHTS_NAME}")
-    header = read_header(weights)
+    files = CheckpointFiles(root)
     skeleton = build_model(root, specs, torch.float32, meta=True)
-    check_state_matches_model(skeleton, header.tensors, weights)
+    check_state_matches_model(skeleton, files.tensors, files.source)
     manifest = verify_checksums(root) if verify else None
-    return CheckedCheckpoint(root, qcfg, specs, header, manifest)
+    return CheckedCheckpoint(root, qcfg, specs, files, manifest)
 
 
 def validate_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
@@ -172,8 +180,8 @@ def load_quantized(
     everything :func:`check_checkpoint` checks, then every value as it is copied in (floats
     finite, tied copies equal, each layer's own checks such as positive scales)."""
     checked = check_checkpoint(path, verify)
-    with SafetensorsReader(checked.weights) as reader:
+    with checked.files as files:
         model = fill_model(
-            checked.root, checked.header.tensors, reader.get, checked.specs, dtype, checked.weights
+            checked.root, files.tensors, files.get, checked.specs, dtype, files.source
         )
     return model.to(device)

@@ -55,6 +55,9 @@ class TensorInfo:
     def describe(self) -> str:
         return f"{dtype_name(self.dtype)} {list(self.shape)}"
 
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
 
 @dataclass(frozen=True)
 class SafetensorsHeader:

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from quantlab.export.awq_checkpoint import save_awq
+from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.gptq_checkpoint import save_gptq
 from quantlab.export.quantlab_checkpoint import save_quantized
 from quantlab.formats.awq_layout import awq_quantization_config
@@ -52,16 +53,19 @@ def save_checkpoint(
     config: Any,
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> tuple[Path, str]:
-    """Write ``model``, quantized with ``config``, in ``export_format``; return the directory and
-    a description of the layout written (e.g. ``"quantlab groupwise_int v1"``, ``"gptq_v2"``)."""
+    """Write ``model``, quantized with ``config``, in ``export_format`` (shards of at most
+    ``max_shard_bytes``); return the directory and a description of the layout written (e.g.
+    ``"quantlab groupwise_int v1"``, ``"gptq_v2"``)."""
+    cfg = config.to_dict()
     if export_format == "gptq":
-        return save_gptq(model, out_dir, config.to_dict(), tokenizer, report)
+        return save_gptq(model, out_dir, cfg, tokenizer, report, max_shard_bytes=max_shard_bytes)
     if export_format == "awq":
-        return save_awq(model, out_dir, config.to_dict(), tokenizer, report), "awq gemm"
+        return save_awq(model, out_dir, cfg, tokenizer, report, max_shard_bytes), "awq gemm"
     if export_format != "quantlab":
         raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-    out = save_quantized(model, out_dir, config.method, config.to_dict(), tokenizer, report)
+    out = save_quantized(model, out_dir, config.method, cfg, tokenizer, report, max_shard_bytes)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     return out, f"quantlab {qcfg['format']} v{qcfg['format_version']}"
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from quantlab.export.checkpoint_files import INDEX_FILE, CheckpointFiles, parse_size
 from quantlab.export.errors import CheckpointError
-from quantlab.export.lazy_model import CheckpointWeights, LazyModel, empty_model
+from quantlab.export.lazy_model import LazyModel, empty_model
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -29,7 +30,7 @@ _spec.loader.exec_module(synthetic)
 
 def _lazy(path: Path, dtype: torch.dtype = torch.float32) -> LazyModel:
     model = empty_model(AutoConfig.from_pretrained(path))
-    return LazyModel(model, CheckpointWeights(path), dtype)
+    return LazyModel(model, CheckpointFiles(path), dtype)
 
 
 def _ids(vocab: int = 1000) -> torch.Tensor:
@@ -63,7 +64,7 @@ def test_bundled_model_loads_lazily_and_bit_identically(default_model_path: Path
 def test_blocks_load_and_release_one_at_a_time(tiny_sharded: Path) -> None:
     lazy = _lazy(tiny_sharded)
     weights = lazy.weights
-    assert len({f.name for f in weights._file_of.values()}) >= 3  # really sharded
+    assert len(weights.files) >= 3  # really sharded
     assert weights.dtype() == torch.bfloat16
     for index in range(3):
         prefix = f"model.layers.{index}"
@@ -98,7 +99,7 @@ def test_tied_synthetic_checkpoint_loads_the_head_from_the_embedding(tmp_path: P
 
 
 def test_synthetic_weights_have_per_channel_scales_and_outlier_columns(tiny_sharded: Path) -> None:
-    weights = CheckpointWeights(tiny_sharded)
+    weights = CheckpointFiles(tiny_sharded)
     w = weights.get("model.layers.0.mlp.up_proj.weight").float()
     col = w.abs().mean(0)
     row = w.abs().mean(1)
@@ -107,7 +108,7 @@ def test_synthetic_weights_have_per_channel_scales_and_outlier_columns(tiny_shar
     config = json.loads((tiny_sharded / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["num_key_value_heads"] == 2
     assert (tiny_sharded / "tokenizer.json").is_file()
-    assert synthetic.parse_size("2GB") == 2 * 10**9 and synthetic.parse_size("1.5GiB") == 3 << 29
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1.5GiB") == 3 << 29
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -124,21 +125,24 @@ def test_broken_checkpoints_are_named(tiny_sharded: Path, tmp_path: Path) -> Non
     missing = _copy(tiny_sharded, tmp_path / "missing")
     (missing / shards[1]).unlink()
     with pytest.raises(CheckpointError, match=f"shard {shards[1]} .* is missing"):
-        CheckpointWeights(missing)
+        CheckpointFiles(missing)
 
     truncated = _copy(tiny_sharded, tmp_path / "truncated")
     data = (truncated / shards[0]).read_bytes()
     (truncated / shards[0]).write_bytes(data[:-100])
     with pytest.raises(CheckpointError, match="truncated safetensors file"):
-        CheckpointWeights(truncated)
+        CheckpointFiles(truncated)
 
     misplaced = _copy(tiny_sharded, tmp_path / "misplaced")
     moved = dict(index)
     name = next(n for n, f in index["weight_map"].items() if f == shards[0])
     moved["weight_map"] = {**index["weight_map"], name: shards[1]}
     (misplaced / "model.safetensors.index.json").write_text(json.dumps(moved))
-    with pytest.raises(CheckpointError, match="places 1 tensors in this shard that it does not"):
-        CheckpointWeights(misplaced)
+    with pytest.raises(
+        CheckpointError,
+        match=f"tensors in this shard that it does not hold|tensors {INDEX_FILE} does not list",
+    ):
+        CheckpointFiles(misplaced)
 
     reshaped = _copy(tiny_sharded, tmp_path / "reshaped")
     config = json.loads((reshaped / "config.json").read_text())
@@ -162,23 +166,19 @@ def test_broken_checkpoints_are_named(tiny_sharded: Path, tmp_path: Path) -> Non
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match="reads safetensors checkpoints only"):
-        CheckpointWeights(empty)
+    with pytest.raises(
+        CheckpointError, match="missing model.safetensors .*reads safetensors checkpoints only"
+    ):
+        CheckpointFiles(empty)
 
 
 def test_single_file_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint within one shard is a single model.safetensors, as small models ship."""
     path = synthetic.write_checkpoint(tmp_path / "one", "tiny", 1, progress=False)
-    # Merge the shards into one model.safetensors, as small models ship.
-    weights = CheckpointWeights(path)
-    tensors = {name: weights.get(name) for name in weights.infos}
-    weights.close()
-    for f in path.glob("model-*.safetensors"):
-        f.unlink()
-    (path / "model.safetensors.index.json").unlink()
-    save_file(tensors, str(path / "model.safetensors"))
+    assert (path / "model.safetensors").is_file()
+    assert not (path / INDEX_FILE).exists()
     lazy = _lazy(path)
     lazy.load("model.layers.0")
-    assert torch.equal(
-        lazy.model.model.layers[0].mlp.down_proj.weight,
-        tensors["model.layers.0.mlp.down_proj.weight"].float(),
-    )
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        want = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert torch.equal(lazy.model.model.layers[0].mlp.down_proj.weight, want.float())
