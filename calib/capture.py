@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.stats import HessianAccumulator
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "run_block_with_taps",
     "GroupCallback",
     "capture_block_inputs",
-    "move_outside_blocks",
     "move_to",
     "run_block",
     "run_block_until",
@@ -74,25 +74,6 @@ def move_to(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, dict):
         return {k: move_to(v, device) for k, v in obj.items()}
     return obj
-
-
-def move_outside_blocks(
-    model: nn.Module, blocks: nn.ModuleList, device: torch.device | str
-) -> None:
-    """Move every parameter and buffer that is not inside ``blocks`` to ``device``, in place.
-
-    Used so the embedding, rotary tables and head run where the blocks are processed while the
-    blocks themselves stay where they live (one at a time is moved in). ``param.data`` is replaced
-    rather than the Parameter object, so tied weights (embedding = lm_head) stay tied.
-    """
-    inside = set(blocks.modules())
-    for module in model.modules():
-        if module in inside:
-            continue
-        for param in module.parameters(recurse=False):
-            param.data = param.data.to(device)
-        for name, buf in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = buf.to(device)
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -364,14 +345,12 @@ def _process_block_staged(
 
 @torch.no_grad()
 def run_sequential(
-    model: nn.Module,
-    blocks: nn.ModuleList,
+    blocks: ModelBlocks,
     groups: Sequence[Sequence[str]],
     samples: torch.Tensor,
     on_group: GroupCallback,
     on_block_done: Callable[[int, nn.Module], None] | None = None,
     batch_size: int | None = None,
-    device: torch.device | str = "cpu",
     storage_device: torch.device | str = "cpu",
     true_sequential: bool = True,
     progress: bool = True,
@@ -381,8 +360,8 @@ def run_sequential(
     For each block, ``on_group(block_index, block, group_names, stats)`` is called once per
     sequential group and must quantize those linears in place (their weights replaced by the
     quantized values); then the block is replayed to produce the next block's inputs, and
-    ``on_block_done`` is called (e.g. to swap the linears for packed modules). Blocks are moved to
-    ``device`` one at a time and back to where they were afterwards. ``on_group`` may itself run
+    ``on_block_done`` is called (e.g. to swap the linears for packed modules) before the block is
+    closed (:meth:`ModelBlocks.open`: moved back, or streamed out). ``on_group`` may itself run
     ``block`` on other inputs (e.g. with :func:`run_block_until`); the statistics hooks ignore
     those passes.
 
@@ -390,24 +369,20 @@ def run_sequential(
     """
     n = samples.shape[0]
     batch_size = n if batch_size is None else max(1, min(batch_size, n))
-    outside_home = next(model.parameters()).device
-    move_outside_blocks(model, blocks, device)
-    try:
-        inputs = capture_block_inputs(model, blocks, samples, batch_size, device, storage_device)
-    finally:
-        move_outside_blocks(model, blocks, outside_home)
+    device = blocks.device
+    with blocks.outside_on_device():
+        inputs = capture_block_inputs(
+            blocks.model, blocks.blocks, samples, batch_size, device, storage_device
+        )
     single_pass = len(inputs.hidden) == 1 and true_sequential
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
-        block = blocks[index]
-        home = next(block.parameters()).device
-        block.to(device)
-        if single_pass:
-            outs = _process_block_single_pass(index, block, groups, inputs, device, on_group)
-        else:
-            outs = _process_block_staged(
-                index, block, groups, inputs, device, on_group, true_sequential
-            )
-        if on_block_done is not None:
-            on_block_done(index, block)
-        block.to(home)
+        with blocks.open(index) as block:
+            if single_pass:
+                outs = _process_block_single_pass(index, block, groups, inputs, device, on_group)
+            else:
+                outs = _process_block_staged(
+                    index, block, groups, inputs, device, on_group, true_sequential
+                )
+            if on_block_done is not None:
+                on_block_done(index, block)
         inputs = BlockInputs(hidden=outs, kwargs=inputs.kwargs)

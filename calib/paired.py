@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.calib.blocks import move_outside_blocks
 from quantlab.calib.capture import (
     BlockInputs,
     capture_block_inputs,
-    move_outside_blocks,
     run_block,
     run_block_until,
 )

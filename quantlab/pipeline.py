@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantlab.calib.blocks import WeightSource
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     CalibConfig,
@@ -43,6 +44,8 @@ def quantize_model(
     device: torch.device | str | None = None,
     progress: bool = True,
     samples: torch.Tensor | None = None,
+    weights: WeightSource | None = None,
+    block_sink: Callable[[int, nn.Module], None] | None = None,
 ) -> QuantizationReport:
     """Quantize a transformers causal LM in place; its block linears become quantized layers
     (:class:`QuantLinear` or the method's own layer format).
@@ -56,9 +59,18 @@ def quantize_model(
         device: where blocks are processed (default: where the model is).
         samples: calibration token ids ``[S, L]`` to use instead of drawing ``calib``'s windows
             from its text source (then no tokenizer is needed).
+        weights: streams ``model``'s weights from its checkpoint one block at a time (``model``
+            then lives on the meta device, e.g. :class:`quantlab.export.lazy_model.LazyModel`);
+            ``device`` must be given.
+        block_sink: receives ``(index, block)`` once each block is quantized, before a streamed
+            block leaves memory (a streaming export writes it there).
     """
     start = time.perf_counter()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        if weights is not None:
+            raise ValueError("a streamed model (weights=...) needs an explicit device")
+        device = next(model.parameters()).device
+    device = torch.device(device)
     calib = calib or CalibConfig()
     report = QuantizationReport(
         method=config.method,
@@ -73,7 +85,16 @@ def quantize_model(
             f"method {config.method!r} expects a {method.config_cls.__name__}, got "
             f"{type(config).__name__}"
         )
-    context = MethodContext(tokenizer, calib, report, device, progress, given_samples=samples)
+    context = MethodContext(
+        tokenizer,
+        calib,
+        report,
+        device,
+        progress,
+        given_samples=samples,
+        weights=weights,
+        block_sink=block_sink,
+    )
     method.run(model, config, context)
     report.seconds = time.perf_counter() - start
     return report

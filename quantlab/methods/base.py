@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantlab.calib.blocks import ModelBlocks, WeightSource
 from quantlab.formats.groupwise_int import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -29,6 +30,7 @@ from quantlab.formats.groupwise_int import (
     pack,
 )
 from quantlab.formats.tensor_layout import SCALE_DTYPES
+from quantlab.models.arch import ArchSpec
 from quantlab.nn.groupwise_int_linear import QuantLinear
 
 __all__ = [
@@ -39,7 +41,9 @@ __all__ = [
     "MethodContext",
     "QuantizationReport",
     "calibration_samples_for",
+    "model_blocks",
     "packed_layer",
+    "require_resident",
 ]
 
 SCALE_DTYPE_NAMES = tuple(SCALE_DTYPES)
@@ -185,6 +189,10 @@ class MethodContext:
         device: where blocks are processed.
         progress: show progress bars.
         given_samples: calibration token ids passed by the caller instead of ``calib``'s text.
+        weights: streams the model's weights from its checkpoint, one block at a time
+            (:class:`quantlab.calib.blocks.WeightSource`); ``None``: the model is in memory.
+        block_sink: called with ``(index, block)`` once a block is quantized, before it is put
+            away (a streaming export writes it there).
     """
 
     tokenizer: Any
@@ -193,6 +201,8 @@ class MethodContext:
     device: torch.device
     progress: bool
     given_samples: torch.Tensor | None = None
+    weights: WeightSource | None = None
+    block_sink: Callable[[int, nn.Module], None] | None = None
     _samples: torch.Tensor | None = field(default=None, repr=False)
 
     def samples(self, method: str) -> torch.Tensor:
@@ -237,6 +247,28 @@ class Method:
                 f"method {self.name!r}: {self.config_cls.__name__}.method is "
                 f"{getattr(self.config_cls, 'method', None)!r}"
             )
+
+
+def model_blocks(model: nn.Module, spec: ArchSpec, ctx: MethodContext) -> ModelBlocks:
+    """The decoder blocks of ``model`` as this run processes them: on ``ctx.device``, streamed
+    from the checkpoint when ``ctx.weights`` is set, handed to ``ctx.block_sink`` when done."""
+    return ModelBlocks(
+        model,
+        spec.blocks,
+        ctx.device,
+        source=ctx.weights,
+        skip_for_capture=(spec.final_norm, spec.lm_head),
+        on_done=ctx.block_sink,
+    )
+
+
+def require_resident(ctx: MethodContext, what: str, why: str) -> None:
+    """Refuse a streamed run (``ctx.weights`` set) of ``what``, at the start, saying ``why``."""
+    if ctx.weights is not None:
+        raise ValueError(
+            f"{what} cannot run on a model streamed block by block from its checkpoint: {why}. "
+            "Load the model in memory (quantlab.quantize on a model object) to use it."
+        )
 
 
 def packed_layer(

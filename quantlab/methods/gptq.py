@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.groupwise_int import GroupwiseIntResult
@@ -22,10 +23,11 @@ from quantlab.methods.base import (
     Method,
     MethodContext,
     QuantizationReport,
+    model_blocks,
     packed_layer,
 )
 from quantlab.methods.rtn import groupwise_options
-from quantlab.models.arch import excluded, get_submodule, resolve
+from quantlab.models.arch import excluded, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.gptq import gptq_quantize
 
@@ -120,14 +122,13 @@ def run_gptq(
     calib: CalibConfig,
     samples: object,
     report: QuantizationReport,
-    device: object,
+    blocks: ModelBlocks,
     progress: bool,
     terms: GPTQTerms | None = None,
 ) -> None:
-    """GPTQ over every block of ``model`` on calibration ``samples`` ``[S, L]``, with the extra
-    objective ``terms`` of a derived method."""
+    """GPTQ over every block of ``model`` (as ``blocks`` brings them in) on calibration
+    ``samples`` ``[S, L]``, with the extra objective ``terms`` of a derived method."""
     spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
     scale_dtype = dtype_from_name(config.scale_dtype)
     pending: dict[str, GroupwiseIntResult] = {}
     terms = terms or GPTQTerms()
@@ -185,23 +186,22 @@ def run_gptq(
         pending.clear()
 
     groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
-    terms.start(model, blocks, torch.device(device))  # type: ignore[arg-type]
+    terms.start(model, blocks.blocks, blocks.device)
     run_sequential(
-        model,
         blocks,
         groups,
         samples,
         on_group,
         on_block_done,
         batch_size=calib.batch_size,
-        device=device,
         true_sequential=config.true_sequential,
         progress=progress,
     )
 
 
 def _run(model: nn.Module, config: GPTQConfig, ctx: MethodContext) -> None:
-    run_gptq(model, config, ctx.calib, ctx.samples("GPTQ"), ctx.report, ctx.device, ctx.progress)
+    blocks = model_blocks(model, resolve(model), ctx)
+    run_gptq(model, config, ctx.calib, ctx.samples("GPTQ"), ctx.report, blocks, ctx.progress)
 
 
 METHOD = Method(

@@ -26,7 +26,13 @@ from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.pvq import PVQMeta, PVQResult, pack
 from quantlab.formats.pvq_codebook import MAX_CODE_BITS, PVQParams
-from quantlab.methods.base import LayerReport, Method, MethodContext
+from quantlab.methods.base import (
+    LayerReport,
+    Method,
+    MethodContext,
+    model_blocks,
+    require_resident,
+)
 from quantlab.models.arch import ArchSpec, excluded, get_submodule, resolve
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.swap import set_submodule
@@ -310,7 +316,14 @@ def resolve_params(
 
 def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
     spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
+    if config.dim is None or config.pulses is None or config.levels is None:
+        require_resident(
+            ctx,
+            "PVQ without a fixed dim/pulses/levels",
+            "its encoding choice samples every block's weights before quantizing (give "
+            "--pvq-dim, --pvq-pulses and --pvq-levels to stream)",
+        )
+    blocks = model_blocks(model, spec, ctx)
     params, choice = resolve_params(model, spec, config)
     start = time.perf_counter()
     pending: dict[str, PVQResult] = {}
@@ -373,22 +386,21 @@ def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
 
         groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
         run_sequential(
-            model,
             blocks,
             groups,
             ctx.samples("PVQ"),
             on_group,
             on_block_done,
             batch_size=ctx.calib.batch_size,
-            device=ctx.device,
             true_sequential=config.true_sequential,
             progress=ctx.progress,
         )
     else:
         for index in tqdm(range(len(blocks)), desc="pvq", disable=not ctx.progress):
-            for name in spec.block_linears:
-                quantize(index, blocks[index], name, None)
-            on_block_done(index, blocks[index])
+            with blocks.open(index) as block:
+                for name in spec.block_linears:
+                    quantize(index, block, name, None)
+                on_block_done(index, block)
 
     shapes = [(layer.out_features, layer.in_features) for layer in ctx.report.layers]
     ctx.report.details["pvq"] = {

@@ -17,9 +17,10 @@ from quantlab.methods.base import (
     Method,
     MethodContext,
     QuantizationReport,
+    model_blocks,
     packed_layer,
 )
-from quantlab.models.arch import ArchSpec, excluded, get_submodule, resolve
+from quantlab.models.arch import ArchSpec, excluded, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.rtn import rtn_quantize
 
@@ -83,9 +84,10 @@ def rtn_block(
 
 def _run(model: nn.Module, config: RTNConfig, ctx: MethodContext) -> None:
     spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
+    blocks = model_blocks(model, spec, ctx)
     for i in tqdm(range(len(blocks)), desc="rtn", disable=not ctx.progress):
-        rtn_block(i, blocks[i], spec, config, ctx.report)
+        with blocks.open(i) as block:
+            rtn_block(i, block, spec, config, ctx.report)
 
 
 METHOD = Method(

@@ -25,8 +25,14 @@ from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.tensor_layout import SCALE_DTYPES, dtype_from_name
 from quantlab.formats.ternary import GROUP_SIZES, TernaryResult, granularity_name, pack
 from quantlab.formats.ternary_packing import PACKINGS, PER_ROW, PER_TENSOR
-from quantlab.methods.base import LayerReport, Method, MethodContext, QuantizationReport
-from quantlab.models.arch import excluded, get_submodule, resolve
+from quantlab.methods.base import (
+    LayerReport,
+    Method,
+    MethodContext,
+    QuantizationReport,
+    model_blocks,
+)
+from quantlab.models.arch import excluded, resolve
 from quantlab.nn.swap import set_submodule
 from quantlab.nn.ternary_linear import TernaryLinear
 from quantlab.solvers.ternary import (
@@ -149,33 +155,32 @@ def _details(config: TernaryConfig, zeros: dict[str, float]) -> dict[str, Any]:
 
 def _run_calibration_free(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> None:
     spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
+    blocks = model_blocks(model, spec, ctx)
     scale_dtype = dtype_from_name(config.scale_dtype)
     zeros: dict[str, float] = {}
     for index in tqdm(range(len(blocks)), desc="ternary", disable=not ctx.progress):
-        block = blocks[index]
-        for name in spec.block_linears:
-            full = f"{spec.blocks}.{index}.{name}"
-            if excluded(full, config.modules_to_not_convert):
-                continue
-            linear = block.get_submodule(name)
-            start = time.perf_counter()
-            if config.solver == "absmean":
-                result = absmean_ternarize(linear.weight, config.group_size, scale_dtype, full)
-            else:
-                result = mse_ternarize(linear.weight, config.group_size, scale_dtype, name=full)
-            layer = ternary_layer(result, linear, config, full)
-            set_submodule(block, name, layer)
-            zeros[full] = result.zero_fraction
-            ctx.report.layers.append(
-                _layer_report(full, linear, layer, None, time.perf_counter() - start)
-            )
+        with blocks.open(index) as block:
+            for name in spec.block_linears:
+                full = f"{spec.blocks}.{index}.{name}"
+                if excluded(full, config.modules_to_not_convert):
+                    continue
+                linear = block.get_submodule(name)
+                start = time.perf_counter()
+                if config.solver == "absmean":
+                    result = absmean_ternarize(linear.weight, config.group_size, scale_dtype, full)
+                else:
+                    result = mse_ternarize(linear.weight, config.group_size, scale_dtype, name=full)
+                layer = ternary_layer(result, linear, config, full)
+                set_submodule(block, name, layer)
+                zeros[full] = result.zero_fraction
+                ctx.report.layers.append(
+                    _layer_report(full, linear, layer, None, time.perf_counter() - start)
+                )
     ctx.report.details["ternary"] = _details(config, zeros)
 
 
 def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> None:
     spec = resolve(model)
-    blocks = get_submodule(model, spec.blocks)
     scale_dtype = dtype_from_name(config.scale_dtype)
     pending: dict[str, tuple[TernaryResult, float]] = {}
     zeros: dict[str, float] = {}
@@ -218,14 +223,12 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
 
     groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
     run_sequential(
-        model,
-        blocks,
+        model_blocks(model, spec, ctx),
         groups,
         ctx.samples("ternary"),
         on_group,
         on_block_done,
         batch_size=ctx.calib.batch_size,
-        device=ctx.device,
         true_sequential=config.true_sequential,
         progress=ctx.progress,
     )

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import capture_block_inputs, run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.models.arch import resolve
@@ -57,8 +58,7 @@ def test_sequential_statistics_match_a_plain_forward(
             seen[f"{i}.{name}"] = stats[name].hessian()
 
     run_sequential(
-        tiny_llama,
-        tiny_llama.model.layers,
+        ModelBlocks(tiny_llama, spec.blocks, "cpu"),
         spec.sequential_groups,
         x,
         on_group,
@@ -91,8 +91,7 @@ def test_single_pass_and_staged_modes_agree_when_quantizing(tiny_llama: nn.Modul
                 linear.weight.data.copy_(rtn_quantize(linear.weight, 2, 32).dequantize())
 
         run_sequential(
-            model,
-            model.model.layers,
+            ModelBlocks(model, spec.blocks, "cpu"),
             spec.sequential_groups,
             x,
             on_group,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.paired import PairStream, align_positions, encode_sentence, pair_batches
 from quantlab.calib.pairs import SentencePair
@@ -167,8 +168,7 @@ def test_on_group_may_run_the_block_without_disturbing_the_statistics(
             stream.advance(i, block, "cpu")
 
         run_sequential(
-            tiny_llama,
-            blocks,
+            ModelBlocks(tiny_llama, spec.blocks, "cpu"),
             spec.sequential_groups,
             x,
             on_group,

@@ -10,13 +10,14 @@ from torch import nn
 
 from quantlab.methods.awq.config import AWQConfig
 from quantlab.methods.awq.smoothing import apply_awq
-from quantlab.methods.base import Method, MethodContext
+from quantlab.methods.base import Method, MethodContext, model_blocks, require_resident
 from quantlab.methods.gptq import gptq_options, run_gptq
 from quantlab.methods.rtn import groupwise_options, rtn_block
 from quantlab.models.arch import resolve
 
 
 def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
+    require_resident(ctx, "AWQ", "its scale search does not stream blocks from the checkpoint yet")
     spec = resolve(model)
     samples = ctx.samples("AWQ")
 
@@ -46,7 +47,7 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
             ctx.calib,
             samples,
             ctx.report,
-            ctx.device,
+            model_blocks(model, spec, ctx),
             ctx.progress,
         )
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.blocks import move_outside_blocks
 from quantlab.calib.capture import (
     BlockInputs,
     ModuleCall,
     capture_block_inputs,
-    move_outside_blocks,
     run_block_with_taps,
 )
 from quantlab.calib.stats import ChannelStatsAccumulator

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.blocks import move_outside_blocks
 from quantlab.calib.capture import (
     BlockInputs,
     capture_block_inputs,
-    move_outside_blocks,
     run_block,
     run_block_with_taps,
 )

@@ -15,7 +15,7 @@ import time
 
 from torch import nn
 
-from quantlab.methods.base import Method, MethodContext
+from quantlab.methods.base import Method, MethodContext, require_resident
 from quantlab.methods.bitstack.config import ORDERS, BitStackConfig
 from quantlab.methods.bitstack.decompose import decompose_model, fixed_bytes
 from quantlab.methods.bitstack.ordering import order_blocks
@@ -25,6 +25,12 @@ __all__ = ["METHOD"]
 
 
 def _run(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> None:
+    require_resident(
+        ctx,
+        "BitStack",
+        "its decomposition is not streamed yet, and its block order and distillation score "
+        "prefixes of the whole model",
+    )
     decomposition = decompose_model(model, config, ctx)
     records, skipped_maps = decomposition.records, decomposition.skipped_maps
     decompose_seconds, distill = decomposition.seconds, decomposition.distill
