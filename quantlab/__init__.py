@@ -20,6 +20,7 @@ __all__ = [
     "QuantLinear",
     "load",
     "quantize",
+    "quantize_checkpoint",
     "replace_linear",
     "resize",
     "save",
@@ -48,6 +49,41 @@ def quantize(
 
     config = get_method(method).config_cls(**options)
     return quantize_model(model, config, tokenizer, calib, device, progress)
+
+
+def quantize_checkpoint(
+    source: str,
+    out_dir: str,
+    method: str = "rtn",
+    tokenizer: Any = None,
+    calib: Any = None,
+    device: Any = "cpu",
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    progress: bool = True,
+    **options: Any,
+) -> QuantizationReport:
+    """Quantize the checkpoint directory ``source`` into a quantlab checkpoint at ``out_dir``,
+    streamed one block at a time (a model larger than memory quantizes in about one block's
+    memory); ``dtype`` is the compute dtype of a block (default fp32). See
+    :func:`quantlab.pipeline.quantize_checkpoint`."""
+    import torch
+
+    from quantlab.methods.registry import get_method
+    from quantlab.pipeline import quantize_checkpoint as _quantize_checkpoint
+
+    config = get_method(method).config_cls(**options)
+    return _quantize_checkpoint(
+        source,
+        out_dir,
+        config,
+        tokenizer,
+        calib,
+        device,
+        dtype or torch.float32,
+        max_shard_size,
+        progress,
+    )
 
 
 def load(

@@ -1,5 +1,6 @@
-"""Whole-model entry points: :func:`quantize_model` (any registered method) and
-:func:`replace_linear` (RTN on any torch model).
+"""Whole-model entry points: :func:`quantize_model` (any registered method),
+:func:`quantize_checkpoint` (the same, streamed block by block from a checkpoint directory into a
+new one) and :func:`replace_linear` (RTN on any torch model).
 
 Nothing in quantlab imports this module but the public API and the CLI: each method's
 orchestration lives in :mod:`quantlab.methods`, what methods share in
@@ -10,8 +11,10 @@ orchestration lives in :mod:`quantlab.methods`, what methods share in
 from __future__ import annotations
 
 import fnmatch
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +35,13 @@ from quantlab.models.arch import excluded
 from quantlab.nn.swap import set_submodule
 from quantlab.solvers.rtn import rtn_quantize
 
-__all__ = ["LayerReport", "QuantizationReport", "quantize_model", "replace_linear"]
+__all__ = [
+    "LayerReport",
+    "QuantizationReport",
+    "quantize_checkpoint",
+    "quantize_model",
+    "replace_linear",
+]
 
 
 @torch.no_grad()
@@ -97,6 +106,59 @@ def quantize_model(
     )
     method.run(model, config, context)
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def quantize_checkpoint(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: Any,
+    tokenizer: Any = None,
+    calib: CalibConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int = "5GB",
+    progress: bool = True,
+    samples: torch.Tensor | None = None,
+) -> QuantizationReport:
+    """Quantize the checkpoint in directory ``source`` into a quantlab checkpoint at ``out_dir``,
+    one decoder block at a time: the model is built on the meta device, each block is read from
+    the (memory-mapped, possibly sharded) safetensors files in ``dtype`` when it is processed,
+    written to ``out_dir``'s shards once quantized, and released; the tensors no method touches
+    (embedding, final norm, head) are copied in their stored dtype. Memory: about one block in
+    ``dtype`` plus the calibration activations, whatever the model's size.
+
+    The output is written atomically (the previous content of ``out_dir``, if quantlab wrote it,
+    stays until the new checkpoint is complete). Methods that cannot stream yet refuse at the
+    start (:func:`quantlab.methods.base.require_resident`).
+    """
+    from transformers import AutoConfig
+
+    from quantlab.export.checkpoint_files import CheckpointFiles, parse_size
+    from quantlab.export.lazy_model import LazyModel, empty_model
+    from quantlab.export.streaming import StreamingCheckpoint
+    from quantlab.models.arch import resolve
+
+    shard_bytes = parse_size(max_shard_size)
+    files = CheckpointFiles(source)
+    lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source)), files, dtype, device)
+    spec = resolve(lazy.model)
+    with StreamingCheckpoint(
+        out_dir, files, spec.blocks, shard_bytes, inputs=(Path(source),)
+    ) as out:
+        report = quantize_model(
+            lazy.model,
+            config,
+            tokenizer,
+            calib,
+            device,
+            progress,
+            samples,
+            weights=lazy,
+            block_sink=out.write_block,
+        )
+        out.finish(lazy.model, config.method, config.to_dict(), tokenizer, report.to_dict())
+    files.close()
     return report
 
 

@@ -135,6 +135,9 @@ class LazyModel:
             if value.is_floating_point():
                 value = value.to(self.dtype)
             _swap(tensor, value.to(self.device))
+        # Unmap the files: pages of a mapping that stays open count in the process's resident
+        # memory, so a run that kept them mapped would grow by each block it read.
+        self.weights.close()
         return self.model.get_submodule(prefix) if prefix else self.model
 
     def release(self, prefix: str = "") -> None:

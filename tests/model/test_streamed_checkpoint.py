@@ -1,0 +1,103 @@
+"""quantize_checkpoint: a checkpoint directory quantized into a new one block by block, written as
+it goes (quantlab/export/streaming.py). On the bundled model it writes exactly the tensors the
+in-memory run saves and loads to identical logits; on a bf16 synthetic model the tensors no
+method touches keep their stored dtype and bytes; an error mid-run leaves no output."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import quantlab
+from quantlab.export.checkpoint_files import INDEX_FILE, CheckpointFiles
+
+pytestmark = pytest.mark.model
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "make_synthetic_checkpoint", ROOT / "scripts" / "make_synthetic_checkpoint.py"
+)
+synthetic = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = synthetic
+_spec.loader.exec_module(synthetic)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with CheckpointFiles(path) as files:
+        return {name: files.get(name) for name in files.tensors}
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(3))
+
+
+def test_streamed_checkpoint_equals_the_in_memory_one(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    report = quantlab.quantize(model, "rtn", bits=4, group_size=64, progress=False)
+    resident = quantlab.save(model, str(tmp_path / "resident"), report)
+    streamed = tmp_path / "streamed"
+    quantlab.quantize_checkpoint(
+        str(default_model_path),
+        str(streamed),
+        "rtn",
+        bits=4,
+        group_size=64,
+        max_shard_size="40MB",
+        progress=False,
+    )
+    assert (streamed / INDEX_FILE).is_file()  # sharded
+    want, got = _tensors(resident), _tensors(streamed)
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    loaded = quantlab.load(str(streamed))
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, model(_ids()).logits)
+
+
+def test_untouched_tensors_keep_their_stored_dtype(tmp_path: Path) -> None:
+    source = synthetic.write_checkpoint(tmp_path / "src", "tiny", 2, "bfloat16", progress=False)
+    out = tmp_path / "out"
+    report = quantlab.quantize_checkpoint(str(source), str(out), "rtn", progress=False)
+    assert len(report.layers) == 2 * 7
+    with safe_open(str(source / "model.safetensors"), "pt") as f:
+        pass_through = {n: f.get_tensor(n) for n in f.keys() if "_proj" not in n}  # noqa: SIM118
+    got = _tensors(out)
+    for name, tensor in pass_through.items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
+    assert got["model.layers.1.mlp.down_proj.qweight"].dtype == torch.int32
+    # The same weights quantized in memory (loaded in fp32) give the same packed tensors.
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    quantlab.quantize(model, "rtn", progress=False)
+    for name, tensor in model.state_dict().items():
+        if name.endswith((".qweight", ".scales", ".qzeros")):
+            assert torch.equal(got[name], tensor), name
+    loaded = quantlab.load(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_ids()).logits, model(_ids()).logits)
+
+
+def test_a_failure_mid_run_leaves_the_previous_output(tmp_path: Path) -> None:
+    source = synthetic.write_checkpoint(tmp_path / "src", "tiny", 2, "bfloat16", progress=False)
+    out = tmp_path / "out"
+    quantlab.quantize_checkpoint(str(source), str(out), "rtn", progress=False)
+    before = _tensors(out)
+    # A NaN in the second block: the run fails there, after block 0 was written to the new shards.
+    bad = synthetic.write_checkpoint(tmp_path / "bad", "tiny", 2, "bfloat16", progress=False)
+    tensors = _tensors(bad)
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.*(NaN|Inf)"):
+        quantlab.quantize_checkpoint(str(bad), str(out), "rtn", progress=False)
+    after = _tensors(out)
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+    assert not [p.name for p in tmp_path.iterdir() if ".quantlab-tmp" in p.name]
