@@ -84,6 +84,10 @@ def _scatter_values(out: torch.Tensor, flat: torch.Tensor, start: torch.Tensor, 
         )
 
 
+# Values packed per chunk of rows (int64 temporaries of a few times 8 bytes each: ~100 MB).
+_PACK_CHUNK_VALUES = 1 << 22
+
+
 def _pack_rows(flat: torch.Tensor, bits: int, words: int) -> torch.Tensor:
     """int64 ``[R, n]`` values in ``[0, 2**bits)`` -> int32 ``[R, words]``, one stream per row."""
     out = torch.zeros(flat.shape[0], words, dtype=torch.int64, device=flat.device)
@@ -140,16 +144,21 @@ def pack_bitstream(values: torch.Tensor, bits: int) -> torch.Tensor:
     _check_row_bits(bits)
     if values.dtype.is_floating_point:
         raise TypeError(f"pack_bitstream expects an integer tensor, got {values.dtype}")
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
-        raise ValueError(
-            f"values out of range for {bits}-bit packing: [{int(v.min())}, {int(v.max())}]"
-        )
-    n = v.shape[-1]
+    if values.numel():
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= (1 << bits):
+            raise ValueError(f"values out of range for {bits}-bit packing: [{low}, {high}]")
+    n = values.shape[-1]
     words = packed_words(n, bits)
-    lead = v.shape[:-1]
-    flat = v.reshape(-1, n)
-    return _pack_rows(flat, bits, words).reshape(*lead, words)
+    lead = values.shape[:-1]
+    flat = values.reshape(-1, n)
+    out = torch.empty(flat.shape[0], words, dtype=torch.int32, device=values.device)
+    # Rows in chunks: the int64 temporaries of a whole 28672 x 8192 layer would take ~4 GB.
+    step = max(1, _PACK_CHUNK_VALUES // max(n, 1))
+    for start in range(0, flat.shape[0], step):
+        chunk = flat[start : start + step].to(torch.int64)
+        out[start : start + step] = _pack_rows(chunk, bits, words)
+    return out.reshape(*lead, words)
 
 
 def unpack_bitstream(packed: torch.Tensor, bits: int, n_values: int) -> torch.Tensor:

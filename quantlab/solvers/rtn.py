@@ -11,6 +11,8 @@ __all__ = ["group_params", "quantize_to_grid", "rtn_quantize"]
 
 
 # Range shrink factors tried by the clip search: 1.0 down to 0.75 in steps of 2.5 %.
+# Weights quantized per chunk of rows (fp32 temporaries of ~64 MB each).
+_RTN_CHUNK_WEIGHTS = 1 << 24
 CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(11))
 # GPTQ's grid search scores candidate ranges by sum |w - q(w)|^2.4 (its quant.py default).
 CLIP_NORM = 2.4
@@ -106,13 +108,20 @@ def rtn_quantize(
     n, k = weight.shape
     check_group_size(group_size, k, name)
     g = k if group_size == -1 else group_size
-    w = weight.detach().to(torch.float32).reshape(n * (k // g), g)
-    scale, zero = group_params(w, bits, sym, scale_dtype, clip_search)
-    q = quantize_to_grid(w, scale.unsqueeze(1), zero.unsqueeze(1), bits)
+    groups = k // g
+    q = torch.empty(n, k, dtype=torch.int32, device=weight.device)
+    scale = torch.empty(n, groups, dtype=torch.float32, device=weight.device)
+    zero = torch.empty(n, groups, dtype=torch.int32, device=weight.device)
+    # Rows in chunks: every group lies in one row, so the result is the same, and the fp32
+    # temporaries stay at ~16M weights instead of a whole layer (a 70B MLP weight is 235M).
+    step = max(1, _RTN_CHUNK_WEIGHTS // k)
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        w = weight[rows].detach().to(torch.float32).reshape(-1, g)
+        s, z = group_params(w, bits, sym, scale_dtype, clip_search)
+        q[rows] = quantize_to_grid(w, s.unsqueeze(1), z.unsqueeze(1), bits).view(-1, k)
+        scale[rows] = s.view(-1, groups)
+        zero[rows] = z.view(-1, groups)
     return GroupwiseIntResult(
-        q=q.view(n, k),
-        scales=scale.view(n, k // g),
-        zeros=None if sym else zero.view(n, k // g),
-        bits=bits,
-        group_size=group_size,
+        q=q, scales=scale, zeros=None if sym else zero, bits=bits, group_size=group_size
     )

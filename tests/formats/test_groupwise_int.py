@@ -63,3 +63,17 @@ def test_validate_names_the_bad_tensor() -> None:
     packed.scales = packed.scales[:, :1]
     with pytest.raises(ValueError, match=r"layer\.x\.scales: expected shape \[8, 2\]"):
         packed.validate("layer.x")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bitstream_packs_row_chunks_exactly(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
+    """pack_bitstream works a chunk of rows at a time (bounded int64 temporaries); 2-row chunks
+    (ragged last chunk, straddling 3-bit values) give exactly the one-chunk streams."""
+    from quantlab.formats import bitstream
+
+    values = torch.randint(0, 2**bits, (7, 45), generator=torch.Generator().manual_seed(bits))
+    whole = bitstream.pack_bitstream(values, bits)
+    monkeypatch.setattr(bitstream, "_PACK_CHUNK_VALUES", 2 * 45)
+    chunked = bitstream.pack_bitstream(values, bits)
+    assert torch.equal(chunked, whole)
+    assert torch.equal(bitstream.unpack_bitstream(chunked, bits, 45), values)

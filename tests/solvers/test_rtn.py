@@ -68,3 +68,21 @@ def test_group_size_that_does_not_divide_is_refused() -> None:
 def test_fp16_scale_overflow_is_reported() -> None:
     with pytest.raises(ValueError, match="overflows"):
         rtn_quantize(torch.full((1, 32), 1e7), 2, 32)
+
+
+@pytest.mark.parametrize(("group", "sym", "clip"), [(32, False, False), (-1, True, True)])
+def test_row_chunks_give_the_whole_layer_result(
+    monkeypatch: pytest.MonkeyPatch, group: int, sym: bool, clip: bool
+) -> None:
+    """A large layer is quantized a chunk of rows at a time (bounded temporaries); chunks of 3
+    rows (ragged last chunk) must give exactly the one-chunk result."""
+    from quantlab.solvers import rtn
+
+    w = torch.randn(10, 64, generator=torch.Generator().manual_seed(5)) * 3
+    whole = rtn_quantize(w, 4, group, sym, clip_search=clip)
+    monkeypatch.setattr(rtn, "_RTN_CHUNK_WEIGHTS", 3 * 64)
+    chunked = rtn_quantize(w, 4, group, sym, clip_search=clip)
+    assert torch.equal(chunked.q, whole.q) and torch.equal(chunked.scales, whole.scales)
+    assert (chunked.zeros is None) == sym
+    if not sym:
+        assert torch.equal(chunked.zeros, whole.zeros)
