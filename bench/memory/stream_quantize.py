@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         "calib_seq_len": args.calib_seq_len,
         "options": options,
     }
+    # The commit of the code the child imports (taken now, not after a long run).
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(spec)],
@@ -115,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         return done.returncode
     child = json.loads(done.stdout.strip().splitlines()[-1])
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     result = {
         "preset": args.preset,
         "blocks": args.blocks,
