@@ -263,10 +263,7 @@ def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
     config = _method_config(args)
     # Refuse an unexportable encoding or a bad shard size before spending the quantization time.
     check_exportable(config, args.format)
-    try:
-        args.max_shard_bytes = parse_size(args.max_shard_size)
-    except ValueError as exc:
-        raise ValueError(f"--max-shard-size: {exc}") from exc
+    args.max_shard_bytes = parse_size(args.max_shard_size, "--max-shard-size")
     calib = CalibConfig(
         args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.export.checkpoint_files import CheckpointFiles
+from quantlab.export.checkpoint_files import CheckpointFiles, parse_size
 from quantlab.export.errors import CheckpointError
 from quantlab.export.model_fill import fill_model
 from quantlab.export.quantlab_checkpoint import check_checkpoint
@@ -55,16 +54,6 @@ __all__ = [
 ]
 
 _BLOCK_TENSORS = ("signs", "u", "v")
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-}
 
 
 class BudgetError(ValueError):
@@ -72,25 +61,9 @@ class BudgetError(ValueError):
 
 
 def parse_memory(budget: str | int | float) -> int:
-    """Bytes of a budget: a number of bytes, or a string such as ``"350MB"``, ``"1.5 GiB"``.
-
-    ``kB``/``MB``/``GB`` are decimal (10^3, 10^6, 10^9); ``KiB``/``MiB``/``GiB`` binary.
-    """
-    if isinstance(budget, bool):
-        raise ValueError(f"memory budget must be bytes or a size string, got {budget!r}")
-    if isinstance(budget, int | float):
-        value = float(budget)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
-        if match is None or match.group(2).lower() not in _UNITS:
-            raise ValueError(
-                f"memory budget {budget!r}: expected a number with an optional unit "
-                f"({', '.join(u for u in ('B', 'kB', 'MB', 'GB', 'KiB', 'MiB', 'GiB'))})"
-            )
-        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"memory budget must be a positive, finite size, got {budget!r}")
-    return int(value)
+    """Bytes of a budget: a number of bytes, or a string such as ``"350MB"``, ``"1.5 GiB"``
+    (:func:`quantlab.export.checkpoint_files.parse_size`)."""
+    return parse_size(budget, "memory budget")
 
 
 @dataclass

@@ -18,7 +18,9 @@ does, and what a zero-copy memory map needs).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import struct
 from collections import Counter
@@ -48,29 +50,36 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _COPY_CHUNK = 64 * 1024 * 1024
 _SIZE_UNITS = {
-    **{"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9},
-    **{"KIB": 2**10, "MIB": 2**20, "GIB": 2**30},
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
 }
 
 
-def parse_size(text: str | int) -> int:
-    """``"5GB"``, ``"500MB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (decimal and binary units)."""
-    if isinstance(text, int):
-        value = text
+def parse_size(size: str | int | float, what: str = "size") -> int:
+    """Bytes of a size: a number of bytes, or a string such as ``"350MB"``, ``"1.5 GiB"``
+    (``kB``/``MB``/``GB`` decimal, ``KiB``/``MiB``/``GiB`` binary). ``what`` names the value in
+    the error (``"memory budget"``, ``"--max-shard-size"``)."""
+    if isinstance(size, bool):
+        raise ValueError(f"{what} must be bytes or a size string, got {size!r}")
+    if isinstance(size, int | float):
+        value = float(size)
     else:
-        upper = text.strip().upper()
-        number, factor = upper, 1
-        for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
-            if upper.endswith(unit):
-                number, factor = upper[: -len(unit)], _SIZE_UNITS[unit]
-                break
-        try:
-            value = int(float(number) * factor)
-        except ValueError:
-            raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
-    if value < 1:
-        raise ValueError(f"a size must be positive, got {text!r}")
-    return value
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+        if match is None or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(
+                f"{what} {size!r}: expected a number with an optional unit "
+                f"({', '.join(u for u in ('B', 'kB', 'MB', 'GB', 'KiB', 'MiB', 'GiB'))})"
+            )
+        value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive, finite size, got {size!r}")
+    return int(value)
 
 
 def has_weights(path: str | os.PathLike[str]) -> bool:

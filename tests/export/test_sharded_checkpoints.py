@@ -94,6 +94,6 @@ def test_damaged_shard_sets_are_named(tiny_llama: nn.Module, tmp_path: Path) -> 
 
 def test_bad_shard_size_is_refused(tiny_llama: nn.Module, tmp_path: Path) -> None:
     report = quantlab.quantize(tiny_llama, "rtn", bits=4, group_size=32, progress=False)
-    with pytest.raises(ValueError, match="not a size"):
+    with pytest.raises(ValueError, match="size 'lots': expected a number with an optional unit"):
         quantlab.save(tiny_llama, str(tmp_path / "x"), report, max_shard_size="lots")
     assert not (tmp_path / "x").exists()
