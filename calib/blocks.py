@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,6 +37,10 @@ class WeightSource(Protocol):
     def load(self, prefix: str = "") -> nn.Module: ...
 
     def release(self, prefix: str = "") -> None: ...
+
+    def stored_weight(self, name: str) -> Any:
+        """Parameter ``name`` as rows read on demand (``weight[rows]``), its module unloaded."""
+        ...
 
 
 def move_outside_blocks(
@@ -81,6 +85,8 @@ class ModelBlocks:
             inputs does not need (final norm, head): a streamed model does not load them.
         on_done: called with ``(index, block)`` when a block is closed, before it is put away (a
             streaming export writes it there).
+        on_open: called with ``(index, block)`` as a block is opened, before the caller sees it
+            (a baseline evaluation runs the float block there).
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class ModelBlocks:
         source: WeightSource | None = None,
         skip_for_capture: tuple[str, ...] = (),
         on_done: Callable[[int, nn.Module], None] | None = None,
+        on_open: Callable[[int, nn.Module], None] | None = None,
     ) -> None:
         self.model = model
         self.path = path
@@ -101,6 +108,7 @@ class ModelBlocks:
         self.source = source
         self.skip_for_capture = skip_for_capture
         self.on_done = on_done
+        self.on_open = on_open
 
     @property
     def streamed(self) -> bool:
@@ -112,26 +120,24 @@ class ModelBlocks:
 
     # -- outside the blocks --------------------------------------------------------------------
 
-    def _outside_paths(self) -> list[str]:
-        """Paths of the modules outside the blocks that own tensors directly, minus the skipped
+    def _outside_paths(self, skip: tuple[str, ...]) -> list[str]:
+        """Paths of the modules outside the blocks that own tensors directly, minus the ``skip``
         ones (and everything under them)."""
         inside = {id(m) for m in self.blocks.modules()}
         paths = []
         for name, module in self.model.named_modules():
-            if id(module) in inside or any(
-                name == s or name.startswith(s + ".") for s in self.skip_for_capture
-            ):
+            if id(module) in inside or any(name == s or name.startswith(s + ".") for s in skip):
                 continue
             if module._parameters or module._buffers:
                 paths.append(name)
         return paths
 
     @contextlib.contextmanager
-    def outside_on_device(self) -> Iterator[None]:
+    def outside_on_device(self, with_head: bool = False) -> Iterator[None]:
         """The modules outside the blocks on ``device`` for the duration (streamed: loaded, minus
-        ``skip_for_capture``, and released after)."""
+        ``skip_for_capture`` unless ``with_head``, and released after)."""
         if self.source is not None:
-            paths = self._outside_paths()
+            paths = self._outside_paths(() if with_head else self.skip_for_capture)
             for path in paths:
                 self.source.load(path)
             try:
@@ -152,13 +158,16 @@ class ModelBlocks:
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[nn.Module]:
-        """Block ``index`` on ``device`` with its weights; on exit ``on_done(index, block)`` runs
-        and the block is put away (resident: back where it was; streamed: every tensor it holds,
-        apart from its constructor-made buffers, to the meta device)."""
+        """Block ``index`` on ``device`` with its weights (``on_open(index, block)`` runs
+        first); on exit ``on_done(index, block)`` runs and the block is put away (resident: back
+        where it was; streamed: every tensor it holds, apart from its constructor-made buffers,
+        to the meta device)."""
         block = self.blocks[index]
         if self.source is None:
             home = next(block.parameters()).device
             block.to(self.device)
+            if self.on_open is not None:
+                self.on_open(index, block)
             yield block
             if self.on_done is not None:
                 self.on_done(index, block)
@@ -169,6 +178,8 @@ class ModelBlocks:
         keep = {id(t) for _, _, t, is_param in _tensor_owners(block) if not is_param}
         self.source.load(prefix)
         try:
+            if self.on_open is not None:
+                self.on_open(index, block)
             yield block
             if self.on_done is not None:
                 self.on_done(index, block)

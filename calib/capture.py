@@ -354,6 +354,8 @@ def run_sequential(
     storage_device: torch.device | str = "cpu",
     true_sequential: bool = True,
     progress: bool = True,
+    on_start: Callable[[], None] | None = None,
+    on_block_start: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Quantize ``blocks`` one after another on calibration ``samples`` ``[S, L]``.
 
@@ -365,6 +367,11 @@ def run_sequential(
     ``block`` on other inputs (e.g. with :func:`run_block_until`); the statistics hooks ignore
     those passes.
 
+    ``on_start()`` runs once after the capture while the modules outside the blocks are still on
+    the device (to catch the first block's inputs of other sequences); ``on_block_start(index,
+    block)`` runs once a block is open, before its first group (to transform its float weights,
+    as AWQ's smoothing does ahead of GPTQ).
+
     ``batch_size`` defaults to all samples in one batch, which enables the single-pass mode.
     """
     n = samples.shape[0]
@@ -374,9 +381,13 @@ def run_sequential(
         inputs = capture_block_inputs(
             blocks.model, blocks.blocks, samples, batch_size, device, storage_device
         )
+        if on_start is not None:
+            on_start()
     single_pass = len(inputs.hidden) == 1 and true_sequential
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         with blocks.open(index) as block:
+            if on_block_start is not None:
+                on_block_start(index, block)
             if single_pass:
                 outs = _process_block_single_pass(index, block, groups, inputs, device, on_group)
             else:

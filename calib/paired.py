@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.calib.blocks import move_outside_blocks
 from quantlab.calib.capture import (
     BlockInputs,
     capture_block_inputs,
@@ -226,19 +225,15 @@ class PairStream:
 
     @torch.no_grad()
     def start(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
-        """Catch the first block's inputs for every pair batch."""
-        home = next(model.parameters()).device
-        move_outside_blocks(model, blocks, device)
-        try:
-            inputs = BlockInputs()
-            for batch in self.batches:
-                caught = capture_block_inputs(
-                    model, blocks, batch.ids, batch.ids.shape[0], device, self.storage_device
-                )
-                inputs.hidden += caught.hidden
-                inputs.kwargs += caught.kwargs
-        finally:
-            move_outside_blocks(model, blocks, home)
+        """Catch the first block's inputs for every pair batch; the modules outside the blocks
+        must be on ``device`` (:meth:`quantlab.calib.blocks.ModelBlocks.outside_on_device`)."""
+        inputs = BlockInputs()
+        for batch in self.batches:
+            caught = capture_block_inputs(
+                model, blocks, batch.ids, batch.ids.shape[0], device, self.storage_device
+            )
+            inputs.hidden += caught.hidden
+            inputs.kwargs += caught.kwargs
         self.inputs = inputs
         self.block_index = 0
 

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -279,51 +280,52 @@ def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
 def _quantize_locked(
     args: argparse.Namespace, config: Any, calib: CalibConfig, t0: float
 ) -> dict[str, Any]:
-    """The rest of ``quantize``, run while the output lock is held (``t0``: the start time)."""
-    import torch
+    """The rest of ``quantize``, run while the output lock is held (``t0``: the start time): the
+    model is streamed block by block from its checkpoint (:func:`quantize_checkpoint`), with the
+    perplexity before and after measured in the same pass."""
+    from transformers import AutoTokenizer
 
     from quantlab.calib.data import load_text, token_stream
-    from quantlab.export.model_source import load_model
-    from quantlab.export.output_guard import check_free_space
-    from quantlab.export.save import estimate_checkpoint_bytes, save_checkpoint
-    from quantlab.pipeline import quantize_model
+    from quantlab.export.load import checkpoint_kind
+    from quantlab.export.model_source import DTYPES, local_model_dir
+    from quantlab.pipeline import quantize_checkpoint
 
-    loaded = load_model(args.model, args.dtype, args.device)
-    if loaded.quantized:
-        raise ValueError(f"--model {args.model} is already a quantlab checkpoint")
-    model, tok = loaded.model, loaded.tokenizer
-    # Before the evaluations and the quantization, which may take hours.
-    check_free_space(args.out, estimate_checkpoint_bytes(model, config, tok))
-    tokens = None
-    baseline = None
+    source, name = local_model_dir(args.model)
+    if checkpoint_kind(source) is not None:
+        raise ValueError(f"--model {args.model} is already a quantized checkpoint")
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise OSError(f"could not load the tokenizer of {args.model!r}: {exc}") from exc
+    tokens = None if args.no_eval else token_stream(tok, load_text(args.text))
     fairness_before = fairness_after = None
-    if not args.no_eval:
-        tokens = token_stream(tok, load_text(args.text))
-        if not args.skip_baseline:
-            baseline = _eval_ppl(model, tokens, args)
     if args.fairness and not args.skip_baseline:
-        fairness_before = _eval_fairness(model, tok, args)
-    fp_linear_bytes = sum(
-        m.weight.numel() * m.weight.element_size()
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
+        fairness_before = _fairness_of_checkpoint(source, tok, args)
+    report = quantize_checkpoint(
+        source,
+        args.out,
+        config,
+        tok,
+        calib,
+        args.device,
+        DTYPES[args.dtype],
+        args.max_shard_bytes,
+        progress=not args.no_progress,
+        export_format=args.format,
+        eval_tokens=tokens,
+        eval_seq_len=args.eval_seq_len,
+        eval_windows=args.eval_windows,
+        baseline=not args.skip_baseline,
     )
-    report = quantize_model(
-        model, config, tok, calib, device=args.device, progress=not args.no_progress
-    )
-    after = _eval_ppl(model, tokens, args) if tokens is not None else None
+    out = Path(args.out)
     if args.fairness:
-        fairness_after = _eval_fairness(model, tok, args)
-    stored_bits, n_weights = _linear_storage(model)
-    report_dict = report.to_dict() | {"ppl": after, "ppl_baseline": baseline, "model": loaded.name}
-    if args.fairness:
-        report_dict |= {"stereotype": fairness_after, "stereotype_baseline": fairness_before}
-    out, layout = save_checkpoint(
-        model, args.out, args.format, config, tok, report_dict, args.max_shard_bytes
-    )
+        fairness_after = _fairness_of_checkpoint(out, tok, args)
+    layout = report.details["export"]["format"]
+    storage = report.details["storage"]
+    after, baseline = report.ppl, report.ppl_baseline
     seconds = time.perf_counter() - t0
     result = {
-        "model": loaded.name,
+        "model": name,
         "method": config.method,
         "config": config.to_dict(),
         "bits": getattr(config, "bits", None),
@@ -331,16 +333,20 @@ def _quantize_locked(
         "sym": getattr(config, "sym", None),
         "out": str(out),
         "format": layout,
+        "dtype": args.dtype,
         "ppl": after["ppl"] if after else None,
         "ppl_baseline": baseline["ppl"] if baseline else None,
         "eval_tokens": after["tokens"] if after else None,
-        "bits_per_weight": stored_bits / max(n_weights, 1),
-        "quantized_weights": n_weights,
+        "bits_per_weight": storage["linear_bits"] / max(storage["linear_weights"], 1),
+        "quantized_weights": storage["linear_weights"],
         "checkpoint_bytes": _dir_size(out),
-        "fp_linear_bytes": fp_linear_bytes,
-        "quantized_linear_bytes": stored_bits // 8,
+        "fp_linear_bytes": storage["source_linear_bytes"],
+        "quantized_linear_bytes": storage["linear_bits"] // 8,
         "quantize_seconds": report.seconds,
         "seconds": seconds,
+        "block_seconds": report.block_seconds,
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "peak_device_bytes": report.peak_device_bytes,
         "stereotype": fairness_after,
         "stereotype_baseline": fairness_before,
         "layers": [
@@ -349,13 +355,17 @@ def _quantize_locked(
         ],
     }
     rows = [
-        ("model", loaded.name),
+        ("model", f"{name} (streamed block by block, {args.dtype} compute)"),
         ("method", config.describe()),
-        ("quantized linears", f"{len(report.layers)} ({n_weights / 1e6:.1f} M weights)"),
+        (
+            "quantized linears",
+            f"{len(report.layers)} ({storage['linear_weights'] / 1e6:.1f} M weights)",
+        ),
         ("bits / weight", f"{result['bits_per_weight']:.3f}"),
         (
             "linear weights",
-            f"{fp_linear_bytes / 2**20:.1f} MiB -> {stored_bits / 8 / 2**20:.1f} MiB",
+            f"{storage['source_linear_bytes'] / 2**20:.1f} MiB -> "
+            f"{storage['linear_bits'] / 8 / 2**20:.1f} MiB",
         ),
         ("checkpoint size", f"{result['checkpoint_bytes'] / 2**20:.1f} MiB"),
         ("ppl before", _fmt_ppl(result["ppl_baseline"])),
@@ -374,6 +384,7 @@ def _quantize_locked(
     result["backends"], kernels_row = _kernel_backends()
     if kernels_row:
         rows.append(kernels_row)
+    rows += _resource_rows(report.block_seconds, report.peak_rss_bytes, report.peak_device_bytes)
     rows += [
         ("quantize time", f"{report.seconds:.1f} s"),
         ("total time", f"{seconds:.1f} s"),
@@ -381,6 +392,40 @@ def _quantize_locked(
     ]
     _print_table("quantlab quantize", rows, to_stderr=args.json)
     return result
+
+
+def _fairness_of_checkpoint(path: Path, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The stereotype score of the model at ``path`` (float or quantized), loaded whole: scoring
+    sentence pairs needs the whole model in memory, unlike the streamed perplexity."""
+    from quantlab.export.model_source import load_model
+
+    loaded = load_model(str(path), args.dtype, args.device)
+    return _eval_fairness(loaded.model, tokenizer, args)
+
+
+def _process_peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _resource_rows(
+    block_seconds: list[float], peak_rss: int | None, peak_device: int | None
+) -> list[tuple[str, str]]:
+    rows = []
+    if block_seconds:
+        mean = sum(block_seconds) / len(block_seconds)
+        rows.append(
+            (
+                "seconds / block",
+                f"{mean:.2f} mean, {max(block_seconds):.2f} max ({len(block_seconds)} blocks)",
+            )
+        )
+    if peak_rss is not None:
+        rows.append(("peak host memory (RSS)", f"{peak_rss / 2**30:.2f} GiB"))
+    if peak_device is not None:
+        rows.append(("peak device memory", f"{peak_device / 2**30:.2f} GiB"))
+    return rows
 
 
 def _kernel_backends() -> tuple[dict[str, dict[str, str]], tuple[str, str] | None]:
@@ -397,31 +442,61 @@ def _kernel_backends() -> tuple[dict[str, dict[str, str]], tuple[str, str] | Non
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity of a model, streamed block by block from its checkpoint where its layout
+    allows (float checkpoints, quantlab's layout), so a model larger than memory evaluates; the
+    generation check and the stereotype score need the whole model and run only when it fits."""
+    from transformers import AutoTokenizer
+
     from quantlab.calib.data import load_text, token_stream
     from quantlab.eval.generation import generate_text
-    from quantlab.export.model_source import load_model
+    from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint
+    from quantlab.export.load import checkpoint_kind
+    from quantlab.export.model_source import local_model_dir
 
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.dtype, args.device, verify=not args.no_verify)
-    tokens = token_stream(loaded.tokenizer, load_text(args.text))
-    ppl = _eval_ppl(loaded.model, tokens, args)
-    sample = generate_text(loaded.model, loaded.tokenizer, args.prompt) if args.prompt else None
-    fairness = _eval_fairness(loaded.model, loaded.tokenizer, args) if args.fairness else None
-    stored_bits, n_weights = _linear_storage(loaded.model)
+    path, name = local_model_dir(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise OSError(f"could not load the tokenizer of {args.model!r}: {exc}") from exc
+    tokens = token_stream(tokenizer, load_text(args.text))
+    kind = checkpoint_kind(path)
+    streamed = kind in (None, "quantlab") and not is_bitstack_checkpoint(path)
+    if streamed:
+        done = _streamed_ppl(path, kind is not None, tokens, args)
+    else:
+        done = _resident_ppl(path, tokens, args)
+    ppl, peak = done.ppl, done.peak
+    sample = fairness = skipped = None
+    if args.prompt or args.fairness:
+        model = done.model
+        if model is None:
+            model, skipped = _whole_model_if_it_fits(path, args)
+        if model is not None:
+            sample = generate_text(model, tokenizer, args.prompt) if args.prompt else None
+            if args.fairness:
+                fairness = _eval_fairness(model, tokenizer, args)
+    quantized = kind is not None
+    stored_bits, n_weights = done.storage
     result = {
-        "model": loaded.name,
-        "path": loaded.path,
-        "quantized": loaded.quantized,
+        "model": name,
+        "path": str(path),
+        "quantized": quantized,
+        "streamed": streamed,
         "ppl": ppl["ppl"],
         "eval_tokens": ppl["tokens"],
         # An unquantized model stores its linears in the compute dtype.
         "bits_per_weight": stored_bits / n_weights if n_weights else _dtype_bits(args.dtype),
         "generation": sample,
         "stereotype": fairness,
+        "skipped": skipped,
+        "peak_rss_bytes": peak.rss_bytes,
+        "peak_device_bytes": peak.device_bytes,
         "seconds": time.perf_counter() - t0,
     }
+    how = "streamed block by block" if streamed else "whole model in memory"
     rows = [
-        ("model", f"{loaded.name} ({'quantized' if loaded.quantized else 'unquantized'})"),
+        ("model", f"{name} ({'quantized' if quantized else 'unquantized'}; {how})"),
         ("text", args.text),
         ("ppl", _fmt_ppl(result["ppl"])),
         ("eval tokens", str(result["eval_tokens"])),
@@ -431,12 +506,96 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(("stereotype score", _fmt_fairness(fairness)))
     if sample is not None:
         rows.append(("generation", f"{args.prompt!r} -> {sample!r}"))
+    if skipped is not None:
+        rows.append(("skipped", skipped))
     result["backends"], kernels_row = _kernel_backends()
     if kernels_row:
         rows.append(kernels_row)
+    if done.model is None and sample is not None:
+        # The whole model was loaded after the streamed perplexity, for the generation check.
+        rows.append(("peak host memory, perplexity", f"{peak.rss_bytes / 2**30:.2f} GiB"))
+        run_peak = _process_peak_rss()
+        result["run_peak_rss_bytes"] = run_peak
+        rows.append(("peak host memory, run", f"{run_peak / 2**30:.2f} GiB"))
+    else:
+        rows += _resource_rows([], peak.rss_bytes, peak.device_bytes)
     rows.append(("time", f"{result['seconds']:.1f} s"))
     _print_table("quantlab eval", rows, to_stderr=args.json)
     return result
+
+
+@dataclass
+class _Evaluated:
+    ppl: dict[str, Any]
+    storage: tuple[int, int]  # stored bits of the quantized linears, their weight count
+    peak: Any  # quantlab.resources.PeakMemory
+    model: Any = None  # the whole model, when the evaluation loaded it
+
+
+def _streamed_ppl(path: Path, quantized: bool, tokens: Any, args: argparse.Namespace) -> _Evaluated:
+    """Perplexity with one block in memory at a time."""
+    from transformers import AutoConfig
+
+    from quantlab.calib.blocks import ModelBlocks
+    from quantlab.eval.perplexity import blockwise_perplexity
+    from quantlab.export.checkpoint_files import CheckpointFiles
+    from quantlab.export.lazy_model import LazyModel, empty_model
+    from quantlab.export.model_source import DTYPES
+    from quantlab.export.quantlab_checkpoint import open_lazily
+    from quantlab.models.arch import resolve
+    from quantlab.resources import PeakMemory
+
+    dtype = DTYPES[args.dtype]
+    if quantized:
+        lazy = open_lazily(path, args.device, dtype, verify=not args.no_verify)
+    else:
+        model = empty_model(AutoConfig.from_pretrained(path), dtype)
+        lazy = LazyModel(model, CheckpointFiles(path), args.device)
+    spec = resolve(lazy.model, float_linears=False)
+    blocks = ModelBlocks(
+        lazy.model,
+        spec.blocks,
+        args.device,
+        lazy,
+        skip_for_capture=(spec.final_norm, spec.lm_head),
+    )
+    with PeakMemory(args.device) as peak:
+        ppl = blockwise_perplexity(
+            blocks, tokens, args.eval_seq_len, args.eval_windows, progress=not args.no_progress
+        )
+    lazy.weights.close()
+    return _Evaluated(ppl.to_dict(), _linear_storage(lazy.model), peak)
+
+
+def _resident_ppl(path: Path, tokens: Any, args: argparse.Namespace) -> _Evaluated:
+    """Perplexity of the whole model loaded (layouts converted in memory: GPTQ, AWQ, BitNet,
+    BitStack); the loaded model is handed on for the generation check."""
+    from quantlab.export.model_source import load_model
+    from quantlab.resources import PeakMemory
+
+    with PeakMemory(args.device) as peak:
+        loaded = load_model(str(path), args.dtype, args.device, verify=not args.no_verify)
+        ppl = _eval_ppl(loaded.model, tokens, args)
+    return _Evaluated(ppl, _linear_storage(loaded.model), peak, loaded.model)
+
+
+def _whole_model_if_it_fits(path: Path, args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The whole model for the checks that need it, or None and why it was not loaded (it would
+    not fit the memory available now)."""
+    from quantlab.export.checkpoint_files import CheckpointFiles
+    from quantlab.export.model_source import DTYPES, load_model
+    from quantlab.resources import available_memory_bytes
+
+    with CheckpointFiles(path) as files:
+        size = files.resident_bytes(DTYPES[args.dtype])
+    available = available_memory_bytes() if args.device == "cpu" else None
+    if available is not None and size > 0.8 * available:
+        what = "generation and stereotype score" if args.fairness else "generation"
+        return None, (
+            f"{what}: the whole model ({size / 2**30:.1f} GiB in {args.dtype}) does not fit the "
+            f"{available / 2**30:.1f} GiB of memory available (perplexity was streamed)"
+        )
+    return load_model(str(path), args.dtype, args.device, verify=not args.no_verify).model, None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.calib.blocks import WeightSource
+from quantlab.calib.blocks import ModelBlocks, WeightSource
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     CalibConfig,
@@ -33,6 +33,7 @@ from quantlab.methods.registry import get_method
 from quantlab.methods.rtn import RTNConfig
 from quantlab.models.arch import excluded
 from quantlab.nn.swap import set_submodule
+from quantlab.resources import PeakMemory
 from quantlab.solvers.rtn import rtn_quantize
 
 __all__ = [
@@ -55,6 +56,7 @@ def quantize_model(
     samples: torch.Tensor | None = None,
     weights: WeightSource | None = None,
     block_sink: Callable[[int, nn.Module], None] | None = None,
+    block_open: Callable[[int, nn.Module], None] | None = None,
 ) -> QuantizationReport:
     """Quantize a transformers causal LM in place; its block linears become quantized layers
     (:class:`QuantLinear` or the method's own layer format).
@@ -73,6 +75,10 @@ def quantize_model(
             ``device`` must be given.
         block_sink: receives ``(index, block)`` once each block is quantized, before a streamed
             block leaves memory (a streaming export writes it there).
+        block_open: receives ``(index, block)`` as each block is opened, before the method
+            changes it (a baseline evaluation runs the float block there).
+
+    The report holds the seconds each block took and the run's peak host (and device) memory.
     """
     start = time.perf_counter()
     if device is None:
@@ -94,6 +100,15 @@ def quantize_model(
             f"method {config.method!r} expects a {method.config_cls.__name__}, got "
             f"{type(config).__name__}"
         )
+    last = [start]
+
+    def block_done(index: int, block: nn.Module) -> None:
+        if block_sink is not None:
+            block_sink(index, block)
+        now = time.perf_counter()
+        report.block_seconds.append(now - last[0])
+        last[0] = now
+
     context = MethodContext(
         tokenizer,
         calib,
@@ -102,9 +117,12 @@ def quantize_model(
         progress,
         given_samples=samples,
         weights=weights,
-        block_sink=block_sink,
+        block_sink=block_done,
+        block_open=block_open,
     )
-    method.run(model, config, context)
+    with PeakMemory(device) as peak:
+        method.run(model, config, context)
+    report.peak_rss_bytes, report.peak_device_bytes = peak.rss_bytes, peak.device_bytes
     report.seconds = time.perf_counter() - start
     return report
 
@@ -120,32 +138,69 @@ def quantize_checkpoint(
     max_shard_size: str | int = "5GB",
     progress: bool = True,
     samples: torch.Tensor | None = None,
+    export_format: str = "quantlab",
+    eval_tokens: torch.Tensor | None = None,
+    eval_seq_len: int = 2048,
+    eval_windows: int | None = 10,
+    baseline: bool = True,
 ) -> QuantizationReport:
-    """Quantize the checkpoint in directory ``source`` into a quantlab checkpoint at ``out_dir``,
-    one decoder block at a time: the model is built on the meta device, each block is read from
-    the (memory-mapped, possibly sharded) safetensors files in ``dtype`` when it is processed,
-    written to ``out_dir``'s shards once quantized, and released; the tensors no method touches
-    (embedding, final norm, head) are copied in their stored dtype. Memory: about one block in
-    ``dtype`` plus the calibration activations, whatever the model's size.
+    """Quantize the checkpoint in directory ``source`` into a checkpoint at ``out_dir`` (layout
+    ``export_format``: quantlab, gptq or awq), one decoder block at a time: the model is built on
+    the meta device, each block is read from the (memory-mapped, possibly sharded) safetensors
+    files in ``dtype`` when it is processed, written to ``out_dir``'s shards once quantized, and
+    released; the tensors no method touches (embedding, final norm, head) are copied in their
+    stored dtype. Memory: about one block in ``dtype`` plus the calibration activations, whatever
+    the model's size.
+
+    With ``eval_tokens`` the run also measures perplexity (:class:`WindowStream`) over the first
+    ``eval_windows`` windows of ``eval_seq_len`` tokens, in the same pass: the windows go through
+    each float block as it is opened (the baseline, unless ``baseline`` is False) and through
+    each quantized block before it is written (``report.ppl``), so the weights are read once.
 
     The output is written atomically (the previous content of ``out_dir``, if quantlab wrote it,
-    stays until the new checkpoint is complete). Methods that cannot stream yet refuse at the
-    start (:func:`quantlab.methods.base.require_resident`).
+    stays until the new checkpoint is complete); a disk without room for it
+    (:func:`quantlab.export.save.estimate_checkpoint_bytes`) and methods that cannot stream
+    (:func:`quantlab.methods.base.require_resident`) are refused at the start.
     """
     from transformers import AutoConfig
 
+    from quantlab.eval.perplexity import WindowStream
     from quantlab.export.checkpoint_files import CheckpointFiles, parse_size
     from quantlab.export.lazy_model import LazyModel, empty_model
+    from quantlab.export.output_guard import check_free_space
+    from quantlab.export.save import check_exportable, checkpoint_layout, estimate_checkpoint_bytes
     from quantlab.export.streaming import StreamingCheckpoint
     from quantlab.models.arch import resolve
 
+    check_exportable(config, export_format)
     shard_bytes = parse_size(max_shard_size)
+    device = torch.device(device)
     files = CheckpointFiles(source)
-    lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source)), files, dtype, device)
+    lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source), dtype), files, device)
     spec = resolve(lazy.model)
+    # Before hours of quantization: a disk that cannot take the result fails now.
+    check_free_space(out_dir, estimate_checkpoint_bytes(files, lazy.model, config, tokenizer))
+    blocks = ModelBlocks(
+        lazy.model, spec.blocks, device, lazy, skip_for_capture=(spec.final_norm, spec.lm_head)
+    )
+    after = before = None
+    if eval_tokens is not None:
+        after = WindowStream(eval_tokens, eval_seq_len, eval_windows)
+        before = WindowStream(eval_tokens, eval_seq_len, eval_windows) if baseline else None
+        with blocks.outside_on_device():
+            for stream in (after, before):
+                if stream is not None:
+                    stream.start(lazy.model, blocks.blocks, device)
+    layout = checkpoint_layout(export_format, config)
     with StreamingCheckpoint(
-        out_dir, files, spec.blocks, shard_bytes, inputs=(Path(source),)
+        out_dir, files, spec.blocks, layout, shard_bytes, inputs=(Path(source),)
     ) as out:
+
+        def block_done(index: int, block: nn.Module) -> None:
+            if after is not None:
+                after.advance(index, block, device)
+            out.write_block(index, block)
+
         report = quantize_model(
             lazy.model,
             config,
@@ -155,11 +210,34 @@ def quantize_checkpoint(
             progress,
             samples,
             weights=lazy,
-            block_sink=out.write_block,
+            block_sink=block_done,
+            block_open=None if before is None else lambda i, b: before.advance(i, b, device),
         )
-        out.finish(lazy.model, config.method, config.to_dict(), tokenizer, report.to_dict())
+        if after is not None:
+            with blocks.outside_on_device(with_head=True):
+                report.ppl = after.finish(lazy.model, blocks.blocks, device).to_dict()
+                if before is not None:
+                    report.ppl_baseline = before.finish(lazy.model, blocks.blocks, device).to_dict()
+        layout.quantization_config(lazy.model)  # names the layout for the report (checks it too)
+        report.details["export"] = {"format": layout.describe()}
+        report.details["storage"] = _linear_storage(lazy.model, files)
+        out.finish(lazy.model, tokenizer, report.to_dict())
     files.close()
     return report
+
+
+def _linear_storage(model: nn.Module, files: Any) -> dict[str, int]:
+    """Stored bits and weight count of the quantized linears, and the bytes their float weights
+    had in the source checkpoint ``files``."""
+    from quantlab.nn.registry import quantized_modules
+
+    bits = weights = source_bytes = 0
+    for name, module in quantized_modules(model):
+        bits += module.storage_bits()
+        weights += module.in_features * module.out_features
+        info = files.tensors.get(f"{name}.weight")
+        source_bytes += 0 if info is None else info.nbytes()
+    return {"linear_bits": bits, "linear_weights": weights, "source_linear_bytes": source_bytes}
 
 
 @torch.no_grad()

@@ -15,8 +15,11 @@ from typing import Any
 import pytest
 import torch
 
+import quantlab
 from quantlab.cli import main
 from quantlab.export import atomic
+from quantlab.export.checkpoint_files import CheckpointFiles
+from quantlab.export.lazy_model import empty_model
 from quantlab.export.output_guard import OutputTargetError, check_output_target, is_quantlab_output
 from quantlab.export.save import estimate_checkpoint_bytes
 from tests.lock_helpers import HOLDER_COMMAND, holding_lock
@@ -60,12 +63,14 @@ def _restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Refusals must come before the model is loaded: loading it fails the test."""
+    """Refusals must come before the model is loaded: loading it whole, or any part of it
+    (streamed), fails the test."""
 
     def load_model(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr("quantlab.export.model_source.load_model", load_model)
+    monkeypatch.setattr("quantlab.export.lazy_model.LazyModel.load", load_model)
 
 
 def _quantize(model: Path | str, out: Path | str, *extra: str) -> int:
@@ -87,6 +92,14 @@ def _quantize(model: Path | str, out: Path | str, *extra: str) -> int:
             *extra,
         ]
     )
+
+
+def _estimate(model_dir: Path, config: Any, tokenizer: Any) -> int:
+    from transformers import AutoConfig
+
+    skeleton = empty_model(AutoConfig.from_pretrained(model_dir))
+    with CheckpointFiles(model_dir) as files:
+        return estimate_checkpoint_bytes(files, skeleton, config, tokenizer)
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -236,7 +249,7 @@ def test_too_little_free_space_is_refused_before_quantizing(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from quantlab.config import RTNConfig
 
@@ -251,10 +264,9 @@ def test_too_little_free_space_is_refused_before_quantizing(
     assert f"{tmp_path} has 0.0 MiB (1000 bytes) free" in err
     needs = re.search(r"needs up to [0-9.]+ MiB \((\d+) bytes\)", err)
     assert needs is not None
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = RTNConfig(bits=4, group_size=32)
-    assert int(needs.group(1)) == estimate_checkpoint_bytes(model, config, tokenizer)
+    assert int(needs.group(1)) == _estimate(model_dir, config, tokenizer)
 
 
 @pytest.mark.usefixtures("no_model_load")
@@ -274,14 +286,13 @@ def test_a_concurrent_writer_is_refused(
 def test_the_estimate_bounds_the_checkpoint_size(
     tmp_path: Path, tiny_model_dir: Path, fmt: str, group_size: int
 ) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from quantlab.config import RTNConfig
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    # Computed on the unquantized model, before any quantization.
-    estimate = estimate_checkpoint_bytes(model, RTNConfig(bits=4, group_size=group_size), tokenizer)
+    # Computed from the source checkpoint, before any quantization.
+    estimate = _estimate(tiny_model_dir, RTNConfig(bits=4, group_size=group_size), tokenizer)
     out = tmp_path / "out"
     args = ["--format", fmt, "--group-size", str(group_size)]
     assert _quantize(tiny_model_dir, out, *args) == 0
@@ -312,3 +323,68 @@ def test_the_predicate_knows_quantlab_exports_of_foreign_layouts(tmp_path: Path)
     check_output_target(tmp_path / "gptq", overwrite=True)
     with pytest.raises(OutputTargetError, match="not a quantlab checkpoint"):
         check_output_target(broken, overwrite=True)
+
+
+@pytest.mark.parametrize("fmt", ["quantlab", "gptq", "awq"])
+def test_quantize_streams_and_its_ppl_is_the_written_checkpoints(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    fmt: str,
+) -> None:
+    """`quantlab quantize` streams the model block by block and measures both perplexities in
+    that pass; they equal the whole-model perplexity of the source and of the written checkpoint
+    (in any layout), and the summary reports memory and seconds per block."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.eval.perplexity import perplexity
+
+    out = tmp_path / "out"
+    eval_args = ["--eval-windows", "2", "--eval-seq-len", "64", "--json"]
+    code = main(
+        ["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--group-size", "32"]
+        + ["--out", str(out), "--format", fmt, "--no-progress", *eval_args]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "streamed block by block" in captured.err and "seconds / block" in captured.err
+    assert len(result["block_seconds"]) == 2 and result["peak_rss_bytes"] > 0
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokens = token_stream(tokenizer, load_text("wiki-eval"))
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert result["ppl_baseline"] == perplexity(source, tokens, 64, 2, progress=False).ppl
+    written = quantlab.load(str(out))
+    assert result["ppl"] == perplexity(written, tokens, 64, 2, progress=False).ppl
+    assert result["ppl"] != result["ppl_baseline"]
+
+    # And `quantlab eval` of what was written gives that number again (streamed where the
+    # layout allows it).
+    assert main(["eval", "--model", str(out), "--prompt", "", "--no-progress", *eval_args]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["ppl"] == result["ppl"]
+    assert evaluated["streamed"] is (fmt == "quantlab")
+
+
+def test_eval_skips_the_generation_check_when_the_model_does_not_fit(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The perplexity streams; the generation check needs the whole model, and a model larger
+    than the memory available is not loaded for it (said in the summary, not silent)."""
+    monkeypatch.setattr("quantlab.resources.available_memory_bytes", lambda: 1 << 20)
+    args = ["eval", "--model", str(tiny_model_dir), "--eval-windows", "1", "--eval-seq-len"]
+    assert main([*args, "64", "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["streamed"] is True and result["generation"] is None
+    assert "does not fit the 0.0 GiB of memory available" in result["skipped"]
+    assert "skipped" in captured.err
+
+    monkeypatch.undo()
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert main([*args, "64", "--no-progress", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["generation"] is not None and again["skipped"] is None
+    assert again["ppl"] == result["ppl"]

@@ -18,16 +18,60 @@ from torch import nn
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
+from quantlab.export.layout import layer_state, layout_state, validated_packed
 from quantlab.export.model_fill import instantiate_quantized
-from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
+from quantlab.export.quantlab_checkpoint import write_checkpoint
 from quantlab.export.schema import groupwise_specs
 from quantlab.formats.awq_layout import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.groupwise_int_linear import QuantLinear
 
-__all__ = ["AWQ_SUFFIXES", "load_awq", "save_awq"]
+__all__ = ["AWQ_SUFFIXES", "AWQLayout", "load_awq", "save_awq"]
 
 AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
+
+
+class AWQLayout:
+    """The AWQ GEMM layout, layer by layer (4-bit, one group size for the whole model); linears
+    left in float precision are listed in ``modules_to_not_convert``."""
+
+    def __init__(self, method_config: dict[str, Any]) -> None:
+        self.method_config = method_config
+        self.encoding: tuple[int, int] | None = None
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        if not isinstance(layer, QuantLinear):
+            raise ValueError(
+                f"{name}: the AWQ layout stores groupwise-integer layers only, not "
+                f"{type(layer).__name__}"
+            )
+        encoding = (layer.meta.bits, layer.meta.group_size)
+        if self.encoding is None:
+            self.encoding = encoding
+        elif encoding != self.encoding:
+            raise ValueError(
+                "the AWQ layout has one bits/group_size for the whole model; found "
+                f"{sorted({self.encoding, encoding})}"
+            )
+        r = unpack(validated_packed(name, layer))
+        out = layer_state(name, layer, AWQ_SUFFIXES)
+        out.update(
+            {f"{name}.{k}": v for k, v in to_awq_tensors(r.q, r.scales, r.zeros, *encoding).items()}
+        )
+        if f"{name}.bias" in out:
+            out[f"{name}.bias"] = out[f"{name}.bias"].to(torch.float16)  # AWQ kernels add fp16
+        return out
+
+    def quantization_config(self, model: nn.Module) -> dict[str, Any]:
+        if self.encoding is None:
+            raise ValueError("the model has no QuantLinear modules; quantize it before saving")
+        float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        qconfig = awq_quantization_config(*self.encoding, float_linears or None)
+        qconfig["quantlab"] = {"method": self.method_config.get("method", "unknown")}
+        return qconfig
+
+    def describe(self) -> str:
+        return "awq gemm"
 
 
 def save_awq(
@@ -39,29 +83,9 @@ def save_awq(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write ``model`` in the AWQ GEMM layout (4-bit, one group size for the whole model)."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
-        raise ValueError("the model has no QuantLinear modules; quantize it before saving")
-    encodings = {(m.meta.bits, m.meta.group_size) for m in layers.values()}
-    if len(encodings) != 1:
-        raise ValueError(
-            f"the AWQ layout has one bits/group_size for the whole model; found {sorted(encodings)}"
-        )
-    bits, group_size = encodings.pop()
-    state = state_dict_without_shared(model)
-    for name, layer in layers.items():
-        r = unpack(layer.packed())
-        for suffix in AWQ_SUFFIXES:
-            state.pop(f"{name}.{suffix}", None)
-        tensors = to_awq_tensors(r.q, r.scales, r.zeros, bits, group_size)
-        state.update({f"{name}.{k}": v for k, v in tensors.items()})
-        bias = state.get(f"{name}.bias")
-        if bias is not None:
-            # AWQ kernels add an fp16 bias.
-            state[f"{name}.bias"] = bias.to(torch.float16)
-    float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    qconfig = awq_quantization_config(bits, group_size, float_linears or None)
-    qconfig["quantlab"] = {"method": method_config.get("method", "unknown")}
+    layout = AWQLayout(method_config)
+    state = layout_state(model, layout)
+    qconfig = layout.quantization_config(model)
     return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
 
 

@@ -24,6 +24,7 @@ import re
 import shutil
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -168,6 +169,19 @@ class CheckpointFiles:
         """Bytes stored for the tensors whose names start with ``prefix``."""
         return sum(info.nbytes() for name, info in self.tensors.items() if name.startswith(prefix))
 
+    def resident_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes the tensors take once loaded with float tensors in ``dtype`` (packed integer
+        tensors and a quantized layer's own float tensors counted as floats: an upper bound for
+        fp32, close for 16-bit dtypes)."""
+        size = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                total += math.prod(info.shape) * size
+            else:
+                total += info.nbytes()
+        return total
+
     def file_names(self) -> list[str]:
         """The names of the files the tensors come from (the index first, when sharded)."""
         index = [INDEX_FILE] if self.source.name == INDEX_FILE else []
@@ -190,6 +204,10 @@ class CheckpointFiles:
     def get_leading(self, name: str, stop: int) -> torch.Tensor:
         """Rows ``[0, stop)`` of the leading dimension of ``name`` (only those bytes are read)."""
         return self._reader(name).get_leading(name, stop)
+
+    def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` of the leading dimension of ``name`` (only those bytes are read)."""
+        return self._reader(name).get_rows(name, rows)
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -21,8 +21,9 @@ from torch import nn
 
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
+from quantlab.export.layout import layer_state, layout_state, validated_packed
 from quantlab.export.model_fill import instantiate_quantized
-from quantlab.export.quantlab_checkpoint import state_dict_without_shared, write_checkpoint
+from quantlab.export.quantlab_checkpoint import write_checkpoint
 from quantlab.export.schema import groupwise_specs
 from quantlab.formats.gptq_layout import (
     from_gptq_tensors,
@@ -32,19 +33,76 @@ from quantlab.formats.gptq_layout import (
 from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.groupwise_int_linear import QuantLinear
 
-__all__ = ["GPTQ_SUFFIXES", "load_gptq", "save_gptq"]
+__all__ = ["GPTQ_SUFFIXES", "GPTQLayout", "load_gptq", "save_gptq"]
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _shared_encoding(layers: dict[str, QuantLinear]) -> tuple[int, int, bool]:
-    encodings = {(m.meta.bits, m.meta.group_size, m.meta.sym) for m in layers.values()}
-    if len(encodings) != 1:
-        raise ValueError(
-            "the GPTQ layout has one bits/group_size/sym for the whole model; "
-            f"found {sorted(encodings)}"
+class GPTQLayout:
+    """The GPTQ layout, layer by layer: :meth:`layer_tensors` turns each QuantLinear into its
+    GPTQ tensors (every layer must share one bits/group_size/sym, as the format has one for the
+    whole model), :meth:`quantization_config` describes the result. Used whole
+    (:func:`save_gptq`) and block by block (a streamed quantization's export)."""
+
+    def __init__(self, method_config: dict[str, Any], checkpoint_format: str = "auto") -> None:
+        self.method_config = method_config
+        self.requested_format = checkpoint_format
+        self.encoding: tuple[int, int, bool] | None = None
+        self.checkpoint_format: str | None = None
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors stored for quantized layer ``name`` (its codes, scales and zero points in
+        the GPTQ layout; its other tensors, such as the bias, as they are)."""
+        if not isinstance(layer, QuantLinear):
+            raise ValueError(
+                f"{name}: the GPTQ layout stores groupwise-integer layers only, not "
+                f"{type(layer).__name__}"
+            )
+        encoding = (layer.meta.bits, layer.meta.group_size, layer.meta.sym)
+        if self.encoding is None:
+            self.encoding = encoding
+            fmt = self.requested_format
+            if fmt == "auto":
+                fmt = "gptq" if encoding[2] else "gptq_v2"
+            self.checkpoint_format = fmt
+        elif encoding != self.encoding:
+            raise ValueError(
+                "the GPTQ layout has one bits/group_size/sym for the whole model; "
+                f"found {sorted({self.encoding, encoding})}"
+            )
+        bits, group_size, _ = encoding
+        assert self.checkpoint_format is not None
+        r = unpack(validated_packed(name, layer))
+        tensors = to_gptq_tensors(
+            r.q, r.scales, r.zeros, bits, group_size, self.checkpoint_format, torch.float16
         )
-    return encodings.pop()
+        out = layer_state(name, layer, ("qweight", "scales", "qzeros"))
+        out.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
+        return out
+
+    def quantization_config(self, model: nn.Module) -> dict[str, Any]:
+        if self.encoding is None or self.checkpoint_format is None:
+            raise ValueError("the model has no QuantLinear modules; quantize it before saving")
+        bits, group_size, sym = self.encoding
+        cfg = self.method_config
+        qconfig = gptq_quantization_config(
+            bits,
+            group_size,
+            sym,
+            desc_act=False,
+            checkpoint_format=self.checkpoint_format,
+            # Loaders validate damp_percent in (0, 1) even for weights no Hessian produced (RTN);
+            # meta.quantlab_method says which method really made them.
+            damp_percent=float(cfg.get("damp_percent", 0.01)),
+            true_sequential=bool(cfg.get("true_sequential", False)),
+            static_groups=bool(cfg.get("act_order", False)),
+        )
+        qconfig["meta"]["quantlab_method"] = cfg.get("method", "unknown")
+        qconfig["meta"]["quantlab_act_order"] = bool(cfg.get("act_order", False))
+        return qconfig
+
+    def describe(self) -> str:
+        return self.checkpoint_format or "gptq"
 
 
 def save_gptq(
@@ -63,36 +121,11 @@ def save_gptq(
     ``"gptq_v2"`` (true zero points): v1 cannot store a zero point of 0, and GPTQModel refuses
     asymmetric v1 checkpoints from other producers for that reason.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
-        raise ValueError("the model has no QuantLinear modules; quantize it before saving")
-    bits, group_size, sym = _shared_encoding(layers)
-    results = {name: unpack(m.packed()) for name, m in layers.items()}
-    fmt = checkpoint_format
-    if fmt == "auto":
-        fmt = "gptq" if sym else "gptq_v2"
-    state = state_dict_without_shared(model)
-    for name, r in results.items():
-        for suffix in ("qweight", "scales", "qzeros"):
-            state.pop(f"{name}.{suffix}", None)
-        tensors = to_gptq_tensors(r.q, r.scales, r.zeros, bits, group_size, fmt, torch.float16)
-        state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
-    qconfig = gptq_quantization_config(
-        bits,
-        group_size,
-        sym,
-        desc_act=False,
-        checkpoint_format=fmt,
-        # Loaders validate damp_percent in (0, 1) even for weights no Hessian produced (RTN);
-        # meta.quantlab_method says which method really made them.
-        damp_percent=float(method_config.get("damp_percent", 0.01)),
-        true_sequential=bool(method_config.get("true_sequential", False)),
-        static_groups=bool(method_config.get("act_order", False)),
-    )
-    qconfig["meta"]["quantlab_method"] = method_config.get("method", "unknown")
-    qconfig["meta"]["quantlab_act_order"] = bool(method_config.get("act_order", False))
+    layout = GPTQLayout(method_config, checkpoint_format)
+    state = layout_state(model, layout)
+    qconfig = layout.quantization_config(model)
     out = write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
-    return out, fmt
+    return out, layout.describe()
 
 
 def load_gptq(

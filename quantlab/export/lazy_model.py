@@ -18,7 +18,7 @@ differs from the model's is a :class:`CheckpointError` naming it before any bloc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.export.errors import CheckpointError
 
-__all__ = ["LazyModel", "empty_model"]
+__all__ = ["LazyModel", "StoredWeight", "empty_model"]
 
 
 @contextlib.contextmanager
@@ -51,13 +51,14 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def empty_model(config: Any) -> nn.Module:
-    """A transformers causal LM of ``config`` with its parameters on the meta device, in eval
-    mode, weights tied as the config says."""
+def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers causal LM of ``config`` with its parameters on the meta device in ``dtype``
+    (the compute dtype :class:`LazyModel` loads them in), in eval mode, weights tied as the config
+    says."""
     from transformers import AutoModelForCausalLM
 
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return model
 
@@ -66,22 +67,26 @@ class LazyModel:
     """A meta-device ``model`` and the checkpoint its weights come from.
 
     ``load(prefix)`` puts the checkpoint's tensors of submodule ``prefix`` (``""``: the whole
-    model) on ``device`` in ``dtype`` (floating-point tensors only; integer tensors keep theirs);
-    ``release(prefix)`` returns them to the meta device. Parameters missing from the checkpoint
-    are an error unless they are tied to one it holds.
+    model) on ``device``, each in the dtype of the model's meta tensor it fills (the skeleton
+    says: float parameters in the compute dtype :func:`empty_model` was given, a quantized layer's
+    scales and codes in their format's dtypes); ``release(prefix)`` returns them to the meta
+    device. Parameters missing from the checkpoint are an error unless they are tied to one it
+    holds; so is a float tensor stored for an integer one or the reverse.
     """
 
     def __init__(
         self,
         model: nn.Module,
         weights: CheckpointFiles,
-        dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        after_load: Callable[[nn.Module, str], None] | None = None,
     ) -> None:
+        """``after_load(module, prefix)`` runs on each submodule once its tensors are in (a
+        quantized checkpoint's value checks and kernel layouts)."""
         self.model = model
         self.weights = weights
-        self.dtype = dtype
         self.device = torch.device(device)
+        self.after_load = after_load
         # Every name of every parameter and persistent buffer: the tied ones share one object,
         # loaded from whichever of its names the checkpoint holds.
         aliases: dict[int, list[str]] = {}
@@ -110,11 +115,18 @@ class LazyModel:
                         "it); the checkpoint is incomplete"
                     )
                 continue
-            got = weights.tensors[stored[0]].shape
-            if tuple(got) != tuple(tensor.shape):
+            info = weights.tensors[stored[0]]
+            if tuple(info.shape) != tuple(tensor.shape):
                 raise CheckpointError(
-                    f"{weights.path}: {stored[0]} is {list(got)} in the checkpoint, "
+                    f"{weights.path}: {stored[0]} is {list(info.shape)} in the checkpoint, "
                     f"{list(tensor.shape)} in the model its config.json describes"
+                )
+            if info.dtype != tensor.dtype and not (
+                info.dtype.is_floating_point and tensor.dtype.is_floating_point
+            ):
+                raise CheckpointError(
+                    f"{weights.path}: {stored[0]} is stored as {info.dtype}, the model expects "
+                    f"{tensor.dtype}"
                 )
             self._stored[key] = stored[0]
             if tensor.device.type != "meta":
@@ -131,20 +143,30 @@ class LazyModel:
             stored = self._stored.get(id(tensor))
             if stored is None or tensor.device.type != "meta":
                 continue  # a constructor-made buffer, or a tied weight loaded before
-            value = self.weights.get(stored)
-            if value.is_floating_point():
-                value = value.to(self.dtype)
+            value = self.weights.get(stored).to(tensor.dtype)
             _swap(tensor, value.to(self.device))
         # Unmap the files: pages of a mapping that stays open count in the process's resident
         # memory, so a run that kept them mapped would grow by each block it read.
         self.weights.close()
-        return self.model.get_submodule(prefix) if prefix else self.model
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        if self.after_load is not None:
+            self.after_load(module, prefix)
+        return module
 
     def release(self, prefix: str = "") -> None:
         """Return the checkpoint's tensors of submodule ``prefix`` to the meta device."""
         for _, tensor in self._owned(prefix):
             if id(tensor) in self._stored and tensor.device.type != "meta":
                 _swap(tensor, torch.empty_like(tensor, device="meta"))
+
+    def stored_weight(self, name: str) -> StoredWeight:
+        """Parameter ``name`` as rows read from the checkpoint on demand (its module stays on the
+        meta device): for a method that samples a few rows of every weight before quantizing."""
+        param = self.model.get_parameter(name)
+        stored = self._stored.get(id(param))
+        if stored is None:
+            raise KeyError(f"{name} is not a parameter the checkpoint holds")
+        return StoredWeight(self, stored, param.dtype)
 
     def loaded_bytes(self) -> int:
         """Bytes of checkpoint tensors currently materialised."""
@@ -154,6 +176,23 @@ class LazyModel:
             if id(t) in self._stored and t.device.type != "meta"
         }
         return sum(loaded.values())
+
+
+class StoredWeight:
+    """One checkpoint tensor read row by row: ``weight[rows]`` (a 1-D index tensor) reads only
+    those rows, converted as :meth:`LazyModel.load` would convert them (so sampled rows equal the
+    loaded weight's rows bit for bit)."""
+
+    def __init__(self, lazy: LazyModel, stored_name: str, dtype: torch.dtype) -> None:
+        self.lazy = lazy
+        self.name = stored_name
+        self.dtype = dtype
+        self.shape = lazy.weights.tensors[stored_name].shape
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        value = self.lazy.weights.get_rows(self.name, [int(r) for r in rows])
+        self.lazy.weights.close()
+        return value.to(self.dtype)
 
 
 def _named_state(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,7 +11,11 @@ import torch
 from quantlab.export.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from quantlab.export.load import LOADABLE_KINDS, checkpoint_kind, load_checkpoint
 
-__all__ = ["LoadedModel", "load_model", "resolve_model_path"]
+__all__ = ["DTYPES", "LoadedModel", "load_model", "local_model_dir", "resolve_model_path"]
+
+# What a streamed run reads of a hub repository: config, weights, tokenizer, generation settings
+# (never a pickled *.bin).
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,6 +43,23 @@ def resolve_model_path(spec: str) -> tuple[str, str]:
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise FileNotFoundError(f"--model {spec}: no such directory")
     return spec, spec  # a hub id such as "meta-llama/Llama-3.1-8B"
+
+
+def local_model_dir(spec: str) -> tuple[Path, str]:
+    """``(local directory, display name)`` of a ``--model`` value: the bundled model's converted
+    directory, a local directory, or a hub repository's snapshot (downloaded once into the
+    Hugging Face cache; safetensors and JSON only)."""
+    path, name = resolve_model_path(spec)
+    if Path(path).is_dir():
+        return Path(path), name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=_HUB_FILES)), name
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many types (network, auth)
+        raise OSError(
+            f"could not download model {spec!r} from the Hugging Face hub: {exc}"
+        ) from exc
 
 
 def load_model(

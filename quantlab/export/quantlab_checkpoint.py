@@ -28,41 +28,30 @@ from torch import nn
 from quantlab.export.atomic import atomic_directory, output_lock
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles, ShardedWriter
 from quantlab.export.checksums import verify_checksums, write_checksums
-from quantlab.export.model_fill import build_model, fill_model
+from quantlab.export.errors import CheckpointError
+from quantlab.export.layout import QuantlabLayout, layout_state
+from quantlab.export.lazy_model import LazyModel, empty_model
+from quantlab.export.model_fill import build_model, fill_model, finish_loaded_layers
 from quantlab.export.output_guard import check_output_target
 from quantlab.export.safetensors_file import TensorInfo
 from quantlab.export.schema import (
     QUANT_METHOD,
     REPORT_NAME,
     module_specs,
-    quantization_config_of,
     read_quantization_config,
 )
 from quantlab.export.state_check import check_state_matches_model
-from quantlab.nn.registry import quantized_modules
+from quantlab.nn.swap import swap_in_empty
 
 __all__ = [
     "CheckedCheckpoint",
     "check_checkpoint",
     "load_quantized",
+    "open_lazily",
     "save_quantized",
-    "state_dict_without_shared",
     "validate_checkpoint",
     "write_checkpoint",
 ]
-
-
-def state_dict_without_shared(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
-    seen: dict[tuple[int, int, torch.dtype], str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype)
-        if tensor.numel() and ident in seen:
-            continue  # e.g. lm_head.weight tied to the embedding; transformers re-ties on load
-        seen[ident] = key
-        out[key] = tensor.detach().to("cpu").contiguous()
-    return out
 
 
 def write_checkpoint(
@@ -84,11 +73,6 @@ def write_checkpoint(
     (:func:`quantlab.export.output_guard.check_output_target`).
     """
     out = Path(out_dir)
-    # A layer whose tensors disagree with its spec (edited in place, NaN scales) would make a
-    # checkpoint that refuses to load; refuse it now, before anything is written.
-    for name, module in quantized_modules(model):
-        if hasattr(module, "packed"):
-            module.packed().validate(name)
     # Under the lock, so nothing changes ``out`` between the check and the swap; the CLI checks
     # with its --overwrite flag earlier (holding the same, re-entrant lock).
     with output_lock(out):
@@ -120,9 +104,10 @@ def save_quantized(
     report: dict[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``model`` (with its QuantLinear modules) to ``out_dir`` in quantlab's own layout."""
-    qconfig = quantization_config_of(model, method, method_config)
-    state = state_dict_without_shared(model)
+    """Write ``model`` (with its quantized layers) to ``out_dir`` in quantlab's own layout."""
+    layout = QuantlabLayout(method, method_config)
+    state = layout_state(model, layout)
+    qconfig = layout.quantization_config(model)
     return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
 
 
@@ -185,3 +170,31 @@ def load_quantized(
             checked.root, files.tensors, files.get, checked.specs, dtype, files.source
         )
     return model.to(device)
+
+
+def open_lazily(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> LazyModel:
+    """A quantlab checkpoint as a :class:`LazyModel`: checked as :func:`load_quantized` checks it
+    (without reading a value), its quantized layers swapped in on the meta device, and each part
+    read only when it is loaded, with the same value checks as it comes in (floats finite, each
+    layer's own checks). For evaluating a checkpoint larger than memory block by block."""
+    from transformers import AutoConfig
+
+    checked = check_checkpoint(path, verify)
+    model = empty_model(AutoConfig.from_pretrained(checked.root), dtype)
+    for name, spec in checked.specs.items():
+        swap_in_empty(model, name, spec)
+    source = checked.weights
+
+    def check_values(module: nn.Module, prefix: str) -> None:
+        base = f"{prefix}." if prefix else ""
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{source}: {base}{key} holds NaN or Inf values")
+        finish_loaded_layers(module, source)
+
+    return LazyModel(model, checked.files, device, after_load=check_values)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,15 @@ class SafetensorsReader:
             return self._handle.get_slice(key)[:stop]
         except SafetensorError as exc:
             raise CheckpointError(f"{self.path}: cannot read {key}[:{stop}]: {exc}") from exc
+
+    def get_rows(self, key: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` (any order) of the leading dimension of ``key``; only their bytes are
+        read."""
+        try:
+            view = self._handle.get_slice(key)
+            return torch.cat([view[r : r + 1] for r in rows])
+        except SafetensorError as exc:
+            raise CheckpointError(f"{self.path}: cannot read rows of {key}: {exc}") from exc
 
 
 def read_tensors(

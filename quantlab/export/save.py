@@ -10,7 +10,6 @@ groupwise-integer methods (:mod:`quantlab.export.gptq_checkpoint`,
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,14 +17,21 @@ from typing import Any
 
 from torch import nn
 
-from quantlab.export.awq_checkpoint import save_awq
-from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
-from quantlab.export.gptq_checkpoint import save_gptq
-from quantlab.export.quantlab_checkpoint import save_quantized
+from quantlab.export.awq_checkpoint import AWQLayout
+from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles
+from quantlab.export.gptq_checkpoint import GPTQLayout
+from quantlab.export.layout import CheckpointLayout, QuantlabLayout, layout_state
+from quantlab.export.quantlab_checkpoint import write_checkpoint
 from quantlab.formats.awq_layout import awq_quantization_config
 from quantlab.models.arch import excluded, get_submodule, resolve
 
-__all__ = ["EXPORT_FORMATS", "check_exportable", "estimate_checkpoint_bytes", "save_checkpoint"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "check_exportable",
+    "checkpoint_layout",
+    "estimate_checkpoint_bytes",
+    "save_checkpoint",
+]
 
 EXPORT_FORMATS = ("quantlab", "gptq", "awq")
 # config.json (with one quantization_config entry per module), generation config, report,
@@ -46,6 +52,18 @@ def check_exportable(config: Any, export_format: str) -> None:
         awq_quantization_config(config.bits, config.group_size)
 
 
+def checkpoint_layout(export_format: str, config: Any) -> CheckpointLayout:
+    """The layout object that writes ``export_format`` for a model quantized with ``config``."""
+    cfg = config.to_dict()
+    if export_format == "gptq":
+        return GPTQLayout(cfg)
+    if export_format == "awq":
+        return AWQLayout(cfg)
+    if export_format != "quantlab":
+        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
+    return QuantlabLayout(config.method, cfg)
+
+
 def save_checkpoint(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -58,24 +76,22 @@ def save_checkpoint(
     """Write ``model``, quantized with ``config``, in ``export_format`` (shards of at most
     ``max_shard_bytes``); return the directory and a description of the layout written (e.g.
     ``"quantlab groupwise_int v1"``, ``"gptq_v2"``)."""
-    cfg = config.to_dict()
-    if export_format == "gptq":
-        return save_gptq(model, out_dir, cfg, tokenizer, report, max_shard_bytes=max_shard_bytes)
-    if export_format == "awq":
-        return save_awq(model, out_dir, cfg, tokenizer, report, max_shard_bytes), "awq gemm"
-    if export_format != "quantlab":
-        raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-    out = save_quantized(model, out_dir, config.method, cfg, tokenizer, report, max_shard_bytes)
-    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    return out, f"quantlab {qcfg['format']} v{qcfg['format_version']}"
+    layout = checkpoint_layout(export_format, config)
+    state = layout_state(model, layout)
+    qconfig = layout.quantization_config(model)
+    out = write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+    return out, layout.describe()
 
 
-def estimate_checkpoint_bytes(model: nn.Module, config: Any, tokenizer: Any = None) -> int:
-    """Upper bound of the bytes of the checkpoint ``model`` will have once quantized with
-    ``config`` (computed from the unquantized model, before quantization).
+def estimate_checkpoint_bytes(
+    files: CheckpointFiles, model: nn.Module, config: Any, tokenizer: Any = None
+) -> int:
+    """Upper bound of the bytes of the checkpoint the source ``files`` (whose model, possibly a
+    meta-device skeleton, is ``model``) will give once quantized with ``config``, computed before
+    quantization.
 
-    Counts every tensor of the state dict as written today (float tensors in the model's dtype,
-    tied tensors once), except the weights of the linears the method will quantize, which count
+    Counts every stored tensor at its stored size (what a streamed run writes for the tensors it
+    does not quantize), except the weights of the linears the method will quantize, which count
     at the bound its config gives (``config.max_linear_bits``); plus the tokenizer and the JSON
     files. The quantized linears are the ones every method takes: the architecture's block
     linears not matched by ``config.modules_to_not_convert``.
@@ -92,20 +108,14 @@ def estimate_checkpoint_bytes(model: nn.Module, config: Any, tokenizer: Any = No
                 quantized[f"{full}.weight"] = tuple(weight.shape)
 
     total_bits = 0
-    seen: set[tuple[int, int, Any]] = set()
     tensors = 0
-    for key, tensor in model.state_dict().items():
-        # Same de-duplication as the writer's state_dict_without_shared: tied tensors once.
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype)
-        if tensor.numel() and ident in seen:
-            continue
-        seen.add(ident)
+    for key, info in files.tensors.items():
         tensors += 1
         if key in quantized:
             total_bits += config.max_linear_bits(*quantized[key])
             tensors += 3  # codes, scales, zero points (plus g_idx) replace the weight
         else:
-            total_bits += 8 * tensor.numel() * tensor.element_size()
+            total_bits += 8 * info.nbytes()
     total = math.ceil(total_bits / 8) + _FIXED_BYTES + _PER_TENSOR_BYTES * tensors
     if tokenizer is not None:
         total += _FIXED_BYTES + _TOKENIZER_BYTES_PER_TOKEN * len(tokenizer)

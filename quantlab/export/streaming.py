@@ -1,16 +1,17 @@
-"""A quantlab checkpoint written while its model is quantized block by block from the source
-checkpoint, so neither the model nor the result is ever whole in memory.
+"""A checkpoint (in any layout quantlab writes) written while its model is quantized block by
+block from the source checkpoint, so neither the model nor the result is ever whole in memory.
 
 :class:`StreamingCheckpoint` opens the output the way every quantlab writer does (the lock, the
 target check, a temporary directory swapped in atomically at the end: docs/reliability.md) and a
 :class:`~quantlab.export.checkpoint_files.ShardedWriter` in it. Its :meth:`write_block` is the
-pipeline's block sink: a quantized block's tensors are checked and written the moment the block
-is done, before the block leaves memory. :meth:`finish` then copies the tensors the method did not
-touch (embedding, final norm, head) from the source checkpoint byte for byte, in their stored
-dtype, and writes config.json with the ``quantization_config`` of the model's (meta-device)
-skeleton, the tokenizer, the report and the checksum manifest. Every float tensor a block holds
-outside its quantized layers (norms) is written in the dtype the source stored it in, so a bf16
-model's untouched tensors stay bf16 whatever the compute dtype.
+pipeline's block sink: a quantized block's layers are checked and converted by the
+:class:`~quantlab.export.layout.CheckpointLayout` (quantlab's, GPTQ's, AWQ's) and written the
+moment the block is done, before the block leaves memory. :meth:`finish` then copies the tensors
+the method did not touch (embedding, final norm, head) from the source checkpoint byte for byte,
+in their stored dtype, and writes config.json with the layout's ``quantization_config`` (of the
+model's meta-device skeleton), the tokenizer, the report and the checksum manifest. Every float
+tensor a block holds outside its quantized layers (norms) is written in the dtype the source
+stored it in, so a bf16 model's untouched tensors stay bf16 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from torch import nn
 from quantlab.export.atomic import atomic_directory, output_lock
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles, ShardedWriter
 from quantlab.export.checksums import write_checksums
+from quantlab.export.layout import CheckpointLayout
 from quantlab.export.output_guard import check_output_target
-from quantlab.export.schema import REPORT_NAME, quantization_config_of
+from quantlab.export.schema import REPORT_NAME
 from quantlab.nn.registry import quantized_modules
 
 __all__ = ["StreamingCheckpoint"]
@@ -45,11 +47,13 @@ class StreamingCheckpoint:
         out_dir: str | os.PathLike[str],
         source: CheckpointFiles,
         blocks_path: str,
+        layout: CheckpointLayout,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         inputs: tuple[Path, ...] = (),
     ) -> None:
         self.out = Path(out_dir)
         self.source = source
+        self.layout = layout
         self.blocks_prefix = blocks_path + "."
         self.max_shard_bytes = max_shard_bytes
         self.inputs = inputs
@@ -86,26 +90,20 @@ class StreamingCheckpoint:
         return tensor.to(info.dtype)
 
     def write_block(self, index: int, block: nn.Module) -> None:
-        """The pipeline's block sink: check block ``index``'s quantized layers and write all its
-        tensors (quantized layers as packed; the rest in the source's dtype)."""
+        """The pipeline's block sink: write all of block ``index``'s tensors (quantized layers as
+        the layout stores them, after its checks; the rest in the source's dtype)."""
         prefix = f"{self.blocks_prefix}{index}."
         quantized = dict(quantized_modules(block))
         for name, module in quantized.items():
-            if hasattr(module, "packed"):
-                module.packed().validate(prefix + name)
+            for key, tensor in self.layout.layer_tensors(prefix + name, module).items():
+                self._add(key, tensor)
         packed_prefixes = tuple(f"{name}." for name in quantized)
         for key, tensor in block.state_dict().items():
             if not key.startswith(packed_prefixes):
-                tensor = self._stored_dtype(prefix + key, tensor)
-            self._add(prefix + key, tensor)
+                self._add(prefix + key, self._stored_dtype(prefix + key, tensor))
 
     def finish(
-        self,
-        model: nn.Module,
-        method: str,
-        method_config: dict[str, Any],
-        tokenizer: Any = None,
-        report: dict[str, Any] | None = None,
+        self, model: nn.Module, tokenizer: Any = None, report: dict[str, Any] | None = None
     ) -> Path:
         """Copy the untouched tensors, write the JSON files and put the checkpoint in place."""
         assert self._tmp is not None and self._writer is not None
@@ -115,7 +113,7 @@ class StreamingCheckpoint:
                 self._add(name, self.source.get(name))
         self._writer.close()
         config = model.config.to_dict()
-        config["quantization_config"] = quantization_config_of(model, method, method_config)
+        config["quantization_config"] = self.layout.quantization_config(model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         generation = self.source.path / "generation_config.json"
         if generation.is_file():

@@ -161,6 +161,15 @@ class QuantizationReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    # Seconds from the start (or the previous block's end) to each block's end: its calibration,
+    # solving, evaluation and writing together.
+    block_seconds: list[float] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    peak_device_bytes: int | None = None
+    # Perplexity of the quantized and of the unquantized model (PerplexityResult dicts), when the
+    # run evaluated them.
+    ppl: dict[str, Any] | None = None
+    ppl_baseline: dict[str, Any] | None = None
 
     @property
     def n_weights(self) -> int:
@@ -174,6 +183,11 @@ class QuantizationReport:
             "seconds": self.seconds,
             "layers": [asdict(layer) for layer in self.layers],
             "details": self.details,
+            "block_seconds": self.block_seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "ppl": self.ppl,
+            "ppl_baseline": self.ppl_baseline,
         }
 
 
@@ -193,6 +207,8 @@ class MethodContext:
             (:class:`quantlab.calib.blocks.WeightSource`); ``None``: the model is in memory.
         block_sink: called with ``(index, block)`` once a block is quantized, before it is put
             away (a streaming export writes it there).
+        block_open: called with ``(index, block)`` when a block is opened, before the method
+            changes it (a baseline evaluation runs the float block there).
     """
 
     tokenizer: Any
@@ -203,6 +219,7 @@ class MethodContext:
     given_samples: torch.Tensor | None = None
     weights: WeightSource | None = None
     block_sink: Callable[[int, nn.Module], None] | None = None
+    block_open: Callable[[int, nn.Module], None] | None = None
     _samples: torch.Tensor | None = field(default=None, repr=False)
 
     def samples(self, method: str) -> torch.Tensor:
@@ -259,6 +276,7 @@ def model_blocks(model: nn.Module, spec: ArchSpec, ctx: MethodContext) -> ModelB
         source=ctx.weights,
         skip_for_capture=(spec.final_norm, spec.lm_head),
         on_done=ctx.block_sink,
+        on_open=ctx.block_open,
     )
 
 

@@ -33,7 +33,7 @@ from quantlab.calib.pairs import (
 )
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.groupwise_int import GroupwiseIntResult
-from quantlab.methods.base import Method, MethodContext, model_blocks, require_resident
+from quantlab.methods.base import Method, MethodContext, model_blocks
 from quantlab.methods.gptq import GPTQConfig, GPTQTerms, gptq_options, run_gptq
 from quantlab.methods.rtn import groupwise_options
 from quantlab.models.arch import ArchSpec, get_submodule, resolve
@@ -325,9 +325,6 @@ def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
         run_gptq(model, config.gptq_config(), ctx.calib, samples, ctx.report, blocks, ctx.progress)
         ctx.report.details["fair-gptq"] = {"alpha": 0.0, "debiased": []}
         return
-    require_resident(
-        ctx, "Fair-GPTQ with fair_alpha > 0", "its paired capture does not stream blocks yet"
-    )
     if ctx.tokenizer is None:
         raise ValueError("fair-gptq needs a tokenizer to encode its calibration sentence pairs")
     spec = resolve(model)

@@ -90,7 +90,11 @@ class GPTQTerms:
     """
 
     def start(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-        """Before the first block (e.g. catch the block inputs of extra sequences)."""
+        """Before the first block, while the modules outside the blocks are on ``device`` (e.g.
+        catch the block inputs of extra sequences)."""
+
+    def block_start(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is open on the device, its float weights not yet quantized."""
 
     def solver_options(
         self,
@@ -186,7 +190,6 @@ def run_gptq(
         pending.clear()
 
     groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
-    terms.start(model, blocks.blocks, blocks.device)
     run_sequential(
         blocks,
         groups,
@@ -196,6 +199,8 @@ def run_gptq(
         batch_size=calib.batch_size,
         true_sequential=config.true_sequential,
         progress=progress,
+        on_start=lambda: terms.start(model, blocks.blocks, blocks.device),
+        on_block_start=terms.block_start,
     )
 
 

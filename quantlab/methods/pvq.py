@@ -16,23 +16,18 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.blocks import WeightSource
 from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.pvq import PVQMeta, PVQResult, pack
 from quantlab.formats.pvq_codebook import MAX_CODE_BITS, PVQParams
-from quantlab.methods.base import (
-    LayerReport,
-    Method,
-    MethodContext,
-    model_blocks,
-    require_resident,
-)
+from quantlab.methods.base import LayerReport, Method, MethodContext, model_blocks
 from quantlab.models.arch import ArchSpec, excluded, get_submodule, resolve
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.swap import set_submodule
@@ -48,6 +43,17 @@ __all__ = [
     "model_bits_per_weight",
     "resolve_params",
 ]
+
+
+class RowSource(Protocol):
+    """A weight matrix the encoding choice samples rows from: a tensor, or a streamed model's
+    :class:`quantlab.export.lazy_model.StoredWeight` (only the sampled rows are read)."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor: ...
+
 
 # Vector lengths the automatic choice considers. Longer vectors code more efficiently, but the
 # 63-bit code limit caps D at 16 for rates above ~3.9 bits/weight (D = 16: 63 bits = 3.94 b/w).
@@ -226,19 +232,19 @@ def candidate_params(
 
 
 def _sample_rows(
-    weights: Sequence[torch.Tensor], rows_per_layer: int, seed: int
+    weights: Sequence[RowSource], rows_per_layer: int, seed: int
 ) -> dict[int, torch.Tensor]:
     """A few random rows of every layer, grouped by width."""
     gen = torch.Generator().manual_seed(seed)
     by_width: dict[int, list[torch.Tensor]] = {}
     for w in weights:
         idx = torch.randperm(w.shape[0], generator=gen)[:rows_per_layer]
-        by_width.setdefault(w.shape[1], []).append(w.detach().to(torch.float32)[idx])
+        by_width.setdefault(w.shape[1], []).append(w[idx].detach().to(torch.float32))
     return {k: torch.cat(v) for k, v in by_width.items()}
 
 
 def choose_params(
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[RowSource],
     bits_per_weight: float,
     dims: Sequence[int] = DEFAULT_DIMS,
     pulses: int | None = None,
@@ -291,13 +297,18 @@ def _quantized_linears(model: nn.Module, spec: ArchSpec, config: PVQConfig) -> l
 
 
 def resolve_params(
-    model: nn.Module, spec: ArchSpec, config: PVQConfig
+    model: nn.Module, spec: ArchSpec, config: PVQConfig, source: WeightSource | None = None
 ) -> tuple[PVQParams, dict[str, Any]]:
-    """The encoding for ``model`` under ``config`` and what the choice saw (for the report)."""
+    """The encoding for ``model`` under ``config`` and what the choice saw (for the report).
+    ``source``: a streamed model's checkpoint, which the choice samples rows of without loading
+    the blocks."""
     names = _quantized_linears(model, spec, config)
     if not names:
         raise ValueError("no block linear is left to quantize (check modules_to_not_convert)")
-    weights = [model.get_submodule(n).weight for n in names]
+    weights: list[RowSource] = [
+        model.get_submodule(n).weight if source is None else source.stored_weight(f"{n}.weight")
+        for n in names
+    ]
     if config.dim is not None and config.pulses is not None and config.levels is not None:
         params = PVQParams(config.dim, config.pulses, config.levels)
         return params, {"chosen_by": "config", "candidates": []}
@@ -316,15 +327,8 @@ def resolve_params(
 
 def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
     spec = resolve(model)
-    if config.dim is None or config.pulses is None or config.levels is None:
-        require_resident(
-            ctx,
-            "PVQ without a fixed dim/pulses/levels",
-            "its encoding choice samples every block's weights before quantizing (give "
-            "--pvq-dim, --pvq-pulses and --pvq-levels to stream)",
-        )
     blocks = model_blocks(model, spec, ctx)
-    params, choice = resolve_params(model, spec, config)
+    params, choice = resolve_params(model, spec, config, ctx.weights)
     start = time.perf_counter()
     pending: dict[str, PVQResult] = {}
 

@@ -230,8 +230,10 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
         ) from exc
 
 
-def resolve(model: nn.Module) -> ArchSpec:
-    """Find the ``ArchSpec`` for a transformers causal LM, or say what to add."""
+def resolve(model: nn.Module, float_linears: bool = True) -> ArchSpec:
+    """Find the ``ArchSpec`` for a transformers causal LM, or say what to add. ``float_linears``:
+    also require its block linears to be ``nn.Linear`` (a model about to be quantized; an
+    already quantized one, evaluated block by block, passes False)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for spec in ARCHS:
         if model_type in spec.model_types:
@@ -240,7 +242,7 @@ def resolve(model: nn.Module) -> ArchSpec:
                 raise UnsupportedArchitectureError(
                     f"{spec.blocks} of {model_type} is not a ModuleList"
                 )
-            for name in spec.block_linears:
+            for name in spec.block_linears if float_linears else ():
                 if not isinstance(get_submodule(blocks[0], name), nn.Linear):
                     raise UnsupportedArchitectureError(
                         f"{model_type}: {spec.blocks}.0.{name} is not an nn.Linear"

@@ -28,7 +28,7 @@ def test_awq_layout_round_trips_to_identical_logits(
 
 
 def test_awq_refuses_what_it_cannot_store(tiny_llama: nn.Module, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no QuantLinear"):
+    with pytest.raises(ValueError, match="no quantized modules"):
         save_awq(tiny_llama, tmp_path / "a", {})
     report = quantlab.quantize(tiny_llama, "rtn", bits=3, group_size=32, progress=False)
     with pytest.raises(ValueError, match="only 4-bit"):

@@ -29,8 +29,8 @@ _spec.loader.exec_module(synthetic)
 
 
 def _lazy(path: Path, dtype: torch.dtype = torch.float32) -> LazyModel:
-    model = empty_model(AutoConfig.from_pretrained(path))
-    return LazyModel(model, CheckpointFiles(path), dtype)
+    model = empty_model(AutoConfig.from_pretrained(path), dtype)
+    return LazyModel(model, CheckpointFiles(path))
 
 
 def _ids(vocab: int = 1000) -> torch.Tensor:

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from quantlab.calib.blocks import ModelBlocks
 from quantlab.config import AWQConfig, CalibConfig
 from quantlab.methods.awq.smoothing import apply_awq
 from quantlab.methods.rtn import RTNConfig
@@ -30,10 +31,10 @@ def test_scaling_alone_keeps_every_family_output(model_type: str) -> None:
     with torch.no_grad():
         ref = model(x).logits
     config = AWQConfig(bits=4, group_size=64, apply_clip=False, **_FAST)
-    report = apply_awq(
-        model, resolve(model), _samples(), config, torch.device("cpu"), progress=False
-    )
-    assert len(report.maps) == 2 * len(resolve(model).smooth_maps)
+    spec = resolve(model)
+    blocks = ModelBlocks(model, spec.blocks, "cpu")
+    report = apply_awq(blocks, spec, _samples(), config, progress=False)
+    assert len(report.maps) == 2 * len(spec.smooth_maps)
     assert any(m.alpha is not None for m in report.maps)  # something was actually folded
     with torch.no_grad():
         out = model(x).logits

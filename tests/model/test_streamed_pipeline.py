@@ -1,7 +1,7 @@
 """The one pipeline, streamed: the bundled model quantized block by block from its checkpoint
 (parameters on the meta device, each block loaded when it is processed and put away after) gives
 bit-identical packed weights to the same run on the model held in memory, for every method that
-streams; the methods that cannot stream yet refuse at the start, saying why."""
+streams; BitStack, which cannot stream yet, refuses at the start, saying why."""
 
 from __future__ import annotations
 
@@ -33,16 +33,20 @@ def _blocks_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.model.layers.state_dict().items()}
 
 
-def _resident(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], list[float | None]]:
+def _resident(
+    path: Path, config: Any, tokenizer: Any
+) -> tuple[dict[str, torch.Tensor], list[float | None], dict[str, Any]]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    report = quantize_model(model, config, calib=CALIB, samples=_samples(), progress=False)
-    return _blocks_state(model), [layer.loss for layer in report.layers]
-
-
-def _streamed(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], list[float | None], int]:
-    lazy = LazyModel(
-        empty_model(AutoConfig.from_pretrained(path)), CheckpointFiles(path), torch.float32
+    report = quantize_model(
+        model, config, tokenizer, calib=CALIB, samples=_samples(), progress=False
     )
+    return _blocks_state(model), [layer.loss for layer in report.layers], report.details
+
+
+def _streamed(
+    path: Path, config: Any, tokenizer: Any
+) -> tuple[dict[str, torch.Tensor], list[float | None], int, dict[str, Any]]:
+    lazy = LazyModel(empty_model(AutoConfig.from_pretrained(path)), CheckpointFiles(path))
     written: dict[str, torch.Tensor] = {}
     peak = [0]
 
@@ -54,6 +58,7 @@ def _streamed(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], list[fl
     report = quantize_model(
         lazy.model,
         config,
+        tokenizer,
         calib=CALIB,
         samples=_samples(),
         device="cpu",
@@ -64,12 +69,15 @@ def _streamed(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], list[fl
     # Every block went back to the meta device: nothing of the model is held after the run.
     assert lazy.loaded_bytes() == 0
     assert all(t.device.type == "meta" for t in lazy.model.model.layers.state_dict().values())
-    return written, [layer.loss for layer in report.layers], peak[0]
+    return written, [layer.loss for layer in report.layers], peak[0], report.details
 
 
 # The calibrated path (run_sequential) through GPTQ, the calibration-free one (ModelBlocks.open in
-# each method's loop) through RTN, ternary and PVQ; the slow options (clip search, refits, PVQ's
-# Hessian search) only add solver time, which streaming does not touch.
+# each method's loop) through RTN, ternary and PVQ, AWQ's own block loop (RTN rounding) and its
+# smoothing inside GPTQ's (GPTQ rounding), Fair-GPTQ's pair stream, PVQ's encoding choice from
+# rows read off the checkpoint; the slow options (clip search, refits, PVQ's Hessian search, AWQ's
+# full grid) only add solver time, which streaming does not touch.
+_AWQ_FAST = {"n_grid": 4, "search_samples": 2, "scale_modes": ["duo"]}
 CONFIGS = {
     "rtn": {"method": "rtn", "bits": 4, "group_size": 64},
     "gptq": {"method": "gptq", "bits": 4, "group_size": 64, "clip_search": False},
@@ -83,47 +91,68 @@ CONFIGS = {
         "hessian": False,
         "modules_to_not_convert": ["lm_head", "*.mlp.*"],
     },
+    "pvq-chosen": {
+        "method": "pvq",
+        "bits_per_weight": 3.25,
+        "dims": [8],
+        "hessian": False,
+        "modules_to_not_convert": ["lm_head", "*.mlp.*"],
+    },
+    "awq-rtn": {"method": "awq", "bits": 4, "group_size": 64, **_AWQ_FAST},
+    "awq-gptq": {
+        "method": "awq",
+        "bits": 4,
+        "group_size": 64,
+        "rounding": "gptq",
+        "clip_search": False,
+        **_AWQ_FAST,
+    },
+    "fair-gptq": {
+        "method": "fair-gptq",
+        "bits": 4,
+        "group_size": 64,
+        "clip_search": False,
+        "fair_alpha": 1.0,
+        "fair_layers": "28-29",
+        "fair_max_pairs": 16,
+    },
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_streamed_run_gives_bit_identical_packed_weights(
-    default_model_path: Path, name: str
+    default_model_path: Path, default_tokenizer: Any, name: str
 ) -> None:
     config = config_from_dict(CONFIGS[name])
-    want, want_losses = _resident(default_model_path, config)
-    got, got_losses, peak = _streamed(default_model_path, config)
+    want, want_losses, want_details = _resident(default_model_path, config, default_tokenizer)
+    got, got_losses, peak, got_details = _streamed(default_model_path, config, default_tokenizer)
     assert set(got) == set(want)
     for key, tensor in want.items():
         assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
     assert got_losses == want_losses
+    if name == "pvq-chosen":
+        # The encoding was chosen from the same rows (read off the checkpoint when streamed).
+        assert got_details["pvq"]["candidates"] == want_details["pvq"]["candidates"]
+    if name.startswith("awq"):
+        assert got_details["awq"]["maps"] == want_details["awq"]["maps"]
+    if name == "fair-gptq":
+        assert got_details["fair-gptq"]["debiased"] == want_details["fair-gptq"]["debiased"]
+        assert len(got_details["fair-gptq"]["debiased"]) == 4  # o_proj, down_proj x 2
     # One block (plus the constructor-made buffers) was ever loaded at a time: the largest
     # block's fp32 bytes, well under the model's.
     block_bytes = CheckpointFiles(default_model_path).nbytes("model.layers.0.")
     assert 0 < peak <= block_bytes
 
 
-@pytest.mark.parametrize(
-    ("config", "reason"),
-    [
-        ({"method": "awq"}, "its scale search does not stream"),
-        ({"method": "bitstack"}, "its decomposition is not streamed yet"),
-        ({"method": "pvq"}, "give --pvq-dim, --pvq-pulses and --pvq-levels to stream"),
-        ({"method": "fair-gptq"}, "its paired capture does not stream"),
-    ],
-)
-def test_methods_that_cannot_stream_refuse_at_the_start(
-    default_model_path: Path, config: dict, reason: str
-) -> None:
+def test_bitstack_refuses_to_stream_at_the_start(default_model_path: Path) -> None:
     lazy = LazyModel(
         empty_model(AutoConfig.from_pretrained(default_model_path)),
         CheckpointFiles(default_model_path),
-        torch.float32,
     )
-    with pytest.raises(ValueError, match=reason):
+    with pytest.raises(ValueError, match="its decomposition is not streamed yet"):
         quantize_model(
             lazy.model,
-            config_from_dict(config),
+            config_from_dict({"method": "bitstack"}),
             calib=CALIB,
             samples=_samples(),
             device="cpu",

@@ -6,50 +6,70 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+import torch
 from torch import nn
 
 from quantlab.methods.awq.config import AWQConfig
-from quantlab.methods.awq.smoothing import apply_awq
-from quantlab.methods.base import Method, MethodContext, model_blocks, require_resident
-from quantlab.methods.gptq import gptq_options, run_gptq
+from quantlab.methods.awq.smoothing import AWQSmoother, apply_awq
+from quantlab.methods.base import Method, MethodContext, model_blocks
+from quantlab.methods.gptq import GPTQTerms, gptq_options, run_gptq
 from quantlab.methods.rtn import groupwise_options, rtn_block
 from quantlab.models.arch import resolve
 
 
+class _SmoothThenGPTQ(GPTQTerms):
+    """AWQ's smoothing of each block as GPTQ opens it: one pass over the blocks. The smoothing
+    runs on its own stream of float block outputs (AWQ's), GPTQ on the quantized ones (GPTQ's), so
+    the result is that of smoothing every block first and running GPTQ after."""
+
+    def __init__(self, smoother: AWQSmoother) -> None:
+        self.smoother = smoother
+
+    def start(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+        self.smoother.start(blocks)
+
+    def block_start(self, index: int, block: nn.Module) -> None:
+        self.smoother.process(index, block)
+
+
 def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
-    require_resident(ctx, "AWQ", "its scale search does not stream blocks from the checkpoint yet")
     spec = resolve(model)
     samples = ctx.samples("AWQ")
+    blocks = model_blocks(model, spec, ctx)
+    if config.rounding == "rtn":
 
-    def round_block(index: int, block: nn.Module) -> None:
-        rtn_block(index, block, spec, config, ctx.report)
+        def round_block(index: int, block: nn.Module) -> None:
+            rtn_block(index, block, spec, config, ctx.report)
 
-    smoothing = apply_awq(
-        model,
-        spec,
-        samples,
-        config,
-        ctx.device,
-        batch_size=ctx.calib.batch_size,
-        on_block=round_block if config.rounding == "rtn" else None,
-        progress=ctx.progress,
-    )
-    ctx.report.details["awq"] = {
-        "seconds": smoothing.seconds,
-        "maps": [asdict(m) for m in smoothing.maps],
-        "skipped_maps": smoothing.skipped_maps,
-        "clipped": len(smoothing.clipped),
-    }
-    if config.rounding == "gptq":
+        smoothing = apply_awq(
+            blocks,
+            spec,
+            samples,
+            config,
+            batch_size=ctx.calib.batch_size,
+            on_block=round_block,
+            progress=ctx.progress,
+        )
+    else:
+        smoother = AWQSmoother(model, spec, samples, config, ctx.device, ctx.calib.batch_size)
         run_gptq(
             model,
             config.gptq_config(),
             ctx.calib,
             samples,
             ctx.report,
-            model_blocks(model, spec, ctx),
+            blocks,
             ctx.progress,
+            terms=_SmoothThenGPTQ(smoother),
         )
+        smoother.release()
+        smoothing = smoother.report
+    ctx.report.details["awq"] = {
+        "seconds": smoothing.seconds,
+        "maps": [asdict(m) for m in smoothing.maps],
+        "skipped_maps": smoothing.skipped_maps,
+        "clipped": len(smoothing.clipped),
+    }
 
 
 def _add_arguments(group: argparse._ArgumentGroup) -> None:

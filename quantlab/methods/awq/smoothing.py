@@ -6,9 +6,10 @@ inspected modules' calls on the first ``search_samples`` sequences, and yields t
 which is the next block's input. Then, in forward order, every smoothing map of the architecture
 gets its scales searched (:func:`quantlab.solvers.awq.search_scales`) and folded
 (:func:`quantlab.transforms.fold.fold_smooth_map`); then every linear except the architecture's
-``clip_skip``
-ones gets its clipping thresholds. The model stays float and computes the same function up to the
-clipping; a rounding solver runs afterwards (or per block through ``on_block``).
+``clip_skip`` ones gets its clipping thresholds. The block stays float and computes the same
+function up to the clipping; a rounding solver then rounds it while it is still open (RTN through
+:func:`apply_awq`'s ``on_block``; GPTQ runs :class:`AWQSmoother` from its own block loop), so a
+model streamed from its checkpoint is read once.
 
 As in llm-awq, the next block sees the *float* block output: scaling is output-preserving, so the
 only difference rounding would make is what a later GPTQ pass accounts for.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.calib.blocks import move_outside_blocks
+from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import (
     BlockInputs,
     ModuleCall,
@@ -34,7 +35,7 @@ from quantlab.calib.capture import (
 from quantlab.calib.stats import ChannelStatsAccumulator
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.awq.config import AWQConfig
-from quantlab.models.arch import ArchSpec, SmoothMap, get_submodule, smooth_maps_for
+from quantlab.models.arch import ArchSpec, SmoothMap, smooth_maps_for
 from quantlab.solvers.awq import (
     apply_clip,
     linear_output_mse,
@@ -44,7 +45,7 @@ from quantlab.solvers.awq import (
 )
 from quantlab.transforms.fold import fold_smooth_map, smooth_map_applies
 
-__all__ = ["MapReport", "SmoothingReport", "apply_awq"]
+__all__ = ["AWQSmoother", "MapReport", "SmoothingReport", "apply_awq"]
 
 
 @dataclass
@@ -75,68 +76,110 @@ def _first_batch_sizes(n_samples: int, batch_size: int | None, search_samples: i
     return max(1, size)
 
 
+class AWQSmoother:
+    """AWQ's search and folding, one block at a time, on its own stream of float block inputs.
+
+    :meth:`start` catches the first block's inputs (the modules outside the blocks must be on the
+    device); :meth:`process` then smooths and clips each block in order, in place, and replaces
+    the stored inputs by that block's float outputs. Standalone (:func:`apply_awq`) or inside
+    another method's block loop (GPTQ rounding: the block is smoothed as it is opened, then GPTQ
+    solves it on its own, quantized, input stream).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ArchSpec,
+        samples: torch.Tensor,
+        config: AWQConfig,
+        device: torch.device,
+        batch_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.samples = samples
+        self.config = config
+        self.device = device
+        self.maps = smooth_maps_for(model, spec)
+        self.scale_dtype = dtype_from_name(config.scale_dtype)
+        self.per_batch = _first_batch_sizes(samples.shape[0], batch_size, config.search_samples)
+        self.record_batches = -(-min(config.search_samples, samples.shape[0]) // self.per_batch)
+        self.report = SmoothingReport()
+        self.inputs: BlockInputs | None = None
+        self.next_index = 0
+
+    def start(self, blocks: nn.ModuleList) -> None:
+        """Catch the first block's inputs (outside modules on the device)."""
+        start = time.perf_counter()
+        self.inputs = capture_block_inputs(
+            self.model, blocks, self.samples, self.per_batch, self.device
+        )
+        self.next_index = 0
+        self.report.seconds += time.perf_counter() - start
+
+    def process(self, index: int, block: nn.Module) -> None:
+        """Search, fold and clip block ``index`` (on the device); advance the input stream."""
+        if self.inputs is None or index != self.next_index:
+            raise RuntimeError(
+                f"AWQ holds the inputs of block {self.next_index}, not of block {index}"
+                if self.inputs is not None
+                else "AWQSmoother.start() was not called"
+            )
+        start = time.perf_counter()
+        hidden = _process_block(
+            index,
+            block,
+            self.spec,
+            self.maps,
+            self.inputs,
+            self.config,
+            self.device,
+            self.scale_dtype,
+            self.record_batches,
+            self.report,
+        )
+        self.inputs = BlockInputs(hidden=hidden, kwargs=self.inputs.kwargs)
+        self.next_index = index + 1
+        self.report.seconds += time.perf_counter() - start
+
+    def release(self) -> None:
+        """Drop the stored activations."""
+        self.inputs = None
+
+
 @torch.no_grad()
 def apply_awq(
-    model: nn.Module,
+    blocks: ModelBlocks,
     spec: ArchSpec,
     samples: torch.Tensor,
     config: AWQConfig,
-    device: torch.device,
     batch_size: int | None = None,
     on_block: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
 ) -> SmoothingReport:
-    """Fold AWQ scales and apply AWQ clipping to every block of ``model``, in place.
+    """Fold AWQ scales and apply AWQ clipping to every block, in place, as ``blocks`` brings them
+    in (resident or streamed from the checkpoint).
 
     Args:
         samples: calibration token ids ``[S, L]``.
         batch_size: sequences per forward pass (bounded by ``config.search_samples`` so the
             scored sequences are whole batches).
-        on_block: called with each block after its search, while it is on ``device`` (e.g. to
-            round and pack its linears).
+        on_block: called with each block after its search, while it is open on the device (e.g.
+            to round and pack its linears before a streamed block is written).
 
     Raises:
         UnsupportedArchitectureError: the architecture has no smoothing maps.
     """
-    start = time.perf_counter()
-    maps = smooth_maps_for(model, spec)
-    blocks = get_submodule(model, spec.blocks)
-    scale_dtype = dtype_from_name(config.scale_dtype)
-    report = SmoothingReport()
-    per_batch = _first_batch_sizes(samples.shape[0], batch_size, config.search_samples)
-    record_batches = -(-min(config.search_samples, samples.shape[0]) // per_batch)
-
-    outside_home = next(model.parameters()).device
-    move_outside_blocks(model, blocks, device)
-    try:
-        inputs = capture_block_inputs(model, blocks, samples, per_batch, device)
-    finally:
-        move_outside_blocks(model, blocks, outside_home)
-
+    smoother = AWQSmoother(blocks.model, spec, samples, config, blocks.device, batch_size)
+    with blocks.outside_on_device():
+        smoother.start(blocks.blocks)
     for index in tqdm(range(len(blocks)), desc="awq", disable=not progress):
-        block = blocks[index]
-        home = next(block.parameters()).device
-        block.to(device)
-        inputs = BlockInputs(
-            hidden=_process_block(
-                index,
-                block,
-                spec,
-                maps,
-                inputs,
-                config,
-                device,
-                scale_dtype,
-                record_batches,
-                report,
-            ),
-            kwargs=inputs.kwargs,
-        )
-        if on_block is not None:
-            on_block(index, block)
-        block.to(home)
-    report.seconds = time.perf_counter() - start
-    return report
+        with blocks.open(index) as block:
+            smoother.process(index, block)
+            if on_block is not None:
+                on_block(index, block)
+    smoother.release()
+    return smoother.report
 
 
 def _clip_skipped(name: str, spec: ArchSpec) -> bool:
