@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from quantlab.calib.activations import ActivationStore
+
 __all__ = ["ModelBlocks", "WeightSource", "move_outside_blocks"]
 
 
@@ -87,6 +89,8 @@ class ModelBlocks:
             streaming export writes it there).
         on_open: called with ``(index, block)`` as a block is opened, before the caller sees it
             (a baseline evaluation runs the float block there).
+        activations: where the calibration activations between blocks are kept (RAM up to a
+            budget, then disk); ``None``: in RAM, unbounded.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class ModelBlocks:
         skip_for_capture: tuple[str, ...] = (),
         on_done: Callable[[int, nn.Module], None] | None = None,
         on_open: Callable[[int, nn.Module], None] | None = None,
+        activations: ActivationStore | None = None,
     ) -> None:
         self.model = model
         self.path = path
@@ -109,6 +114,7 @@ class ModelBlocks:
         self.skip_for_capture = skip_for_capture
         self.on_done = on_done
         self.on_open = on_open
+        self.activations = activations
 
     @property
     def streamed(self) -> bool:

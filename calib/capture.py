@@ -15,7 +15,7 @@ already-quantized groups before it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.activations import Activation, ActivationStore, materialize
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.stats import HessianAccumulator
 
@@ -50,17 +51,43 @@ class BlockInputs:
     """The inputs of one decoder block for every calibration batch.
 
     Attributes:
-        hidden: per batch, ``[b, L, D]`` hidden states (on the storage device).
+        hidden: per batch, ``[b, L, D]`` hidden states (on the storage device, or spilled to
+            disk by ``store``: read them through :meth:`batch` / :meth:`batches`).
         kwargs: per batch, the keyword arguments the model passed to the block (attention mask,
             rotary position embeddings, ...), on the storage device.
+        store: where a block's outputs computed from these inputs are kept
+            (:class:`~quantlab.calib.activations.ActivationStore`: RAM up to a budget, then
+            disk); ``None``: where the inputs are.
     """
 
-    hidden: list[torch.Tensor] = field(default_factory=list)
+    hidden: list[Activation] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    store: ActivationStore | None = None
 
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def batch(self, index: int) -> torch.Tensor:
+        """Batch ``index``'s hidden states (read back if spilled)."""
+        return materialize(self.hidden[index])
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """``(hidden, kwargs)`` per batch, each read back only when it is reached."""
+        for index, kwargs in enumerate(self.kwargs):
+            yield self.batch(index), kwargs
+
+    def keep(self, output: torch.Tensor, like: torch.Tensor) -> Activation:
+        """Store a block output computed from a batch ``like``: in ``store``, or where ``like``
+        is."""
+        return self.store.put(output) if self.store is not None else output.to(like.device)
+
+    def with_hidden(self, hidden: list[Activation]) -> BlockInputs:
+        """The next block's inputs: ``hidden`` with these keyword arguments and store."""
+        return BlockInputs(hidden=hidden, kwargs=self.kwargs, store=self.store)
 
 
 def move_to(obj: Any, device: torch.device | str) -> Any:
@@ -89,13 +116,16 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device | str,
     storage_device: torch.device | str = "cpu",
+    store: ActivationStore | None = None,
 ) -> BlockInputs:
-    """Run the model on ``samples`` ``[S, L]`` only as far as ``blocks[0]`` and keep its inputs."""
-    captured = BlockInputs()
+    """Run the model on ``samples`` ``[S, L]`` only as far as ``blocks[0]`` and keep its inputs
+    (in ``store`` when given, which then keeps every later block's outputs too; else on
+    ``storage_device``)."""
+    captured = BlockInputs(store=store)
 
     def catch(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.to(storage_device))
+        captured.hidden.append(store.put(hidden) if store else hidden.to(storage_device))
         kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         kw["use_cache"] = False
         kw["past_key_values"] = None
@@ -118,12 +148,13 @@ def capture_block_inputs(
 @torch.no_grad()
 def run_block(
     block: nn.Module, inputs: BlockInputs, device: torch.device | str
-) -> list[torch.Tensor]:
-    """Outputs of ``block`` for every batch of ``inputs`` (stored where the inputs are)."""
+) -> list[Activation]:
+    """Outputs of ``block`` for every batch of ``inputs`` (kept as :meth:`BlockInputs.keep`
+    says)."""
     outs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+    for hidden, kwargs in inputs.batches():
         out = _block_output(block(hidden.to(device), **move_to(kwargs, device)))
-        outs.append(out.to(hidden.device))
+        outs.append(inputs.keep(out, hidden))
     return outs
 
 
@@ -191,9 +222,9 @@ def run_block_with_taps(
     ]
     outs = []
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        for hidden, kwargs in inputs.batches():
             out = _block_output(block(hidden.to(device), **move_to(kwargs, device)))
-            outs.append(out.to(hidden.device))
+            outs.append(inputs.keep(out, hidden))
             batch += 1
     finally:
         for h in handles:
@@ -217,7 +248,7 @@ def run_block_until(
 
     handle = block.get_submodule(name).register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        for hidden, kwargs in inputs.batches():
             with contextlib.suppress(_StopForward):
                 block(hidden.to(device), **move_to(kwargs, device))
     finally:
@@ -332,7 +363,7 @@ def _process_block_staged(
             for group, stats in zip(stage, all_stats, strict=True)
         ]
         try:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            for hidden, kwargs in inputs.batches():
                 with contextlib.suppress(_StopForward):
                     block(hidden.to(device), **move_to(kwargs, device))
         finally:
@@ -379,11 +410,12 @@ def run_sequential(
     device = blocks.device
     with blocks.outside_on_device():
         inputs = capture_block_inputs(
-            blocks.model, blocks.blocks, samples, batch_size, device, storage_device
-        )
+            blocks.model, blocks.blocks, samples, batch_size, device, storage_device,
+            blocks.activations,
+        )  # fmt: skip
         if on_start is not None:
             on_start()
-    single_pass = len(inputs.hidden) == 1 and true_sequential
+    single_pass = len(inputs) == 1 and true_sequential
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         with blocks.open(index) as block:
             if on_block_start is not None:
@@ -396,4 +428,4 @@ def run_sequential(
                 )
             if on_block_done is not None:
                 on_block_done(index, block)
-        inputs = BlockInputs(hidden=outs, kwargs=inputs.kwargs)
+        inputs = inputs.with_hidden(outs)

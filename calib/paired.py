@@ -278,7 +278,7 @@ class PairStream:
     def advance(self, index: int, block: nn.Module, device: torch.device | str) -> None:
         """Replace block ``index``'s inputs by its outputs (run it after it is quantized)."""
         inputs = self._require(index)
-        self.inputs = BlockInputs(hidden=run_block(block, inputs, device), kwargs=inputs.kwargs)
+        self.inputs = inputs.with_hidden(run_block(block, inputs, device))
         self.block_index = index + 1
 
     def release(self) -> None:

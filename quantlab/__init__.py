@@ -61,11 +61,17 @@ def quantize_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
+    export_format: str = "quantlab",
+    activation_budget: str | int | None = None,
+    offload_dir: str | None = None,
+    check_memory: bool = True,
     **options: Any,
 ) -> QuantizationReport:
-    """Quantize the checkpoint directory ``source`` into a quantlab checkpoint at ``out_dir``,
-    streamed one block at a time (a model larger than memory quantizes in about one block's
-    memory); ``dtype`` is the compute dtype of a block (default fp32). See
+    """Quantize the checkpoint directory ``source`` into a checkpoint at ``out_dir`` (layout
+    ``export_format``: quantlab, gptq or awq), streamed one block at a time (a model larger than
+    memory quantizes in about one block's memory); ``dtype`` is the compute dtype of a block
+    (default fp32). The run's memory is planned first and a run that cannot fit is refused;
+    calibration activations past ``activation_budget`` spill to ``offload_dir``. See
     :func:`quantlab.pipeline.quantize_checkpoint`."""
     import torch
 
@@ -83,6 +89,10 @@ def quantize_checkpoint(
         dtype or torch.float32,
         max_shard_size,
         progress,
+        export_format=export_format,
+        activation_budget=activation_budget,
+        offload_dir=offload_dir,
+        check_memory=check_memory,
     )
 
 

@@ -121,6 +121,24 @@ def _parser() -> argparse.ArgumentParser:
         help="largest safetensors file of the checkpoint (e.g. 5GB, 500MB, 2GiB); a larger "
         "checkpoint is written as shards with model.safetensors.index.json",
     )
+    m = q.add_argument_group("memory")
+    m.add_argument(
+        "--activation-budget",
+        default=None,
+        help="RAM for the calibration activations between blocks (e.g. 8GB); beyond it they "
+        "spill to --offload-dir (default: what the memory plan leaves of the available memory)",
+    )
+    m.add_argument(
+        "--offload-dir",
+        default=None,
+        help="directory for activations past the budget (memory-mapped files, removed at the "
+        "end); without it they must fit in RAM",
+    )
+    m.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="run even when the memory plan printed at the start exceeds the available memory",
+    )
     q.add_argument("--calib", default="wiki-calib", help="calibration text source")
     q.add_argument("--calib-samples", type=int, default=32)
     q.add_argument("--calib-seq-len", type=int, default=512)
@@ -316,6 +334,9 @@ def _quantize_locked(
         eval_seq_len=args.eval_seq_len,
         eval_windows=args.eval_windows,
         baseline=not args.skip_baseline,
+        activation_budget=args.activation_budget,
+        offload_dir=args.offload_dir,
+        check_memory=not args.no_memory_check,
     )
     out = Path(args.out)
     if args.fairness:
@@ -347,6 +368,8 @@ def _quantize_locked(
         "block_seconds": report.block_seconds,
         "peak_rss_bytes": report.peak_rss_bytes,
         "peak_device_bytes": report.peak_device_bytes,
+        "memory_plan": report.details["memory_plan"],
+        "activations": report.details.get("activations"),
         "stereotype": fairness_after,
         "stereotype_baseline": fairness_before,
         "layers": [
@@ -384,7 +407,12 @@ def _quantize_locked(
     result["backends"], kernels_row = _kernel_backends()
     if kernels_row:
         rows.append(kernels_row)
+    plan = report.details["memory_plan"]
+    rows.append(("memory plan", f"{plan['total'] / 2**30:.2f} GiB host"))
     rows += _resource_rows(report.block_seconds, report.peak_rss_bytes, report.peak_device_bytes)
+    spilled = report.details.get("activations", {}).get("spilled_written_bytes")
+    if spilled:
+        rows.append(("activations spilled", f"{spilled / 2**30:.2f} GiB to {args.offload_dir}"))
     rows += [
         ("quantize time", f"{report.seconds:.1f} s"),
         ("total time", f"{seconds:.1f} s"),
@@ -608,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
 
         reset_usage()
         result = cmd_quantize(args, command) if args.command == "quantize" else cmd_eval(args)
-    except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError, MemoryError) as exc:
         if os.environ.get("QUANTLAB_DEBUG"):
             raise
         print(f"quantlab {args.command}: error: {exc}", file=sys.stderr)

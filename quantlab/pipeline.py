@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks, WeightSource
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
@@ -57,6 +59,7 @@ def quantize_model(
     weights: WeightSource | None = None,
     block_sink: Callable[[int, nn.Module], None] | None = None,
     block_open: Callable[[int, nn.Module], None] | None = None,
+    activations: ActivationStore | None = None,
 ) -> QuantizationReport:
     """Quantize a transformers causal LM in place; its block linears become quantized layers
     (:class:`QuantLinear` or the method's own layer format).
@@ -77,6 +80,8 @@ def quantize_model(
             block leaves memory (a streaming export writes it there).
         block_open: receives ``(index, block)`` as each block is opened, before the method
             changes it (a baseline evaluation runs the float block there).
+        activations: keeps the calibration activations between blocks in RAM up to a budget and
+            spills the rest to disk (default: all in RAM).
 
     The report holds the seconds each block took and the run's peak host (and device) memory.
     """
@@ -119,10 +124,13 @@ def quantize_model(
         weights=weights,
         block_sink=block_done,
         block_open=block_open,
+        activations=activations,
     )
     with PeakMemory(device) as peak:
         method.run(model, config, context)
     report.peak_rss_bytes, report.peak_device_bytes = peak.rss_bytes, peak.device_bytes
+    if activations is not None:
+        report.details["activations"] = activations.stats()
     report.seconds = time.perf_counter() - start
     return report
 
@@ -143,6 +151,9 @@ def quantize_checkpoint(
     eval_seq_len: int = 2048,
     eval_windows: int | None = 10,
     baseline: bool = True,
+    activation_budget: str | int | None = None,
+    offload_dir: str | os.PathLike[str] | None = None,
+    check_memory: bool = True,
 ) -> QuantizationReport:
     """Quantize the checkpoint in directory ``source`` into a checkpoint at ``out_dir`` (layout
     ``export_format``: quantlab, gptq or awq), one decoder block at a time: the model is built on
@@ -157,6 +168,13 @@ def quantize_checkpoint(
     each float block as it is opened (the baseline, unless ``baseline`` is False) and through
     each quantized block before it is written (``report.ppl``), so the weights are read once.
 
+    Memory is planned before anything runs (:func:`quantlab.memory_plan.plan_memory`: printed,
+    and in ``report.details["memory_plan"]``); a run whose plan exceeds the host memory available
+    is refused at the start with the figure (``check_memory=False`` runs it anyway). The
+    calibration activations between blocks stay in RAM up to ``activation_budget`` (bytes or
+    "8GB"; default: what the plan leaves of the available memory) and spill to files under
+    ``offload_dir`` beyond it; without ``offload_dir`` they must fit the budget.
+
     The output is written atomically (the previous content of ``out_dir``, if quantlab wrote it,
     stays until the new checkpoint is complete); a disk without room for it
     (:func:`quantlab.export.save.estimate_checkpoint_bytes`) and methods that cannot stream
@@ -170,7 +188,9 @@ def quantize_checkpoint(
     from quantlab.export.output_guard import check_free_space
     from quantlab.export.save import check_exportable, checkpoint_layout, estimate_checkpoint_bytes
     from quantlab.export.streaming import StreamingCheckpoint
+    from quantlab.memory_plan import plan_memory
     from quantlab.models.arch import resolve
+    from quantlab.resources import available_memory_bytes
 
     check_exportable(config, export_format)
     shard_bytes = parse_size(max_shard_size)
@@ -180,6 +200,43 @@ def quantize_checkpoint(
     spec = resolve(lazy.model)
     # Before hours of quantization: a disk that cannot take the result fails now.
     check_free_space(out_dir, estimate_checkpoint_bytes(files, lazy.model, config, tokenizer))
+    calib = calib or CalibConfig()
+    n_samples, seq_len = (
+        tuple(samples.shape)
+        if samples is not None
+        else (
+            calib.n_samples,
+            calib.seq_len,
+        )
+    )
+    windows = 0
+    if eval_tokens is not None:
+        windows = eval_tokens.numel() // eval_seq_len
+        windows = windows if eval_windows is None else min(windows, eval_windows)
+    budget = (
+        None if activation_budget is None else parse_size(activation_budget, "activation budget")
+    )
+    plan = plan_memory(
+        lazy.model, spec, config, n_samples, seq_len, calib.batch_size, dtype, windows,
+        eval_seq_len, budget, offload_dir is not None,
+        available_memory_bytes() if device.type == "cpu" else None,
+    )  # fmt: skip
+    if progress:
+        print(f"quantlab: memory plan: {plan.describe()}", file=sys.stderr)
+    if budget is not None and offload_dir is None and plan.activations > budget:
+        raise MemoryError(
+            f"the calibration activations need {plan.activations / 2**30:.2f} GiB, more than the "
+            f"{budget / 2**30:.2f} GiB activation budget; give an offload directory to spill the "
+            "rest to disk, or raise the budget"
+        )
+    if check_memory and not plan.fits():
+        raise MemoryError(
+            f"this run {plan.describe()}: it does not fit. Lower the calibration batch size "
+            "(forward), compute in bfloat16 (halves block, activations and forward), or give an "
+            "offload directory for the activations; check_memory=False (--no-memory-check) runs "
+            "it anyway"
+        )
+    store = ActivationStore(plan.activation_budget if offload_dir else budget, offload_dir)
     blocks = ModelBlocks(
         lazy.model, spec.blocks, device, lazy, skip_for_capture=(spec.final_norm, spec.lm_head)
     )
@@ -192,27 +249,57 @@ def quantize_checkpoint(
                 if stream is not None:
                     stream.start(lazy.model, blocks.blocks, device)
     layout = checkpoint_layout(export_format, config)
-    with StreamingCheckpoint(
-        out_dir, files, spec.blocks, layout, shard_bytes, inputs=(Path(source),)
-    ) as out:
+    whole_model = get_method(config.method).whole_model_reason(config)
+    with (
+        store,
+        StreamingCheckpoint(
+            out_dir, files, spec.blocks, layout, shard_bytes, inputs=(Path(source),)
+        ) as out,
+    ):
 
         def block_done(index: int, block: nn.Module) -> None:
             if after is not None:
                 after.advance(index, block, device)
             out.write_block(index, block)
 
-        report = quantize_model(
-            lazy.model,
-            config,
-            tokenizer,
-            calib,
-            device,
-            progress,
-            samples,
-            weights=lazy,
-            block_sink=block_done,
-            block_open=None if before is None else lambda i, b: before.advance(i, b, device),
-        )
+        def block_open(index: int, block: nn.Module) -> None:
+            if before is not None:
+                before.advance(index, block, device)
+
+        if whole_model is None:
+            report = quantize_model(
+                lazy.model,
+                config,
+                tokenizer,
+                calib,
+                device,
+                progress,
+                samples,
+                weights=lazy,
+                block_sink=block_done,
+                block_open=block_open,
+                activations=store,
+            )
+        else:
+            # Stated, not silent: the summary and the report say the model was held whole.
+            if progress:
+                gib = files.resident_bytes(dtype) / 2**30
+                name = str(dtype).removeprefix("torch.")
+                print(
+                    f"quantlab: the whole model ({gib:.1f} GiB in {name}) is held in memory: "
+                    f"{whole_model}",
+                    file=sys.stderr,
+                )
+            lazy.load()
+            report = quantize_model(
+                lazy.model, config, tokenizer, calib, device, progress, samples,
+                block_open=block_open, activations=store,
+            )  # fmt: skip
+            # Every block is final only now (a whole-model step may revisit earlier blocks).
+            for index, block in enumerate(blocks.blocks):
+                block_done(index, block)
+            lazy.release()
+            report.details["whole_model"] = whole_model
         if after is not None:
             with blocks.outside_on_device(with_head=True):
                 report.ppl = after.finish(lazy.model, blocks.blocks, device).to_dict()
@@ -220,6 +307,7 @@ def quantize_checkpoint(
                     report.ppl_baseline = before.finish(lazy.model, blocks.blocks, device).to_dict()
         layout.quantization_config(lazy.model)  # names the layout for the report (checks it too)
         report.details["export"] = {"format": layout.describe()}
+        report.details["memory_plan"] = plan.to_dict()
         report.details["storage"] = _linear_storage(lazy.model, files)
         out.finish(lazy.model, tokenizer, report.to_dict())
     files.close()

@@ -47,7 +47,10 @@ report = quantlab.quantize_checkpoint(
 )
 print(json.dumps({"quantize_s": time.perf_counter() - t0, "total_s": time.perf_counter() - start,
                   "layers": len(report.layers),
-                  "solver_s": sum(l.seconds for l in report.layers)}))
+                  "solver_s": sum(l.seconds for l in report.layers),
+                  "block_seconds": report.block_seconds,
+                  "plan_bytes": report.details["memory_plan"]["total"],
+                  "plan": report.details["memory_plan"]}))
 """
 
 
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall,
         "quantize_s": child["quantize_s"],
         "seconds_per_block": child["quantize_s"] / args.blocks,
+        "block_seconds": child["block_seconds"],
+        "plan_bytes": child["plan_bytes"],
+        "plan_over_peak": child["plan_bytes"] / peak,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",

@@ -136,7 +136,7 @@ class WindowStream:
             handle.remove()
             block.train(was_training)
         self.returns_tuple = seen[-1]
-        self.inputs = BlockInputs(hidden=hidden, kwargs=self.inputs.kwargs)
+        self.inputs = self.inputs.with_hidden(hidden)
         self.next_index = index + 1
         self.seconds += time.perf_counter() - start
 
@@ -155,7 +155,7 @@ class WindowStream:
         try:
             for w in range(self.windows.shape[0]):
                 ids = self.windows[w : w + 1].to(device)
-                final = self.inputs.hidden[w].to(device)
+                final = self.inputs.batch(w).to(device)
                 with _replayed_blocks(blocks, final, self.returns_tuple):
                     logits = model(ids, use_cache=False).logits
                 total_nll += _window_nll(logits, ids, w)

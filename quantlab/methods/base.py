@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks, WeightSource
 from quantlab.formats.groupwise_int import (
     SUPPORTED_BITS,
@@ -209,6 +210,8 @@ class MethodContext:
             away (a streaming export writes it there).
         block_open: called with ``(index, block)`` when a block is opened, before the method
             changes it (a baseline evaluation runs the float block there).
+        activations: where calibration activations between blocks are kept (RAM up to a
+            budget, then disk); ``None``: in RAM.
     """
 
     tokenizer: Any
@@ -220,6 +223,7 @@ class MethodContext:
     weights: WeightSource | None = None
     block_sink: Callable[[int, nn.Module], None] | None = None
     block_open: Callable[[int, nn.Module], None] | None = None
+    activations: ActivationStore | None = None
     _samples: torch.Tensor | None = field(default=None, repr=False)
 
     def samples(self, method: str) -> torch.Tensor:
@@ -248,6 +252,8 @@ class Method:
             the method's name unless the option is the method's alone by nature).
         export_formats: ``--format`` values its checkpoints can be written in.
         help: one line for ``--help``.
+        whole_model: for a configuration that needs the whole model in memory at once (it cannot
+            stream block by block), the reason; ``None`` for every other configuration.
     """
 
     name: str
@@ -257,6 +263,11 @@ class Method:
     add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
     export_formats: tuple[str, ...] = ("quantlab",)
     help: str = ""
+    whole_model: Callable[[Any], str | None] | None = None
+
+    def whole_model_reason(self, config: Any) -> str | None:
+        """Why ``config`` needs the whole model in memory (None: it streams)."""
+        return None if self.whole_model is None else self.whole_model(config)
 
     def __post_init__(self) -> None:
         if getattr(self.config_cls, "method", None) != self.name:
@@ -277,6 +288,7 @@ def model_blocks(model: nn.Module, spec: ArchSpec, ctx: MethodContext) -> ModelB
         skip_for_capture=(spec.final_norm, spec.lm_head),
         on_done=ctx.block_sink,
         on_open=ctx.block_open,
+        activations=ctx.activations,
     )
 
 

@@ -1,7 +1,8 @@
 """The one pipeline, streamed: the bundled model quantized block by block from its checkpoint
 (parameters on the meta device, each block loaded when it is processed and put away after) gives
 bit-identical packed weights to the same run on the model held in memory, for every method that
-streams; BitStack, which cannot stream yet, refuses at the start, saying why."""
+streams; what needs the whole model at once (BitStack's prefix distillation and measured-ppl
+order) refuses at the start, saying why and what to use instead."""
 
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ CONFIGS = {
         "clip_search": False,
         **_AWQ_FAST,
     },
+    # Few residual blocks: the order (recorded in the config, not the tensors) is compared too.
+    "bitstack": {"method": "bitstack", "n_blocks": 4, "rank": 2},
     "fair-gptq": {
         "method": "fair-gptq",
         "bits": 4,
@@ -135,6 +138,12 @@ def test_streamed_run_gives_bit_identical_packed_weights(
         assert got_details["pvq"]["candidates"] == want_details["pvq"]["candidates"]
     if name.startswith("awq"):
         assert got_details["awq"]["maps"] == want_details["awq"]["maps"]
+    if name == "bitstack":
+        assert got_details["bitstack"]["order"] == want_details["bitstack"]["order"]
+        assert (
+            got_details["bitstack"]["stage_bytes_fp16"]
+            == want_details["bitstack"]["stage_bytes_fp16"]
+        )
     if name == "fair-gptq":
         assert got_details["fair-gptq"]["debiased"] == want_details["fair-gptq"]["debiased"]
         assert len(got_details["fair-gptq"]["debiased"]) == 4  # o_proj, down_proj x 2
@@ -144,15 +153,24 @@ def test_streamed_run_gives_bit_identical_packed_weights(
     assert 0 < peak <= block_bytes
 
 
-def test_bitstack_refuses_to_stream_at_the_start(default_model_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"distill_steps": 10}, "stream without it"),
+        ({"order": "ppl"}, "stream with --bitstack-order hessian"),
+    ],
+)
+def test_whole_model_bitstack_options_refuse_to_stream_at_the_start(
+    default_model_path: Path, options: dict, reason: str
+) -> None:
     lazy = LazyModel(
         empty_model(AutoConfig.from_pretrained(default_model_path)),
         CheckpointFiles(default_model_path),
     )
-    with pytest.raises(ValueError, match="its decomposition is not streamed yet"):
+    with pytest.raises(ValueError, match=reason):
         quantize_model(
             lazy.model,
-            config_from_dict({"method": "bitstack"}),
+            config_from_dict({"method": "bitstack", **options}),
             calib=CALIB,
             samples=_samples(),
             device="cpu",

@@ -51,7 +51,9 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
             progress=ctx.progress,
         )
     else:
-        smoother = AWQSmoother(model, spec, samples, config, ctx.device, ctx.calib.batch_size)
+        smoother = AWQSmoother(
+            model, spec, samples, config, ctx.device, ctx.calib.batch_size, blocks.activations
+        )
         run_gptq(
             model,
             config.gptq_config(),

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import (
     BlockInputs,
@@ -94,8 +95,12 @@ class AWQSmoother:
         config: AWQConfig,
         device: torch.device,
         batch_size: int | None = None,
+        store: ActivationStore | None = None,
     ) -> None:
+        """``store``: where the float block outputs are kept between blocks (RAM up to a budget,
+        then disk)."""
         self.model = model
+        self.store = store
         self.spec = spec
         self.samples = samples
         self.config = config
@@ -112,7 +117,7 @@ class AWQSmoother:
         """Catch the first block's inputs (outside modules on the device)."""
         start = time.perf_counter()
         self.inputs = capture_block_inputs(
-            self.model, blocks, self.samples, self.per_batch, self.device
+            self.model, blocks, self.samples, self.per_batch, self.device, store=self.store
         )
         self.next_index = 0
         self.report.seconds += time.perf_counter() - start
@@ -138,7 +143,7 @@ class AWQSmoother:
             self.record_batches,
             self.report,
         )
-        self.inputs = BlockInputs(hidden=hidden, kwargs=self.inputs.kwargs)
+        self.inputs = self.inputs.with_hidden(hidden)
         self.next_index = index + 1
         self.report.seconds += time.perf_counter() - start
 
@@ -170,7 +175,9 @@ def apply_awq(
     Raises:
         UnsupportedArchitectureError: the architecture has no smoothing maps.
     """
-    smoother = AWQSmoother(blocks.model, spec, samples, config, blocks.device, batch_size)
+    smoother = AWQSmoother(
+        blocks.model, spec, samples, config, blocks.device, batch_size, blocks.activations
+    )
     with blocks.outside_on_device():
         smoother.start(blocks.blocks)
     for index in tqdm(range(len(blocks)), desc="awq", disable=not progress):

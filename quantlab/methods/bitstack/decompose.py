@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.calib.blocks import move_outside_blocks
 from quantlab.calib.capture import (
     BlockInputs,
     capture_block_inputs,
@@ -36,7 +35,7 @@ from quantlab.calib.capture import (
 )
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.bitstack import pack
-from quantlab.methods.base import LayerReport, MethodContext
+from quantlab.methods.base import LayerReport, MethodContext, model_blocks
 from quantlab.methods.bitstack.config import BitStackConfig
 from quantlab.methods.bitstack.distill import distill_prefix
 from quantlab.models.arch import (
@@ -90,7 +89,13 @@ def fixed_bytes(model: nn.Module, element_bytes: int | None = None) -> int:
     for tensor in model.state_dict(keep_vars=True).values():
         if id(tensor) in packed:
             continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        # A streamed model's skeleton is on the meta device (no storage): tied tensors there are
+        # one object.
+        ident = (
+            (id(tensor), 0)
+            if tensor.is_meta
+            else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        )
         if ident in seen:
             continue
         seen.add(ident)
@@ -113,19 +118,19 @@ class Decomposition:
 
 def decompose_model(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> Decomposition:
     """Decompose every block linear of ``model`` (not excluded by the config) in place, one
-    decoder block at a time, then distil the prefix if ``config.distill_steps``."""
+    decoder block at a time (streamed from the checkpoint when ``ctx.weights`` is set), then
+    distil the prefix if ``config.distill_steps`` (a model in memory only)."""
     start = time.perf_counter()
     spec = resolve(model)
     maps = smooth_maps_for(model, spec) if config.scale_alpha > 0 else ()
     samples = ctx.samples("BitStack")
-    blocks = get_submodule(model, spec.blocks)
+    model_blocks_ = model_blocks(model, spec, ctx)
+    blocks = model_blocks_.blocks
     batch = ctx.calib.batch_size or samples.shape[0]
-    outside_home = next(model.parameters()).device
-    move_outside_blocks(model, blocks, ctx.device)
-    try:
-        inputs = capture_block_inputs(model, blocks, samples, batch, ctx.device)
-    finally:
-        move_outside_blocks(model, blocks, outside_home)
+    with model_blocks_.outside_on_device():
+        inputs = capture_block_inputs(
+            model, blocks, samples, batch, ctx.device, store=model_blocks_.activations
+        )
 
     teacher = None
     if config.distill_steps and config.replay_blocks:
@@ -134,14 +139,11 @@ def decompose_model(model: nn.Module, config: BitStackConfig, ctx: MethodContext
     records: dict[str, LayerRecord] = {}
     skipped_maps: list[str] = []
     for index in tqdm(range(len(blocks)), desc="bitstack", disable=not ctx.progress):
-        block = blocks[index]
-        home = next(block.parameters()).device
-        block.to(ctx.device)
-        outs = _decompose_block(
-            index, block, spec, maps, inputs, config, ctx, records, skipped_maps
-        )
-        block.to(home)
-        inputs = BlockInputs(hidden=outs, kwargs=inputs.kwargs)
+        with model_blocks_.open(index) as block:
+            outs = _decompose_block(
+                index, block, spec, maps, inputs, config, ctx, records, skipped_maps
+            )
+        inputs = inputs.with_hidden(outs)
     decompose_seconds = time.perf_counter() - start
     distill: dict[str, Any] = {}
     if config.distill_steps:
@@ -242,7 +244,7 @@ def float_outputs(blocks: nn.ModuleList, inputs: BlockInputs, device: torch.devi
     for block in blocks:
         home = next(block.parameters()).device
         block.to(device)
-        current = BlockInputs(hidden=run_block(block, current, device), kwargs=inputs.kwargs)
+        current = current.with_hidden(run_block(block, current, device))
         block.to(home)
     return current
 
@@ -257,7 +259,7 @@ def head_inputs(
     home = next(norm.parameters()).device
     norm.to(device)
     try:
-        return torch.cat([norm(h.to(device)).to(torch.float32) for h in outputs.hidden])
+        return torch.cat([norm(h.to(device)).to(torch.float32) for h, _ in outputs.batches()])
     finally:
         norm.to(home)
 

@@ -24,13 +24,25 @@ from quantlab.solvers.bitstack import SVD_METHODS
 __all__ = ["METHOD"]
 
 
+def _whole_model(config: BitStackConfig) -> str | None:
+    if config.distill_steps:
+        return (
+            "BitStack's prefix distillation (--bitstack-distill-steps) trains the compressed "
+            "prefix of every layer against the float model's outputs, all blocks at once; without "
+            "it (the paper's method) the model streams"
+        )
+    if config.order == "ppl":
+        return (
+            "BitStack's measured-ppl order (--bitstack-order ppl) evaluates the whole model once "
+            "per layer and stage; --bitstack-order hessian (free, from the decomposition) streams"
+        )
+    return None
+
+
 def _run(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> None:
-    require_resident(
-        ctx,
-        "BitStack",
-        "its decomposition is not streamed yet, and its block order and distillation score "
-        "prefixes of the whole model",
-    )
+    reason = _whole_model(config)
+    if reason is not None:
+        require_resident(ctx, "this BitStack configuration", reason)
     decomposition = decompose_model(model, config, ctx)
     records, skipped_maps = decomposition.records, decomposition.skipped_maps
     decompose_seconds, distill = decomposition.seconds, decomposition.distill
@@ -151,4 +163,5 @@ METHOD = Method(
     add_arguments=_add_arguments,
     export_formats=("quantlab",),
     help="sign x low-rank residual blocks, loadable to any memory budget",
+    whole_model=_whole_model,
 )

@@ -28,7 +28,7 @@ from quantlab.calib.data import calibration_samples
 from quantlab.methods.base import MethodContext
 from quantlab.methods.bitstack.config import BitStackConfig
 from quantlab.methods.bitstack.decompose import LayerRecord
-from quantlab.models.arch import ARCHS, ArchSpec, UnsupportedArchitectureError, get_submodule
+from quantlab.models.arch import ArchSpec, get_submodule, resolve
 from quantlab.nn.bitstack_linear import BitStackLinear
 from quantlab.nn.swap import set_submodule
 from quantlab.ops import bitstack as bs_ops
@@ -182,16 +182,6 @@ def _block_weight(layer: BitStackLinear, b: int) -> torch.Tensor:
     )
 
 
-def _decomposed_arch(model: nn.Module) -> ArchSpec:
-    """The ArchSpec of a model whose linears are already BitStack layers (``resolve`` insists on
-    ``nn.Linear``)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for spec in ARCHS:
-        if model_type in spec.model_types:
-            return spec
-    raise UnsupportedArchitectureError(f"unsupported architecture {model_type!r}")
-
-
 def order_blocks(
     model: nn.Module,
     config: BitStackConfig,
@@ -205,7 +195,7 @@ def order_blocks(
     ``output_errors`` come from the checkpoint's ``quantlab_report.json``), so an existing
     decomposition can be re-ordered without decomposing again.
     """
-    spec = _decomposed_arch(model)
+    spec = resolve(model, float_linears=False)  # its linears are BitStack layers now
     layers = {n: m for n, m in model.named_modules() if isinstance(m, BitStackLinear)}
     missing = set(layers) - set(output_errors)
     if missing:

@@ -1,0 +1,181 @@
+"""The memory a block-by-block run will need, estimated before it starts from the model's shapes
+and the run's options, so that a run that cannot fit fails at once with the figure instead of
+after an hour.
+
+What a streamed run holds at its peak (:func:`plan_memory`, each term an upper bound):
+
+* the process itself (interpreter, torch, tokenizer): a fixed allowance;
+* one decoder block's weights in the compute dtype, plus the solver's fp32 working copies of its
+  largest linear (weight and result);
+* the per-layer statistics of calibrated methods: one fp32 ``in x in`` Hessian per sequential
+  group of the block, and two more of the widest for the solver (damped copy, inverse);
+* one calibration batch's intermediates inside a block forward (``batch x seq_len`` tokens times
+  three of the widest projection plus six of the hidden size, in the compute dtype);
+* the calibration activations between blocks (the block's inputs and its outputs: two copies of
+  ``samples x seq_len x hidden``; AWQ rounded by GPTQ carries a second, float stream), in RAM up
+  to the activation budget, the rest spilled to ``--offload-dir``;
+* the evaluation windows' hidden states (baseline and result, inputs and outputs) and one
+  window's logits in fp32;
+* the embedding in the compute dtype while the first block's inputs are caught, and with an
+  evaluation the embedding, an untied head and one window's logits at the end.
+
+The activations and the process are held throughout; the block (with its solver and forward),
+the embedding at the start and the head at the end are held one after the other, so the plan
+counts the largest of those three.
+
+The activation budget defaults to what the memory available now leaves after everything else
+(:func:`plan_memory` with ``activation_budget=None``), so activations spill only when they must.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlab.models.arch import ArchSpec, get_submodule
+
+__all__ = ["MemoryPlan", "plan_memory"]
+
+# Interpreter, torch, transformers, tokenizer: measured 0.4-0.6 GiB RSS before any weight.
+PROCESS_BYTES = 3 << 29  # 1.5 GiB
+# Spare room the automatic activation budget leaves unplanned.
+_MARGIN = 0.9
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peak host memory of a run, by part (bytes)."""
+
+    process: int
+    block_weights: int
+    solver: int
+    forward: int
+    activations: int  # all calibration activations between blocks
+    activations_in_ram: int  # the part kept in RAM (the rest spills to the offload directory)
+    evaluation: int
+    outside: int
+    available: int | None  # host memory available when the run was planned
+    activation_budget: int | None
+
+    @property
+    def total(self) -> int:
+        held = self.process + self.activations_in_ram + self.evaluation
+        return held + max(self.block_weights + self.solver + self.forward, self.outside)
+
+    @property
+    def spilled(self) -> int:
+        return self.activations - self.activations_in_ram
+
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def describe(self) -> str:
+        """One line: the total and its parts."""
+        parts = [
+            ("block", self.block_weights),
+            ("solver", self.solver),
+            ("forward", self.forward),
+            ("activations", self.activations_in_ram),
+            ("evaluation", self.evaluation),
+            ("embedding/head", self.outside),
+            ("process", self.process),
+        ]
+        text = ", ".join(f"{name} {_gib(size)}" for name, size in parts if size)
+        line = f"needs about {_gib(self.total)} of host memory ({text})"
+        if self.spilled:
+            line += f"; {_gib(self.spilled)} of activations spill to the offload directory"
+        if self.available is not None:
+            line += f"; {_gib(self.available)} available"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"total": self.total, "spilled": self.spilled}
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def plan_memory(
+    model: nn.Module,
+    spec: ArchSpec,
+    config: Any,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int | None,
+    dtype: torch.dtype,
+    eval_windows: int = 0,
+    eval_seq_len: int = 0,
+    activation_budget: int | None = None,
+    offload: bool = False,
+    available: int | None = None,
+) -> MemoryPlan:
+    """The :class:`MemoryPlan` of quantizing ``model`` (a meta-device skeleton is enough: only
+    shapes are read) with ``config`` on ``n_samples x seq_len`` calibration tokens in batches of
+    ``batch_size`` (default: all), in ``dtype``, evaluating ``eval_windows x eval_seq_len`` tokens
+    in the same pass. ``activation_budget``: bytes of activations kept in RAM (``None``: what
+    ``available`` leaves, when ``offload`` lets the rest spill; else all of them)."""
+    elt = _element_size(dtype)
+    blocks = get_submodule(model, spec.blocks)
+    embedding = model.get_input_embeddings().weight
+    vocab, hidden = embedding.shape
+    block_weights = max(sum(p.numel() for p in block.parameters()) for block in blocks) * elt
+    linears = [get_submodule(blocks[0], name) for name in spec.block_linears]
+    largest = max(m.in_features * m.out_features for m in linears)
+    widest = max(max(m.in_features, m.out_features) for m in linears)
+    block_weights += 2 * 4 * largest
+
+    solver = 0
+    calibrated = bool(getattr(config, "needs_calibration", False))
+    if calibrated:
+        group_inputs = [
+            get_submodule(blocks[0], group[0]).in_features for group in spec.sequential_groups
+        ]
+        solver = 4 * sum(k * k for k in group_inputs) + 2 * 4 * max(group_inputs) ** 2
+
+    forward = 0
+    activations = 0
+    if calibrated:
+        batch = min(batch_size or n_samples, n_samples)
+        forward = batch * seq_len * (3 * widest + 6 * hidden) * elt
+        streams = 2
+        if getattr(config, "method", "") == "awq" and getattr(config, "rounding", "") == "gptq":
+            streams = 4
+        activations = streams * n_samples * seq_len * hidden * elt
+
+    evaluation = 0
+    outside = embedding.numel() * elt
+    if eval_windows:
+        evaluation = 4 * eval_windows * eval_seq_len * hidden * elt
+        forward = max(forward, eval_seq_len * (3 * widest + 6 * hidden) * elt)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not embedding:
+            outside += head.weight.numel() * elt
+        outside += 2 * eval_seq_len * vocab * 4  # one window's logits and log-probabilities
+
+    others = PROCESS_BYTES + evaluation + max(block_weights + solver + forward, outside)
+    if activation_budget is None:
+        if offload and available is not None:
+            activation_budget = max(0, int(_MARGIN * available) - others)
+        in_ram = activations if activation_budget is None else min(activations, activation_budget)
+    else:
+        in_ram = min(activations, activation_budget) if offload else activations
+    return MemoryPlan(
+        process=PROCESS_BYTES,
+        block_weights=block_weights,
+        solver=solver,
+        forward=forward,
+        activations=activations,
+        activations_in_ram=in_ram,
+        evaluation=evaluation,
+        outside=outside,
+        available=available,
+        activation_budget=activation_budget,
+    )

@@ -1,0 +1,128 @@
+"""The memory plan of a streamed run: its parts computed from the shapes, printed at the start,
+and a run that does not fit refused before any block is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from quantlab.config import CalibConfig
+from quantlab.export.lazy_model import empty_model
+from quantlab.memory_plan import PROCESS_BYTES, plan_memory
+from quantlab.methods.registry import config_from_dict
+from quantlab.models.arch import resolve
+from quantlab.pipeline import quantize_checkpoint
+from tests.families import tiny_model
+
+GPTQ = {"method": "gptq", "bits": 4, "group_size": 64}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def _skeleton(model_dir: Path) -> torch.nn.Module:
+    return empty_model(AutoConfig.from_pretrained(model_dir))
+
+
+def test_the_parts_follow_from_the_shapes(model_dir: Path) -> None:
+    model = _skeleton(model_dir)
+    spec = resolve(model)
+    # tiny llama: hidden 128, intermediate 256, vocab 256, untied head; 4 x 32 tokens, fp32.
+    plan = plan_memory(model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.float32, 2, 16)
+    block_params = 4 * 128 * 128 + 3 * 128 * 256 + 2 * 128
+    assert plan.block_weights == 4 * block_params + 2 * 4 * 128 * 256
+    # Hessians of q/k/v, o, gate/up (128 wide) and down (256), and the solver's two copies.
+    assert plan.solver == 4 * (3 * 128**2 + 256**2) + 2 * 4 * 256**2
+    assert plan.forward == max(2 * 32, 16) * (3 * 256 + 6 * 128) * 4
+    assert plan.activations == plan.activations_in_ram == 2 * 4 * 32 * 128 * 4
+    assert plan.evaluation == 4 * 2 * 16 * 128 * 4
+    # Embedding and (untied) head at the end of the evaluation, with one window's logits.
+    assert plan.outside == 2 * 256 * 128 * 4 + 2 * 16 * 256 * 4
+    # The block and the embedding/head are held one after the other; the rest throughout.
+    block_phase = plan.block_weights + plan.solver + plan.forward
+    held = PROCESS_BYTES + plan.activations + plan.evaluation
+    assert plan.total == held + max(block_phase, plan.outside)
+    # RTN needs no calibration: no Hessians, no activations.
+    rtn = plan_memory(model, spec, config_from_dict({"method": "rtn"}), 4, 32, None, torch.float32)
+    assert rtn.solver == rtn.activations == 0
+    # bf16 halves what is held in the compute dtype; without an evaluation no head is loaded.
+    half = plan_memory(model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.bfloat16)
+    assert half.activations * 2 == plan.activations and half.outside * 2 == 256 * 128 * 4
+
+
+def test_with_an_offload_directory_the_activations_spill_what_memory_lacks(
+    model_dir: Path,
+) -> None:
+    model = _skeleton(model_dir)
+    spec = resolve(model)
+    config = config_from_dict(GPTQ)
+    roomy = plan_memory(model, spec, config, 64, 256, 8, torch.float32, available=64 << 30)
+    assert roomy.spilled == 0 and roomy.fits()
+    need = roomy.total - roomy.activations  # everything but the activations
+    tight = plan_memory(
+        model, spec, config, 64, 256, 8, torch.float32, offload=True,
+        available=int((need + roomy.activations // 2) / 0.9),
+    )  # fmt: skip
+    assert 0 < tight.spilled < tight.activations and tight.fits()
+    assert "spill to the offload directory" in tight.describe()
+
+
+def _refuse(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> str:
+    def load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a block was read before the refusal")
+
+    monkeypatch.setattr("quantlab.export.lazy_model.LazyModel.load", load)
+    samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MemoryError) as info:
+        quantize_checkpoint(
+            model_dir,
+            tmp_path / "out",
+            config_from_dict(GPTQ),
+            calib=CalibConfig(n_samples=4, seq_len=32),
+            samples=samples,
+            progress=False,
+            **kw,
+        )
+    assert not (tmp_path / "out").exists()
+    return str(info.value)
+
+
+def test_a_run_that_does_not_fit_is_refused_at_the_start(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("quantlab.resources.available_memory_bytes", lambda: 1 << 30)
+    message = _refuse(model_dir, tmp_path, monkeypatch)
+    assert "needs about 1.5" in message and "1.00 GiB available" in message
+    assert "does not fit" in message and "--no-memory-check" in message
+
+
+def test_activations_past_the_budget_without_an_offload_directory_are_refused(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = _refuse(model_dir, tmp_path, monkeypatch, activation_budget="1KB")
+    assert "activations need 0.00 GiB, more than the 0.00 GiB activation budget" in message
+
+
+def test_the_plan_is_printed_and_bounds_the_measured_peak(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    report = quantize_checkpoint(
+        model_dir,
+        tmp_path / "out",
+        config_from_dict(GPTQ),
+        calib=CalibConfig(n_samples=4, seq_len=32),
+        samples=samples,
+        progress=True,
+    )
+    assert "quantlab: memory plan: needs about" in capsys.readouterr().err
+    plan = report.details["memory_plan"]
+    assert report.peak_rss_bytes is not None and report.peak_rss_bytes <= plan["total"]
