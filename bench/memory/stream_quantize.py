@@ -119,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
-        return done.returncode
+        if done.returncode < 0:
+            # SIGKILL from the kernel's OOM killer leaves no message of its own.
+            sys.stderr.write(
+                f"\nthe quantizing process was killed by signal {-done.returncode}"
+                + (" (out of memory?)" if done.returncode == -9 else "")
+                + "\n"
+            )
+        return 1
     child = json.loads(done.stdout.strip().splitlines()[-1])
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result = {

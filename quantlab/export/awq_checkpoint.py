@@ -18,9 +18,9 @@ from torch import nn
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
-from quantlab.export.layout import layer_state, layout_state, validated_packed
+from quantlab.export.layout import layer_state, validated_packed
 from quantlab.export.model_fill import instantiate_quantized
-from quantlab.export.quantlab_checkpoint import write_checkpoint
+from quantlab.export.quantlab_checkpoint import write_in_layout
 from quantlab.export.schema import groupwise_specs
 from quantlab.formats.awq_layout import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.formats.groupwise_int import unpack
@@ -84,9 +84,7 @@ def save_awq(
 ) -> Path:
     """Write ``model`` in the AWQ GEMM layout (4-bit, one group size for the whole model)."""
     layout = AWQLayout(method_config)
-    state = layout_state(model, layout)
-    qconfig = layout.quantization_config(model)
-    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+    return write_in_layout(model, out_dir, layout, tokenizer, report, max_shard_bytes)
 
 
 def load_awq(

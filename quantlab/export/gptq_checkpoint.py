@@ -21,9 +21,9 @@ from torch import nn
 
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
-from quantlab.export.layout import layer_state, layout_state, validated_packed
+from quantlab.export.layout import layer_state, validated_packed
 from quantlab.export.model_fill import instantiate_quantized
-from quantlab.export.quantlab_checkpoint import write_checkpoint
+from quantlab.export.quantlab_checkpoint import write_in_layout
 from quantlab.export.schema import groupwise_specs
 from quantlab.formats.gptq_layout import (
     from_gptq_tensors,
@@ -122,9 +122,7 @@ def save_gptq(
     asymmetric v1 checkpoints from other producers for that reason.
     """
     layout = GPTQLayout(method_config, checkpoint_format)
-    state = layout_state(model, layout)
-    qconfig = layout.quantization_config(model)
-    out = write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+    out = write_in_layout(model, out_dir, layout, tokenizer, report, max_shard_bytes)
     return out, layout.describe()
 
 

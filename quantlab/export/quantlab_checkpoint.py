@@ -29,7 +29,7 @@ from quantlab.export.atomic import atomic_directory, output_lock
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles, ShardedWriter
 from quantlab.export.checksums import verify_checksums, write_checksums
 from quantlab.export.errors import CheckpointError
-from quantlab.export.layout import QuantlabLayout, layout_state
+from quantlab.export.layout import CheckpointLayout, QuantlabLayout, layout_state
 from quantlab.export.lazy_model import LazyModel, empty_model
 from quantlab.export.model_fill import build_model, fill_model, finish_loaded_layers
 from quantlab.export.output_guard import check_output_target
@@ -51,6 +51,7 @@ __all__ = [
     "save_quantized",
     "validate_checkpoint",
     "write_checkpoint",
+    "write_in_layout",
 ]
 
 
@@ -95,6 +96,21 @@ def write_checkpoint(
     return out
 
 
+def write_in_layout(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    layout: CheckpointLayout,
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` in ``layout`` (each quantized layer converted by it, its
+    ``quantization_config`` in config.json) with :func:`write_checkpoint`."""
+    state = layout_state(model, layout)
+    qconfig = layout.quantization_config(model)
+    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -106,9 +122,7 @@ def save_quantized(
 ) -> Path:
     """Write ``model`` (with its quantized layers) to ``out_dir`` in quantlab's own layout."""
     layout = QuantlabLayout(method, method_config)
-    state = layout_state(model, layout)
-    qconfig = layout.quantization_config(model)
-    return write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+    return write_in_layout(model, out_dir, layout, tokenizer, report, max_shard_bytes)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from torch import nn
 from quantlab.export.awq_checkpoint import AWQLayout
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles
 from quantlab.export.gptq_checkpoint import GPTQLayout
-from quantlab.export.layout import CheckpointLayout, QuantlabLayout, layout_state
-from quantlab.export.quantlab_checkpoint import write_checkpoint
+from quantlab.export.layout import CheckpointLayout, QuantlabLayout
+from quantlab.export.quantlab_checkpoint import write_in_layout
 from quantlab.formats.awq_layout import awq_quantization_config
 from quantlab.models.arch import excluded, get_submodule, resolve
 
@@ -77,9 +77,7 @@ def save_checkpoint(
     ``max_shard_bytes``); return the directory and a description of the layout written (e.g.
     ``"quantlab groupwise_int v1"``, ``"gptq_v2"``)."""
     layout = checkpoint_layout(export_format, config)
-    state = layout_state(model, layout)
-    qconfig = layout.quantization_config(model)
-    out = write_checkpoint(model, out_dir, state, qconfig, tokenizer, report, max_shard_bytes)
+    out = write_in_layout(model, out_dir, layout, tokenizer, report, max_shard_bytes)
     return out, layout.describe()
 
 

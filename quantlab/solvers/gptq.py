@@ -144,13 +144,14 @@ def gptq_quantize(
     n_groups = k // g
 
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    source = hessian.detach().to(device=device, dtype=torch.float32)
 
     # A column that never saw a nonzero input cannot influence the output: pin it to 0 and give
     # it a unit Hessian entry so the factorisation stays defined.
-    dead = torch.diagonal(h) == 0
+    diagonal = torch.diagonal(source).clone()
+    dead = diagonal == 0
     if bool(dead.any()):
-        h[dead, dead] = 1.0
+        diagonal[dead] = 1.0
         w[:, dead] = 0.0
 
     # Precomputed grids: per-channel (one group of K) or static groups. None = dynamic groups.
@@ -159,13 +160,21 @@ def gptq_quantize(
         s, z = group_params(w.reshape(n * n_groups, g), bits, sym, scale_dtype, clip_search)
         fixed = (s.view(n, n_groups), z.view(n, n_groups))
 
+    # The solver's own copy of H, permuted in one gather (no intermediate K x K copy) and damped
+    # in place below: at a 28672-wide input every K x K matrix is 3.3 GB.
     perm: torch.Tensor | None = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(diagonal, descending=True, stable=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = source[perm.unsqueeze(1), perm.unsqueeze(0)]
+        dead = dead[perm]
+    else:
+        h = source.clone()
+    del source
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
 
-    u = inverse_cholesky(h, damp_percent, max_damp_retries, name)
+    u = inverse_cholesky(h, damp_percent, max_damp_retries, name, overwrite=True)
     del h
 
     # Transposed working copy: row i of wt is input column i (in quantization order).

@@ -102,19 +102,29 @@ def damped_factor(
     name: str,
     factor: Callable[[torch.Tensor], torch.Tensor | None],
     stacklevel: int = 3,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """``factor(H + damp * mean(diag H) * I)``, GPTQ's damping with retries.
 
     ``factor`` returns ``None`` when the damped matrix is not usable (a failed Cholesky); the
     damping is then raised tenfold (at least to 0.01) and ``factor`` tried again. A retry warns,
     at ``stacklevel`` (3: the caller of the function that called this one).
+
+    ``overwrite``: damp ``h``'s own diagonal instead of a copy (the caller no longer needs ``h``;
+    its diagonal is left damped). Saves a ``K x K`` copy, which for a 28672-wide MLP projection is
+    3.3 GB; each retry starts again from the original diagonal, so the values are the same.
     """
     mean_diag = float(torch.diagonal(h).mean())
+    original = torch.diagonal(h).clone() if overwrite else None
     damp = damp_percent
     tried: list[float] = []
     for attempt in range(max_damp_retries + 1):
         tried.append(damp)
-        hd = h.clone()
+        if original is not None:
+            hd = h
+            hd.diagonal().copy_(original)
+        else:
+            hd = h.clone()
         hd.diagonal().add_(damp * mean_diag)
         result = factor(hd)
         if result is not None:
@@ -138,21 +148,31 @@ def _upper_of_inverse(hd: torch.Tensor) -> torch.Tensor | None:
     chol, info = torch.linalg.cholesky_ex(hd)
     if int(info) != 0:
         return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    inverse = torch.cholesky_inverse(chol)
+    del chol  # two K x K matrices alive at a time besides hd, not three
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if int(info) != 0 or not bool(torch.isfinite(upper).all()):
         return None
     return upper
 
 
 def inverse_cholesky(
-    h: torch.Tensor, damp_percent: float, max_damp_retries: int, name: str
+    h: torch.Tensor,
+    damp_percent: float,
+    max_damp_retries: int,
+    name: str,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``),
-    with :func:`damped_factor`'s retries.
+    with :func:`damped_factor`'s retries (``overwrite``: damp ``h`` in place, see there).
 
     A retry warns at the caller of the solver that called this function (stacklevel 4: this
     function, then the solver, then its caller)."""
-    return damped_factor(h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4)
+    return damped_factor(
+        h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4,
+        overwrite=overwrite,
+    )  # fmt: skip
 
 
 # Quantizes one column in place: (column index in quantization order, its error-corrected values
