@@ -6,7 +6,7 @@ What a streamed run holds at its peak (:func:`plan_memory`, each term an upper b
 
 * the process itself (interpreter, torch, tokenizer): a fixed allowance;
 * one decoder block's weights in the compute dtype, plus the solver's fp32 working copies of its
-  largest linear (weight and result);
+  largest linear (weight, its transposed working copy, the result);
 * the per-layer statistics of calibrated methods: one fp32 ``in x in`` Hessian per sequential
   group of the block, and 3.5 more of the widest for the solver (damped copy, Cholesky factor,
   inverse: measured 3.1-3.5 at K = 6144);
@@ -131,7 +131,7 @@ def plan_memory(
     linears = [get_submodule(blocks[0], name) for name in spec.block_linears]
     largest = max(m.in_features * m.out_features for m in linears)
     widest = max(max(m.in_features, m.out_features) for m in linears)
-    block_weights += 2 * 4 * largest
+    block_weights += 3 * 4 * largest  # the solver's fp32 working copies of the largest weight
 
     solver = 0
     calibrated = bool(getattr(config, "needs_calibration", False))

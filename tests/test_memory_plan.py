@@ -38,7 +38,7 @@ def test_the_parts_follow_from_the_shapes(model_dir: Path) -> None:
     # tiny llama: hidden 128, intermediate 256, vocab 256, untied head; 4 x 32 tokens, fp32.
     plan = plan_memory(model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.float32, 2, 16)
     block_params = 4 * 128 * 128 + 3 * 128 * 256 + 2 * 128
-    assert plan.block_weights == 4 * block_params + 2 * 4 * 128 * 256
+    assert plan.block_weights == 4 * block_params + 3 * 4 * 128 * 256
     # Hessians of q/k/v, o, gate/up (128 wide) and down (256), and the solver's 3.5 copies.
     assert plan.solver == 4 * (3 * 128**2 + 256**2) + 14 * 256**2
     assert plan.forward == max(2 * 32, 16) * (3 * 256 + 6 * 128) * 4
@@ -139,5 +139,5 @@ def test_the_solver_term_bounds_gptqs_own_peak() -> None:
         with PeakMemory() as peak:
             gptq_quantize(weight, hessian, 4, 64, False, act_order=act_order)
         assert before is not None and peak.rss_bytes is not None
-        # The weight-sized working copies are counted with the block (2 x fp32 largest linear).
-        assert peak.rss_bytes - before <= 14 * k * k + 2 * 4 * n * k, act_order
+        # The weight-sized working copies are counted with the block (3 x fp32 largest linear).
+        assert peak.rss_bytes - before <= 14 * k * k + 3 * 4 * n * k, act_order

@@ -154,7 +154,7 @@ def fair_gptq_quantize(
     if fair_hessian is not None and fair_alpha != 0.0:
         # GPTQ pins a column that never saw a nonzero input to 0: so does the shift's input (it
         # starts from the weight GPTQ would round) and its output (the shift may move the column).
-        w = weight.detach().to(torch.float32).clone()
+        w = weight.detach().to(torch.float32, copy=True)  # one copy, also from bf16
         dead = torch.diagonal(hessian.detach().to(device=weight.device, dtype=torch.float32)) == 0
         if bool(dead.any()):
             w[:, dead] = 0.0

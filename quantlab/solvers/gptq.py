@@ -143,7 +143,7 @@ def gptq_quantize(
     g = group_size if grouped else k
     n_groups = k // g
 
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32, copy=True)  # one copy, also from bf16
     source = hessian.detach().to(device=device, dtype=torch.float32)
 
     # A column that never saw a nonzero input cannot influence the output: pin it to 0 and give

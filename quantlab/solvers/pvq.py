@@ -283,7 +283,7 @@ def pvq_quantize(
     if hessian_search and hessian is None:
         raise ValueError(f"{name}: hessian_search needs a hessian")
     device = weight.device
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32, copy=True)  # one copy, also from bf16
     signs = signs.to(device=device, dtype=torch.int8)
 
     h_rot = None

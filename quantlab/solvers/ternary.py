@@ -335,7 +335,7 @@ def gptq_ternarize(
     if refit_rounds < 0:
         raise ValueError(f"{name}: refit_rounds must be >= 0, got {refit_rounds}")
 
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32, copy=True)  # one copy, also from bf16
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
     dead = torch.diagonal(h) == 0
     if bool(dead.any()):
