@@ -227,17 +227,6 @@ def _fmt_fairness(d: dict[str, Any] | None) -> str:
     )
 
 
-def _linear_storage(model: Any) -> tuple[int, int]:
-    """(stored bits of quantized linears, their weight count)."""
-    from quantlab.nn.registry import quantized_modules
-
-    bits = weights = 0
-    for _, m in quantized_modules(model):
-        bits += m.storage_bits()
-        weights += m.in_features * m.out_features
-    return bits, weights
-
-
 def _dtype_bits(dtype: str) -> float:
     return 32.0 if dtype == "float32" else 16.0
 
@@ -431,12 +420,6 @@ def _fairness_of_checkpoint(path: Path, tokenizer: Any, args: argparse.Namespace
     return _eval_fairness(loaded.model, tokenizer, args)
 
 
-def _process_peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def _resource_rows(
     block_seconds: list[float], peak_rss: int | None, peak_device: int | None
 ) -> list[tuple[str, str]]:
@@ -471,13 +454,13 @@ def _kernel_backends() -> tuple[dict[str, dict[str, str]], tuple[str, str] | Non
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Perplexity of a model, streamed block by block from its checkpoint where its layout
-    allows (float checkpoints, quantlab's layout), so a model larger than memory evaluates; the
+    allows (float checkpoints, quantlab's, GPTQ and AWQ layouts), so a model larger than memory
+    evaluates; the
     generation check and the stereotype score need the whole model and run only when it fits."""
     from transformers import AutoTokenizer
 
     from quantlab.calib.data import load_text, token_stream
     from quantlab.eval.generation import generate_text
-    from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint
     from quantlab.export.load import checkpoint_kind
     from quantlab.export.model_source import local_model_dir
 
@@ -489,11 +472,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise OSError(f"could not load the tokenizer of {args.model!r}: {exc}") from exc
     tokens = token_stream(tokenizer, load_text(args.text))
     kind = checkpoint_kind(path)
-    streamed = kind in (None, "quantlab") and not is_bitstack_checkpoint(path)
-    if streamed:
-        done = _streamed_ppl(path, kind is not None, tokens, args)
-    else:
-        done = _resident_ppl(path, tokens, args)
+    lazy = _open_lazily(path, kind, args)
+    streamed = lazy is not None
+    done = _streamed_ppl(lazy, tokens, args) if streamed else _resident_ppl(path, tokens, args)
     ppl, peak = done.ppl, done.peak
     sample = fairness = skipped = None
     if args.prompt or args.fairness:
@@ -542,7 +523,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if done.model is None and sample is not None:
         # The whole model was loaded after the streamed perplexity, for the generation check.
         rows.append(("peak host memory, perplexity", f"{peak.rss_bytes / 2**30:.2f} GiB"))
-        run_peak = _process_peak_rss()
+        from quantlab.resources import peak_rss_bytes
+
+        run_peak, _ = peak_rss_bytes()
         result["run_peak_rss_bytes"] = run_peak
         rows.append(("peak host memory, run", f"{run_peak / 2**30:.2f} GiB"))
     else:
@@ -560,25 +543,31 @@ class _Evaluated:
     model: Any = None  # the whole model, when the evaluation loaded it
 
 
-def _streamed_ppl(path: Path, quantized: bool, tokens: Any, args: argparse.Namespace) -> _Evaluated:
-    """Perplexity with one block in memory at a time."""
+def _open_lazily(path: Path, kind: str | None, args: argparse.Namespace) -> Any:
+    """The checkpoint at ``path`` as a LazyModel when its layout streams (float, quantlab, GPTQ,
+    AWQ), else None."""
     from transformers import AutoConfig
 
-    from quantlab.calib.blocks import ModelBlocks
-    from quantlab.eval.perplexity import blockwise_perplexity
     from quantlab.export.checkpoint_files import CheckpointFiles
     from quantlab.export.lazy_model import LazyModel, empty_model
+    from quantlab.export.load import open_checkpoint_lazily
     from quantlab.export.model_source import DTYPES
-    from quantlab.export.quantlab_checkpoint import open_lazily
-    from quantlab.models.arch import resolve
-    from quantlab.resources import PeakMemory
 
     dtype = DTYPES[args.dtype]
-    if quantized:
-        lazy = open_lazily(path, args.device, dtype, verify=not args.no_verify)
-    else:
+    if kind is None:
         model = empty_model(AutoConfig.from_pretrained(path), dtype)
-        lazy = LazyModel(model, CheckpointFiles(path), args.device)
+        return LazyModel(model, CheckpointFiles(path), args.device)
+    return open_checkpoint_lazily(path, args.device, dtype, verify=not args.no_verify)
+
+
+def _streamed_ppl(lazy: Any, tokens: Any, args: argparse.Namespace) -> _Evaluated:
+    """Perplexity with one block of ``lazy`` (a LazyModel) in memory at a time."""
+    from quantlab.calib.blocks import ModelBlocks
+    from quantlab.eval.perplexity import blockwise_perplexity
+    from quantlab.models.arch import resolve
+    from quantlab.nn.registry import quantized_storage
+    from quantlab.resources import PeakMemory
+
     spec = resolve(lazy.model, float_linears=False)
     blocks = ModelBlocks(
         lazy.model,
@@ -592,19 +581,20 @@ def _streamed_ppl(path: Path, quantized: bool, tokens: Any, args: argparse.Names
             blocks, tokens, args.eval_seq_len, args.eval_windows, progress=not args.no_progress
         )
     lazy.weights.close()
-    return _Evaluated(ppl.to_dict(), _linear_storage(lazy.model), peak)
+    return _Evaluated(ppl.to_dict(), quantized_storage(lazy.model), peak)
 
 
 def _resident_ppl(path: Path, tokens: Any, args: argparse.Namespace) -> _Evaluated:
-    """Perplexity of the whole model loaded (layouts converted in memory: GPTQ, AWQ, BitNet,
-    BitStack); the loaded model is handed on for the generation check."""
+    """Perplexity of the whole model loaded (layouts converted in memory: BitNet, BitStack);
+    the loaded model is handed on for the generation check."""
     from quantlab.export.model_source import load_model
+    from quantlab.nn.registry import quantized_storage
     from quantlab.resources import PeakMemory
 
     with PeakMemory(args.device) as peak:
         loaded = load_model(str(path), args.dtype, args.device, verify=not args.no_verify)
         ppl = _eval_ppl(loaded.model, tokens, args)
-    return _Evaluated(ppl, _linear_storage(loaded.model), peak, loaded.model)
+    return _Evaluated(ppl, quantized_storage(loaded.model), peak, loaded.model)
 
 
 def _whole_model_if_it_fits(path: Path, args: argparse.Namespace) -> tuple[Any, str | None]:

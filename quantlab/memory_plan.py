@@ -12,17 +12,21 @@ What a streamed run holds at its peak (:func:`plan_memory`, each term an upper b
   inverse: measured 3.1-3.5 at K = 6144);
 * one calibration batch's intermediates inside a block forward (``batch x seq_len`` tokens times
   three of the widest projection plus six of the hidden size, in the compute dtype);
-* the calibration activations between blocks (the block's inputs and its outputs: two copies of
-  ``samples x seq_len x hidden``; AWQ rounded by GPTQ carries a second, float stream), in RAM up
-  to the activation budget, the rest spilled to ``--offload-dir``;
-* the evaluation windows' hidden states (baseline and result, inputs and outputs) and one
-  window's logits in fp32;
+* the activations between blocks, in RAM up to the activation budget, the rest spilled to
+  ``--offload-dir``: the calibration batches' (the block's inputs and its outputs: two copies of
+  ``samples x seq_len x hidden``; AWQ rounded by GPTQ carries a second, float stream) and the
+  evaluation windows' (baseline and result, inputs and outputs);
 * the embedding in the compute dtype while the first block's inputs are caught, and with an
   evaluation the embedding, an untied head and one window's logits at the end.
 
 The activations and the process are held throughout; the block (with its solver and forward),
 the embedding at the start and the head at the end are held one after the other, so the plan
 counts the largest of those three.
+
+On a GPU the block, its solver and forward, and the embedding/head are in device memory (planned
+against what the device has free), while the host holds the process, the activations between
+blocks (they are kept on the host) and one part's tensors as they are read from the checkpoint
+on their way to the device.
 
 The activation budget defaults to what the memory available now leaves after everything else
 (:func:`plan_memory` with ``activation_budget=None``), so activations spill only when they must.
@@ -54,24 +58,43 @@ class MemoryPlan:
     block_weights: int
     solver: int
     forward: int
-    activations: int  # all calibration activations between blocks
+    activations: int  # all activations between blocks: calibration and evaluation windows
     activations_in_ram: int  # the part kept in RAM (the rest spills to the offload directory)
-    evaluation: int
+    evaluation: int  # the evaluation windows' part of ``activations``
     outside: int
     available: int | None  # host memory available when the run was planned
     activation_budget: int | None
+    device: str = "cpu"  # where the blocks are computed
+    device_available: int | None = None  # free device memory when the run was planned (GPU)
+
+    @property
+    def on_device(self) -> bool:
+        return self.device != "cpu"
 
     @property
     def total(self) -> int:
-        held = self.process + self.activations_in_ram + self.evaluation
+        """Host memory."""
+        held = self.process + self.activations_in_ram
+        if self.on_device:
+            # Only the tensors read on their way to the device: a block's or the embedding/head.
+            return held + max(self.block_weights, self.outside)
         return held + max(self.block_weights + self.solver + self.forward, self.outside)
+
+    @property
+    def device_total(self) -> int:
+        """Device memory (0 on the CPU)."""
+        if not self.on_device:
+            return 0
+        return max(self.block_weights + self.solver + self.forward, self.outside)
 
     @property
     def spilled(self) -> int:
         return self.activations - self.activations_in_ram
 
     def fits(self) -> bool:
-        return self.available is None or self.total <= self.available
+        host = self.available is None or self.total <= self.available
+        device = self.device_available is None or self.device_total <= self.device_available
+        return host and device
 
     def describe(self) -> str:
         """One line: the total and its parts."""
@@ -80,20 +103,26 @@ class MemoryPlan:
             ("solver", self.solver),
             ("forward", self.forward),
             ("activations", self.activations_in_ram),
-            ("evaluation", self.evaluation),
             ("embedding/head", self.outside),
             ("process", self.process),
         ]
         text = ", ".join(f"{name} {_gib(size)}" for name, size in parts if size)
+        if self.evaluation:
+            text += f"; activations include {_gib(self.evaluation)} of evaluation windows"
         line = f"needs about {_gib(self.total)} of host memory ({text})"
         if self.spilled:
             line += f"; {_gib(self.spilled)} of activations spill to the offload directory"
         if self.available is not None:
             line += f"; {_gib(self.available)} available"
+        if self.on_device:
+            line += f"; on {self.device} about {_gib(self.device_total)}"
+            if self.device_available is not None:
+                line += f" ({_gib(self.device_available)} free)"
         return line
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"total": self.total, "spilled": self.spilled}
+        extra = {"total": self.total, "device_total": self.device_total, "spilled": self.spilled}
+        return asdict(self) | extra
 
 
 def _gib(nbytes: int) -> str:
@@ -117,12 +146,16 @@ def plan_memory(
     activation_budget: int | None = None,
     offload: bool = False,
     available: int | None = None,
+    device: str = "cpu",
+    device_available: int | None = None,
 ) -> MemoryPlan:
     """The :class:`MemoryPlan` of quantizing ``model`` (a meta-device skeleton is enough: only
     shapes are read) with ``config`` on ``n_samples x seq_len`` calibration tokens in batches of
     ``batch_size`` (default: all), in ``dtype``, evaluating ``eval_windows x eval_seq_len`` tokens
     in the same pass. ``activation_budget``: bytes of activations kept in RAM (``None``: what
-    ``available`` leaves, when ``offload`` lets the rest spill; else all of them)."""
+    ``available`` leaves, when ``offload`` lets the rest spill; else all of them). ``device``: the
+    type of device the blocks are computed on (``"cuda"``: block, solver and forward are planned
+    against ``device_available``)."""
     elt = _element_size(dtype)
     blocks = get_submodule(model, spec.blocks)
     embedding = model.get_input_embeddings().weight
@@ -157,13 +190,17 @@ def plan_memory(
     outside = embedding.numel() * elt
     if eval_windows:
         evaluation = 4 * eval_windows * eval_seq_len * hidden * elt
+        activations += evaluation
         forward = max(forward, eval_seq_len * (3 * widest + 6 * hidden) * elt)
         head = model.get_output_embeddings()
         if head is not None and head.weight is not embedding:
             outside += head.weight.numel() * elt
         outside += 2 * eval_seq_len * vocab * 4  # one window's logits and log-probabilities
 
-    others = PROCESS_BYTES + evaluation + max(block_weights + solver + forward, outside)
+    if device == "cpu":
+        others = PROCESS_BYTES + max(block_weights + solver + forward, outside)
+    else:
+        others = PROCESS_BYTES + max(block_weights, outside)
     if activation_budget is None:
         if offload and available is not None:
             activation_budget = max(0, int(_MARGIN * available) - others)
@@ -181,4 +218,6 @@ def plan_memory(
         outside=outside,
         available=available,
         activation_budget=activation_budget,
+        device=device,
+        device_available=device_available,
     )

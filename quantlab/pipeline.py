@@ -190,7 +190,7 @@ def quantize_checkpoint(
     from quantlab.export.streaming import StreamingCheckpoint
     from quantlab.memory_plan import plan_memory
     from quantlab.models.arch import resolve
-    from quantlab.resources import available_memory_bytes
+    from quantlab.resources import available_memory_bytes, free_device_memory_bytes
 
     check_exportable(config, export_format)
     shard_bytes = parse_size(max_shard_size)
@@ -218,14 +218,15 @@ def quantize_checkpoint(
     )
     plan = plan_memory(
         lazy.model, spec, config, n_samples, seq_len, calib.batch_size, dtype, windows,
-        eval_seq_len, budget, offload_dir is not None,
-        available_memory_bytes() if device.type == "cpu" else None,
+        eval_seq_len, budget, offload_dir is not None, available_memory_bytes(), device.type,
+        free_device_memory_bytes(device),
     )  # fmt: skip
     if progress:
         print(f"quantlab: memory plan: {plan.describe()}", file=sys.stderr)
     if budget is not None and offload_dir is None and plan.activations > budget:
         raise MemoryError(
-            f"the calibration activations need {plan.activations / 2**30:.2f} GiB, more than the "
+            f"the activations between blocks (calibration and evaluation windows) need "
+            f"{plan.activations / 2**30:.2f} GiB, more than the "
             f"{budget / 2**30:.2f} GiB activation budget; give an offload directory to spill the "
             "rest to disk, or raise the budget"
         )
@@ -242,8 +243,10 @@ def quantize_checkpoint(
     )
     after = before = None
     if eval_tokens is not None:
-        after = WindowStream(eval_tokens, eval_seq_len, eval_windows)
-        before = WindowStream(eval_tokens, eval_seq_len, eval_windows) if baseline else None
+        after = WindowStream(eval_tokens, eval_seq_len, eval_windows, store=store)
+        before = (
+            WindowStream(eval_tokens, eval_seq_len, eval_windows, store=store) if baseline else None
+        )
         with blocks.outside_on_device():
             for stream in (after, before):
                 if stream is not None:
@@ -305,8 +308,7 @@ def quantize_checkpoint(
                 report.ppl = after.finish(lazy.model, blocks.blocks, device).to_dict()
                 if before is not None:
                     report.ppl_baseline = before.finish(lazy.model, blocks.blocks, device).to_dict()
-        layout.quantization_config(lazy.model)  # names the layout for the report (checks it too)
-        report.details["export"] = {"format": layout.describe()}
+        report.details["export"] = {"format": out.describe(lazy.model)}
         report.details["memory_plan"] = plan.to_dict()
         report.details["storage"] = _linear_storage(lazy.model, files)
         out.finish(lazy.model, tokenizer, report.to_dict())
@@ -317,12 +319,11 @@ def quantize_checkpoint(
 def _linear_storage(model: nn.Module, files: Any) -> dict[str, int]:
     """Stored bits and weight count of the quantized linears, and the bytes their float weights
     had in the source checkpoint ``files``."""
-    from quantlab.nn.registry import quantized_modules
+    from quantlab.nn.registry import quantized_modules, quantized_storage
 
-    bits = weights = source_bytes = 0
-    for name, module in quantized_modules(model):
-        bits += module.storage_bits()
-        weights += module.in_features * module.out_features
+    bits, weights = quantized_storage(model)
+    source_bytes = 0
+    for name, _ in quantized_modules(model):
         info = files.tensors.get(f"{name}.weight")
         source_bytes += 0 if info is None else info.nbytes()
     return {"linear_bits": bits, "linear_weights": weights, "source_linear_bytes": source_bytes}

@@ -15,7 +15,13 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["PeakMemory", "available_memory_bytes", "current_rss_bytes"]
+__all__ = [
+    "PeakMemory",
+    "available_memory_bytes",
+    "current_rss_bytes",
+    "free_device_memory_bytes",
+    "peak_rss_bytes",
+]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -36,6 +42,18 @@ def current_rss_bytes() -> int | None:
     return _status_bytes("VmRSS")
 
 
+def peak_rss_bytes() -> tuple[int, bool]:
+    """This process's peak resident memory: (bytes, whether it counts from the process's start).
+
+    The kernel's high-water mark (``VmHWM``) counts from the last reset by :class:`PeakMemory`;
+    without /proc it is ``ru_maxrss``, which always counts from the start of the process."""
+    high_water = _status_bytes("VmHWM")
+    if high_water is not None:
+        return high_water, False
+    # Linux reports ru_maxrss in KiB (macOS in bytes; /proc is missing there anyway).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, True
+
+
 def available_memory_bytes() -> int | None:
     """Memory the kernel says a new allocation can get without swapping (``MemAvailable``);
     None where /proc is unavailable."""
@@ -46,6 +64,14 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def free_device_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory of a CUDA ``device`` as the driver reports it; None for the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
 
 
 class PeakMemory:
@@ -72,10 +98,7 @@ class PeakMemory:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.rss_bytes = _status_bytes("VmHWM")
-        if self.rss_bytes is None:
-            # No /proc: the process's peak (Linux and macOS differ in units; Linux: KiB).
-            self.rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.since_process_start = True
+        self.rss_bytes, from_start = peak_rss_bytes()
+        self.since_process_start = self.since_process_start or from_start
         if self.device.type == "cuda":
             self.device_bytes = int(torch.cuda.max_memory_allocated(self.device))

@@ -1,7 +1,8 @@
 """Write a synthetic checkpoint of a real architecture's shapes: random weights with realistic
 per-channel scales, any number of decoder blocks, sharded safetensors in bf16 (or fp16/fp32),
 with an index file, a config.json transformers builds the model from, and the bundled model's
-tokenizer (its ids fit every preset's vocabulary). For measuring memory and time on 8B-70B
+tokenizer (its ids fit every preset's vocabulary; left out, and said, where the bundled model is
+not installed). For measuring memory and time on 8B-70B
 shapes without downloading a model; the numbers it produces are meaningless as a language model.
 
     python scripts/make_synthetic_checkpoint.py out/synth-8b --preset llama3-8b --blocks 4
@@ -173,10 +174,16 @@ def write_checkpoint(
             writer.close()
         config = preset.config(blocks, dtype_name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        source = default_model_dir()
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, tmp / name)
+        try:
+            source = default_model_dir()
+        except FileNotFoundError as exc:
+            # A machine without the bundled model (a lent GPU) can still measure with random
+            # calibration ids; said, since the checkpoint then has no tokenizer.
+            print(f"[synthetic] no tokenizer copied: {exc}", file=sys.stderr)
+        else:
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
         provenance = {"synthetic": True, "preset": preset_name, "blocks": blocks, "seed": seed}
         (tmp / "synthetic.json").write_text(json.dumps(provenance, indent=2))
     return out

@@ -365,7 +365,7 @@ def test_quantize_streams_and_its_ppl_is_the_written_checkpoints(
     assert main(["eval", "--model", str(out), "--prompt", "", "--no-progress", *eval_args]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["ppl"] == result["ppl"]
-    assert evaluated["streamed"] is (fmt == "quantlab")
+    assert evaluated["streamed"] is True
 
 
 def test_eval_skips_the_generation_check_when_the_model_does_not_fit(

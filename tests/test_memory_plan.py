@@ -42,20 +42,23 @@ def test_the_parts_follow_from_the_shapes(model_dir: Path) -> None:
     # Hessians of q/k/v, o, gate/up (128 wide) and down (256), and the solver's 3.5 copies.
     assert plan.solver == 4 * (3 * 128**2 + 256**2) + 14 * 256**2
     assert plan.forward == max(2 * 32, 16) * (3 * 256 + 6 * 128) * 4
-    assert plan.activations == plan.activations_in_ram == 2 * 4 * 32 * 128 * 4
+    # Calibration (block inputs and outputs) and evaluation windows (baseline and result, inputs
+    # and outputs) are the activations held between blocks, in RAM without an offload directory.
     assert plan.evaluation == 4 * 2 * 16 * 128 * 4
+    assert plan.activations == plan.activations_in_ram == 2 * 4 * 32 * 128 * 4 + plan.evaluation
     # Embedding and (untied) head at the end of the evaluation, with one window's logits.
     assert plan.outside == 2 * 256 * 128 * 4 + 2 * 16 * 256 * 4
     # The block and the embedding/head are held one after the other; the rest throughout.
     block_phase = plan.block_weights + plan.solver + plan.forward
-    held = PROCESS_BYTES + plan.activations + plan.evaluation
+    held = PROCESS_BYTES + plan.activations
     assert plan.total == held + max(block_phase, plan.outside)
     # RTN needs no calibration: no Hessians, no activations.
     rtn = plan_memory(model, spec, config_from_dict({"method": "rtn"}), 4, 32, None, torch.float32)
     assert rtn.solver == rtn.activations == 0
     # bf16 halves what is held in the compute dtype; without an evaluation no head is loaded.
     half = plan_memory(model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.bfloat16)
-    assert half.activations * 2 == plan.activations and half.outside * 2 == 256 * 128 * 4
+    assert half.activations * 2 == plan.activations - plan.evaluation
+    assert half.outside * 2 == 256 * 128 * 4
 
 
 def test_with_an_offload_directory_the_activations_spill_what_memory_lacks(
@@ -73,6 +76,30 @@ def test_with_an_offload_directory_the_activations_spill_what_memory_lacks(
     )  # fmt: skip
     assert 0 < tight.spilled < tight.activations and tight.fits()
     assert "spill to the offload directory" in tight.describe()
+
+
+def test_on_a_gpu_the_block_is_planned_against_the_device(model_dir: Path) -> None:
+    """On a GPU the block, solver and forward are device memory; the host keeps the process, the
+    activations (stored on the host) and one part's tensors on their way to the device."""
+    model = _skeleton(model_dir)
+    spec = resolve(model)
+    config = config_from_dict(GPTQ)
+    on_cpu = plan_memory(model, spec, config, 4, 32, 2, torch.float32, 2, 16)
+    block_phase = on_cpu.block_weights + on_cpu.solver + on_cpu.forward
+    gpu = plan_memory(
+        model, spec, config, 4, 32, 2, torch.float32, 2, 16, device="cuda",
+        device_available=block_phase,
+    )  # fmt: skip
+    assert on_cpu.device_total == 0 and gpu.device_total == max(block_phase, gpu.outside)
+    held = PROCESS_BYTES + gpu.activations
+    assert gpu.total == held + max(gpu.block_weights, gpu.outside)
+    assert gpu.fits() and "on cuda about" in gpu.describe()
+    short = plan_memory(
+        model, spec, config, 4, 32, 2, torch.float32, 2, 16, device="cuda",
+        device_available=block_phase - 1,
+    )  # fmt: skip
+    assert not short.fits() and "free)" in short.describe()
+    assert short.to_dict()["device_total"] == block_phase
 
 
 def _quantize(model_dir: Path, out: Path, progress: bool = False, **kw: Any) -> Any:
@@ -108,7 +135,7 @@ def test_activations_past_the_budget_without_an_offload_directory_are_refused(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     message = _refuse(model_dir, tmp_path, monkeypatch, activation_budget="1KB")
-    assert "activations need 0.00 GiB, more than the 0.00 GiB activation budget" in message
+    assert "need 0.00 GiB, more than the 0.00 GiB activation budget" in message
 
 
 _CHILD = """

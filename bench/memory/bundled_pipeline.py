@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         "quantize_s": result["quantize_seconds"],
                         "wall_s": wall,
                         "peak_rss_bytes": result["peak_rss_bytes"],
+                        "checkpoint_bytes": result["checkpoint_bytes"],
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -107,15 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.markdown:
         print(f"\n{date}, commit {commit}\n")
-        print("| method | run | dtype | ppl | ppl before | quantize s | wall s | peak RSS |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(
+            "| method | run | dtype | ppl | ppl before | quantize s | wall s | peak RSS | written |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             ppl = f"{r['ppl']:.3f}" if "ppl" in r else ""
             base = f"{r['ppl_baseline']:.3f}" if "ppl_baseline" in r else ""
             rss = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r.get("peak_rss_bytes") else ""
+            size = f"{r['checkpoint_bytes'] / 2**20:.1f} MiB" if r.get("checkpoint_bytes") else ""
             print(
                 f"| {r['method']} | {r['mode']} | {r['dtype']} | {ppl} | {base} | "
-                f"{r['quantize_s']:.1f} | {r['wall_s']:.1f} | {rss} |"
+                f"{r['quantize_s']:.1f} | {r['wall_s']:.1f} | {rss} | {size} |"
             )
         for method in args.methods:
             by = {r["mode"]: r for r in rows if r["method"] == method and r["dtype"] == "float32"}

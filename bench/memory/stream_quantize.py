@@ -6,7 +6,7 @@ synthetic checkpoint of a real architecture's shapes (scripts/make_synthetic_che
         --calib-samples 8 --calib-seq-len 512
 
 The quantization runs in a child process, so the peak resident memory reported (the child's
-``ru_maxrss``) is the run's own, from the import of quantlab to the checkpoint in place. The
+``VmHWM``) is the run's own, from the import of quantlab to the checkpoint in place. The
 synthetic checkpoint is written once under ``--work`` and reused. Prints one JSON object (and, with
 ``--markdown``, a table row for docs/benchmarks.md).
 """
@@ -29,26 +29,37 @@ ROOT = Path(__file__).resolve().parents[2]
 _CHILD = r"""
 import json, sys, time, torch
 start = time.perf_counter()
-import quantlab
-from quantlab.calib.data import calibration_samples
-from transformers import AutoTokenizer
+from quantlab.config import CalibConfig
+from quantlab.methods.registry import get_method
+from quantlab.pipeline import quantize_checkpoint
+from transformers import AutoConfig, AutoTokenizer
 args = json.loads(sys.argv[1])
-options = args["options"]
-tok = AutoTokenizer.from_pretrained(args["source"])
-calib = None
+config = get_method(args["method"]).config_cls(**args["options"])
+calib = samples = tok = None
 if args["calib_samples"]:
-    from quantlab.config import CalibConfig
     calib = CalibConfig(n_samples=args["calib_samples"], seq_len=args["calib_seq_len"])
+if args["random_calib"]:
+    # Random token ids: memory and time do not depend on the text (a machine without the
+    # calibration text's package or the bundled tokenizer measures the same).
+    vocab = AutoConfig.from_pretrained(args["source"]).vocab_size
+    shape = (calib.n_samples if calib else 128, calib.seq_len if calib else 512)
+    samples = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
+else:
+    tok = AutoTokenizer.from_pretrained(args["source"])
 t0 = time.perf_counter()
-report = quantlab.quantize_checkpoint(
-    args["source"], args["out"], args["method"], tokenizer=tok, calib=calib,
-    dtype=getattr(torch, args["dtype"]), max_shard_size=args["max_shard_size"],
-    progress=False, **options,
+report = quantize_checkpoint(
+    args["source"], args["out"], config, tok, calib, device=args["device"],
+    dtype=getattr(torch, args["dtype"]), max_shard_size=args["max_shard_size"], progress=False,
+    samples=samples,
 )
-print(json.dumps({"quantize_s": time.perf_counter() - t0, "total_s": time.perf_counter() - start,
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(json.dumps({"quantize_s": time.perf_counter() - t0,
+                  "peak_rss_bytes": int(hwm[0].split()[1]) * 1024 if hwm else None,
+                  "total_s": time.perf_counter() - start,
                   "layers": len(report.layers),
                   "solver_s": sum(l.seconds for l in report.layers),
                   "block_seconds": report.block_seconds,
+                  "peak_device_bytes": report.peak_device_bytes,
                   "plan_bytes": report.details["memory_plan"]["total"],
                   "plan": report.details["memory_plan"]}))
 """
@@ -78,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--method", default="rtn")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="where each block is computed (cuda: GPU)")
     parser.add_argument("--calib-samples", type=int, default=0, help="0: the method's default")
     parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument(
+        "--random-calib", action="store_true", help="random token ids instead of wiki-calib text"
+    )
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "stream-bench")
     parser.add_argument("--keep-output", action="store_true")
@@ -100,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         "out": str(out),
         "method": args.method,
         "dtype": args.dtype,
+        "device": args.device,
         "max_shard_size": args.max_shard_size,
         "calib_samples": args.calib_samples,
         "calib_seq_len": args.calib_seq_len,
+        "random_calib": args.random_calib,
         "options": options,
     }
     # The commit of the code the child imports (taken now, not after a long run).
@@ -128,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 1
     child = json.loads(done.stdout.strip().splitlines()[-1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    # The child's VmHWM: its ru_maxrss would include the parent's memory at the fork (Linux
+    # carries it across exec), which writing a synthetic checkpoint first makes large.
+    peak = child["peak_rss_bytes"] or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result = {
         "preset": args.preset,
         "blocks": args.blocks,
@@ -142,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "quantize_s": child["quantize_s"],
         "seconds_per_block": child["quantize_s"] / args.blocks,
         "block_seconds": child["block_seconds"],
+        "device": args.device,
+        "peak_device_bytes": child["peak_device_bytes"],
         "plan_bytes": child["plan_bytes"],
         "plan_over_peak": child["plan_bytes"] / peak,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -153,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     if args.markdown:
         gib = 2**30
+        device_peak = child["peak_device_bytes"]
+        gpu = f" (GPU {device_peak / gib:.2f} GiB)" if device_peak else ""
         print(
             f"| {args.preset} x {args.blocks} blocks | {args.method} | "
             f"{result['source_bytes'] / gib:.2f} GiB | {result['output_bytes'] / gib:.2f} GiB | "
-            f"{peak / gib:.2f} GiB | {result['seconds_per_block']:.1f} s | {result['date']} | "
+            f"{peak / gib:.2f} GiB{gpu} | {result['seconds_per_block']:.1f} s | {result['date']} | "
             f"{commit} |"
         )
     return 0

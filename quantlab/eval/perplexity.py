@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import BlockInputs, capture_block_inputs, run_block
 
@@ -80,7 +81,8 @@ class WindowStream:
     architecture does after the blocks (logit soft-capping, scaling) run as in the model's own
     forward. Each window goes through each block alone, as in :func:`perplexity`, so the numbers
     are the same. Memory: the hidden states of every window (``windows x seq_len x hidden`` in
-    the compute dtype, on ``storage_device``).
+    the compute dtype), in ``store`` when given (RAM up to its budget, the rest spilled to disk,
+    like the calibration activations of the same run), else on ``storage_device``.
     """
 
     def __init__(
@@ -89,9 +91,11 @@ class WindowStream:
         seq_len: int = 2048,
         max_windows: int | None = 10,
         storage_device: torch.device | str = "cpu",
+        store: ActivationStore | None = None,
     ) -> None:
         self.windows = _windows(tokens, seq_len, max_windows)
         self.storage_device = storage_device
+        self.store = store
         self.inputs: BlockInputs | None = None
         self.next_index = 0
         # Whether a block returns a tuple headed by the hidden states (transformers 4.x) rather
@@ -108,7 +112,7 @@ class WindowStream:
     def start(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
         start = time.perf_counter()
         self.inputs = capture_block_inputs(
-            model, blocks, self.windows, 1, device, self.storage_device
+            model, blocks, self.windows, 1, device, self.storage_device, self.store
         )
         self.next_index = 0
         self.seconds += time.perf_counter() - start

@@ -17,16 +17,24 @@ from torch import nn
 
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
 from quantlab.export.errors import CheckpointError
-from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
+from quantlab.export.foreign_layout import (
+    GroupwiseReading,
+    load_groupwise,
+    read_foreign_checkpoint,
+)
 from quantlab.export.layout import layer_state, validated_packed
-from quantlab.export.model_fill import instantiate_quantized
 from quantlab.export.quantlab_checkpoint import write_in_layout
-from quantlab.export.schema import groupwise_specs
 from quantlab.formats.awq_layout import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.groupwise_int_linear import QuantLinear
 
-__all__ = ["AWQ_SUFFIXES", "AWQLayout", "load_awq", "save_awq"]
+__all__ = [
+    "AWQ_SUFFIXES",
+    "AWQLayout",
+    "awq_reading",
+    "load_awq",
+    "save_awq",
+]
 
 AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
 
@@ -87,14 +95,8 @@ def save_awq(
     return write_in_layout(model, out_dir, layout, tokenizer, report, max_shard_bytes)
 
 
-def load_awq(
-    path: str | os.PathLike[str],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    verify: bool = True,
-) -> nn.Module:
-    """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers (``verify``:
-    check the files against the checksums quantlab recorded, when it wrote them)."""
+def awq_reading(path: str | os.PathLike[str], verify: bool = True) -> GroupwiseReading:
+    """An AWQ GEMM checkpoint checked (config fields) and how its modules convert."""
     checkpoint = read_foreign_checkpoint(path, "awq", "an AWQ", verify)
     cfg_path = checkpoint.config_path
     version = checkpoint.field("version", str, "format", default="gemm").lower()
@@ -106,13 +108,23 @@ def load_awq(
         raise CheckpointError(f"{cfg_path}: AWQ without zero points is not supported")
     bits = checkpoint.field("bits", int, "w_bit", default=4)
     group_size = checkpoint.field("group_size", int, "q_group_size", default=128)
-    state, names = state_in_groupwise_format(
+    # AWQ stores zero points even for symmetric weights; they load as explicit zeros.
+    return GroupwiseReading(
         checkpoint,
         AWQ_SUFFIXES,
         lambda tensors: from_awq_tensors(tensors, bits, group_size),
         bits,
         group_size,
+        False,
     )
-    # AWQ stores zero points even for symmetric weights; they load as explicit zeros.
-    specs = groupwise_specs(names, bits, group_size, False)
-    return instantiate_quantized(checkpoint.root, state, specs, dtype).to(device)
+
+
+def load_awq(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> nn.Module:
+    """Load an AWQ GEMM checkpoint as a transformers model with QuantLinear layers (``verify``:
+    check the files against the checksums quantlab recorded, when it wrote them)."""
+    return load_groupwise(awq_reading(path, verify), device, dtype)

@@ -5,23 +5,32 @@ quantlab's groupwise format."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from quantlab.export.checkpoint_files import INDEX_FILE, SINGLE_FILE, CheckpointFiles, has_weights
 from quantlab.export.checksums import verify_checksums
 from quantlab.export.errors import CheckpointError
-from quantlab.export.schema import read_quantization_config
+from quantlab.export.safetensors_file import TensorInfo
+from quantlab.export.schema import groupwise_specs, read_quantization_config
 from quantlab.formats.groupwise_int import GroupwiseIntResult, pack
 from quantlab.nn.layer_spec import FormatError, spec_bool, spec_int, spec_str
 
+if TYPE_CHECKING:
+    from quantlab.export.lazy_model import LazyModel
+
 __all__ = [
+    "ConvertedFiles",
     "ForeignCheckpoint",
+    "GroupwiseReading",
     "config_field",
+    "load_groupwise",
+    "open_groupwise_lazily",
     "read_foreign_checkpoint",
     "state_in_groupwise_format",
 ]
@@ -90,32 +99,163 @@ def read_foreign_checkpoint(
     return ForeignCheckpoint(root, qcfg, verify)
 
 
+@dataclass(frozen=True)
+class GroupwiseReading:
+    """A checked foreign checkpoint and how its quantized modules become quantlab's groupwise
+    layers: the tensor suffixes of one module, their converter, and the encoding (one for the
+    whole model, as these layouts have)."""
+
+    checkpoint: ForeignCheckpoint
+    suffixes: tuple[str, ...]
+    convert: ModuleConverter
+    bits: int
+    group_size: int
+    sym: bool
+
+    def module_names(self, stored: Iterable[str]) -> list[str]:
+        """The quantized modules among the ``stored`` tensor names (those with a ``.qweight``)."""
+        return sorted(k[: -len(".qweight")] for k in stored if k.endswith(".qweight"))
+
+    def specs(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        return groupwise_specs(names, self.bits, self.group_size, self.sym)
+
+    def converted(
+        self, name: str, tensors: dict[str, torch.Tensor], where: object
+    ) -> dict[str, torch.Tensor]:
+        """Module ``name``'s groupwise tensors (fp16 scales) from its ``suffixes`` tensors; a
+        tensor the converter rejects is a :class:`CheckpointError` naming ``where`` and it."""
+        try:
+            q, scales, zeros = self.convert(tensors)
+            result = GroupwiseIntResult(q, scales, zeros, self.bits, self.group_size)
+            return pack(result, "float16").tensors()
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {name}: {exc}") from exc
+
+
 def state_in_groupwise_format(
-    checkpoint: ForeignCheckpoint,
-    suffixes: tuple[str, ...],
-    convert: ModuleConverter,
-    bits: int,
-    group_size: int,
+    reading: GroupwiseReading,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The checkpoint's state dict with every module that has a ``.qweight`` converted by
-    ``convert`` from its ``suffixes`` tensors to quantlab's groupwise tensors (fp16 scales), and
-    the names of those modules. A module lacking a tensor, or one ``convert`` rejects
-    (``ValueError``), raises :class:`CheckpointError` naming it."""
-    with checkpoint.files() as files:
+    """The checkpoint's state dict with every quantized module converted to quantlab's groupwise
+    tensors, and the names of those modules. A module lacking a tensor, or one the converter
+    rejects, raises :class:`CheckpointError` naming it."""
+    with reading.checkpoint.files() as files:
         weights = files.source
-        names = sorted(k[: -len(".qweight")] for k in files.tensors if k.endswith(".qweight"))
+        names = reading.module_names(files.tensors)
         state = {key: files.get(key) for key in files.tensors}
     for name in names:
-        missing = [s for s in suffixes if f"{name}.{s}" not in state]
+        missing = [s for s in reading.suffixes if f"{name}.{s}" not in state]
         if missing:
             raise CheckpointError(f"{weights}: {name} lacks {missing}")
-        tensors = {s: state.pop(f"{name}.{s}") for s in suffixes}
-        try:
-            q, scales, zeros = convert(tensors)
-            packed = pack(GroupwiseIntResult(q, scales, zeros, bits, group_size), "float16")
-        except ValueError as exc:
-            raise CheckpointError(f"{weights}: {name}: {exc}") from exc
-        state.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
-    if checkpoint.verify:
-        verify_checksums(checkpoint.root)
+        tensors = {s: state.pop(f"{name}.{s}") for s in reading.suffixes}
+        converted = reading.converted(name, tensors, weights)
+        state.update({f"{name}.{k}": v for k, v in converted.items()})
+    if reading.checkpoint.verify:
+        verify_checksums(reading.checkpoint.root)
     return state, names
+
+
+def load_groupwise(
+    reading: GroupwiseReading, device: torch.device | str, dtype: torch.dtype
+) -> nn.Module:
+    """The whole model of ``reading``'s checkpoint with quantlab's groupwise layers."""
+    from quantlab.export.model_fill import instantiate_quantized
+
+    state, names = state_in_groupwise_format(reading)
+    model = instantiate_quantized(reading.checkpoint.root, state, reading.specs(names), dtype)
+    return model.to(device)
+
+
+class ConvertedFiles:
+    """A foreign groupwise checkpoint's tensors under quantlab's names, read the way
+    :class:`~quantlab.export.lazy_model.LazyModel` reads a checkpoint: each quantized module is
+    converted when one of its tensors is first asked for (the module's other tensors are then
+    served from that conversion), every other tensor is read as stored. So a GPTQ or AWQ
+    checkpoint larger than memory is evaluated block by block like quantlab's own.
+
+    ``expected`` maps each converted tensor's name to a tensor of its shape and dtype (the empty
+    layers of the model it fills): ``tensors`` lists those for the model's checks, and a
+    conversion that produces anything else is a :class:`CheckpointError`."""
+
+    def __init__(self, reading: GroupwiseReading, expected: Mapping[str, torch.Tensor]) -> None:
+        self.reading = reading
+        self.files = reading.checkpoint.files()
+        self.path = self.files.path
+        self.source = self.files.source
+        self.modules = reading.module_names(self.files.tensors)
+        for name in self.modules:
+            missing = [s for s in reading.suffixes if f"{name}.{s}" not in self.files]
+            if missing:
+                raise CheckpointError(f"{self.source}: {name} lacks {missing}")
+        converted_away = {f"{m}.{s}" for m in self.modules for s in reading.suffixes}
+        self.tensors: dict[str, TensorInfo] = {
+            k: v for k, v in self.files.tensors.items() if k not in converted_away
+        }
+        self.tensors.update({k: TensorInfo.of(v) for k, v in expected.items()})
+        self._module_of = {k: k.rsplit(".", 1)[0] for k in expected}
+        self._converted: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` on the CPU (converted, for a quantized module's)."""
+        module = self._module_of.get(name)
+        if module is None:
+            return self.files.get(name)
+        if name not in self._converted:
+            stored = {s: self.files.get(f"{module}.{s}") for s in self.reading.suffixes}
+            converted = self.reading.converted(module, stored, self.source)
+            self._converted = {f"{module}.{k}": v for k, v in converted.items()}
+            for key, value in self._converted.items():
+                want = self.tensors.get(key)
+                if want is None or TensorInfo.of(value) != want:
+                    have = TensorInfo.of(value).describe()
+                    raise CheckpointError(
+                        f"{self.source}: {module}: converts to {key.rsplit('.', 1)[1]} {have}, "
+                        f"the model its config.json describes expects "
+                        f"{'none' if want is None else want.describe()}"
+                    )
+        # Served once: a module's tensors are loaded together, then released with its block.
+        return self._converted.pop(name)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def open_groupwise_lazily(
+    reading: GroupwiseReading,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LazyModel:
+    """The checkpoint of ``reading`` as a :class:`LazyModel` with quantlab's groupwise layers on
+    the meta device, each block converted and checked (floats finite, each layer's own checks)
+    only when it is loaded; with ``verify``, the files are checked against quantlab's checksums
+    first."""
+    from transformers import AutoConfig
+
+    from quantlab.export.lazy_model import LazyModel, empty_model
+    from quantlab.export.model_fill import checked_after_load
+    from quantlab.nn.swap import swap_in_empty
+
+    root = reading.checkpoint.root
+    if reading.checkpoint.verify:
+        verify_checksums(root)
+    config = AutoConfig.from_pretrained(root)
+    config.quantization_config = None
+    del config.quantization_config  # the layers are swapped in here, not by transformers
+    model = empty_model(config, dtype)
+    with CheckpointFiles(root) as files:
+        names = reading.module_names(files.tensors)
+        stored = set(files.tensors)
+    expected: dict[str, torch.Tensor] = {}
+    for name, spec in reading.specs(names).items():
+        try:
+            layer = swap_in_empty(model, name, spec)
+        except ValueError as exc:
+            raise CheckpointError(f"{root}: {exc}") from exc
+        for key, tensor in layer.state_dict().items():
+            full = f"{name}.{key}"
+            if full not in stored or key in reading.suffixes:
+                expected[full] = tensor
+    weights = ConvertedFiles(reading, expected)
+    return LazyModel(model, weights, device, after_load=checked_after_load(weights.source))

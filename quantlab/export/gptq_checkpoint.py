@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES
-from quantlab.export.foreign_layout import read_foreign_checkpoint, state_in_groupwise_format
+from quantlab.export.foreign_layout import (
+    GroupwiseReading,
+    load_groupwise,
+    read_foreign_checkpoint,
+)
 from quantlab.export.layout import layer_state, validated_packed
-from quantlab.export.model_fill import instantiate_quantized
 from quantlab.export.quantlab_checkpoint import write_in_layout
-from quantlab.export.schema import groupwise_specs
 from quantlab.formats.gptq_layout import (
     from_gptq_tensors,
     gptq_quantization_config,
@@ -33,7 +35,13 @@ from quantlab.formats.gptq_layout import (
 from quantlab.formats.groupwise_int import unpack
 from quantlab.nn.groupwise_int_linear import QuantLinear
 
-__all__ = ["GPTQ_SUFFIXES", "GPTQLayout", "load_gptq", "save_gptq"]
+__all__ = [
+    "GPTQ_SUFFIXES",
+    "GPTQLayout",
+    "gptq_reading",
+    "load_gptq",
+    "save_gptq",
+]
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -126,6 +134,23 @@ def save_gptq(
     return out, layout.describe()
 
 
+def gptq_reading(path: str | os.PathLike[str], verify: bool = True) -> GroupwiseReading:
+    """A GPTQ-layout checkpoint checked (config fields) and how its modules convert."""
+    checkpoint = read_foreign_checkpoint(path, "gptq", "a GPTQ", verify)
+    bits = checkpoint.field("bits", int)
+    group_size = checkpoint.field("group_size", int)
+    sym = checkpoint.field("sym", bool, default=True)
+    fmt = checkpoint.field("checkpoint_format", str, default="gptq")
+    return GroupwiseReading(
+        checkpoint,
+        GPTQ_SUFFIXES,
+        lambda tensors: from_gptq_tensors(tensors, bits, group_size, fmt, sym=sym),
+        bits,
+        group_size,
+        sym,
+    )
+
+
 def load_gptq(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
@@ -134,17 +159,4 @@ def load_gptq(
 ) -> nn.Module:
     """Load a GPTQ-layout checkpoint as a transformers model with QuantLinear layers (``verify``:
     check the files against the checksums quantlab recorded, when it wrote them)."""
-    checkpoint = read_foreign_checkpoint(path, "gptq", "a GPTQ", verify)
-    bits = checkpoint.field("bits", int)
-    group_size = checkpoint.field("group_size", int)
-    sym = checkpoint.field("sym", bool, default=True)
-    fmt = checkpoint.field("checkpoint_format", str, default="gptq")
-    state, names = state_in_groupwise_format(
-        checkpoint,
-        GPTQ_SUFFIXES,
-        lambda tensors: from_gptq_tensors(tensors, bits, group_size, fmt, sym=sym),
-        bits,
-        group_size,
-    )
-    specs = groupwise_specs(names, bits, group_size, sym)
-    return instantiate_quantized(checkpoint.root, state, specs, dtype).to(device)
+    return load_groupwise(gptq_reading(path, verify), device, dtype)

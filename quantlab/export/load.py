@@ -17,14 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.export.awq_checkpoint import load_awq
+from quantlab.export.awq_checkpoint import awq_reading, load_awq
 from quantlab.export.bitnet_checkpoint import load_bitnet
 from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint, load_bitstack
 from quantlab.export.checksums import verify_checksums
 from quantlab.export.errors import CheckpointError
-from quantlab.export.gptq_checkpoint import load_gptq
+from quantlab.export.foreign_layout import open_groupwise_lazily
+from quantlab.export.gptq_checkpoint import gptq_reading, load_gptq
+from quantlab.export.lazy_model import LazyModel
 from quantlab.export.model_fill import finish_loaded_layers
-from quantlab.export.quantlab_checkpoint import load_quantized
+from quantlab.export.quantlab_checkpoint import load_quantized, open_lazily
 from quantlab.export.safetensors_file import TensorInfo, read_header
 from quantlab.export.schema import read_config_json
 from quantlab.export.state_check import check_state_matches_model
@@ -35,6 +37,7 @@ __all__ = [
     "checkpoint_kind",
     "finish_model_after_weights",
     "load_checkpoint",
+    "open_checkpoint_lazily",
     "prepare_model_for_weights",
 ]
 
@@ -86,6 +89,26 @@ def load_checkpoint(
     if kind == "bitnet":
         return load_bitnet(path, device=device, dtype=dtype)
     return load_quantized(path, device=device, dtype=dtype, verify=verify)
+
+
+def open_checkpoint_lazily(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> LazyModel | None:
+    """A quantized checkpoint as a :class:`LazyModel` (each block read, converted and checked
+    only when it is loaded), for the layouts that stream: quantlab's, GPTQ and AWQ. ``None`` for
+    the others (BitNet and BitStack checkpoints are converted whole as they load)."""
+    if is_bitstack_checkpoint(path):
+        return None
+    kind = checkpoint_kind(str(path))
+    if kind == "quantlab":
+        return open_lazily(path, device, dtype, verify)
+    readings = {"gptq": gptq_reading, "awq": awq_reading}
+    if kind in readings:
+        return open_groupwise_lazily(readings[kind](path, verify), device, dtype)
+    return None
 
 
 def prepare_model_for_weights(

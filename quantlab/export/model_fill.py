@@ -17,6 +17,7 @@ from quantlab.nn.registry import quantized_modules
 
 __all__ = [
     "build_model",
+    "checked_after_load",
     "fill_model",
     "finish_loaded_layers",
     "instantiate_quantized",
@@ -116,6 +117,21 @@ def finish_loaded_layers(model: nn.Module, source: object) -> None:
                 layer.after_load()
             except ValueError as exc:
                 raise CheckpointError(f"{source}: module {name}: {exc}") from exc
+
+
+def checked_after_load(source: object) -> Callable[[nn.Module, str], None]:
+    """The checks a lazily loaded part of a quantized model gets once its tensors are in (a
+    :class:`~quantlab.export.lazy_model.LazyModel`'s ``after_load``): float tensors finite, and
+    each quantized layer's :func:`finish_loaded_layers`; errors name ``source``."""
+
+    def check(module: nn.Module, prefix: str) -> None:
+        base = f"{prefix}." if prefix else ""
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{source}: {base}{key} holds NaN or Inf values")
+        finish_loaded_layers(module, source)
+
+    return check
 
 
 def _load_generation_config(model: nn.Module, root: Path) -> None:

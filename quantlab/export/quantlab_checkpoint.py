@@ -28,10 +28,13 @@ from torch import nn
 from quantlab.export.atomic import atomic_directory, output_lock
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles, ShardedWriter
 from quantlab.export.checksums import verify_checksums, write_checksums
-from quantlab.export.errors import CheckpointError
 from quantlab.export.layout import CheckpointLayout, QuantlabLayout, layout_state
 from quantlab.export.lazy_model import LazyModel, empty_model
-from quantlab.export.model_fill import build_model, fill_model, finish_loaded_layers
+from quantlab.export.model_fill import (
+    build_model,
+    checked_after_load,
+    fill_model,
+)
 from quantlab.export.output_guard import check_output_target
 from quantlab.export.safetensors_file import TensorInfo
 from quantlab.export.schema import (
@@ -202,13 +205,4 @@ def open_lazily(
     model = empty_model(AutoConfig.from_pretrained(checked.root), dtype)
     for name, spec in checked.specs.items():
         swap_in_empty(model, name, spec)
-    source = checked.weights
-
-    def check_values(module: nn.Module, prefix: str) -> None:
-        base = f"{prefix}." if prefix else ""
-        for key, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{source}: {base}{key} holds NaN or Inf values")
-        finish_loaded_layers(module, source)
-
-    return LazyModel(model, checked.files, device, after_load=check_values)
+    return LazyModel(model, checked.files, device, after_load=checked_after_load(checked.weights))

@@ -60,6 +60,7 @@ class StreamingCheckpoint:
         self._stack = contextlib.ExitStack()
         self._tmp: Path | None = None
         self._writer: ShardedWriter | None = None
+        self._quantization_config: dict[str, Any] | None = None
         self.bytes_written = 0
 
     def __enter__(self) -> StreamingCheckpoint:
@@ -102,6 +103,18 @@ class StreamingCheckpoint:
             if not key.startswith(packed_prefixes):
                 self._add(prefix + key, self._stored_dtype(prefix + key, tensor))
 
+    def quantization_config(self, model: nn.Module) -> dict[str, Any]:
+        """The layout's ``quantization_config`` of ``model`` once every block was added; computed
+        once (the report names the layout from it before :meth:`finish` writes it)."""
+        if self._quantization_config is None:
+            self._quantization_config = self.layout.quantization_config(model)
+        return self._quantization_config
+
+    def describe(self, model: nn.Module) -> str:
+        """The layout written, for the summary (after its checks of ``model``)."""
+        self.quantization_config(model)
+        return self.layout.describe()
+
     def finish(
         self, model: nn.Module, tokenizer: Any = None, report: dict[str, Any] | None = None
     ) -> Path:
@@ -113,7 +126,7 @@ class StreamingCheckpoint:
                 self._add(name, self.source.get(name))
         self._writer.close()
         config = model.config.to_dict()
-        config["quantization_config"] = self.layout.quantization_config(model)
+        config["quantization_config"] = self.quantization_config(model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         generation = self.source.path / "generation_config.json"
         if generation.is_file():

@@ -46,6 +46,7 @@ __all__ = [
     "layer_class",
     "module_spec",
     "quantized_modules",
+    "quantized_storage",
     "register_layer_format",
     "registered_formats",
 ]
@@ -137,6 +138,15 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, classes):
             yield name, module
+
+
+def quantized_storage(model: nn.Module) -> tuple[int, int]:
+    """(stored bits of the quantized linears inside ``model``, their weight count)."""
+    bits = weights = 0
+    for _, module in quantized_modules(model):
+        bits += module.storage_bits()
+        weights += module.in_features * module.out_features
+    return bits, weights
 
 
 def module_spec(module: nn.Module) -> dict[str, Any]:

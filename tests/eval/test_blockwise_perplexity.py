@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.eval.perplexity import WindowStream, blockwise_perplexity, perplexity
 from quantlab.export.checkpoint_files import CheckpointFiles
@@ -78,3 +79,24 @@ def test_the_stream_refuses_blocks_out_of_order() -> None:
     with pytest.raises(RuntimeError, match="went through 1 of 2 blocks"):
         stream.finish(model, blocks.blocks, blocks.device)
     assert stream.nbytes == 2 * SEQ_LEN * 128 * 4  # two windows of hidden states, fp32
+
+
+def test_windows_spilled_to_disk_give_the_same_result(tmp_path: Path) -> None:
+    """Windows kept in an activation store past its budget are read back from disk at each
+    block and at the head: same NLL to the last bit, and the files go with the store."""
+    model = tiny_model("llama")
+    want = perplexity(model, _tokens(), SEQ_LEN, None, progress=False)
+    blocks = _blocks(model)
+    with ActivationStore(0, tmp_path) as store:  # every window spills
+        stream = WindowStream(_tokens(), SEQ_LEN, None, store=store)
+        with blocks.outside_on_device():
+            stream.start(model, blocks.blocks, blocks.device)
+        for index in range(len(blocks)):
+            with blocks.open(index) as block:
+                stream.advance(index, block, blocks.device)
+        assert store.spilled_bytes == stream.nbytes == 3 * SEQ_LEN * 128 * 4
+        assert store.resident_bytes == 0
+        with blocks.outside_on_device(with_head=True):
+            got = stream.finish(model, blocks.blocks, blocks.device)
+    assert got.nll == want.nll and got.tokens == want.tokens
+    assert list(tmp_path.iterdir()) == []
