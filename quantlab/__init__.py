@@ -70,11 +70,10 @@ def quantize_checkpoint(
     """Quantize the checkpoint directory ``source`` into a checkpoint at ``out_dir`` (layout
     ``export_format``: quantlab, gptq or awq), streamed one block at a time (a model larger than
     memory quantizes in about one block's memory); ``dtype`` is the compute dtype of a block
-    (default fp32). The run's memory is planned first and a run that cannot fit is refused;
-    calibration activations past ``activation_budget`` spill to ``offload_dir``. See
+    (default: the checkpoint's own, :func:`quantlab.export.model_source.checkpoint_dtype`). The
+    run's memory is planned first and a run that cannot fit is refused; calibration activations
+    past ``activation_budget`` spill to ``offload_dir``. See
     :func:`quantlab.pipeline.quantize_checkpoint`."""
-    import torch
-
     from quantlab.methods.registry import get_method
     from quantlab.pipeline import quantize_checkpoint as _quantize_checkpoint
 
@@ -86,7 +85,7 @@ def quantize_checkpoint(
         tokenizer,
         calib,
         device,
-        dtype or torch.float32,
+        dtype,
         max_shard_size,
         progress,
         export_format=export_format,

@@ -32,9 +32,10 @@ def _add_eval_args(p: argparse.ArgumentParser, text_default: str) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="activation/compute dtype of the model",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype of the model; auto (default): the checkpoint's own (config.json), so "
+        "a bf16 model computes in bf16 and an fp32 one in fp32",
     )
     f = p.add_argument_group("fairness (stereotype score)")
     f.add_argument(
@@ -294,12 +295,14 @@ def _quantize_locked(
 
     from quantlab.calib.data import load_text, token_stream
     from quantlab.export.load import checkpoint_kind
-    from quantlab.export.model_source import DTYPES, local_model_dir
+    from quantlab.export.model_source import DTYPES, checkpoint_dtype, dtype_name, local_model_dir
     from quantlab.pipeline import quantize_checkpoint
 
     source, name = local_model_dir(args.model)
     if checkpoint_kind(source) is not None:
         raise ValueError(f"--model {args.model} is already a quantized checkpoint")
+    if args.dtype == "auto":
+        args.dtype = dtype_name(checkpoint_dtype(source))
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
@@ -462,10 +465,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from quantlab.calib.data import load_text, token_stream
     from quantlab.eval.generation import generate_text
     from quantlab.export.load import checkpoint_kind
-    from quantlab.export.model_source import local_model_dir
+    from quantlab.export.model_source import checkpoint_dtype, dtype_name, local_model_dir
 
     t0 = time.perf_counter()
     path, name = local_model_dir(args.model)
+    if args.dtype == "auto":
+        args.dtype = dtype_name(checkpoint_dtype(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:

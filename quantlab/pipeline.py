@@ -142,7 +142,7 @@ def quantize_checkpoint(
     tokenizer: Any = None,
     calib: CalibConfig | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
     samples: torch.Tensor | None = None,
@@ -158,7 +158,8 @@ def quantize_checkpoint(
     """Quantize the checkpoint in directory ``source`` into a checkpoint at ``out_dir`` (layout
     ``export_format``: quantlab, gptq or awq), one decoder block at a time: the model is built on
     the meta device, each block is read from the (memory-mapped, possibly sharded) safetensors
-    files in ``dtype`` when it is processed, written to ``out_dir``'s shards once quantized, and
+    files in ``dtype`` (default: the checkpoint's own) when it is processed, written to
+    ``out_dir``'s shards once quantized, and
     released; the tensors no method touches (embedding, final norm, head) are copied in their
     stored dtype. Memory: about one block in ``dtype`` plus the calibration activations, whatever
     the model's size.
@@ -185,6 +186,7 @@ def quantize_checkpoint(
     from quantlab.eval.perplexity import WindowStream
     from quantlab.export.checkpoint_files import CheckpointFiles, parse_size
     from quantlab.export.lazy_model import LazyModel, empty_model
+    from quantlab.export.model_source import checkpoint_dtype
     from quantlab.export.output_guard import check_free_space
     from quantlab.export.save import check_exportable, checkpoint_layout, estimate_checkpoint_bytes
     from quantlab.export.streaming import StreamingCheckpoint
@@ -195,6 +197,7 @@ def quantize_checkpoint(
     check_exportable(config, export_format)
     shard_bytes = parse_size(max_shard_size)
     device = torch.device(device)
+    dtype = dtype or checkpoint_dtype(source)
     files = CheckpointFiles(source)
     lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source), dtype), files, device)
     spec = resolve(lazy.model)

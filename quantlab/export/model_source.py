@@ -11,13 +11,45 @@ import torch
 from quantlab.export.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from quantlab.export.load import LOADABLE_KINDS, checkpoint_kind, load_checkpoint
 
-__all__ = ["DTYPES", "LoadedModel", "load_model", "local_model_dir", "resolve_model_path"]
+__all__ = [
+    "DTYPES",
+    "LoadedModel",
+    "checkpoint_dtype",
+    "dtype_name",
+    "load_model",
+    "local_model_dir",
+    "resolve_model_path",
+]
 
 # What a streamed run reads of a hub repository: config, weights, tokenizer, generation settings
 # (never a pickled *.bin).
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16`` (one of :data:`DTYPES`)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The compute dtype of a checkpoint's model by default (``--dtype auto``): its own, so a bf16
+    model is computed in bf16 (half the memory of fp32; no worse perplexity on the bundled
+    model, docs/benchmarks.md) and an fp32 one in fp32 (not rounded). config.json's ``dtype``
+    (``torch_dtype`` in older files) when it names one of :data:`DTYPES`, else the dtype most of
+    its float tensors are stored in (fp32 where that is none of them)."""
+    from quantlab.export.checkpoint_files import CheckpointFiles
+    from quantlab.export.schema import read_config_json
+
+    _, config = read_config_json(Path(path))
+    for key in ("dtype", "torch_dtype"):
+        name = config.get(key)
+        if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
+            return DTYPES[name.removeprefix("torch.")]
+    with CheckpointFiles(path) as files:
+        stored = files.dtype()
+    return stored if stored in DTYPES.values() else torch.float32
 
 
 @dataclass

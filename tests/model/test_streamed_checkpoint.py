@@ -136,3 +136,34 @@ def test_a_whole_model_configuration_is_held_in_memory_and_says_so(
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
     assert streamed.details["bitstack"]["order"] == report.details["bitstack"]["order"]
+
+
+def test_the_compute_dtype_defaults_to_the_checkpoints_own(
+    tmp_path: Path, default_model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--dtype auto` (the default): a bf16 checkpoint computes in bf16, the fp32 bundled model
+    in fp32; config.json says which, else the stored float tensors do."""
+    import json
+
+    from quantlab.cli import main
+    from quantlab.export.model_source import checkpoint_dtype
+
+    source = synthetic.write_checkpoint(tmp_path / "src", "tiny", 2, "bfloat16", progress=False)
+    assert checkpoint_dtype(source) == torch.bfloat16
+    assert checkpoint_dtype(default_model_path) == torch.float32
+    config_path = source / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float64"  # not a compute dtype quantlab offers: the tensors decide
+    config_path.write_text(json.dumps(config))
+    assert checkpoint_dtype(source) == torch.bfloat16
+
+    out = tmp_path / "out"
+    args = ["quantize", "--model", str(source), "--method", "rtn", "--out", str(out)]
+    assert main([*args, "--no-eval", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "bfloat16"
+    # The plan counted the block in bf16: 2 bytes per weight of the tiny preset's block.
+    block = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 2 * 256  # q, o; k, v (GQA); MLP; norms
+    fp32_copies = 3 * 4 * 256 * 512  # the solver's fp32 copies of the largest weight
+    assert result["memory_plan"]["block_weights"] == 2 * block + fp32_copies
