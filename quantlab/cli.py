@@ -35,7 +35,8 @@ def _add_eval_args(p: argparse.ArgumentParser, text_default: str) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="compute dtype of the model; auto (default): the checkpoint's own (config.json), so "
-        "a bf16 model computes in bf16 and an fp32 one in fp32",
+        "a bf16 model computes in bf16 and an fp32 one in fp32 (an fp16 one: fp16 on a GPU, fp32 "
+        "on the CPU)",
     )
     f = p.add_argument_group("fairness (stereotype score)")
     f.add_argument(
@@ -302,7 +303,7 @@ def _quantize_locked(
     if checkpoint_kind(source) is not None:
         raise ValueError(f"--model {args.model} is already a quantized checkpoint")
     if args.dtype == "auto":
-        args.dtype = dtype_name(checkpoint_dtype(source))
+        args.dtype = dtype_name(checkpoint_dtype(source, args.device))
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
@@ -470,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     path, name = local_model_dir(args.model)
     if args.dtype == "auto":
-        args.dtype = dtype_name(checkpoint_dtype(path))
+        args.dtype = dtype_name(checkpoint_dtype(path, args.device))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:

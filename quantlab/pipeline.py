@@ -197,7 +197,7 @@ def quantize_checkpoint(
     check_exportable(config, export_format)
     shard_bytes = parse_size(max_shard_size)
     device = torch.device(device)
-    dtype = dtype or checkpoint_dtype(source)
+    dtype = dtype or checkpoint_dtype(source, device)
     files = CheckpointFiles(source)
     lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source), dtype), files, device)
     spec = resolve(lazy.model)

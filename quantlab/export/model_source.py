@@ -33,23 +33,31 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def checkpoint_dtype(path: str | Path) -> torch.dtype:
+def checkpoint_dtype(path: str | Path, device: torch.device | str = "cpu") -> torch.dtype:
     """The compute dtype of a checkpoint's model by default (``--dtype auto``): its own, so a bf16
     model is computed in bf16 (half the memory of fp32; no worse perplexity on the bundled
     model, docs/benchmarks.md) and an fp32 one in fp32 (not rounded). config.json's ``dtype``
     (``torch_dtype`` in older files) when it names one of :data:`DTYPES`, else the dtype most of
-    its float tensors are stored in (fp32 where that is none of them)."""
+    its float tensors are stored in (fp32 where that is none of them). An fp16 model computes in
+    fp16 on a GPU and in fp32 on the CPU (exact, where bf16 would round it, and CPUs without
+    native fp16 arithmetic run fp16 matmuls far slower)."""
     from quantlab.export.checkpoint_files import CheckpointFiles
     from quantlab.export.schema import read_config_json
 
     _, config = read_config_json(Path(path))
+    own = None
     for key in ("dtype", "torch_dtype"):
         name = config.get(key)
         if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
-            return DTYPES[name.removeprefix("torch.")]
-    with CheckpointFiles(path) as files:
-        stored = files.dtype()
-    return stored if stored in DTYPES.values() else torch.float32
+            own = DTYPES[name.removeprefix("torch.")]
+            break
+    if own is None:
+        with CheckpointFiles(path) as files:
+            stored = files.dtype()
+        own = stored if stored in DTYPES.values() else torch.float32
+    if own == torch.float16 and torch.device(device).type == "cpu":
+        return torch.float32
+    return own
 
 
 @dataclass

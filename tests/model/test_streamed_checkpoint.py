@@ -157,6 +157,13 @@ def test_the_compute_dtype_defaults_to_the_checkpoints_own(
     config["torch_dtype"] = "float64"  # not a compute dtype quantlab offers: the tensors decide
     config_path.write_text(json.dumps(config))
     assert checkpoint_dtype(source) == torch.bfloat16
+    # fp16: kept on a GPU, computed in fp32 (exact) on the CPU.
+    config["torch_dtype"] = "float16"
+    config_path.write_text(json.dumps(config))
+    assert checkpoint_dtype(source, "cuda") == torch.float16
+    assert checkpoint_dtype(source, "cpu") == torch.float32
+    config["torch_dtype"] = "float64"
+    config_path.write_text(json.dumps(config))
 
     out = tmp_path / "out"
     args = ["quantize", "--model", str(source), "--method", "rtn", "--out", str(out)]
