@@ -116,6 +116,14 @@ class GroupwiseReading:
         """The quantized modules among the ``stored`` tensor names (those with a ``.qweight``)."""
         return sorted(k[: -len(".qweight")] for k in stored if k.endswith(".qweight"))
 
+    def check_complete(
+        self, name: str, stored: Iterable[str] | Mapping[str, Any], where: object
+    ) -> None:
+        """:class:`CheckpointError` naming ``where`` when module ``name`` lacks a suffix tensor."""
+        missing = [s for s in self.suffixes if f"{name}.{s}" not in stored]
+        if missing:
+            raise CheckpointError(f"{where}: {name} lacks {missing}")
+
     def specs(self, names: list[str]) -> dict[str, dict[str, Any]]:
         return groupwise_specs(names, self.bits, self.group_size, self.sym)
 
@@ -143,9 +151,7 @@ def state_in_groupwise_format(
         names = reading.module_names(files.tensors)
         state = {key: files.get(key) for key in files.tensors}
     for name in names:
-        missing = [s for s in reading.suffixes if f"{name}.{s}" not in state]
-        if missing:
-            raise CheckpointError(f"{weights}: {name} lacks {missing}")
+        reading.check_complete(name, state, weights)
         tensors = {s: state.pop(f"{name}.{s}") for s in reading.suffixes}
         converted = reading.converted(name, tensors, weights)
         state.update({f"{name}.{k}": v for k, v in converted.items()})
@@ -172,20 +178,24 @@ class ConvertedFiles:
     served from that conversion), every other tensor is read as stored. So a GPTQ or AWQ
     checkpoint larger than memory is evaluated block by block like quantlab's own.
 
-    ``expected`` maps each converted tensor's name to a tensor of its shape and dtype (the empty
+    ``files`` are the checkpoint's (headers read once by the caller); ``expected`` maps each
+    converted tensor's name to a tensor of its shape and dtype (the empty
     layers of the model it fills): ``tensors`` lists those for the model's checks, and a
     conversion that produces anything else is a :class:`CheckpointError`."""
 
-    def __init__(self, reading: GroupwiseReading, expected: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        reading: GroupwiseReading,
+        files: CheckpointFiles,
+        expected: Mapping[str, torch.Tensor],
+    ) -> None:
         self.reading = reading
-        self.files = reading.checkpoint.files()
-        self.path = self.files.path
-        self.source = self.files.source
-        self.modules = reading.module_names(self.files.tensors)
+        self.files = files
+        self.path = files.path
+        self.source = files.source
+        self.modules = reading.module_names(files.tensors)
         for name in self.modules:
-            missing = [s for s in reading.suffixes if f"{name}.{s}" not in self.files]
-            if missing:
-                raise CheckpointError(f"{self.source}: {name} lacks {missing}")
+            reading.check_complete(name, files.tensors, self.source)
         converted_away = {f"{m}.{s}" for m in self.modules for s in reading.suffixes}
         self.tensors: dict[str, TensorInfo] = {
             k: v for k, v in self.files.tensors.items() if k not in converted_away
@@ -244,9 +254,9 @@ def open_groupwise_lazily(
     config.quantization_config = None
     del config.quantization_config  # the layers are swapped in here, not by transformers
     model = empty_model(config, dtype)
-    with CheckpointFiles(root) as files:
-        names = reading.module_names(files.tensors)
-        stored = set(files.tensors)
+    files = reading.checkpoint.files()
+    names = reading.module_names(files.tensors)
+    stored = files.tensors
     expected: dict[str, torch.Tensor] = {}
     for name, spec in reading.specs(names).items():
         try:
@@ -257,5 +267,5 @@ def open_groupwise_lazily(
             full = f"{name}.{key}"
             if full not in stored or key in reading.suffixes:
                 expected[full] = tensor
-    weights = ConvertedFiles(reading, expected)
+    weights = ConvertedFiles(reading, files, expected)
     return LazyModel(model, weights, device, after_load=checked_after_load(weights.source))
