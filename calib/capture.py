@@ -301,6 +301,13 @@ def _new_stats(
     return dict.fromkeys(group, shared)
 
 
+def _release(stats: dict[str, HessianAccumulator]) -> None:
+    """A solved group's Hessian is not needed again: free it before the next group's solve (the
+    hooks and closures that keep the accumulator would otherwise keep every K x K of the block)."""
+    for accumulator in stats.values():
+        accumulator.release()
+
+
 @torch.no_grad()
 def _process_block_single_pass(
     index: int,
@@ -330,6 +337,7 @@ def _process_block_single_pass(
                 on_group(index, block, group, stats)
             finally:
                 solving[0] = False
+                _release(stats)
 
         handles.append(_hook_group(block, group, stats, solve, paused=lambda: solving[0]))
     try:
@@ -371,6 +379,7 @@ def _process_block_staged(
                 h.remove()
         for group, stats in zip(stage, all_stats, strict=True):
             on_group(index, block, group, stats)
+            _release(stats)
     return run_block(block, inputs, device)
 
 

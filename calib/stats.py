@@ -17,27 +17,46 @@ class HessianAccumulator:
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self.in_features = in_features
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.device = torch.device(device)
+        # Allocated by the first batch and dropped by release(): a block's groups are created
+        # together, but each K x K matrix (3.3 GB at K = 28672) lives only from its group's first
+        # input to its solve.
+        self._sum: torch.Tensor | None = None
+        self._released = False
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]`` (any float dtype)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        rows = x.reshape(-1, self.in_features).to(device=self.sum.device, dtype=torch.float32)
+        if self._released:
+            raise RuntimeError("this Hessian was released after its solve; it takes no more inputs")
+        rows = x.reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
         m = rows.shape[0]
         if m == 0:
             return
+        if self._sum is None:
+            self._sum = torch.zeros(
+                self.in_features, self.in_features, dtype=torch.float32, device=self.device
+            )
         total = self.n_tokens + m
-        self.sum.mul_(self.n_tokens / total)
-        self.sum.addmm_(rows.t(), rows, alpha=2.0 / total)
+        self._sum.mul_(self.n_tokens / total)
+        self._sum.addmm_(rows.t(), rows, alpha=2.0 / total)
         self.n_tokens = total
 
     def hessian(self) -> torch.Tensor:
         """``2 X^T X / n`` as fp32 ``[K, K]``."""
-        if self.n_tokens == 0:
+        if self._released:
+            raise RuntimeError("this Hessian was released after its solve")
+        if self._sum is None:
             raise ValueError("no calibration tokens reached this layer; its Hessian is empty")
-        return self.sum
+        return self._sum
+
+    def release(self) -> None:
+        """Drop the matrix (its group is solved); the memory returns at once unless the caller
+        still holds :meth:`hessian`'s tensor."""
+        self._sum = None
+        self._released = True
 
 
 class PairDifferenceAccumulator:
@@ -76,7 +95,7 @@ class PairDifferenceAccumulator:
             raise ValueError(
                 "no aligned pair positions reached this layer; its group-bias matrix is empty"
             )
-        return self._differences.sum
+        return self._differences.hessian()
 
 
 class ChannelStatsAccumulator:

@@ -7,9 +7,10 @@ What a streamed run holds at its peak (:func:`plan_memory`, each term an upper b
 * the process itself (interpreter, torch, tokenizer): a fixed allowance;
 * one decoder block's weights in the compute dtype, plus the solver's fp32 working copies of its
   largest linear (weight, its transposed working copy, the result);
-* the per-layer statistics of calibrated methods: one fp32 ``in x in`` Hessian per sequential
-  group of the block, and 3.5 more of the widest for the solver (damped copy, Cholesky factor,
-  inverse: measured 3.1-3.5 at K = 6144);
+* the per-layer statistics of calibrated methods: for GPTQ the fp32 ``in x in`` Hessian of the
+  group being solved (each is freed once solved) and one more for its solver (damped, factored
+  and inverted in place); for the other second-order solvers one per sequential group of the
+  block and 3.5 more of the widest (damped copy, Cholesky factor, inverse);
 * one calibration batch's intermediates inside a block forward (``batch x seq_len`` tokens times
   three of the widest projection plus six of the hidden size, in the compute dtype);
 * the activations between blocks, in RAM up to the activation budget, the rest spilled to
@@ -172,9 +173,18 @@ def plan_memory(
         group_inputs = [
             get_submodule(blocks[0], group[0]).in_features for group in spec.sequential_groups
         ]
-        # Measured: the solver holds ~3.5 more fp32 K x K matrices at its peak (its own damped
-        # copy, the Cholesky factor, the inverse; tests/test_memory_plan.py).
-        solver = 4 * sum(k * k for k in group_inputs) + 14 * max(group_inputs) ** 2
+        widest_input = max(group_inputs)
+        if getattr(config, "method", "") == "gptq":
+            # GPTQ frees each group's Hessian once it is solved and allocates the next at its
+            # first input, so with true-sequential groups one is alive at a time; its solver works
+            # in one more K x K (damped, factored and inverted in place; measured in
+            # tests/test_memory_plan.py).
+            live = widest_input**2 if config.true_sequential else sum(k * k for k in group_inputs)
+            solver = 4 * live + 4 * widest_input**2
+        else:
+            # The other second-order solvers (Fair-GPTQ's group-bias matrix and its sums, PVQ,
+            # ternary, BitStack) hold more: every group's Hessian and ~3.5 K x K of the widest.
+            solver = 4 * sum(k * k for k in group_inputs) + 14 * widest_input**2
 
     forward = 0
     activations = 0

@@ -14,9 +14,12 @@ and the seconds from before loading the model to the
 checkpoint on disk.
 
 quantlab runs with its defaults for GPTQ (clip search on, true-sequential); llm-compressor with
-its own (``minmax`` observer, no clip search, sequential onloading by decoder layer). Prints one
-JSON object per tool and the ratios (quantlab / llm-compressor), and with ``--markdown`` the table
-rows for docs/benchmarks.md.
+its own (``minmax`` observer, no clip search, sequential onloading by decoder layer). Each
+``--quantlab-variant KEY=VALUE[,KEY=VALUE]`` adds one more quantlab run with those GPTQ options
+(e.g. ``clip_search=false``: the same rounding as llm-compressor's observer), in the same
+invocation so that its ratios come from the same machine state. Prints one JSON object per run
+and the ratios (quantlab / llm-compressor), and with ``--markdown`` the table rows for
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ ids = torch.from_numpy(numpy.load(args["ids"], allow_pickle=False))
 tok = AutoTokenizer.from_pretrained(args["source"])
 t0 = time.perf_counter()
 report = quantize_checkpoint(
-    args["source"], args["out"], GPTQConfig(bits=4, group_size=64, sym=False), tok,
+    args["source"], args["out"], GPTQConfig(bits=4, group_size=64, sym=False, **args["options"]),
+    tok,
     dtype=torch.bfloat16, progress=False, samples=ids,
 )
 print(json.dumps({"seconds": time.perf_counter() - t0, "total_s": time.perf_counter() - start,
@@ -112,6 +116,24 @@ def _run(python: str, code: str, spec: dict) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
 
+def _options(text: str) -> dict[str, object]:
+    """``clip_search=false,damp_percent=0.02`` as GPTQConfig keyword arguments."""
+    options: dict[str, object] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            options[key.strip()] = low == "true"
+        else:
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value.strip()
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama3-8b")
@@ -121,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "stream-bench")
     parser.add_argument(
         "--llmc-python", default=str(ROOT / ".venv-peers" / "llmc" / "bin" / "python")
+    )
+    parser.add_argument(
+        "--quantlab-variant",
+        action="append",
+        default=[],
+        type=_options,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="one more quantlab run with these GPTQConfig options (repeatable)",
     )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
@@ -145,26 +175,36 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         ids_path = Path(tmp) / "calib_ids.npy"
         numpy.save(ids_path, ids.numpy(), allow_pickle=False)
-        for tool, python, code in (
-            ("quantlab", sys.executable, _QUANTLAB),
-            ("llm-compressor", args.llmc_python, _LLMC),
-        ):
-            out = Path(tmp) / tool
+        runs = [("quantlab", sys.executable, _QUANTLAB, {})]
+        for options in args.quantlab_variant:
+            label = ", ".join(f"{k}={v}" for k, v in options.items())
+            runs.append((f"quantlab ({label})", sys.executable, _QUANTLAB, options))
+        runs.append(("llm-compressor", args.llmc_python, _LLMC, {}))
+        for index, (tool, python, code, options) in enumerate(runs):
+            out = Path(tmp) / f"run{index}"
             spec = {"source": str(source), "out": str(out), "ids": str(ids_path)}
+            spec["options"] = options
             result = _run(python, code, spec)
             result["output_bytes"] = sum(
                 _dir_bytes(d) for d in (out, *[p for p in out.iterdir() if p.is_dir()])
             )
             results[tool] = result
+    peer = results["llm-compressor"]
+    ratios = {
+        tool: {
+            "peak_rss": r["peak_rss_bytes"] / peer["peak_rss_bytes"],
+            "seconds": r["seconds"] / peer["seconds"],
+        }
+        for tool, r in results.items()
+        if tool != "llm-compressor"
+    }
     summary = {
         "preset": args.preset,
         "blocks": args.blocks,
         "calib": [args.calib_samples, args.calib_seq_len],
         "source_bytes": _dir_bytes(source),
         "tools": results,
-        "peak_rss_ratio": results["quantlab"]["peak_rss_bytes"]
-        / results["llm-compressor"]["peak_rss_bytes"],
-        "seconds_ratio": results["quantlab"]["seconds"] / results["llm-compressor"]["seconds"],
+        "ratios_vs_llm_compressor": ratios,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
@@ -180,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['output_bytes'] / gib:.2f} GiB | "
                 f"{summary['date']} | {commit} |"
             )
-        print(
-            f"| ratio quantlab / llm-compressor | | {summary['peak_rss_ratio']:.2f} | "
-            f"{summary['seconds_ratio']:.2f} | | | |"
-        )
+        for tool, ratio in ratios.items():
+            print(
+                f"| ratio {tool} / llm-compressor | | {ratio['peak_rss']:.2f} | "
+                f"{ratio['seconds']:.2f} | | | |"
+            )
     return 0
 
 

@@ -88,9 +88,9 @@ class GroupwiseIntResult:
             if self.zeros is None
             else self.zeros.to(torch.float32)
         )
-        w = (self.q.to(torch.float32).view(n, k // g, g) - z.unsqueeze(-1)) * self.scales.unsqueeze(
-            -1
-        )
+        # In place on the one fp32 copy: a 28672 x 8192 projection is 0.94 GB per copy.
+        w = self.q.to(torch.float32).view(n, k // g, g)
+        w.sub_(z.unsqueeze(-1)).mul_(self.scales.unsqueeze(-1))
         return w.view(n, k)
 
 

@@ -23,6 +23,7 @@ Differences from the IST-DASLab reference ``fasterquant``, all deliberate:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -160,36 +161,36 @@ def gptq_quantize(
         s, z = group_params(w.reshape(n * n_groups, g), bits, sym, scale_dtype, clip_search)
         fixed = (s.view(n, n_groups), z.view(n, n_groups))
 
-    # The solver's own copy of H, permuted in one gather (no intermediate K x K copy) and damped
-    # in place below: at a 28672-wide input every K x K matrix is 3.3 GB.
+    # The solver's own copy of H, permuted in one gather (no intermediate K x K copy), damped and
+    # factored in place: at a 28672-wide input every K x K matrix is 3.3 GB, and this is the only
+    # one besides the caller's (a retry after a failed Cholesky gathers a new one).
     perm: torch.Tensor | None = None
     if act_order:
         perm = torch.argsort(diagonal, descending=True, stable=True)
         w = w[:, perm]
-        h = source[perm.unsqueeze(1), perm.unsqueeze(0)]
         dead = dead[perm]
-    else:
-        h = source.clone()
-    del source
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
 
-    u = inverse_cholesky(h, damp_percent, max_damp_retries, name, overwrite=True)
-    del h
+    working_copy = functools.partial(_working_hessian, source, perm, dead)
+    u = inverse_cholesky(working_copy, damp_percent, max_damp_retries, name)
+    del working_copy
+    del source
 
     # Transposed working copy: row i of wt is input column i (in quantization order).
     wt = w.t().contiguous()
     del w
 
-    # Per-column scale/zero rows in quantization order for the fixed-grid cases.
-    col_scale: torch.Tensor | None = None
-    col_zero: torch.Tensor | None = None
+    # Per-group scale/zero rows ([G, N]) and each column's group in quantization order, for the
+    # fixed-grid cases (indexed per column: a [K, N] row per column would be two weight copies).
+    group_scale: torch.Tensor | None = None
+    group_zero: torch.Tensor | None = None
+    group_of_column: list[int] = []
     if fixed is not None:
         col_group = torch.arange(k, device=device) // g
         if perm is not None:
             col_group = col_group[perm]
-        col_scale = fixed[0].t()[col_group].contiguous()
-        col_zero = fixed[1].t()[col_group].to(torch.float32).contiguous()
+        group_of_column = col_group.tolist()
+        group_scale = fixed[0].t().contiguous()
+        group_zero = fixed[1].t().to(torch.float32).contiguous()
 
     dyn_scales: list[torch.Tensor] = []
     dyn_zeros: list[torch.Tensor] = []
@@ -209,19 +210,26 @@ def gptq_quantize(
                 grid[:] = [s, z.to(torch.float32)]
             scale, zero = grid
         else:
-            assert col_scale is not None and col_zero is not None
-            scale, zero = col_scale[col], col_zero[col]
+            assert group_scale is not None and group_zero is not None
+            group = group_of_column[col]
+            scale, zero = group_scale[group], group_zero[group]
         torch.div(wcol, scale, out=qcol)
         qcol.round_().add_(zero).clamp_(0.0, maxq)
         torch.sub(qcol, zero, out=deq)
         deq.mul_(scale)
 
     qt = error_feedback_columns(wt, u, bsz, quantize_column)
+    # The factor and the error-corrected copy are done with: free them before the codes are
+    # reordered and the loss is taken (quantize_column still names wt, so empty its storage).
+    del u
+    wt.set_()
 
-    q = qt.t()
+    codes = qt.to(torch.int32)
+    del qt
     if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    q = q.to(torch.int32).contiguous()
+        codes = codes[torch.argsort(perm)]
+    q = codes.t().contiguous()
+    del codes
 
     if fixed is not None:
         scales, zeros = fixed
@@ -239,3 +247,14 @@ def gptq_quantize(
         weight if loss_weight is None else loss_weight, result.dequantize(), hessian
     )
     return result
+
+
+def _working_hessian(
+    source: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor
+) -> torch.Tensor:
+    """A fresh copy of ``source`` in quantization order (``perm``, one gather), with a unit
+    diagonal at the ``dead`` columns (in that order) so that the factorisation stays defined."""
+    h = source.clone() if perm is None else source[perm.unsqueeze(1), perm.unsqueeze(0)]
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+    return h

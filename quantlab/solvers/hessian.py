@@ -29,8 +29,20 @@ __all__ = [
     "damped_factor",
     "error_feedback_columns",
     "inverse_cholesky",
+    "non_finite_count",
     "proxy_loss",
 ]
+
+
+def non_finite_count(tensor: torch.Tensor, slice_elements: int = 1 << 18) -> int:
+    """How many NaN/Inf entries ``tensor`` has, counted in slices: ``torch.isfinite`` of the
+    whole tensor allocates an fp32 ``abs`` and two masks of its size (1.5 times a K x K Hessian at
+    its peak)."""
+    flat = tensor.detach().reshape(-1)  # a view for the contiguous tensors the solvers pass
+    bad = 0
+    for part in flat.split(slice_elements):
+        bad += int(torch.count_nonzero(torch.isfinite(part).logical_not_()))
+    return bad
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
@@ -40,9 +52,8 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         )
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating-point weight, got {weight.dtype}")
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    bad = non_finite_count(weight)
+    if bad:
         raise ValueError(f"{name}: weight has {bad} NaN/Inf entries; refusing to quantize it")
 
 
@@ -54,16 +65,20 @@ def check_hessian(hessian: torch.Tensor, k: int, name: str) -> None:
         )
     if not hessian.dtype.is_floating_point:
         raise TypeError(f"{name}: hessian must be floating point, got {hessian.dtype}")
-    finite = torch.isfinite(hessian)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    bad = non_finite_count(hessian)
+    if bad:
         raise ValueError(
             f"{name}: hessian has {bad} NaN/Inf entries (overflowed or corrupted calibration "
             "activations?); refusing to quantize"
         )
 
 
-def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+def proxy_loss(
+    weight: torch.Tensor,
+    dequantized: torch.Tensor,
+    hessian: torch.Tensor,
+    rows_per_slice: int = 512,
+) -> float:
     """GPTQ's layer objective ``tr((W - Q) H (W - Q)^T) / 2``.
 
     With ``H = 2 X X^T / n`` this is ``||(W - Q) X||_F^2 / n``: the squared output error of the
@@ -75,6 +90,7 @@ def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.T
         weight: float ``[N, K]`` original weight.
         dequantized: float ``[N, K]`` quantized-then-dequantized weight.
         hessian: float ``[K, K]`` symmetric ``H`` as accumulated (undamped).
+        rows_per_slice: output rows whose error is formed at a time (memory, not the value).
 
     Returns:
         The loss as a Python float (computed in fp32, summed in fp64).
@@ -88,45 +104,50 @@ def proxy_loss(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.T
         raise ValueError(
             f"hessian must be [{k}, {k}] for a weight with {k} columns, got {tuple(hessian.shape)}"
         )
-    err = weight.detach().to(torch.float32) - dequantized.detach().to(
-        device=weight.device, dtype=torch.float32
-    )
     h = hessian.detach().to(device=weight.device, dtype=torch.float32)
-    return float(((err @ h) * err).sum(dtype=torch.float64)) / 2.0
+    # In slices of output rows, so that the error and its products are a few rows at a time and
+    # not copies of the weight (at a 28672 x 8192 projection each is 0.94 GB in fp32).
+    total = 0.0
+    for start in range(0, weight.shape[0], rows_per_slice):
+        rows = slice(start, start + rows_per_slice)
+        err = weight[rows].detach().to(torch.float32) - dequantized[rows].detach().to(
+            device=weight.device, dtype=torch.float32
+        )
+        total += float(((err @ h) * err).sum(dtype=torch.float64))
+    return total / 2.0
 
 
 def damped_factor(
-    h: torch.Tensor,
+    h: torch.Tensor | Callable[[], torch.Tensor],
     damp_percent: float,
     max_damp_retries: int,
     name: str,
     factor: Callable[[torch.Tensor], torch.Tensor | None],
     stacklevel: int = 3,
-    overwrite: bool = False,
 ) -> torch.Tensor:
     """``factor(H + damp * mean(diag H) * I)``, GPTQ's damping with retries.
 
-    ``factor`` returns ``None`` when the damped matrix is not usable (a failed Cholesky); the
-    damping is then raised tenfold (at least to 0.01) and ``factor`` tried again. A retry warns,
-    at ``stacklevel`` (3: the caller of the function that called this one).
+    ``h`` is either ``H`` itself, left untouched (each attempt damps a copy), or a function that
+    returns a fresh undamped copy of ``H`` which the attempt owns: the caller then holds no copy
+    of its own, and ``factor`` works in that one matrix (at a 28672-wide MLP projection each
+    ``K x K`` fp32 matrix is 3.3 GB). ``factor`` may overwrite its argument and return it.
 
-    ``overwrite``: damp ``h``'s own diagonal instead of a copy (the caller no longer needs ``h``;
-    its diagonal is left damped). Saves a ``K x K`` copy, which for a 28672-wide MLP projection is
-    3.3 GB; each retry starts again from the original diagonal, so the values are the same.
+    ``factor`` returns ``None`` when the damped matrix is not usable (a failed Cholesky); the
+    damping is then raised tenfold (at least to 0.01) and ``factor`` tried again on a new copy. A
+    retry warns, at ``stacklevel`` (3: the caller of the function that called this one).
     """
-    mean_diag = float(torch.diagonal(h).mean())
-    original = torch.diagonal(h).clone() if overwrite else None
+    fresh_copy = h if callable(h) else h.clone
+    mean_diag: float | None = None
     damp = damp_percent
     tried: list[float] = []
     for attempt in range(max_damp_retries + 1):
         tried.append(damp)
-        if original is not None:
-            hd = h
-            hd.diagonal().copy_(original)
-        else:
-            hd = h.clone()
+        hd = fresh_copy()
+        if mean_diag is None:
+            mean_diag = float(torch.diagonal(hd).mean())
         hd.diagonal().add_(damp * mean_diag)
         result = factor(hd)
+        del hd  # a failed attempt's matrix is gone before the next copy is made
         if result is not None:
             if attempt > 0:
                 warnings.warn(
@@ -145,34 +166,58 @@ def damped_factor(
 
 
 def _upper_of_inverse(hd: torch.Tensor) -> torch.Tensor | None:
-    chol, info = torch.linalg.cholesky_ex(hd)
+    """The upper Cholesky factor of ``hd^-1``, computed in ``hd``'s own storage: no second
+    ``K x K`` matrix.
+
+    LAPACK works in place on column-major matrices; torch gives it an ``out=`` tensor without a
+    temporary only when that tensor is already column-major. ``hd`` is symmetric, so its
+    transposed view is the same matrix with column-major strides: the three steps run on that
+    view (the same LAPACK calls as with separate outputs, so the same values), and the factor is
+    transposed back to row-major in place at the end.
+    """
+    info = torch.empty((), dtype=torch.int32, device=hd.device)
+    column_major = hd.mT
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
     if int(info) != 0:
         return None
-    inverse = torch.cholesky_inverse(chol)
-    del chol  # two K x K matrices alive at a time besides hd, not three
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    del inverse
-    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
+    torch.cholesky_inverse(column_major, out=column_major)
+    torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
+    if int(info) != 0:
         return None
-    return upper
+    _transpose_square_in_place(hd)
+    if non_finite_count(hd):
+        return None
+    return hd
+
+
+def _transpose_square_in_place(matrix: torch.Tensor, tile: int = 512) -> None:
+    """``matrix = matrix^T`` for a square row-major matrix, tile pair by tile pair (one tile of
+    scratch instead of a second matrix)."""
+    k = matrix.shape[0]
+    for i in range(0, k, tile):
+        diagonal = matrix[i : i + tile, i : i + tile]
+        diagonal.copy_(diagonal.t().clone())
+        for j in range(i + tile, k, tile):
+            upper = matrix[i : i + tile, j : j + tile]
+            lower = matrix[j : j + tile, i : i + tile]
+            scratch = upper.clone()
+            upper.copy_(lower.t())
+            lower.copy_(scratch.t())
 
 
 def inverse_cholesky(
-    h: torch.Tensor,
+    h: torch.Tensor | Callable[[], torch.Tensor],
     damp_percent: float,
     max_damp_retries: int,
     name: str,
-    overwrite: bool = False,
 ) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``),
-    with :func:`damped_factor`'s retries (``overwrite``: damp ``h`` in place, see there).
+    with :func:`damped_factor`'s retries; ``h`` is ``H`` or a function making fresh copies of it
+    (see there). The factor is computed in place, in the one copy.
 
     A retry warns at the caller of the solver that called this function (stacklevel 4: this
     function, then the solver, then its caller)."""
-    return damped_factor(
-        h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4,
-        overwrite=overwrite,
-    )  # fmt: skip
+    return damped_factor(h, damp_percent, max_damp_retries, name, _upper_of_inverse, stacklevel=4)
 
 
 # Quantizes one column in place: (column index in quantization order, its error-corrected values

@@ -13,6 +13,8 @@ __all__ = ["group_params", "quantize_to_grid", "rtn_quantize"]
 # Range shrink factors tried by the clip search: 1.0 down to 0.75 in steps of 2.5 %.
 # Weights quantized per chunk of rows (fp32 temporaries of ~64 MB each).
 _RTN_CHUNK_WEIGHTS = 1 << 24
+# Weights whose candidate grids the clip search tries at once (fp32 temporaries of ~4 MB each).
+_CLIP_SEARCH_CHUNK_WEIGHTS = 1 << 20
 CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(11))
 # GPTQ's grid search scores candidate ranges by sum |w - q(w)|^2.4 (its quant.py default).
 CLIP_NORM = 2.4
@@ -44,6 +46,27 @@ def group_params(
     xmax = torch.clamp(w.max(dim=1).values, min=0.0)
     if not clip_search:
         return _params_from_range(xmin, xmax, bits, sym, scale_dtype)
+    # Rows are independent: search a slice of them at a time, so that the candidate grids'
+    # temporaries (four of the slice's size) stay small next to a whole projection's weight.
+    rows = max(1, _CLIP_SEARCH_CHUNK_WEIGHTS // max(1, w.shape[1]))
+    if w.shape[0] > rows:
+        parts = [
+            _clip_searched_params(w[i : i + rows], xmin[i : i + rows], xmax[i : i + rows], bits,
+                                  sym, scale_dtype)
+            for i in range(0, w.shape[0], rows)
+        ]  # fmt: skip
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _clip_searched_params(w, xmin, xmax, bits, sym, scale_dtype)
+
+
+def _clip_searched_params(
+    w: torch.Tensor,
+    xmin: torch.Tensor,
+    xmax: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     best_err = torch.full_like(xmin, float("inf"))
     best_scale = torch.empty_like(xmin)
     best_zero = torch.empty(xmin.shape, dtype=torch.int32, device=w.device)

@@ -104,3 +104,34 @@ def test_single_pass_and_staged_modes_agree_when_quantizing(tiny_llama: nn.Modul
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
     # 2-bit quantization of block 0 changes what block 1's down_proj sees.
     assert not torch.allclose(results[0]["1.mlp.down_proj"], fp["1.mlp.down_proj"], rtol=1e-2)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_each_groups_hessian_is_freed_once_solved(
+    tiny_llama: nn.Module, batch_size: int | None
+) -> None:
+    """Memory: when a group is solved, no earlier group of the block still holds its K x K matrix
+    and no later one has one yet (the down projection's solve is the peak of a block)."""
+    spec = resolve(tiny_llama)
+    earlier: list[HessianAccumulator] = []
+    widths: list[int] = []
+
+    def on_group(i: int, block: nn.Module, group: Sequence[str], stats: dict) -> None:
+        accumulator = stats[group[0]]
+        for old in earlier:
+            with pytest.raises(RuntimeError, match="released after its solve"):
+                old.hessian()
+        widths.append(accumulator.hessian().shape[0])
+        earlier.append(accumulator)
+
+    run_sequential(
+        ModelBlocks(tiny_llama, spec.blocks, "cpu"),
+        spec.sequential_groups,
+        _samples(),
+        on_group,
+        batch_size=batch_size,
+        progress=False,
+    )
+    assert len(earlier) == len(spec.sequential_groups) * len(tiny_llama.model.layers)
+    with pytest.raises(RuntimeError, match="takes no more inputs"):
+        earlier[-1].add(torch.zeros(1, widths[-1]))

@@ -17,7 +17,7 @@ import torch
 
 from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.solvers.gptq import gptq_quantize
-from quantlab.solvers.hessian import proxy_loss
+from quantlab.solvers.hessian import inverse_cholesky, proxy_loss
 from quantlab.solvers.rtn import group_params, rtn_quantize
 
 DAMP = 0.01
@@ -275,6 +275,35 @@ def test_singular_hessian_retries_with_more_damping() -> None:
     assert torch.equal(res.q, direct.q) and torch.equal(res.scales, direct.scales)
     assert torch.equal(res.zeros, direct.zeros) and res.loss == direct.loss
     _assert_rounding_invariant(w, h, res, torch.arange(64))
+
+
+def test_the_inverse_factor_is_computed_in_the_working_copy_itself() -> None:
+    """The solver's memory bound: from a function making working copies, the damped inverse's
+    upper factor is computed in the copy's own storage (no second K x K matrix), equal bit for bit
+    to the chain with separate outputs, and a failed attempt asks for a new copy."""
+    x = torch.randn(400, 96)
+    h = 2 * x.t() @ x / 400
+    made: list[torch.Tensor] = []
+
+    def working_copy() -> torch.Tensor:
+        made.append(h.clone())
+        return made[-1]
+
+    upper = inverse_cholesky(working_copy, 0.01, 0, "blk.0.down_proj")
+    assert len(made) == 1 and upper.data_ptr() == made[0].data_ptr()
+    damped = h.clone()
+    damped.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    expected = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True
+    )
+    assert torch.equal(upper, expected)
+
+    made.clear()
+    singular = _singular_hessian(64)
+    with pytest.warns(RuntimeWarning, match="damp_percent=0.01"):
+        inverse_cholesky(lambda: made.append(singular.clone()) or made[-1], 0.0, 2, "blk.0.o_proj")
+    assert len(made) == 2  # the failed attempt's copy was factored in place, so a new one
+    assert torch.equal(singular, _singular_hessian(64))  # the caller's matrix is untouched
 
 
 def test_hopeless_hessian_raises_naming_the_layer() -> None:
