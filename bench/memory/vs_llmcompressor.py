@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         gib = 2**30
         for tool, r in results.items():
-            name = tool if tool == "quantlab" else f"{tool} {r['version']}"
+            name = f"{tool} {r['version']}" if tool == "llm-compressor" else tool
             print(
                 f"| {args.preset} x {args.blocks} blocks | {name} | "
                 f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['seconds']:.0f} s | "
