@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from quantlab.calib.activations import Activation, ActivationStore, materialize
 from quantlab.calib.blocks import ModelBlocks
+from quantlab.calib.parallel import Parallel
 from quantlab.calib.stats import HessianAccumulator
 
 __all__ = [
@@ -396,6 +397,7 @@ def run_sequential(
     progress: bool = True,
     on_start: Callable[[], None] | None = None,
     on_block_start: Callable[[int, nn.Module], None] | None = None,
+    parallel: Parallel | None = None,
 ) -> None:
     """Quantize ``blocks`` one after another on calibration ``samples`` ``[S, L]``.
 
@@ -413,7 +415,14 @@ def run_sequential(
     as AWQ's smoothing does ahead of GPTQ).
 
     ``batch_size`` defaults to all samples in one batch, which enables the single-pass mode.
+
+    ``parallel`` (a multi-process run): this rank calibrates on its share of ``samples`` only
+    (:meth:`Parallel.share`; ``batch_size`` then applies to the share), and ``on_group`` gets the
+    statistics of this rank's tokens, to reduce where they are needed
+    (:meth:`HessianAccumulator.reduce_to_owners`).
     """
+    if parallel is not None:
+        samples = samples[parallel.share(samples.shape[0])]
     n = samples.shape[0]
     batch_size = n if batch_size is None else max(1, min(batch_size, n))
     device = blocks.device

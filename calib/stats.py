@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from quantlab.calib.parallel import Parallel
 
 __all__ = ["ChannelStatsAccumulator", "HessianAccumulator", "PairDifferenceAccumulator"]
 
@@ -51,6 +57,35 @@ class HessianAccumulator:
         if self._sum is None:
             raise ValueError("no calibration tokens reached this layer; its Hessian is empty")
         return self._sum
+
+    def reduce_to_owners(self, parallel: Parallel, owners: Sequence[int]) -> None:
+        """Data-parallel calibration: make this the Hessian over every rank's tokens on the
+        ranks in ``owners`` (the ranks that solve a linear reading this input), and release it
+        on the others (they no longer need it).
+
+        Each rank's matrix is an average over its own tokens, so the total is
+        ``sum_r (n_r / n) H_r``, formed on the first owner in :meth:`Parallel.reduce_to`'s fixed
+        order and sent on to the other owners. A single process keeps its matrix as it is.
+        """
+        if not parallel.active:
+            return
+        if self._released:
+            raise RuntimeError("this Hessian was released after its solve")
+        counts = parallel.gather_floats([float(self.n_tokens)])
+        n_total = int(sum(c[0] for c in counts))
+        if n_total == 0:
+            raise ValueError("no calibration tokens reached this layer on any rank")
+        if self._sum is None:  # this rank saw no token of it: its term is zero
+            self._sum = torch.zeros(
+                self.in_features, self.in_features, dtype=torch.float32, device=self.device
+            )
+        ranks = sorted(set(owners))
+        total = parallel.reduce_to(ranks[0], self._sum, self.n_tokens / n_total)
+        if parallel.rank in ranks:
+            self._sum = parallel.pass_on(total, ranks, self._sum)
+            self.n_tokens = n_total
+        else:
+            self.release()
 
     def release(self) -> None:
         """Drop the matrix (its group is solved); the memory returns at once unless the caller

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from quantlab.calib.parallel import Parallel
     from quantlab.methods.base import CalibConfig
 
 __all__ = ["main"]
@@ -263,6 +265,7 @@ def _model_dirs(spec: str) -> tuple[Path, ...]:
 
 def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Quantize, evaluate and save; ``command`` is the command line the output lock records."""
+    from quantlab.calib.parallel import Parallel
     from quantlab.export.atomic import output_lock
     from quantlab.export.checkpoint_files import parse_size
     from quantlab.export.output_guard import check_output_target
@@ -278,20 +281,30 @@ def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
         args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
     )
     inputs = _model_dirs(args.model)
+    parallel = Parallel.current()
     # Held until the checkpoint is in place: the target checks below cannot go stale, and a second
     # run writing the same --out fails now instead of silently replacing this one's result.
     # Taking it creates the parent directories and the lock file, which proves them writable.
-    with output_lock(args.out, command=command):
-        check_output_target(args.out, inputs=inputs, overwrite=args.overwrite)
-        return _quantize_locked(args, config, calib, t0)
+    # Several ranks: rank 0 alone writes, so it alone locks and checks; all stop if it refuses.
+    with contextlib.ExitStack() as held:
+        refused: Exception | None = None
+        if parallel.is_main:
+            try:
+                held.enter_context(output_lock(args.out, command=command))
+                check_output_target(args.out, inputs=inputs, overwrite=args.overwrite)
+            except Exception as exc:  # shared with the other ranks, then raised
+                refused = exc
+        parallel.settle(refused)
+        return _quantize_locked(args, config, calib, t0, parallel)
 
 
 def _quantize_locked(
-    args: argparse.Namespace, config: Any, calib: CalibConfig, t0: float
+    args: argparse.Namespace, config: Any, calib: CalibConfig, t0: float, parallel: Parallel
 ) -> dict[str, Any]:
     """The rest of ``quantize``, run while the output lock is held (``t0``: the start time): the
     model is streamed block by block from its checkpoint (:func:`quantize_checkpoint`), with the
-    perplexity before and after measured in the same pass."""
+    perplexity before and after measured in the same pass. On ranks other than 0 of a
+    multi-process run the result is empty (rank 0 reports)."""
     from transformers import AutoTokenizer
 
     from quantlab.calib.data import load_text, token_stream
@@ -310,7 +323,7 @@ def _quantize_locked(
         raise OSError(f"could not load the tokenizer of {args.model!r}: {exc}") from exc
     tokens = None if args.no_eval else token_stream(tok, load_text(args.text))
     fairness_before = fairness_after = None
-    if args.fairness and not args.skip_baseline:
+    if args.fairness and not args.skip_baseline and parallel.is_main:
         fairness_before = _fairness_of_checkpoint(source, tok, args)
     report = quantize_checkpoint(
         source,
@@ -331,6 +344,8 @@ def _quantize_locked(
         offload_dir=args.offload_dir,
         check_memory=not args.no_memory_check,
     )
+    if not parallel.is_main:
+        return {}
     out = Path(args.out)
     if args.fairness:
         fairness_after = _fairness_of_checkpoint(out, tok, args)
@@ -622,22 +637,52 @@ def _whole_model_if_it_fits(path: Path, args: argparse.Namespace) -> tuple[Any, 
     return load_model(str(path), args.dtype, args.device, verify=not args.no_verify).model, None
 
 
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group, NCCL with one GPU per
+    local rank for ``--device cuda``, gloo on CPUs. True if this call started it."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if args.command != "quantize":
+        raise ValueError(
+            f"quantlab {args.command} runs in one process; only quantize runs under torchrun"
+        )
+    if args.device.startswith("cuda"):
+        if args.device == "cuda":  # one GPU per process on the node
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(args.device))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
     command = shlex.join(["quantlab", *(sys.argv[1:] if argv is None else argv)])
+    started = False
     try:
         from quantlab.ops.kernel_policy import reset_usage
 
+        started = _start_distributed(args)
         reset_usage()
         result = cmd_quantize(args, command) if args.command == "quantize" else cmd_eval(args)
     except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError, MemoryError) as exc:
         if os.environ.get("QUANTLAB_DEBUG"):
             raise
-        print(f"quantlab {args.command}: error: {exc}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if started else ""
+        print(f"quantlab {args.command}: error{rank}: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if args.json and result:
         print(json.dumps(result))
     return 0
 

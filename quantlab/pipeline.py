@@ -10,6 +10,7 @@ orchestration lives in :mod:`quantlab.methods`, what methods share in
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import sys
@@ -23,6 +24,7 @@ from torch import nn
 
 from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks, WeightSource
+from quantlab.calib.parallel import Parallel
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     CalibConfig,
@@ -105,6 +107,12 @@ def quantize_model(
             f"method {config.method!r} expects a {method.config_cls.__name__}, got "
             f"{type(config).__name__}"
         )
+    parallel = Parallel.current()
+    if parallel.active and not method.runs_distributed:
+        raise ValueError(
+            f"method {config.method!r} does not run on several ranks yet ({parallel.world_size} "
+            "were started): run it in a single process"
+        )
     last = [start]
 
     def block_done(index: int, block: nn.Module) -> None:
@@ -119,12 +127,13 @@ def quantize_model(
         calib,
         report,
         device,
-        progress,
+        progress and parallel.is_main,  # progress bars on rank 0 only
         given_samples=samples,
         weights=weights,
         block_sink=block_done,
         block_open=block_open,
         activations=activations,
+        parallel=parallel,
     )
     with PeakMemory(device) as peak:
         method.run(model, config, context)
@@ -195,6 +204,11 @@ def quantize_checkpoint(
     from quantlab.resources import available_memory_bytes, free_device_memory_bytes
 
     check_exportable(config, export_format)
+    # Several ranks (torchrun): every rank streams the blocks and calibrates on its share; rank 0
+    # alone writes the checkpoint, evaluates and prints.
+    parallel = Parallel.current()
+    main = parallel.is_main
+    progress = progress and main
     shard_bytes = parse_size(max_shard_size)
     device = torch.device(device)
     dtype = dtype or checkpoint_dtype(source, device)
@@ -202,7 +216,8 @@ def quantize_checkpoint(
     lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source), dtype), files, device)
     spec = resolve(lazy.model)
     # Before hours of quantization: a disk that cannot take the result fails now.
-    check_free_space(out_dir, estimate_checkpoint_bytes(files, lazy.model, config, tokenizer))
+    if main:
+        check_free_space(out_dir, estimate_checkpoint_bytes(files, lazy.model, config, tokenizer))
     calib = calib or CalibConfig()
     n_samples, seq_len = (
         tuple(samples.shape)
@@ -219,9 +234,19 @@ def quantize_checkpoint(
     budget = (
         None if activation_budget is None else parse_size(activation_budget, "activation budget")
     )
+    # Per rank: its share of the windows, and its part of the host memory it shares with the
+    # other ranks on its node (torchrun's LOCAL_WORLD_SIZE); rank 0 alone evaluates.
+    available = available_memory_bytes()
+    if parallel.active:
+        calibrated = bool(getattr(config, "needs_calibration", False))
+        share = parallel.share(n_samples) if calibrated else slice(0, n_samples)
+        n_samples = share.stop - share.start
+        if available is not None:
+            available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        windows = windows if main else 0
     plan = plan_memory(
         lazy.model, spec, config, n_samples, seq_len, calib.batch_size, dtype, windows,
-        eval_seq_len, budget, offload_dir is not None, available_memory_bytes(), device.type,
+        eval_seq_len, budget, offload_dir is not None, available, device.type,
         free_device_memory_bytes(device),
     )  # fmt: skip
     if progress:
@@ -245,7 +270,7 @@ def quantize_checkpoint(
         lazy.model, spec.blocks, device, lazy, skip_for_capture=(spec.final_norm, spec.lm_head)
     )
     after = before = None
-    if eval_tokens is not None:
+    if eval_tokens is not None and main:
         after = WindowStream(eval_tokens, eval_seq_len, eval_windows, store=store)
         before = (
             WindowStream(eval_tokens, eval_seq_len, eval_windows, store=store) if baseline else None
@@ -256,17 +281,20 @@ def quantize_checkpoint(
                     stream.start(lazy.model, blocks.blocks, device)
     layout = checkpoint_layout(export_format, config)
     whole_model = get_method(config.method).whole_model_reason(config)
-    with (
-        store,
+    writer = (
         StreamingCheckpoint(
             out_dir, files, spec.blocks, layout, shard_bytes, inputs=(Path(source),)
-        ) as out,
-    ):
+        )
+        if main
+        else contextlib.nullcontext(None)
+    )
+    with store, writer as out:
 
         def block_done(index: int, block: nn.Module) -> None:
             if after is not None:
                 after.advance(index, block, device)
-            out.write_block(index, block)
+            if out is not None:
+                out.write_block(index, block)
 
         def block_open(index: int, block: nn.Module) -> None:
             if before is not None:
@@ -311,10 +339,13 @@ def quantize_checkpoint(
                 report.ppl = after.finish(lazy.model, blocks.blocks, device).to_dict()
                 if before is not None:
                     report.ppl_baseline = before.finish(lazy.model, blocks.blocks, device).to_dict()
-        report.details["export"] = {"format": out.describe(lazy.model)}
         report.details["memory_plan"] = plan.to_dict()
         report.details["storage"] = _linear_storage(lazy.model, files)
-        out.finish(lazy.model, tokenizer, report.to_dict())
+        if parallel.active:
+            report.details["parallel"] = {"world_size": parallel.world_size}
+        if out is not None:
+            report.details["export"] = {"format": out.describe(lazy.model)}
+            out.finish(lazy.model, tokenizer, report.to_dict())
     files.close()
     return report
 

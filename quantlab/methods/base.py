@@ -24,6 +24,7 @@ from torch import nn
 
 from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks, WeightSource
+from quantlab.calib.parallel import Parallel
 from quantlab.formats.groupwise_int import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -212,6 +213,9 @@ class MethodContext:
             changes it (a baseline evaluation runs the float block there).
         activations: where calibration activations between blocks are kept (RAM up to a
             budget, then disk); ``None``: in RAM.
+        parallel: this process's rank in a multi-process run (data-parallel calibration,
+            weight-parallel solving: :mod:`quantlab.calib.parallel`); a single process by
+            default.
     """
 
     tokenizer: Any
@@ -224,6 +228,7 @@ class MethodContext:
     block_sink: Callable[[int, nn.Module], None] | None = None
     block_open: Callable[[int, nn.Module], None] | None = None
     activations: ActivationStore | None = None
+    parallel: Parallel = field(default_factory=Parallel.single)
     _samples: torch.Tensor | None = field(default=None, repr=False)
 
     def samples(self, method: str) -> torch.Tensor:
@@ -254,6 +259,8 @@ class Method:
         help: one line for ``--help``.
         whole_model: for a configuration that needs the whole model in memory at once (it cannot
             stream block by block), the reason; ``None`` for every other configuration.
+        runs_distributed: it runs on several ranks (``ctx.parallel``: data-parallel
+            calibration, weight-parallel solving); the others are refused in a multi-process run.
     """
 
     name: str
@@ -264,6 +271,7 @@ class Method:
     export_formats: tuple[str, ...] = ("quantlab",)
     help: str = ""
     whole_model: Callable[[Any], str | None] | None = None
+    runs_distributed: bool = False
 
     def whole_model_reason(self, config: Any) -> str | None:
         """Why ``config`` needs the whole model in memory (None: it streams)."""
@@ -325,3 +333,41 @@ def calibration_samples_for(
     if tokenizer is None:
         raise ValueError(f"{method} needs a tokenizer for its calibration text")
     return calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)
+
+
+def share_groupwise_result(
+    parallel: Parallel,
+    result: GroupwiseIntResult | None,
+    owner: int,
+    linear: nn.Linear,
+    config: GroupwiseIntConfig,
+) -> GroupwiseIntResult:
+    """Weight-parallel solving: the owner's ``result`` for ``linear`` on every rank (the others
+    pass ``None`` and receive it into tensors shaped from the linear and ``config``), loss
+    included. A single process returns ``result`` itself."""
+    if not parallel.active:
+        assert result is not None
+        return result
+    n, k = linear.out_features, linear.in_features
+    groups = 1 if config.group_size == -1 else k // config.group_size
+    if result is None:
+        result = GroupwiseIntResult(
+            q=torch.empty(n, k, dtype=torch.int32, device=linear.weight.device),
+            scales=torch.empty(n, groups, dtype=torch.float32, device=linear.weight.device),
+            zeros=None
+            if config.sym
+            else torch.empty(n, groups, dtype=torch.int32, device=linear.weight.device),
+            bits=config.bits,
+            group_size=config.group_size,
+        )
+    loss = torch.tensor(
+        [float("nan") if result.loss is None else result.loss],
+        dtype=torch.float64,
+        device=linear.weight.device,
+    )
+    tensors = [result.q, result.scales, loss]
+    if result.zeros is not None:
+        tensors.append(result.zeros)
+    parallel.broadcast(tensors, owner)
+    result.loss = None if math.isnan(float(loss)) else float(loss)
+    return result

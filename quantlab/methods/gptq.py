@@ -13,6 +13,7 @@ from torch import nn
 
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import run_sequential
+from quantlab.calib.parallel import Parallel, assign_owners, solve_cost
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.formats.tensor_layout import dtype_from_name
@@ -25,6 +26,7 @@ from quantlab.methods.base import (
     QuantizationReport,
     model_blocks,
     packed_layer,
+    share_groupwise_result,
 )
 from quantlab.methods.rtn import groupwise_options
 from quantlab.models.arch import excluded, resolve
@@ -129,9 +131,16 @@ def run_gptq(
     blocks: ModelBlocks,
     progress: bool,
     terms: GPTQTerms | None = None,
+    parallel: Parallel | None = None,
 ) -> None:
     """GPTQ over every block of ``model`` (as ``blocks`` brings them in) on calibration
-    ``samples`` ``[S, L]``, with the extra objective ``terms`` of a derived method."""
+    ``samples`` ``[S, L]``, with the extra objective ``terms`` of a derived method.
+
+    In a multi-process run (``parallel``) each rank calibrates on its share of ``samples``, each
+    linear is solved by one owner rank (balanced by :func:`solve_cost`) on the Hessian reduced
+    from every rank, and the result is broadcast so that every rank goes on with the same
+    quantized block."""
+    parallel = parallel or Parallel.single()
     spec = resolve(model)
     scale_dtype = dtype_from_name(config.scale_dtype)
     pending: dict[str, GroupwiseIntResult] = {}
@@ -140,43 +149,72 @@ def run_gptq(
     def on_group(
         index: int, block: nn.Module, group: Sequence[str], stats: dict[str, HessianAccumulator]
     ) -> None:
-        options = terms.solver_options(index, block, group, stats)
-        for name in group:
-            full = f"{spec.blocks}.{index}.{name}"
-            if excluded(full, config.modules_to_not_convert):
-                continue
-            linear = block.get_submodule(name)
-            start = time.perf_counter()
-            extra = dict(options.get(name, {}))
-            hessian = extra.pop("hessian", None)
-            solver = extra.pop("solver", gptq_quantize)
-            result = solver(
-                linear.weight.detach(),
-                stats[name].hessian() if hessian is None else hessian,
-                bits=config.bits,
-                group_size=config.group_size,
-                sym=config.sym,
-                damp_percent=config.damp_percent,
-                block_size=config.block_size,
-                act_order=config.act_order,
-                static_groups=config.static_groups,
-                scale_dtype=scale_dtype,
-                name=full,
-                clip_search=config.clip_search,
-                **extra,
+        members = [
+            name
+            for name in group
+            if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
+        ]
+        linears = {name: block.get_submodule(name) for name in members}
+        # Weight-parallel: each linear's owner solves it on the Hessian of every rank's tokens.
+        owners = dict(
+            zip(
+                members,
+                assign_owners(
+                    [solve_cost("gptq", m.in_features, m.out_features) for m in linears.values()],
+                    parallel.world_size,
+                ),
+                strict=True,
             )
+        )
+        if members:
+            stats[group[0]].reduce_to_owners(parallel, list(owners.values()))
+        options = terms.solver_options(index, block, group, stats)
+        solved: dict[str, tuple[GroupwiseIntResult, float]] = {}
+        error: BaseException | None = None
+        try:
+            for name in members:
+                if owners[name] != parallel.rank:
+                    continue
+                linear = linears[name]
+                start = time.perf_counter()
+                extra = dict(options.get(name, {}))
+                hessian = extra.pop("hessian", None)
+                solver = extra.pop("solver", gptq_quantize)
+                result = solver(
+                    linear.weight.detach(),
+                    stats[name].hessian() if hessian is None else hessian,
+                    bits=config.bits,
+                    group_size=config.group_size,
+                    sym=config.sym,
+                    damp_percent=config.damp_percent,
+                    block_size=config.block_size,
+                    act_order=config.act_order,
+                    static_groups=config.static_groups,
+                    scale_dtype=scale_dtype,
+                    name=f"{spec.blocks}.{index}.{name}",
+                    clip_search=config.clip_search,
+                    **extra,
+                )
+                solved[name] = (result, time.perf_counter() - start)
+        except Exception as failure:  # every rank stops with it at the agreement point
+            error = failure
+        parallel.settle(error)
+        for name in members:
+            linear = linears[name]
+            mine, seconds = solved.get(name, (None, 0.0))
+            result = share_groupwise_result(parallel, mine, owners[name], linear, config)
             terms.layer_done(index, name, linear.weight.detach(), result)
             # Later groups and blocks must see this layer's quantized output.
             linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
             pending[name] = result
             report.layers.append(
                 LayerReport(
-                    full,
+                    f"{spec.blocks}.{index}.{name}",
                     *linear.weight.shape,
                     config.bits,
                     config.group_size,
                     result.loss,
-                    time.perf_counter() - start,
+                    seconds,
                 )
             )
 
@@ -201,12 +239,16 @@ def run_gptq(
         progress=progress,
         on_start=lambda: terms.start(model, blocks.blocks, blocks.device),
         on_block_start=terms.block_start,
+        parallel=parallel,
     )
 
 
 def _run(model: nn.Module, config: GPTQConfig, ctx: MethodContext) -> None:
     blocks = model_blocks(model, resolve(model), ctx)
-    run_gptq(model, config, ctx.calib, ctx.samples("GPTQ"), ctx.report, blocks, ctx.progress)
+    run_gptq(
+        model, config, ctx.calib, ctx.samples("GPTQ"), ctx.report, blocks, ctx.progress,
+        parallel=ctx.parallel,
+    )  # fmt: skip
 
 
 METHOD = Method(
@@ -216,4 +258,5 @@ METHOD = Method(
     config_from_args=lambda args: GPTQConfig(**groupwise_options(args), **gptq_options(args)),
     export_formats=("quantlab", "gptq", "awq"),
     help="Hessian-aware rounding with error feedback",
+    runs_distributed=True,
 )

@@ -1,0 +1,143 @@
+"""The collectives of a multi-process run (quantlab.calib.parallel), on real gloo process groups of
+2 and 3 CPU ranks spawned by the test, and the pure parts (shares, owners) directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from quantlab.calib.parallel import DistributedFailure, Parallel, assign_owners, solve_cost
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("n_windows", [5, 7, 16])
+def test_the_shares_cover_every_window_once_and_differ_by_at_most_one(
+    world: int, n_windows: int
+) -> None:
+    if n_windows < world:
+        pytest.skip("refused: see the next test")
+    shares = [Parallel(rank, world).share(n_windows) for rank in range(world)]
+    covered = [i for share in shares for i in range(n_windows)[share]]
+    assert covered == list(range(n_windows))
+    sizes = [share.stop - share.start for share in shares]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_more_ranks_than_windows_is_refused() -> None:
+    with pytest.raises(ValueError, match="3 calibration windows for 4 ranks"):
+        Parallel(0, 4).share(3)
+
+
+def test_owners_balance_the_cost_not_the_count() -> None:
+    # A Llama block's seven linears (8B shapes): down (K = 14336) costs more than all the rest.
+    shapes = {
+        "q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),
+        "gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096),
+    }  # fmt: skip
+    costs = [solve_cost("gptq", k, n) for k, n in shapes.values()]
+    owners = assign_owners(costs, 2)
+    names = list(shapes)
+    assert [names[i] for i, r in enumerate(owners) if r == 0] == ["down"]
+    assert owners == assign_owners(costs, 2)  # deterministic
+    loads = [sum(c for c, r in zip(costs, owners, strict=True) if r == rank) for rank in (0, 1)]
+    round_robin = [sum(costs[i] for i in range(len(costs)) if i % 2 == rank) for rank in (0, 1)]
+    assert max(loads) < max(round_robin)
+    # Every item goes somewhere, ties go to the lower rank, one rank takes everything.
+    assert assign_owners([1.0, 1.0, 1.0], 3) == [0, 1, 2]
+    assert assign_owners([3.0, 2.0], 1) == [0, 0]
+    with pytest.raises(ValueError, match="world_size"):
+        assign_owners([1.0], 0)
+
+
+def test_a_single_process_is_the_same_code_with_no_collectives() -> None:
+    single = Parallel.current()
+    assert not single.active and single.is_main and single.share(4) == slice(0, 4)
+    partial = torch.ones(2, 2)
+    assert single.reduce_to(0, partial, 0.5) is partial and torch.equal(
+        partial, torch.full((2, 2), 0.5)
+    )
+    assert single.gather_floats([1.0, 2.0]) == [[1.0, 2.0]]
+    single.settle(None)
+    with pytest.raises(KeyError, match="boom"):
+        single.settle(KeyError("boom"))
+
+
+def _rank_main(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        parallel = Parallel.current()
+        result: dict[str, object] = {"rank": parallel.rank, "world": parallel.world_size}
+        # Each rank's partial and weight; the owner forms the sum in the fixed order.
+        generator = torch.Generator().manual_seed(rank)
+        partial = torch.randn(5, 7, generator=generator)
+        sent = partial.clone()
+        total = parallel.reduce_to(world - 1, partial, (rank + 1) / 10)
+        result["reduced"] = None if total is None else total.flatten().tolist()
+        result["sender_unchanged"] = bool(torch.equal(partial, sent)) if total is None else None
+        # Broadcast overwrites every rank's tensors with the owner's.
+        codes = torch.full((3, 4), rank, dtype=torch.int32)
+        scales = torch.full((3,), float(rank))
+        parallel.broadcast([codes, scales], owner=1)
+        result["broadcast"] = [codes.flatten().tolist(), scales.tolist()]
+        result["gathered"] = parallel.gather_floats([float(rank), rank * 0.5])
+        # No failure: everyone goes on. Rank 1 fails: everyone stops, naming it.
+        parallel.settle(None)
+        try:
+            parallel.settle(ValueError("bad Hessian in blk.0.down_proj") if rank == 1 else None)
+            result["failure"] = None
+        except DistributedFailure as failure:
+            result["failure"] = ["DistributedFailure", str(failure)]
+        except ValueError as own:
+            result["failure"] = ["ValueError", str(own)]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_collectives_on_gloo_ranks(tmp_path: Path, world: int) -> None:
+    mp.spawn(
+        _rank_main,
+        args=(world, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=world,
+        join=True,
+    )
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    owner = world - 1
+    partials = [torch.randn(5, 7, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    # The fixed order: the owner's own term, then the other ranks ascending.
+    expected = partials[owner] * ((owner + 1) / 10)
+    for r in range(world):
+        if r != owner:
+            expected.add_(partials[r], alpha=(r + 1) / 10)
+    for r, result in enumerate(results):
+        assert result["rank"] == r and result["world"] == world
+        if r == owner:
+            assert torch.equal(torch.tensor(result["reduced"]).view(5, 7), expected)
+        else:
+            assert result["reduced"] is None and result["sender_unchanged"]
+        assert result["broadcast"] == [[1] * 12, [1.0] * 3]
+        assert result["gathered"] == [[float(q), q * 0.5] for q in range(world)]
+        if r == 1:
+            assert result["failure"] == ["ValueError", "bad Hessian in blk.0.down_proj"]
+        else:
+            assert result["failure"] == [
+                "DistributedFailure",
+                f"rank 1 of {world} failed: ValueError: bad Hessian in blk.0.down_proj",
+            ]
+
+
+def test_current_reads_an_initialised_group(tmp_path: Path) -> None:
+    """Inside an initialised one-rank group the run is still single (no collectives)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        assert Parallel.current() == Parallel(0, 1)
+    finally:
+        dist.destroy_process_group()
