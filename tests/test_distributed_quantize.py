@@ -20,6 +20,7 @@ from quantlab.pipeline import quantize_checkpoint
 from tests.families import tiny_model
 
 GPTQ = {"method": "gptq", "bits": 4, "group_size": 32}
+RTN = {"method": "rtn", "bits": 4, "group_size": 32}
 N_SAMPLES, SEQ_LEN = 6, 32
 
 
@@ -56,7 +57,9 @@ def _rank_main(rank: int, world: int, work: str, model_dir: str, scenario: str) 
     try:
         config = dict(GPTQ)
         if scenario == "rtn":
-            config = {"method": "rtn", "bits": 4, "group_size": 32}
+            config = dict(RTN)
+        if scenario == "refused":
+            config = {"method": "awq", "bits": 4, "group_size": 32}
         if scenario == "fail" and rank == 1:
             import quantlab.methods.gptq as gptq_method
 
@@ -136,12 +139,26 @@ def test_a_rank_that_fails_mid_block_stops_every_rank_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+def test_rtn_on_several_ranks_is_the_single_process_bit_for_bit(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Rounding is a pure function of the weight: owners only, the same checkpoint."""
+    single = _quantize(model_dir, tmp_path / "single", RTN)
+    ranks = _spawn(tmp_path, model_dir, 3, "rtn")
+    assert all("error" not in outcome for outcome in ranks), ranks[0].get("trace")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    reference = load_file(tmp_path / "single" / "model.safetensors")
+    assert written.keys() == reference.keys()
+    assert all(torch.equal(written[key], tensor) for key, tensor in reference.items())
+    assert ranks[0]["ppl"]["ppl"] == single.ppl["ppl"]
+
+
 def test_methods_that_do_not_run_distributed_are_refused(tmp_path: Path, model_dir: Path) -> None:
-    ranks = _spawn(tmp_path, model_dir, 2, "rtn")
+    ranks = _spawn(tmp_path, model_dir, 2, "refused")
     for outcome in ranks:
         assert outcome["error"] == [
             "ValueError",
-            "method 'rtn' does not run on several ranks yet (2 were started): run it in a single "
+            "method 'awq' does not run on several ranks yet (2 were started): run it in a single "
             "process",
         ]
     assert not (tmp_path / "out").exists()

@@ -10,6 +10,8 @@ from typing import ClassVar
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlab.calib.parallel import Parallel, assign_owners, solve_cost
+from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
     GroupwiseIntConfig,
@@ -19,6 +21,7 @@ from quantlab.methods.base import (
     QuantizationReport,
     model_blocks,
     packed_layer,
+    share_groupwise_result,
 )
 from quantlab.models.arch import ArchSpec, excluded, resolve
 from quantlab.nn.swap import set_submodule
@@ -51,24 +54,48 @@ def rtn_block(
     spec: ArchSpec,
     config: GroupwiseIntConfig,
     report: QuantizationReport,
+    parallel: Parallel | None = None,
 ) -> None:
-    """Round every linear of one decoder block and swap in its packed layer."""
+    """Round every linear of one decoder block and swap in its packed layer.
+
+    On several ranks (``parallel``) each linear is rounded by one owner (balanced by size) and
+    broadcast: the same result as one process, bit for bit (rounding is a pure function of the
+    weight)."""
+    parallel = parallel or Parallel.single()
     scale_dtype = dtype_from_name(config.scale_dtype)
-    for name in spec.block_linears:
+    names = [
+        name
+        for name in spec.block_linears
+        if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
+    ]
+    linears = {name: block.get_submodule(name) for name in names}
+    costs = [solve_cost("rtn", m.in_features, m.out_features) for m in linears.values()]
+    owners = dict(zip(names, assign_owners(costs, parallel.world_size), strict=True))
+    rounded: dict[str, tuple[GroupwiseIntResult, float]] = {}
+    error: BaseException | None = None
+    try:
+        for name in names:
+            if owners[name] != parallel.rank:
+                continue
+            start = time.perf_counter()
+            result = rtn_quantize(
+                linears[name].weight,
+                config.bits,
+                config.group_size,
+                config.sym,
+                scale_dtype,
+                name=f"{spec.blocks}.{index}.{name}",
+                clip_search=config.clip_search,
+            )
+            rounded[name] = (result, time.perf_counter() - start)
+    except Exception as failure:  # every rank stops with it at the agreement point
+        error = failure
+    parallel.settle(error)
+    for name in names:
         full = f"{spec.blocks}.{index}.{name}"
-        if excluded(full, config.modules_to_not_convert):
-            continue
-        linear = block.get_submodule(name)
-        start = time.perf_counter()
-        result = rtn_quantize(
-            linear.weight,
-            config.bits,
-            config.group_size,
-            config.sym,
-            scale_dtype,
-            name=full,
-            clip_search=config.clip_search,
-        )
+        linear = linears[name]
+        mine, seconds = rounded.get(name, (None, 0.0))
+        result = share_groupwise_result(parallel, mine, owners[name], linear, config)
         set_submodule(block, name, packed_layer(result, linear, config, full))
         report.layers.append(
             LayerReport(
@@ -77,7 +104,7 @@ def rtn_block(
                 config.bits,
                 config.group_size,
                 None,
-                time.perf_counter() - start,
+                seconds,
             )
         )
 
@@ -87,7 +114,7 @@ def _run(model: nn.Module, config: RTNConfig, ctx: MethodContext) -> None:
     blocks = model_blocks(model, spec, ctx)
     for i in tqdm(range(len(blocks)), desc="rtn", disable=not ctx.progress):
         with blocks.open(i) as block:
-            rtn_block(i, block, spec, config, ctx.report)
+            rtn_block(i, block, spec, config, ctx.report, ctx.parallel)
 
 
 METHOD = Method(
@@ -97,4 +124,5 @@ METHOD = Method(
     config_from_args=lambda args: RTNConfig(**groupwise_options(args)),
     export_formats=("quantlab", "gptq", "awq"),
     help="round to nearest, groupwise integers (no calibration)",
+    runs_distributed=True,
 )
