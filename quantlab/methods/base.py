@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ from torch import nn
 
 from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks, WeightSource
-from quantlab.calib.parallel import Parallel
+from quantlab.calib.parallel import Parallel, assign_owners, solve_cost
 from quantlab.formats.groupwise_int import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -333,6 +334,44 @@ def calibration_samples_for(
     if tokenizer is None:
         raise ValueError(f"{method} needs a tokenizer for its calibration text")
     return calibration_samples(tokenizer, calib.source, calib.n_samples, calib.seq_len, calib.seed)
+
+
+def linear_owners(parallel: Parallel, linears: dict[str, nn.Linear], method: str) -> dict[str, int]:
+    """The rank that solves each of ``linears`` (solved side by side), balanced by
+    :func:`quantlab.calib.parallel.solve_cost` for ``method``; all rank 0 in one process."""
+    costs = [solve_cost(method, m.in_features, m.out_features) for m in linears.values()]
+    return dict(zip(linears, assign_owners(costs, parallel.world_size), strict=True))
+
+
+def solve_on_owners(
+    parallel: Parallel,
+    linears: dict[str, nn.Linear],
+    owners: dict[str, int],
+    solve: Callable[[str, nn.Linear], GroupwiseIntResult],
+    config: GroupwiseIntConfig,
+) -> dict[str, tuple[GroupwiseIntResult, float]]:
+    """Weight-parallel solving: each linear's owner runs ``solve(name, linear)``; an error on any
+    rank stops every rank (:meth:`Parallel.settle`); then every rank receives every result.
+    Returns, per linear in ``linears``' order, its result and the seconds its owner spent on it
+    (0 on the other ranks). One process: every linear solved here, errors raised as they are."""
+    solved: dict[str, tuple[GroupwiseIntResult, float]] = {}
+    error: BaseException | None = None
+    try:
+        for name, linear in linears.items():
+            if owners[name] == parallel.rank:
+                start = time.perf_counter()
+                solved[name] = (solve(name, linear), time.perf_counter() - start)
+    except Exception as failure:  # every rank stops with it at the agreement point
+        error = failure
+    parallel.settle(error)
+    shared: dict[str, tuple[GroupwiseIntResult, float]] = {}
+    for name, linear in linears.items():
+        mine, seconds = solved.get(name, (None, 0.0))
+        shared[name] = (
+            share_groupwise_result(parallel, mine, owners[name], linear, config),
+            seconds,
+        )
+    return shared
 
 
 def share_groupwise_result(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -13,7 +12,7 @@ from torch import nn
 
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import run_sequential
-from quantlab.calib.parallel import Parallel, assign_owners, solve_cost
+from quantlab.calib.parallel import Parallel
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.formats.tensor_layout import dtype_from_name
@@ -24,9 +23,10 @@ from quantlab.methods.base import (
     Method,
     MethodContext,
     QuantizationReport,
+    linear_owners,
     model_blocks,
     packed_layer,
-    share_groupwise_result,
+    solve_on_owners,
 )
 from quantlab.methods.rtn import groupwise_options
 from quantlab.models.arch import excluded, resolve
@@ -156,53 +156,34 @@ def run_gptq(
         ]
         linears = {name: block.get_submodule(name) for name in members}
         # Weight-parallel: each linear's owner solves it on the Hessian of every rank's tokens.
-        owners = dict(
-            zip(
-                members,
-                assign_owners(
-                    [solve_cost("gptq", m.in_features, m.out_features) for m in linears.values()],
-                    parallel.world_size,
-                ),
-                strict=True,
-            )
-        )
+        owners = linear_owners(parallel, linears, "gptq")
         if members:
             stats[group[0]].reduce_to_owners(parallel, list(owners.values()))
         options = terms.solver_options(index, block, group, stats)
-        solved: dict[str, tuple[GroupwiseIntResult, float]] = {}
-        error: BaseException | None = None
-        try:
-            for name in members:
-                if owners[name] != parallel.rank:
-                    continue
-                linear = linears[name]
-                start = time.perf_counter()
-                extra = dict(options.get(name, {}))
-                hessian = extra.pop("hessian", None)
-                solver = extra.pop("solver", gptq_quantize)
-                result = solver(
-                    linear.weight.detach(),
-                    stats[name].hessian() if hessian is None else hessian,
-                    bits=config.bits,
-                    group_size=config.group_size,
-                    sym=config.sym,
-                    damp_percent=config.damp_percent,
-                    block_size=config.block_size,
-                    act_order=config.act_order,
-                    static_groups=config.static_groups,
-                    scale_dtype=scale_dtype,
-                    name=f"{spec.blocks}.{index}.{name}",
-                    clip_search=config.clip_search,
-                    **extra,
-                )
-                solved[name] = (result, time.perf_counter() - start)
-        except Exception as failure:  # every rank stops with it at the agreement point
-            error = failure
-        parallel.settle(error)
-        for name in members:
+
+        def solve(name: str, linear: nn.Linear) -> GroupwiseIntResult:
+            extra = dict(options.get(name, {}))
+            hessian = extra.pop("hessian", None)
+            solver = extra.pop("solver", gptq_quantize)
+            return solver(
+                linear.weight.detach(),
+                stats[name].hessian() if hessian is None else hessian,
+                bits=config.bits,
+                group_size=config.group_size,
+                sym=config.sym,
+                damp_percent=config.damp_percent,
+                block_size=config.block_size,
+                act_order=config.act_order,
+                static_groups=config.static_groups,
+                scale_dtype=scale_dtype,
+                name=f"{spec.blocks}.{index}.{name}",
+                clip_search=config.clip_search,
+                **extra,
+            )
+
+        solved = solve_on_owners(parallel, linears, owners, solve, config)
+        for name, (result, seconds) in solved.items():
             linear = linears[name]
-            mine, seconds = solved.get(name, (None, 0.0))
-            result = share_groupwise_result(parallel, mine, owners[name], linear, config)
             terms.layer_done(index, name, linear.weight.detach(), result)
             # Later groups and blocks must see this layer's quantized output.
             linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))

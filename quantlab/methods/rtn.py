@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.calib.parallel import Parallel, assign_owners, solve_cost
+from quantlab.calib.parallel import Parallel
 from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.base import (
@@ -19,9 +18,10 @@ from quantlab.methods.base import (
     Method,
     MethodContext,
     QuantizationReport,
+    linear_owners,
     model_blocks,
     packed_layer,
-    share_groupwise_result,
+    solve_on_owners,
 )
 from quantlab.models.arch import ArchSpec, excluded, resolve
 from quantlab.nn.swap import set_submodule
@@ -69,33 +69,24 @@ def rtn_block(
         if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
     ]
     linears = {name: block.get_submodule(name) for name in names}
-    costs = [solve_cost("rtn", m.in_features, m.out_features) for m in linears.values()]
-    owners = dict(zip(names, assign_owners(costs, parallel.world_size), strict=True))
-    rounded: dict[str, tuple[GroupwiseIntResult, float]] = {}
-    error: BaseException | None = None
-    try:
-        for name in names:
-            if owners[name] != parallel.rank:
-                continue
-            start = time.perf_counter()
-            result = rtn_quantize(
-                linears[name].weight,
-                config.bits,
-                config.group_size,
-                config.sym,
-                scale_dtype,
-                name=f"{spec.blocks}.{index}.{name}",
-                clip_search=config.clip_search,
-            )
-            rounded[name] = (result, time.perf_counter() - start)
-    except Exception as failure:  # every rank stops with it at the agreement point
-        error = failure
-    parallel.settle(error)
-    for name in names:
+
+    def solve(name: str, linear: nn.Linear) -> GroupwiseIntResult:
+        return rtn_quantize(
+            linear.weight,
+            config.bits,
+            config.group_size,
+            config.sym,
+            scale_dtype,
+            name=f"{spec.blocks}.{index}.{name}",
+            clip_search=config.clip_search,
+        )
+
+    owners = linear_owners(parallel, linears, "rtn")
+    for name, (result, seconds) in solve_on_owners(
+        parallel, linears, owners, solve, config
+    ).items():
         full = f"{spec.blocks}.{index}.{name}"
         linear = linears[name]
-        mine, seconds = rounded.get(name, (None, 0.0))
-        result = share_groupwise_result(parallel, mine, owners[name], linear, config)
         set_submodule(block, name, packed_layer(result, linear, config, full))
         report.layers.append(
             LayerReport(
