@@ -27,20 +27,60 @@ A single process is the same code with :meth:`Parallel.single`: every collective
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import heapq
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import json
+import time
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedFailure", "Parallel", "assign_owners", "solve_cost"]
+__all__ = ["DistributedFailure", "Parallel", "Traffic", "assign_owners", "solve_cost"]
+
+Record = TypeVar("Record")
+
+# Solvers whose cost is linear in the weight (no Hessian to factor), by solve_cost's names.
+FIRST_ORDER = frozenset({"rtn", "awq", "ternary-absmean", "ternary-mse", "pvq-no-hessian"})
 
 
 class DistributedFailure(RuntimeError):
     """Raised on every rank but the failing one when another rank failed (its message is the
     failing rank's error)."""
+
+
+@dataclass
+class Traffic:
+    """What this rank's collectives moved and how long they took, by kind: ``reduce``
+    (statistics to their owners), ``broadcast`` (results from their owners), ``gather`` (small
+    all-gathers: token counts, figures), ``settle`` (agreement points).
+
+    Bytes are the logical payload: a sender counts its tensor once per receiver, a receiver once;
+    the transport's own traffic (rings, trees) is not counted. Seconds include the wait for the
+    slowest rank to reach the collective, so a rank that solved less waits there."""
+
+    bytes_out: dict[str, int] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, kind: str, bytes_out: int = 0, bytes_in: int = 0) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+            self.bytes_out[kind] = self.bytes_out.get(kind, 0) + bytes_out
+            self.bytes_in[kind] = self.bytes_in.get(kind, 0) + bytes_in
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -50,6 +90,7 @@ class Parallel:
     rank: int = 0
     world_size: int = 1
     group: Any = None  # the torch.distributed process group (None: the default one)
+    traffic: Traffic = field(default_factory=Traffic, compare=False, repr=False)
 
     @classmethod
     def single(cls) -> Parallel:
@@ -96,10 +137,11 @@ class Parallel:
             if error is not None:
                 raise error
             return
-        failed = torch.tensor([self.rank if error is not None else self.world_size])
-        failed = self._to_device(failed)
-        dist.all_reduce(failed, op=dist.ReduceOp.MIN, group=self.group)
-        first = int(failed)
+        with self.traffic.timed("settle", 8, 8):
+            failed = torch.tensor([self.rank if error is not None else self.world_size])
+            failed = self._to_device(failed)
+            dist.all_reduce(failed, op=dist.ReduceOp.MIN, group=self.group)
+            first = int(failed)
         if first == self.world_size:
             return
         text = f"{type(error).__name__}: {error}" if error is not None else ""
@@ -120,20 +162,23 @@ class Parallel:
         """
         if not self.active:
             return partial.mul_(weight) if weight != 1.0 else partial
+        size = partial.numel() * partial.element_size() + 8
         if self.rank != owner:
-            coefficient = self._to_device(torch.tensor([weight], dtype=torch.float64))
-            dist.send(coefficient, owner, group=self.group)
-            dist.send(partial.contiguous(), owner, group=self.group)
+            with self.traffic.timed("reduce", bytes_out=size):
+                coefficient = self._to_device(torch.tensor([weight], dtype=torch.float64))
+                dist.send(coefficient, owner, group=self.group)
+                dist.send(partial.contiguous(), owner, group=self.group)
             return None
-        total = partial.mul_(weight)
-        buffer = torch.empty_like(total)
-        coefficient = self._to_device(torch.empty(1, dtype=torch.float64))
-        for source in range(self.world_size):
-            if source == owner:
-                continue
-            dist.recv(coefficient, source, group=self.group)
-            dist.recv(buffer, source, group=self.group)
-            total.add_(buffer, alpha=float(coefficient))
+        with self.traffic.timed("reduce", bytes_in=size * (self.world_size - 1)):
+            total = partial.mul_(weight)
+            buffer = torch.empty_like(total)
+            coefficient = self._to_device(torch.empty(1, dtype=torch.float64))
+            for source in range(self.world_size):
+                if source == owner:
+                    continue
+                dist.recv(coefficient, source, group=self.group)
+                dist.recv(buffer, source, group=self.group)
+                total.add_(buffer, alpha=float(coefficient))
         return total
 
     def pass_on(
@@ -143,12 +188,15 @@ class Parallel:
         which receive it into ``buffer``; returns the total on each of ``ranks`` (call it on
         those ranks only)."""
         first = ranks[0]
+        size = buffer.numel() * buffer.element_size()
         if self.rank == first:
             assert total is not None
-            for other in ranks[1:]:
-                dist.send(total, other, group=self.group)
+            with self.traffic.timed("reduce", bytes_out=size * (len(ranks) - 1)):
+                for other in ranks[1:]:
+                    dist.send(total, other, group=self.group)
             return total
-        dist.recv(buffer, first, group=self.group)
+        with self.traffic.timed("reduce", bytes_in=size):
+            dist.recv(buffer, first, group=self.group)
         return buffer
 
     def broadcast(self, tensors: Sequence[torch.Tensor], owner: int) -> None:
@@ -156,8 +204,43 @@ class Parallel:
         everywhere: the receivers allocate them from what they know of the result)."""
         if not self.active:
             return
-        for tensor in tensors:
-            dist.broadcast(tensor, owner, group=self.group)
+        with self._timed_broadcast(sum(t.numel() * t.element_size() for t in tensors), owner):
+            for tensor in tensors:
+                dist.broadcast(tensor, owner, group=self.group)
+
+    def broadcast_record(
+        self, record: Record | None, owner: int, kind: type[Record], device: torch.device
+    ) -> Record:
+        """The owner's ``record`` (a dataclass of ``kind``: a solver's result) on every rank; the
+        other ranks pass ``None``. Its tensors travel as tensors, received on ``device``; its
+        other fields (numbers, strings, lists of them, ``None``, nested dataclasses such as an
+        encoding's parameters) as JSON in a header sent first, so a receiver needs to know
+        nothing of the shapes beforehand. Nothing is pickled. A single process returns
+        ``record`` itself."""
+        if not self.active:
+            if record is None:
+                raise ValueError("a single process has no owner to receive a record from")
+            return record
+        header = json.dumps(_describe(record)) if self.rank == owner else ""
+        layout = json.loads(self._broadcast_text(header, owner))
+        tensors: list[torch.Tensor] = []
+        if self.rank == owner:
+            assert record is not None
+            _collect(record, tensors)
+            tensors = [t.detach().to(device).contiguous() for t in tensors]
+        else:
+            record = _build(kind, layout, tensors, device)
+        with self._timed_broadcast(sum(t.numel() * t.element_size() for t in tensors), owner):
+            for tensor in tensors:
+                if tensor.numel():
+                    # As bytes: gloo has no int16 or bool collectives, and a copy is a copy.
+                    dist.broadcast(tensor.reshape(-1).view(torch.uint8), owner, group=self.group)
+        return record
+
+    def _timed_broadcast(self, size: int, owner: int) -> contextlib.AbstractContextManager[None]:
+        if self.rank == owner:
+            return self.traffic.timed("broadcast", bytes_out=size * (self.world_size - 1))
+        return self.traffic.timed("broadcast", bytes_in=size)
 
     def gather_floats(self, values: Sequence[float]) -> list[list[float]]:
         """Every rank's ``values`` (the same length everywhere), on every rank, by rank."""
@@ -165,7 +248,9 @@ class Parallel:
             return [list(values)]
         mine = self._to_device(torch.tensor(list(values), dtype=torch.float64))
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine, group=self.group)
+        size = 8 * len(values) * (self.world_size - 1)
+        with self.traffic.timed("gather", size, size):
+            dist.all_gather(parts, mine, group=self.group)
         return [part.tolist() for part in parts]
 
     def _broadcast_text(self, text: str, source: int) -> str:
@@ -186,6 +271,53 @@ class Parallel:
         return tensor
 
 
+def _describe(record: Any) -> dict[str, Any]:
+    """A dataclass record's layout: per field, a tensor's dtype and shape, a nested record's
+    layout, or the value itself (JSON: floats round-trip exactly, NaN included)."""
+    layout: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, torch.Tensor):
+            dtype = str(value.dtype).removeprefix("torch.")
+            layout[f.name] = {"tensor": [dtype, list(value.shape)]}
+        elif dataclasses.is_dataclass(value):
+            layout[f.name] = {"record": _describe(value)}
+        else:
+            layout[f.name] = {"value": value}
+    return layout
+
+
+def _collect(record: Any, into: list[torch.Tensor]) -> None:
+    """A record's tensors in field order (nested records depth first), as :func:`_build`
+    allocates them."""
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, torch.Tensor):
+            into.append(value)
+        elif dataclasses.is_dataclass(value):
+            _collect(value, into)
+
+
+def _build(kind: type, layout: dict[str, Any], tensors: list[torch.Tensor], device: Any) -> Any:
+    """A record of ``kind`` with empty tensors (appended to ``tensors``) where ``layout`` has
+    tensors, ready to receive them."""
+    hints = typing.get_type_hints(kind)
+    values: dict[str, Any] = {}
+    for name, spec in layout.items():
+        if "tensor" in spec:
+            dtype_name, shape = spec["tensor"]
+            dtype = getattr(torch, dtype_name)
+            values[name] = torch.empty(shape, dtype=dtype, device=device)
+            tensors.append(values[name])
+        elif "record" in spec:
+            nested = [h for h in typing.get_args(hints[name]) or (hints[name],)]
+            nested_kind = next(h for h in nested if dataclasses.is_dataclass(h))
+            values[name] = _build(nested_kind, spec["record"], tensors, device)
+        else:
+            values[name] = spec["value"]
+    return kind(**values)
+
+
 def solve_cost(method: str, in_features: int, out_features: int) -> float:
     """Relative cost of solving one linear, for balancing owners.
 
@@ -194,7 +326,7 @@ def solve_cost(method: str, in_features: int, out_features: int) -> float:
     loop (``N K^2``); first-order ones (RTN, the clip searches) are linear in the weight.
     """
     k, n = float(in_features), float(out_features)
-    if method in ("rtn", "awq"):
+    if method in FIRST_ORDER:
         return n * k
     return k**3 + n * k * k
 

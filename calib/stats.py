@@ -87,6 +87,28 @@ class HessianAccumulator:
         else:
             self.release()
 
+    def diagonal_over_ranks(self, parallel: Parallel) -> torch.Tensor:
+        """The diagonal of the Hessian over every rank's tokens, the same on every rank: each
+        rank's diagonal weighted by its share of the tokens, summed in rank order. What per-channel
+        activation scales need, without moving the ``K x K`` matrix (call it before
+        :meth:`reduce_to_owners`). A single process returns its own diagonal (a view)."""
+        if not parallel.active:
+            return torch.diagonal(self.hessian())
+        local = (
+            torch.diagonal(self.hessian())
+            if self._sum is not None
+            else torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
+        )
+        counts = [c[0] for c in parallel.gather_floats([float(self.n_tokens)])]
+        n_total = sum(counts)
+        if n_total == 0:
+            raise ValueError("no calibration tokens reached this layer on any rank")
+        total = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
+        for count, part in zip(counts, parallel.gather_floats(local.tolist()), strict=True):
+            partial = torch.tensor(part, dtype=torch.float32, device=self.device)
+            total.add_(partial, alpha=count / n_total)
+        return total
+
     def release(self) -> None:
         """Drop the matrix (its group is solved); the memory returns at once unless the caller
         still holds :meth:`hessian`'s tensor."""
@@ -124,6 +146,14 @@ class PairDifferenceAccumulator:
         self._differences.add(x0.to(torch.float32) - x1.to(torch.float32))
         self.n_pairs += n_pairs
 
+    def reduce_to_owners(self, parallel: Parallel, owners: Sequence[int]) -> None:
+        """Data-parallel calibration on several ranks (each on its share of the pairs): make this
+        ``D`` over every rank's pair positions on the ranks in ``owners``, released on the
+        others (:meth:`HessianAccumulator.reduce_to_owners`, the same fixed order)."""
+        counts = parallel.gather_floats([float(self.n_pairs)])
+        self._differences.reduce_to_owners(parallel, owners)
+        self.n_pairs = int(sum(c[0] for c in counts))
+
     def matrix(self) -> torch.Tensor:
         """``2 (X0 - X1)^T (X0 - X1) / n`` as fp32 ``[K, K]``."""
         if self.n_positions == 0:
@@ -151,14 +181,31 @@ class ChannelStatsAccumulator:
         self.in_features = in_features
         self.group = g
         self.abs_mean = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.gram = torch.zeros(in_features // g, g, g, dtype=torch.float32, device=device)
+        self._gram: torch.Tensor | None = torch.zeros(
+            in_features // g, g, g, dtype=torch.float32, device=device
+        )
         self.n_tokens = 0
+        # Set by reduce_to_owners: the statistics are now every rank's, so no more local inputs.
+        self._reduced = False
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """fp32 ``[G, g, g]``: per group, ``X_g^T X_g / n`` over the tokens seen."""
+        if self._gram is None:
+            raise RuntimeError(
+                "this rank owns no linear reading this input: its Gram matrices went to the "
+                "owners in reduce_to_owners and were released here"
+            )
+        return self._gram
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]``."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        rows = x.reshape(-1, self.in_features).to(device=self.gram.device, dtype=torch.float32)
+        if self._reduced:
+            raise RuntimeError("these statistics were reduced over the ranks; they take no inputs")
+        gram = self.gram
+        rows = x.reshape(-1, self.in_features).to(device=gram.device, dtype=torch.float32)
         m = rows.shape[0]
         if m == 0:
             return
@@ -166,8 +213,49 @@ class ChannelStatsAccumulator:
         keep = self.n_tokens / total
         self.abs_mean.mul_(keep).add_(rows.abs().sum(dim=0), alpha=1.0 / total)
         grouped = rows.view(m, -1, self.group).transpose(0, 1)  # [G, m, g]
-        self.gram.mul_(keep).baddbmm_(grouped.transpose(1, 2), grouped, alpha=1.0 / total)
+        gram.mul_(keep).baddbmm_(grouped.transpose(1, 2), grouped, alpha=1.0 / total)
         self.n_tokens = total
+
+    def reduce_to_owners(self, parallel: Parallel, owners: Sequence[int]) -> None:
+        """Data-parallel calibration: make these the statistics over every rank's tokens.
+
+        Each rank's figures are averages over its own tokens, so the totals are
+        ``sum_r (n_r / n) s_r``. ``abs_mean`` drives the scale search, which every rank runs (and
+        must decide identically), so it is formed on every rank, summed in ascending rank order
+        from an all-gather of the ``[K]`` vectors: bit-identical everywhere. The Gram matrices
+        serve only the clip search of the linears reading this input, so they go to the ranks in
+        ``owners`` alone (:meth:`Parallel.reduce_to`'s fixed order, as
+        :meth:`HessianAccumulator.reduce_to_owners`) and are released on the others (``owners``
+        may be empty: nothing clips this input). A single process keeps its statistics as they
+        are.
+
+        Raises:
+            ValueError: no rank saw a token of this input.
+        """
+        if not parallel.active:
+            return
+        if self._reduced:
+            raise RuntimeError("these statistics were already reduced over the ranks")
+        self._reduced = True
+        counts = [c[0] for c in parallel.gather_floats([float(self.n_tokens)])]
+        n_total = sum(counts)
+        if n_total == 0:
+            raise ValueError("no calibration tokens reached this layer on any rank")
+        # K floats per rank: small enough to travel to everyone; the sum is in float64 and in
+        # rank order, so every rank rounds the same total to fp32.
+        partials = parallel.gather_floats(self.abs_mean.tolist())
+        total_abs_mean = torch.zeros(self.in_features, dtype=torch.float64)
+        for count, partial in zip(counts, partials, strict=True):
+            total_abs_mean.add_(torch.tensor(partial, dtype=torch.float64), alpha=count / n_total)
+        self.abs_mean.copy_(total_abs_mean)
+        ranks = sorted(set(owners))
+        gram = self.gram
+        self._gram = None  # kept below on the owners only
+        if ranks:
+            total = parallel.reduce_to(ranks[0], gram, self.n_tokens / n_total)
+            if parallel.rank in ranks:
+                self._gram = parallel.pass_on(total, ranks, gram)
+        self.n_tokens = int(n_total)
 
     def check(self) -> None:
         if self.n_tokens == 0:

@@ -138,10 +138,41 @@ def quantize_model(
     with PeakMemory(device) as peak:
         method.run(model, config, context)
     report.peak_rss_bytes, report.peak_device_bytes = peak.rss_bytes, peak.device_bytes
+    if parallel.active:
+        report.details["parallel"] = _parallel_details(parallel, report)
     if activations is not None:
         report.details["activations"] = activations.stats()
     report.seconds = time.perf_counter() - start
     return report
+
+
+_TRAFFIC_KINDS = ("reduce", "broadcast", "gather", "settle")
+
+
+def _parallel_details(parallel: Parallel, report: QuantizationReport) -> dict[str, Any]:
+    """Every rank's communication and solving, gathered onto every rank for the report: per
+    rank the bytes it sent and received and the seconds it spent per kind of collective
+    (:class:`quantlab.calib.parallel.Traffic`: waits for slower ranks included), and the seconds
+    it spent solving the linears it owns."""
+    traffic = parallel.traffic
+    solve = sum(layer.seconds for layer in report.layers)
+    mine = [solve] + [
+        float(value)
+        for kind in _TRAFFIC_KINDS
+        for value in (
+            traffic.bytes_out.get(kind, 0),
+            traffic.bytes_in.get(kind, 0),
+            traffic.seconds.get(kind, 0.0),
+        )
+    ]
+    ranks = []
+    for rank, values in enumerate(parallel.gather_floats(mine)):
+        row: dict[str, Any] = {"rank": rank, "solve_seconds": values[0]}
+        for i, kind in enumerate(_TRAFFIC_KINDS):
+            out, into, seconds = values[1 + 3 * i : 4 + 3 * i]
+            row[kind] = {"bytes_out": int(out), "bytes_in": int(into), "seconds": seconds}
+        ranks.append(row)
+    return {"world_size": parallel.world_size, "ranks": ranks}
 
 
 def quantize_checkpoint(
@@ -239,8 +270,11 @@ def quantize_checkpoint(
     available = available_memory_bytes()
     if parallel.active:
         calibrated = bool(getattr(config, "needs_calibration", False))
-        share = parallel.share(n_samples) if calibrated else slice(0, n_samples)
-        n_samples = share.stop - share.start
+        if calibrated:
+            parallel.share(n_samples)  # refuses fewer windows than ranks, here at the start
+            # The largest share any rank takes (methods split their windows differently: AWQ
+            # shares its scored windows and the others apart).
+            n_samples = -(-n_samples // parallel.world_size)
         if available is not None:
             available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         windows = windows if main else 0
@@ -341,8 +375,6 @@ def quantize_checkpoint(
                     report.ppl_baseline = before.finish(lazy.model, blocks.blocks, device).to_dict()
         report.details["memory_plan"] = plan.to_dict()
         report.details["storage"] = _linear_storage(lazy.model, files)
-        if parallel.active:
-            report.details["parallel"] = {"world_size": parallel.world_size}
         if out is not None:
             report.details["export"] = {"format": out.describe(lazy.model)}
             out.finish(lazy.model, tokenizer, report.to_dict())

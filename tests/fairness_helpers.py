@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import zlib
+from pathlib import Path
 from typing import Any
 
 __all__ = ["WordTokenizer"]
@@ -27,3 +30,12 @@ class WordTokenizer:
             pieces = [word] if len(word) <= 5 else [word[i : i + 4] for i in range(0, len(word), 4)]
             ids += [self._piece(p) for p in pieces]
         return {"input_ids": ids}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """What a checkpoint needs to rebuild this tokenizer: its vocabulary size."""
+        Path(directory, "word_tokenizer.json").write_text(
+            json.dumps({"vocab_size": self.vocab_size})
+        )

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 SCALE_DTYPE_NAMES = tuple(SCALE_DTYPES)
+
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -347,14 +349,15 @@ def solve_on_owners(
     parallel: Parallel,
     linears: dict[str, nn.Linear],
     owners: dict[str, int],
-    solve: Callable[[str, nn.Linear], GroupwiseIntResult],
-    config: GroupwiseIntConfig,
-) -> dict[str, tuple[GroupwiseIntResult, float]]:
+    solve: Callable[[str, nn.Linear], Result],
+    kind: type[Result],
+) -> dict[str, tuple[Result, float]]:
     """Weight-parallel solving: each linear's owner runs ``solve(name, linear)``; an error on any
-    rank stops every rank (:meth:`Parallel.settle`); then every rank receives every result.
+    rank stops every rank (:meth:`Parallel.settle`); then every rank receives every result (a
+    dataclass of ``kind``, :meth:`Parallel.broadcast_record`, on the linear's device).
     Returns, per linear in ``linears``' order, its result and the seconds its owner spent on it
     (0 on the other ranks). One process: every linear solved here, errors raised as they are."""
-    solved: dict[str, tuple[GroupwiseIntResult, float]] = {}
+    solved: dict[str, tuple[Result, float]] = {}
     error: BaseException | None = None
     try:
         for name, linear in linears.items():
@@ -364,49 +367,9 @@ def solve_on_owners(
     except Exception as failure:  # every rank stops with it at the agreement point
         error = failure
     parallel.settle(error)
-    shared: dict[str, tuple[GroupwiseIntResult, float]] = {}
+    shared: dict[str, tuple[Result, float]] = {}
     for name, linear in linears.items():
-        mine, seconds = solved.get(name, (None, 0.0))
-        shared[name] = (
-            share_groupwise_result(parallel, mine, owners[name], linear, config),
-            seconds,
-        )
+        mine, seconds = solved.pop(name, (None, 0.0))
+        result = parallel.broadcast_record(mine, owners[name], kind, linear.weight.device)
+        shared[name] = (result, seconds)
     return shared
-
-
-def share_groupwise_result(
-    parallel: Parallel,
-    result: GroupwiseIntResult | None,
-    owner: int,
-    linear: nn.Linear,
-    config: GroupwiseIntConfig,
-) -> GroupwiseIntResult:
-    """Weight-parallel solving: the owner's ``result`` for ``linear`` on every rank (the others
-    pass ``None`` and receive it into tensors shaped from the linear and ``config``), loss
-    included. A single process returns ``result`` itself."""
-    if not parallel.active:
-        assert result is not None
-        return result
-    n, k = linear.out_features, linear.in_features
-    groups = 1 if config.group_size == -1 else k // config.group_size
-    if result is None:
-        result = GroupwiseIntResult(
-            q=torch.empty(n, k, dtype=torch.int32, device=linear.weight.device),
-            scales=torch.empty(n, groups, dtype=torch.float32, device=linear.weight.device),
-            zeros=None
-            if config.sym
-            else torch.empty(n, groups, dtype=torch.int32, device=linear.weight.device),
-            bits=config.bits,
-            group_size=config.group_size,
-        )
-    loss = torch.tensor(
-        [float("nan") if result.loss is None else result.loss],
-        dtype=torch.float64,
-        device=linear.weight.device,
-    )
-    tensors = [result.q, result.scales, loss]
-    if result.zeros is not None:
-        tensors.append(result.zeros)
-    parallel.broadcast(tensors, owner)
-    result.loss = None if math.isnan(float(loss)) else float(loss)
-    return result

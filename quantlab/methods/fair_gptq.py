@@ -31,6 +31,7 @@ from quantlab.calib.pairs import (
     split_pairs,
     target_swap_pairs,
 )
+from quantlab.calib.parallel import Parallel
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.groupwise_int import GroupwiseIntResult
 from quantlab.methods.base import Method, MethodContext, model_blocks
@@ -205,7 +206,11 @@ def _debiased_names(spec: ArchSpec, patterns: Sequence[str]) -> list[str]:
 
 
 class _FairTerms(GPTQTerms):
-    """The group-bias term: ``D`` per debiased linear from the pair stream."""
+    """The group-bias term: ``D`` per debiased linear from the pair stream.
+
+    On several ranks each rank carries its share of the pair batches; ``D`` (and the pair
+    tokens' Hessian) is reduced to the owners of the debiased linears that read it, and each
+    layer's bias-term figures are gathered from its owner once its block is done."""
 
     def __init__(
         self,
@@ -215,6 +220,7 @@ class _FairTerms(GPTQTerms):
         names: Sequence[str],
         blocks_path: str,
         device: torch.device,
+        parallel: Parallel,
     ) -> None:
         self.config = config
         self.stream = stream
@@ -223,7 +229,11 @@ class _FairTerms(GPTQTerms):
         self.names = set(names)
         self.blocks_path = blocks_path
         self.device = device
+        self.parallel = parallel
         self.bias_matrices: dict[tuple[int, str], torch.Tensor] = {}
+        # This block's debiased linears, in solving order, with their owners and (on the owner)
+        # [bias term before, after, layer loss].
+        self.block_rows: dict[str, tuple[int, list[float]]] = {}
         self.rows: list[dict[str, Any]] = []
         self.seconds = 0.0
 
@@ -238,14 +248,26 @@ class _FairTerms(GPTQTerms):
         block: nn.Module,
         group: Sequence[str],
         stats: dict[str, HessianAccumulator],
+        owners: dict[str, int],
     ) -> dict[str, dict[str, Any]]:
-        debiased = [n for n in group if n in self.names] if index in self.layers else []
+        in_layer = index in self.layers
+        debiased = [n for n in group if n in owners and n in self.names] if in_layer else []
         if not debiased:
             return {}
         start = time.perf_counter()
         diff, pair_hessian = self.stream.accumulate(
             index, block, group[0], self.device, with_hessian=self.config.fair_pairs_in_hessian
         )
+        solvers = [owners[n] for n in debiased]
+        diff.reduce_to_owners(self.parallel, solvers)
+        if pair_hessian is not None:
+            pair_hessian.reduce_to_owners(self.parallel, solvers)
+        nan = float("nan")
+        self.block_rows.update((n, (owners[n], [nan, nan, nan])) for n in debiased)
+        mine = [n for n in debiased if owners[n] == self.parallel.rank]
+        if not mine:
+            self.seconds += time.perf_counter() - start
+            return {}
         d = diff.matrix()
         text = stats[group[0]]
         options: dict[str, Any] = dict(
@@ -264,10 +286,10 @@ class _FairTerms(GPTQTerms):
             hessian = options["hessian"] if pair_hessian is not None else text.hessian()
             rank = min(self.config.fair_rank, d.shape[0])
             options["fair_hessian"] = bias_subspace(d, hessian, rank, self.config.damp_percent)
-        for name in debiased:
+        for name in mine:
             self.bias_matrices[(index, name)] = d
         self.seconds += time.perf_counter() - start
-        return dict.fromkeys(debiased, options)
+        return dict.fromkeys(mine, options)
 
     def layer_done(
         self, index: int, name: str, weight: torch.Tensor, result: GroupwiseIntResult
@@ -277,18 +299,26 @@ class _FairTerms(GPTQTerms):
             return
         before = group_bias_term(weight, d)
         after = group_bias_term(result.dequantize(), d)
-        self.rows.append(
-            {
-                "name": f"{self.blocks_path}.{index}.{name}",
-                "bias_term_before": before,
-                "bias_term_after": after,
-                "bias_term_ratio": after / before if before > 0 else None,
-                "loss": result.loss,
-            }
-        )
+        loss = float("nan") if result.loss is None else result.loss
+        self.block_rows[name] = (self.block_rows[name][0], [before, after, loss])
 
     def block_done(self, index: int, block: nn.Module) -> None:
         start = time.perf_counter()
+        # Every rank's figures, each layer's taken from its owner (one process: its own).
+        mine = [value for _, values in self.block_rows.values() for value in values]
+        gathered = self.parallel.gather_floats(mine)
+        for i, (name, (owner, _)) in enumerate(self.block_rows.items()):
+            before, after, loss = gathered[owner][3 * i : 3 * i + 3]
+            self.rows.append(
+                {
+                    "name": f"{self.blocks_path}.{index}.{name}",
+                    "bias_term_before": before,
+                    "bias_term_after": after,
+                    "bias_term_ratio": after / before if before > 0 else None,
+                    "loss": None if math.isnan(loss) else loss,
+                }
+            )
+        self.block_rows.clear()
         if index < self.last_layer:
             self.stream.advance(index, block, self.device)
         elif index == self.last_layer:
@@ -322,7 +352,10 @@ def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
     if config.fair_alpha == 0.0:
         # No group-bias term: exactly GPTQ, without the cost of capturing the pairs.
         blocks = model_blocks(model, resolve(model), ctx)
-        run_gptq(model, config.gptq_config(), ctx.calib, samples, ctx.report, blocks, ctx.progress)
+        run_gptq(
+            model, config.gptq_config(), ctx.calib, samples, ctx.report, blocks, ctx.progress,
+            parallel=ctx.parallel,
+        )  # fmt: skip
         ctx.report.details["fair-gptq"] = {"alpha": 0.0, "debiased": []}
         return
     if ctx.tokenizer is None:
@@ -333,8 +366,15 @@ def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
     names = _debiased_names(spec, config.fair_modules)
     pairs = calibration_pairs(config)
     batches = pair_batches(ctx.tokenizer, pairs, config.fair_pair_batch, config.fair_alignment)
-    stream = PairStream(batches)
-    terms = _FairTerms(config, stream, layers, names, spec.blocks, ctx.device)
+    parallel = ctx.parallel
+    if len(batches) < parallel.world_size:
+        raise ValueError(
+            f"{len(batches)} batches of sentence pairs for {parallel.world_size} ranks: every rank "
+            "needs at least one; lower --fair-pair-batch (pairs per batch) or use fewer ranks"
+        )
+    # Data-parallel: each rank carries its share of the pair batches.
+    stream = PairStream(batches[parallel.share(len(batches))])
+    terms = _FairTerms(config, stream, layers, names, spec.blocks, ctx.device, parallel)
     run_gptq(
         model,
         config.gptq_config(),
@@ -344,6 +384,7 @@ def _run(model: nn.Module, config: FairGPTQConfig, ctx: MethodContext) -> None:
         model_blocks(model, spec, ctx),
         ctx.progress,
         terms=terms,
+        parallel=parallel,
     )
     ratios = [r["bias_term_ratio"] for r in terms.rows if r["bias_term_ratio"] is not None]
     ctx.report.details["fair-gptq"] = {
@@ -445,4 +486,5 @@ METHOD = Method(
     add_arguments=_add_arguments,
     export_formats=("quantlab", "gptq", "awq"),
     help="GPTQ with a group-bias term from stereotype/anti-stereotype pairs",
+    runs_distributed=True,
 )

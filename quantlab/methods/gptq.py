@@ -104,12 +104,17 @@ class GPTQTerms:
         block: nn.Module,
         group: Sequence[str],
         stats: dict[str, HessianAccumulator],
+        owners: dict[str, int],
     ) -> dict[str, dict[str, Any]]:
         """Extra :func:`gptq_quantize` keyword arguments per linear of ``group``, computed just
         before the group is quantized (the block's earlier groups already are). ``"hessian"``
         replaces the calibration Hessian; ``"solver"`` replaces :func:`gptq_quantize` by a
         function that takes its arguments and the other extra ones and returns its result. May
-        run ``block`` on other inputs."""
+        run ``block`` on other inputs.
+
+        ``owners``: the rank that solves each quantized linear of ``group`` (all 0 in one
+        process). Called on every rank (collectives go here); only the options of the linears
+        this rank owns are used, and ``stats`` holds the reduced Hessian on their owners only."""
         return {}
 
     def layer_done(
@@ -159,7 +164,7 @@ def run_gptq(
         owners = linear_owners(parallel, linears, "gptq")
         if members:
             stats[group[0]].reduce_to_owners(parallel, list(owners.values()))
-        options = terms.solver_options(index, block, group, stats)
+        options = terms.solver_options(index, block, group, stats, owners)
 
         def solve(name: str, linear: nn.Linear) -> GroupwiseIntResult:
             extra = dict(options.get(name, {}))
@@ -181,7 +186,7 @@ def run_gptq(
                 **extra,
             )
 
-        solved = solve_on_owners(parallel, linears, owners, solve, config)
+        solved = solve_on_owners(parallel, linears, owners, solve, GroupwiseIntResult)
         for name, (result, seconds) in solved.items():
             linear = linears[name]
             terms.layer_done(index, name, linear.weight.detach(), result)
@@ -208,10 +213,9 @@ def run_gptq(
             )
         pending.clear()
 
-    groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
     run_sequential(
         blocks,
-        groups,
+        spec.sequential_groups,
         samples,
         on_group,
         on_block_done,

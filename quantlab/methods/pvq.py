@@ -27,7 +27,14 @@ from quantlab.calib.capture import run_sequential
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.pvq import PVQMeta, PVQResult, pack
 from quantlab.formats.pvq_codebook import MAX_CODE_BITS, PVQParams
-from quantlab.methods.base import LayerReport, Method, MethodContext, model_blocks
+from quantlab.methods.base import (
+    LayerReport,
+    Method,
+    MethodContext,
+    linear_owners,
+    model_blocks,
+    solve_on_owners,
+)
 from quantlab.models.arch import ArchSpec, excluded, get_submodule, resolve
 from quantlab.nn.pvq_linear import PVQLinear
 from quantlab.nn.swap import set_submodule
@@ -332,41 +339,59 @@ def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
     start = time.perf_counter()
     pending: dict[str, PVQResult] = {}
 
-    def quantize(index: int, block: nn.Module, name: str, hessian: torch.Tensor | None) -> None:
-        full = f"{spec.blocks}.{index}.{name}"
-        if excluded(full, config.modules_to_not_convert):
-            return
-        linear = block.get_submodule(name)
-        t0 = time.perf_counter()
-        signs = random_signs(linear.in_features, layer_seed(config.seed, full))
-        result = pvq_quantize(
-            linear.weight.detach(),
-            params,
-            signs,
-            hessian=hessian,
-            damp_percent=config.damp_percent,
-            block_size=config.block_size,
-            search_moves=config.search_moves,
-            hessian_search=config.hessian_search,
-            name=full,
-        )
-        # Later groups and blocks must see this layer's quantized output.
-        linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
-        pending[name] = result
-        meta = PVQMeta(
-            linear.in_features, linear.out_features, params.dim, params.pulses, params.levels
-        )
-        ctx.report.layers.append(
-            LayerReport(
-                full,
-                linear.out_features,
-                linear.in_features,
-                meta.bits_per_weight(),
-                None,
-                result.loss,
-                time.perf_counter() - t0,
+    parallel = ctx.parallel
+
+    def quantize(
+        index: int,
+        block: nn.Module,
+        group: Sequence[str],
+        stats: dict[str, HessianAccumulator] | None,
+    ) -> None:
+        linears = {
+            name: block.get_submodule(name)
+            for name in group
+            if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
+        }
+        # Weight-parallel: each linear's owner solves it (on the Hessian of every rank's tokens).
+        owners = linear_owners(parallel, linears, "pvq" if stats is not None else "pvq-no-hessian")
+        if stats is not None and linears:
+            stats[group[0]].reduce_to_owners(parallel, list(owners.values()))
+
+        def solve(name: str, linear: nn.Linear) -> PVQResult:
+            full = f"{spec.blocks}.{index}.{name}"
+            return pvq_quantize(
+                linear.weight.detach(),
+                params,
+                random_signs(linear.in_features, layer_seed(config.seed, full)),
+                hessian=None if stats is None else stats[name].hessian(),
+                damp_percent=config.damp_percent,
+                block_size=config.block_size,
+                search_moves=config.search_moves,
+                hessian_search=config.hessian_search,
+                name=full,
             )
-        )
+
+        for name, (result, seconds) in solve_on_owners(
+            parallel, linears, owners, solve, PVQResult
+        ).items():
+            linear = linears[name]
+            # Later groups and blocks must see this layer's quantized output.
+            linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
+            pending[name] = result
+            meta = PVQMeta(
+                linear.in_features, linear.out_features, params.dim, params.pulses, params.levels
+            )
+            ctx.report.layers.append(
+                LayerReport(
+                    f"{spec.blocks}.{index}.{name}",
+                    linear.out_features,
+                    linear.in_features,
+                    meta.bits_per_weight(),
+                    None,
+                    result.loss,
+                    seconds,
+                )
+            )
 
     def on_block_done(index: int, block: nn.Module) -> None:
         for name, result in pending.items():
@@ -385,25 +410,23 @@ def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
             group: Sequence[str],
             stats: dict[str, HessianAccumulator],
         ) -> None:
-            for name in group:
-                quantize(index, block, name, stats[name].hessian())
+            quantize(index, block, group, stats)
 
-        groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
         run_sequential(
             blocks,
-            groups,
+            spec.sequential_groups,
             ctx.samples("PVQ"),
             on_group,
             on_block_done,
             batch_size=ctx.calib.batch_size,
             true_sequential=config.true_sequential,
             progress=ctx.progress,
+            parallel=parallel,
         )
     else:
         for index in tqdm(range(len(blocks)), desc="pvq", disable=not ctx.progress):
             with blocks.open(index) as block:
-                for name in spec.block_linears:
-                    quantize(index, block, name, None)
+                quantize(index, block, spec.block_linears, None)
                 on_block_done(index, block)
 
     shapes = [(layer.out_features, layer.in_features) for layer in ctx.report.layers]
@@ -473,4 +496,5 @@ METHOD = Method(
     config_from_args=_config_from_args,
     add_arguments=_add_arguments,
     help="pyramid vector quantization in a rotated space, Hessian-aware",
+    runs_distributed=True,
 )

@@ -83,7 +83,7 @@ def rtn_block(
 
     owners = linear_owners(parallel, linears, "rtn")
     for name, (result, seconds) in solve_on_owners(
-        parallel, linears, owners, solve, config
+        parallel, linears, owners, solve, GroupwiseIntResult
     ).items():
         full = f"{spec.blocks}.{index}.{name}"
         linear = linears[name]

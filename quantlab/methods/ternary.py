@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,7 +29,9 @@ from quantlab.methods.base import (
     Method,
     MethodContext,
     QuantizationReport,
+    linear_owners,
     model_blocks,
+    solve_on_owners,
 )
 from quantlab.models.arch import excluded, resolve
 from quantlab.nn.swap import set_submodule
@@ -158,24 +159,30 @@ def _run_calibration_free(model: nn.Module, config: TernaryConfig, ctx: MethodCo
     blocks = model_blocks(model, spec, ctx)
     scale_dtype = dtype_from_name(config.scale_dtype)
     zeros: dict[str, float] = {}
+
+    def solve(full: str, linear: nn.Linear) -> TernaryResult:
+        if config.solver == "absmean":
+            return absmean_ternarize(linear.weight, config.group_size, scale_dtype, full)
+        return mse_ternarize(linear.weight, config.group_size, scale_dtype, name=full)
+
     for index in tqdm(range(len(blocks)), desc="ternary", disable=not ctx.progress):
         with blocks.open(index) as block:
-            for name in spec.block_linears:
-                full = f"{spec.blocks}.{index}.{name}"
-                if excluded(full, config.modules_to_not_convert):
-                    continue
-                linear = block.get_submodule(name)
-                start = time.perf_counter()
-                if config.solver == "absmean":
-                    result = absmean_ternarize(linear.weight, config.group_size, scale_dtype, full)
-                else:
-                    result = mse_ternarize(linear.weight, config.group_size, scale_dtype, name=full)
+            linears = {
+                f"{spec.blocks}.{index}.{name}": block.get_submodule(name)
+                for name in spec.block_linears
+                if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
+            }
+            # On several ranks each linear is ternarized by one owner (balanced by size) and
+            # broadcast: the rules are pure functions of the weight, so the result is the single
+            # process's bit for bit.
+            owners = linear_owners(ctx.parallel, linears, f"ternary-{config.solver}")
+            solved = solve_on_owners(ctx.parallel, linears, owners, solve, TernaryResult)
+            for full, (result, seconds) in solved.items():
+                linear = linears[full]
                 layer = ternary_layer(result, linear, config, full)
-                set_submodule(block, name, layer)
+                set_submodule(block, full.removeprefix(f"{spec.blocks}.{index}."), layer)
                 zeros[full] = result.zero_fraction
-                ctx.report.layers.append(
-                    _layer_report(full, linear, layer, None, time.perf_counter() - start)
-                )
+                ctx.report.layers.append(_layer_report(full, linear, layer, None, seconds))
     ctx.report.details["ternary"] = _details(config, zeros)
 
 
@@ -185,17 +192,23 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
     pending: dict[str, tuple[TernaryResult, float]] = {}
     zeros: dict[str, float] = {}
     report: QuantizationReport = ctx.report
+    parallel = ctx.parallel
 
     def on_group(
         index: int, block: nn.Module, group: Sequence[str], stats: dict[str, HessianAccumulator]
     ) -> None:
-        for name in group:
-            full = f"{spec.blocks}.{index}.{name}"
-            if excluded(full, config.modules_to_not_convert):
-                continue
-            linear = block.get_submodule(name)
-            start = time.perf_counter()
-            result = gptq_ternarize(
+        linears = {
+            name: block.get_submodule(name)
+            for name in group
+            if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
+        }
+        # Weight-parallel: each linear's owner solves it on the Hessian of every rank's tokens.
+        owners = linear_owners(parallel, linears, "ternary")
+        if linears:
+            stats[group[0]].reduce_to_owners(parallel, list(owners.values()))
+
+        def solve(name: str, linear: nn.Linear) -> TernaryResult:
+            return gptq_ternarize(
                 linear.weight.detach(),
                 stats[name].hessian(),
                 group_size=config.group_size,
@@ -205,11 +218,15 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
                 block_size=config.block_size,
                 act_order=config.act_order,
                 refit_rounds=config.refit_rounds,
-                name=full,
+                name=f"{spec.blocks}.{index}.{name}",
             )
+
+        shared = solve_on_owners(parallel, linears, owners, solve, TernaryResult)
+        for name, solved in shared.items():
+            result = solved[0]
             # Later groups and blocks must see this layer's quantized output.
-            linear.weight.data.copy_(result.dequantize().to(linear.weight.dtype))
-            pending[name] = (result, time.perf_counter() - start)
+            linears[name].weight.data.copy_(result.dequantize().to(linears[name].weight.dtype))
+            pending[name] = solved
 
     def on_block_done(index: int, block: nn.Module) -> None:
         for name, (result, seconds) in pending.items():
@@ -221,16 +238,16 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
             report.layers.append(_layer_report(full, linear, layer, result.loss, seconds))
         pending.clear()
 
-    groups = spec.sequential_groups if config.true_sequential else (spec.block_linears,)
     run_sequential(
         model_blocks(model, spec, ctx),
-        groups,
+        spec.sequential_groups,
         ctx.samples("ternary"),
         on_group,
         on_block_done,
         batch_size=ctx.calib.batch_size,
         true_sequential=config.true_sequential,
         progress=ctx.progress,
+        parallel=parallel,
     )
     report.details["ternary"] = _details(config, zeros)
 
@@ -303,4 +320,5 @@ METHOD = Method(
     config_from_args=_config_from_args,
     add_arguments=_add_arguments,
     help="ternary 1.58-bit weights (BitNet absmean, L2-optimal or Hessian-aware)",
+    runs_distributed=True,
 )

@@ -32,7 +32,9 @@ __all__ = [
     "apply_clip",
     "fake_quantize",
     "linear_output_mse",
+    "linear_output_sse",
     "output_mse",
+    "output_sse",
     "scale_candidates",
     "search_clip",
     "search_scales",
@@ -160,6 +162,42 @@ def linear_output_mse(linear: nn.Linear, inputs: torch.Tensor) -> Callable[[], f
     return loss
 
 
+def output_sse(
+    run_inspected: Callable[[], torch.Tensor], reference_output: torch.Tensor
+) -> Callable[[], tuple[float, int]]:
+    """:func:`output_mse`'s error as its parts: the sum of squared errors and the number of
+    elements summed. Several ranks, each scoring its own sequences, add their parts to get the
+    mean over all of them (the mean of per-rank means would weight ranks, not elements)."""
+    if not bool(torch.isfinite(reference_output).all()):
+        raise ValueError("the inspected module's float output has NaN/Inf; cannot score scales")
+    reference = reference_output.to(torch.float32)
+
+    @torch.no_grad()
+    def loss() -> tuple[float, int]:
+        residual = run_inspected().to(torch.float32) - reference
+        return float(residual.pow(2).sum()), residual.numel()
+
+    return loss
+
+
+def linear_output_sse(linear: nn.Linear, inputs: torch.Tensor) -> Callable[[], tuple[float, int]]:
+    """:func:`linear_output_mse`'s error as its parts (see :func:`output_sse`): ``sum_n d_n X^T X
+    d_n^T`` over the ``T`` input rows and ``N`` outputs, and ``T N``."""
+    x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the inspected linear's input has NaN/Inf; cannot score scales")
+    gram = x.t() @ x
+    original = linear.weight.detach().to(torch.float32).clone()
+    count = x.shape[0] * original.shape[0]
+
+    @torch.no_grad()
+    def loss() -> tuple[float, int]:
+        d = linear.weight.to(torch.float32) - original
+        return float((d @ gram * d).sum()), count
+
+    return loss
+
+
 @torch.no_grad()
 def search_scales(
     linears: Sequence[nn.Linear],
@@ -178,7 +216,8 @@ def search_scales(
     Args:
         linears: the linears to scale; their weights are modified during the search and restored.
         loss_fn: the error of the linears' current weights (:func:`output_mse` or
-            :func:`linear_output_mse`).
+            :func:`linear_output_mse`; on several ranks, the mean over all ranks of
+            :func:`output_sse` or :func:`linear_output_sse`, the same number on every rank).
         x_mean: fp32 ``[K]`` mean ``|x|`` per input channel over the calibration tokens.
         bits, group_size, sym, scale_dtype: the grid the weights will be rounded to.
         n_grid: grid points ``alpha = i / n_grid``, ``i < n_grid`` (as AWQ: 1 is not tried).

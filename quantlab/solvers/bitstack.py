@@ -46,16 +46,22 @@ SVD_METHODS = ("lowrank", "full")
 def activation_scales(
     hessian: torch.Tensor, alpha: float = 1.0, floor: float = 1e-3
 ) -> torch.Tensor:
-    """Per-input-channel scales ``s`` ``[K]`` (positive, geometric mean 1) from a Hessian.
+    """Per-input-channel scales ``s`` ``[K]`` (positive, geometric mean 1) from a Hessian (or its
+    diagonal ``[K]``, all it reads).
 
     ``s_j = max(rms_j, floor * mean(rms))^alpha`` with ``rms_j = sqrt(H_jj / 2)``. The floor
     keeps channels that never fire from getting a zero scale (BitStack adds 1e-3 for the same
     reason); the normalisation only keeps the folded tensors near their original range (the
     decomposition is equivariant to a global scale).
     """
-    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"hessian must be square [K, K], got {tuple(hessian.shape)}")
-    diag = torch.diagonal(hessian).to(torch.float32)
+    if hessian.dim() == 1:
+        diag = hessian.to(torch.float32)
+    elif hessian.dim() == 2 and hessian.shape[0] == hessian.shape[1]:
+        diag = torch.diagonal(hessian).to(torch.float32)
+    else:
+        raise ValueError(
+            f"hessian must be square [K, K] or its diagonal [K], got {tuple(hessian.shape)}"
+        )
     if not bool(torch.isfinite(diag).all()):
         raise ValueError("hessian has NaN/Inf on its diagonal (non-finite calibration activations)")
     if alpha < 0:

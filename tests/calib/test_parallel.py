@@ -12,6 +12,43 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from quantlab.calib.parallel import DistributedFailure, Parallel, assign_owners, solve_cost
+from quantlab.formats.bitstack import BitStackResult
+from quantlab.formats.pvq import PVQResult
+from quantlab.formats.pvq_codebook import PVQParams
+
+
+def _records() -> tuple[PVQResult, BitStackResult]:
+    """Two solver results with every kind of field: integer, float, bool tensors, a nested
+    parameter record, a list of floats (a NaN among them), a loss of None."""
+    g = torch.Generator().manual_seed(7)
+    pvq = PVQResult(
+        points=torch.randint(-3, 4, (3, 8), generator=g, dtype=torch.int16),
+        gain_codes=torch.randint(0, 4, (3, 2), generator=g),
+        row_scales=torch.rand(3, generator=g),
+        levels=torch.rand(4, generator=g).sort().values,
+        signs=torch.where(torch.rand(8, generator=g) < 0.5, -1, 1).to(torch.int8),
+        params=PVQParams(4, 3, 4),
+        loss=0.1 + 1e-17,
+    )
+    stack = BitStackResult(
+        positive=torch.rand(2, 3, 5, generator=g) < 0.5,
+        u=torch.randn(2, 3, 1, generator=g),
+        v=torch.randn(2, 1, 5, generator=g),
+        errors=[1.0 / 3.0, float("nan"), 2.5e-30],
+        seconds=1.25,
+    )
+    return pvq, stack
+
+
+def _same_record(a: object, b: object) -> bool:
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, torch.Tensor):
+            if not (value.dtype == other.dtype and torch.equal(value, other)):
+                return False
+        elif repr(value) != repr(other):  # repr: NaN equals itself, floats bit for bit
+            return False
+    return True
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
@@ -62,6 +99,8 @@ def test_a_single_process_is_the_same_code_with_no_collectives() -> None:
         partial, torch.full((2, 2), 0.5)
     )
     assert single.gather_floats([1.0, 2.0]) == [[1.0, 2.0]]
+    pvq, _ = _records()
+    assert single.broadcast_record(pvq, 0, PVQResult, torch.device("cpu")) is pvq
     single.settle(None)
     with pytest.raises(KeyError, match="boom"):
         single.settle(KeyError("boom"))
@@ -79,12 +118,24 @@ def _rank_main(rank: int, world: int, store: str, out: str) -> None:
         total = parallel.reduce_to(world - 1, partial, (rank + 1) / 10)
         result["reduced"] = None if total is None else total.flatten().tolist()
         result["sender_unchanged"] = bool(torch.equal(partial, sent)) if total is None else None
+        result["reduce_traffic"] = [
+            parallel.traffic.bytes_out.get("reduce", 0),
+            parallel.traffic.bytes_in.get("reduce", 0),
+            parallel.traffic.calls["reduce"],
+        ]
         # Broadcast overwrites every rank's tensors with the owner's.
         codes = torch.full((3, 4), rank, dtype=torch.int32)
         scales = torch.full((3,), float(rank))
         parallel.broadcast([codes, scales], owner=1)
         result["broadcast"] = [codes.flatten().tolist(), scales.tolist()]
         result["gathered"] = parallel.gather_floats([float(rank), rank * 0.5])
+        # A solver's result from its owner: every rank gets it whole, knowing only its kind.
+        records = []
+        for expected in _records():
+            mine = expected if rank == 1 else None
+            got = parallel.broadcast_record(mine, 1, type(expected), torch.device("cpu"))
+            records.append(_same_record(got, expected) and (rank != 1 or got is expected))
+        result["records"] = records
         # No failure: everyone goes on. Rank 1 fails: everyone stops, naming it.
         parallel.settle(None)
         try:
@@ -117,12 +168,18 @@ def test_the_collectives_on_gloo_ranks(tmp_path: Path, world: int) -> None:
             expected.add_(partials[r], alpha=(r + 1) / 10)
     for r, result in enumerate(results):
         assert result["rank"] == r and result["world"] == world
+        # The payload each rank moved: 35 fp32 values and the fp64 coefficient per sender.
+        payload = 5 * 7 * 4 + 8
+        assert result["reduce_traffic"] == (
+            [0, payload * (world - 1), 1] if r == owner else [payload, 0, 1]
+        )
         if r == owner:
             assert torch.equal(torch.tensor(result["reduced"]).view(5, 7), expected)
         else:
             assert result["reduced"] is None and result["sender_unchanged"]
         assert result["broadcast"] == [[1] * 12, [1.0] * 3]
         assert result["gathered"] == [[float(q), q * 0.5] for q in range(world)]
+        assert result["records"] == [True, True]
         if r == 1:
             assert result["failure"] == ["ValueError", "bad Hessian in blk.0.down_proj"]
         else:

@@ -1,5 +1,10 @@
 """AWQ: activation-aware scales and clips folded into the float model, then RTN (or GPTQ)
-rounding."""
+rounding.
+
+It runs on several ranks (``ctx.parallel``): the smoothing's statistics are data-parallel with
+the same decisions on every rank and a weight-parallel clip search
+(:mod:`quantlab.methods.awq.smoothing`), and the rounding is RTN's or GPTQ's own distributed
+solve."""
 
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
     if config.rounding == "rtn":
 
         def round_block(index: int, block: nn.Module) -> None:
-            rtn_block(index, block, spec, config, ctx.report)
+            rtn_block(index, block, spec, config, ctx.report, ctx.parallel)
 
         smoothing = apply_awq(
             blocks,
@@ -49,10 +54,20 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
             batch_size=ctx.calib.batch_size,
             on_block=round_block,
             progress=ctx.progress,
+            parallel=ctx.parallel,
         )
     else:
+        # The smoother calibrates on this rank's windows of the scored and the other sequences,
+        # GPTQ on its own share of them (run_sequential); each reduces over every rank.
         smoother = AWQSmoother(
-            model, spec, samples, config, ctx.device, ctx.calib.batch_size, blocks.activations
+            model,
+            spec,
+            samples,
+            config,
+            ctx.device,
+            ctx.calib.batch_size,
+            blocks.activations,
+            ctx.parallel,
         )
         run_gptq(
             model,
@@ -63,6 +78,7 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
             blocks,
             ctx.progress,
             terms=_SmoothThenGPTQ(smoother),
+            parallel=ctx.parallel,
         )
         smoother.release()
         smoothing = smoother.report
@@ -122,4 +138,5 @@ METHOD = Method(
     add_arguments=_add_arguments,
     export_formats=("quantlab", "gptq", "awq"),
     help="activation-aware scale search and clipping",
+    runs_distributed=True,
 )

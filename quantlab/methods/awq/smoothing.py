@@ -13,10 +13,19 @@ model streamed from its checkpoint is read once.
 
 As in llm-awq, the next block sees the *float* block output: scaling is output-preserving, so the
 only difference rounding would make is what a later GPTQ pass accounts for.
+
+On several ranks (:mod:`quantlab.calib.parallel`) the statistics are data-parallel and the
+decisions identical everywhere: each rank runs its share of the scored sequences and its share
+of the others (:func:`rank_windows`; the union is what one process runs), the mean ``|x|`` is
+reduced to every rank in a fixed order, each scale candidate's loss is the mean over every
+rank's scored elements (the same float on every rank, hence the same choice and the same folded
+scales), and the clip search is weight-parallel: each clipped linear's owner searches it on the
+Gram matrices reduced to it and broadcasts the thresholds.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,20 +42,31 @@ from quantlab.calib.capture import (
     capture_block_inputs,
     run_block_with_taps,
 )
+from quantlab.calib.parallel import Parallel
 from quantlab.calib.stats import ChannelStatsAccumulator
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.awq.config import AWQConfig
+from quantlab.methods.base import linear_owners, solve_on_owners
 from quantlab.models.arch import ArchSpec, SmoothMap, smooth_maps_for
 from quantlab.solvers.awq import (
     apply_clip,
     linear_output_mse,
+    linear_output_sse,
     output_mse,
+    output_sse,
     search_clip,
     search_scales,
 )
 from quantlab.transforms.fold import fold_smooth_map, smooth_map_applies
 
-__all__ = ["AWQSmoother", "MapReport", "SmoothingReport", "apply_awq"]
+__all__ = [
+    "AWQSmoother",
+    "ClipThresholds",
+    "MapReport",
+    "SmoothingReport",
+    "apply_awq",
+    "rank_windows",
+]
 
 
 @dataclass
@@ -69,12 +89,51 @@ class SmoothingReport:
     seconds: float = 0.0
 
 
+@dataclass
+class ClipThresholds:
+    """One linear's clip search result, as its owner rank broadcasts it: fp32 ``[N, G]``."""
+
+    max_val: torch.Tensor
+
+
 def _first_batch_sizes(n_samples: int, batch_size: int | None, search_samples: int) -> int:
     """Calibration batch size: the scored sequences form the first batch(es) exactly."""
     size = min(search_samples, n_samples)
     if batch_size is not None:
         size = min(size, batch_size)
     return max(1, size)
+
+
+def _scored_windows(n_samples: int, per_batch: int, search_samples: int) -> int:
+    """How many of the first windows one process scores: the whole batches that hold the first
+    ``search_samples`` (more than ``search_samples`` when ``per_batch`` does not divide it)."""
+    batches = -(-min(search_samples, n_samples) // per_batch)
+    return min(n_samples, batches * per_batch)
+
+
+def rank_windows(n_samples: int, n_scored: int, parallel: Parallel) -> tuple[slice, slice]:
+    """This rank's calibration windows: its contiguous share of the scored windows
+    ``[0, n_scored)`` and its share of the others ``[n_scored, n_samples)``.
+
+    The shares of each part differ by at most one window; the scored part's extra windows go to
+    the first ranks and the others' extra to the last, so that every rank gets at least one
+    window when there are at least as many windows as ranks, even where a rank scores nothing
+    (fewer scored windows than ranks). Over all ranks the union is every window, each once, and
+    the scored ones are exactly one process's. One process: ``[0, n_scored)`` and the rest.
+
+    Raises:
+        ValueError: fewer windows than ranks (:meth:`Parallel.share`'s refusal).
+    """
+    parallel.share(n_samples)  # every rank needs a window: refuse as data-parallel GPTQ does
+    rank, world = parallel.rank, parallel.world_size
+    base, extra = divmod(n_scored, world)
+    start = rank * base + min(rank, extra)
+    scored = slice(start, start + base + (1 if rank < extra else 0))
+    base, extra = divmod(n_samples - n_scored, world)
+    first_with_extra = world - extra
+    start = n_scored + rank * base + max(0, rank - first_with_extra)
+    others = slice(start, start + base + (1 if rank >= first_with_extra else 0))
+    return scored, others
 
 
 class AWQSmoother:
@@ -96,19 +155,34 @@ class AWQSmoother:
         device: torch.device,
         batch_size: int | None = None,
         store: ActivationStore | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         """``store``: where the float block outputs are kept between blocks (RAM up to a budget,
-        then disk)."""
+        then disk). ``parallel``: this rank of a multi-process run, which calibrates on its
+        :func:`rank_windows` of ``samples`` (all of them in one process).
+
+        Raises:
+            ValueError: fewer calibration windows than ranks.
+        """
         self.model = model
         self.store = store
         self.spec = spec
         self.samples = samples
         self.config = config
         self.device = device
+        self.parallel = parallel or Parallel.single()
         self.maps = smooth_maps_for(model, spec)
         self.scale_dtype = dtype_from_name(config.scale_dtype)
-        self.per_batch = _first_batch_sizes(samples.shape[0], batch_size, config.search_samples)
-        self.record_batches = -(-min(config.search_samples, samples.shape[0]) // self.per_batch)
+        n_samples = samples.shape[0]
+        # The batch size and scored windows of one process, on every rank: the scored windows
+        # are then the same whatever the number of ranks.
+        self.per_batch = _first_batch_sizes(n_samples, batch_size, config.search_samples)
+        n_scored = _scored_windows(n_samples, self.per_batch, config.search_samples)
+        self.scored_windows, self.other_windows = rank_windows(n_samples, n_scored, self.parallel)
+        # The scored windows are batched apart from the others, so the recorded batches are
+        # exactly this rank's scored windows (none, where it has none).
+        n_scored_here = self.scored_windows.stop - self.scored_windows.start
+        self.record_batches = math.ceil(n_scored_here / self.per_batch)
         self.report = SmoothingReport()
         self.inputs: BlockInputs | None = None
         self.next_index = 0
@@ -116,9 +190,30 @@ class AWQSmoother:
     def start(self, blocks: nn.ModuleList) -> None:
         """Catch the first block's inputs (outside modules on the device)."""
         start = time.perf_counter()
-        self.inputs = capture_block_inputs(
-            self.model, blocks, self.samples, self.per_batch, self.device, store=self.store
-        )
+        error: BaseException | None = None
+        try:
+            # One process: the scored windows are whole batches, so this is the same batching as
+            # one capture of every window.
+            parts = [
+                capture_block_inputs(
+                    self.model,
+                    blocks,
+                    self.samples[windows],
+                    self.per_batch,
+                    self.device,
+                    store=self.store,
+                )
+                for windows in (self.scored_windows, self.other_windows)
+                if windows.stop > windows.start
+            ]
+            self.inputs = BlockInputs(
+                hidden=[hidden for part in parts for hidden in part.hidden],
+                kwargs=[kwargs for part in parts for kwargs in part.kwargs],
+                store=self.store,
+            )
+        except Exception as failure:  # every rank stops with it before the first collective
+            error = failure
+        self.parallel.settle(error)
         self.next_index = 0
         self.report.seconds += time.perf_counter() - start
 
@@ -142,6 +237,7 @@ class AWQSmoother:
             self.scale_dtype,
             self.record_batches,
             self.report,
+            self.parallel,
         )
         self.inputs = self.inputs.with_hidden(hidden)
         self.next_index = index + 1
@@ -161,6 +257,7 @@ def apply_awq(
     batch_size: int | None = None,
     on_block: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
+    parallel: Parallel | None = None,
 ) -> SmoothingReport:
     """Fold AWQ scales and apply AWQ clipping to every block, in place, as ``blocks`` brings them
     in (resident or streamed from the checkpoint).
@@ -171,12 +268,14 @@ def apply_awq(
             scored sequences are whole batches).
         on_block: called with each block after its search, while it is open on the device (e.g.
             to round and pack its linears before a streamed block is written).
+        parallel: this rank of a multi-process run (data-parallel statistics, the same
+            decisions on every rank, weight-parallel clip search).
 
     Raises:
         UnsupportedArchitectureError: the architecture has no smoothing maps.
     """
     smoother = AWQSmoother(
-        blocks.model, spec, samples, config, blocks.device, batch_size, blocks.activations
+        blocks.model, spec, samples, config, blocks.device, batch_size, blocks.activations, parallel
     )
     with blocks.outside_on_device():
         smoother.start(blocks.blocks)
@@ -193,6 +292,68 @@ def _clip_skipped(name: str, spec: ArchSpec) -> bool:
     return name in spec.clip_skip
 
 
+def _mean_over_ranks(
+    parallel: Parallel, local_sse: Callable[[], tuple[float, int]]
+) -> Callable[[], float]:
+    """A scale-search loss on several ranks: the squared error summed over every rank's scored
+    elements (in ascending rank order, from every rank's ``(sum, count)``) over their number.
+    The same float on every rank, so every rank makes the same choice. The gather is also the
+    agreement point of the local evaluation: a failure on any rank stops every rank."""
+
+    def loss() -> float:
+        error: BaseException | None = None
+        sse, count = math.nan, 0
+        try:
+            sse, count = local_sse()
+        except Exception as failure:
+            error = failure
+        parts = parallel.gather_floats([sse, float(count), 0.0 if error is None else 1.0])
+        if any(failed for _, _, failed in parts):
+            parallel.settle(error)  # every rank sees the flag, so every rank settles here
+        n_elements = sum(n for _, n, _ in parts)
+        if n_elements == 0:
+            raise ValueError("no rank has a scored calibration window; cannot score scales")
+        return sum(part_sse for part_sse, _, _ in parts) / n_elements  # in rank order
+
+    return loss
+
+
+def _scale_loss(
+    parallel: Parallel, linears: list[nn.Linear], inspected: nn.Module, calls: list[ModuleCall]
+) -> Callable[[], float]:
+    """The loss :func:`search_scales` minimises for one smoothing map, scored on ``calls`` (this
+    rank's recorded calls of ``inspected``)."""
+    alone = len(linears) == 1 and inspected is linears[0]
+
+    def recorded_inputs() -> torch.Tensor:
+        return torch.cat([c.hidden.flatten(0, -2) for c in calls])
+
+    def run_inspected() -> torch.Tensor:
+        return torch.cat([c.replay(inspected).flatten(0, -2) for c in calls])
+
+    if not parallel.active:
+        # One process keeps its fp32 mean: the same losses, hence the same choices, bit for bit,
+        # as before multi-process runs existed (a sum over a count rounds differently).
+        if alone:
+            return linear_output_mse(linears[0], recorded_inputs())
+        return output_mse(run_inspected, run_inspected())
+
+    def nothing_scored() -> tuple[float, int]:
+        return 0.0, 0  # this rank has no scored window: no term in the sums
+
+    error: BaseException | None = None
+    local_sse: Callable[[], tuple[float, int]] = nothing_scored
+    try:
+        if calls and alone:
+            local_sse = linear_output_sse(linears[0], recorded_inputs())
+        elif calls:
+            local_sse = output_sse(run_inspected, run_inspected())
+    except Exception as failure:  # every rank stops with it at the agreement point
+        error = failure
+    parallel.settle(error)
+    return _mean_over_ranks(parallel, local_sse)
+
+
 def _process_block(
     index: int,
     block: nn.Module,
@@ -204,6 +365,7 @@ def _process_block(
     scale_dtype: torch.dtype,
     record_batches: int,
     report: SmoothingReport,
+    parallel: Parallel,
 ) -> list[torch.Tensor]:
     applicable = []
     for smooth in maps:
@@ -220,30 +382,39 @@ def _process_block(
         stats[group[0]] = ChannelStatsAccumulator(first.in_features, config.group_size, device)
         for name in group:
             group_of[name] = group[0]
+    # The clip search is weight-parallel: each clipped linear has an owner rank (all rank 0 in
+    # one process), which alone needs the Gram matrices of the input it reads.
+    clipped = (
+        {
+            name: block.get_submodule(name)
+            for name in spec.block_linears
+            if not _clip_skipped(name, spec)
+        }
+        if config.apply_clip
+        else {}
+    )
+    clip_owners = linear_owners(parallel, clipped, "awq")
+
     taps = {first: acc.add for first, acc in stats.items()}
     record = [smooth.inspect for smooth in applicable]
-    outs, calls = run_block_with_taps(block, inputs, device, taps, record, record_batches)
-    for acc in stats.values():
-        acc.check()
+    error: BaseException | None = None
+    try:
+        outs, calls = run_block_with_taps(block, inputs, device, taps, record, record_batches)
+        for acc in stats.values():
+            acc.check()
+    except Exception as failure:  # every rank stops with it before the reductions
+        error = failure
+    parallel.settle(error)
+    for head, acc in stats.items():
+        acc.reduce_to_owners(
+            parallel, [clip_owners[name] for name in clip_owners if group_of[name] == head]
+        )
 
     folded: dict[str, torch.Tensor] = {}  # group head -> scales folded into its input
     for smooth in applicable:
         linears = [block.get_submodule(name) for name in smooth.linears]
         inspected = block.get_submodule(smooth.inspect)
-        module_calls = calls[smooth.inspect]
-
-        if len(linears) == 1 and inspected is linears[0]:
-            loss_fn = linear_output_mse(
-                linears[0], torch.cat([c.hidden.flatten(0, -2) for c in module_calls])
-            )
-        else:
-
-            def run_inspected(
-                inspected: nn.Module = inspected, module_calls: list[ModuleCall] = module_calls
-            ) -> torch.Tensor:
-                return torch.cat([c.replay(inspected).flatten(0, -2) for c in module_calls])
-
-            loss_fn = output_mse(run_inspected, run_inspected())
+        loss_fn = _scale_loss(parallel, linears, inspected, calls[smooth.inspect])
         head = group_of[smooth.linears[0]]
         result = search_scales(
             linears,
@@ -266,27 +437,29 @@ def _process_block(
             folded[head] = result.scales.to(device)
     del calls
 
-    if config.apply_clip:
-        for name in spec.block_linears:
-            if _clip_skipped(name, spec):
-                continue
-            linear = block.get_submodule(name)
-            head = group_of[name]
-            gram = stats[head].gram
-            s = folded.get(head)
-            if s is not None:
-                # The linear now reads x / s: its Gram is D^-1 C D^-1 per group.
-                inv = (1.0 / s).view(gram.shape[0], gram.shape[1])
-                gram = gram * inv.unsqueeze(2) * inv.unsqueeze(1)
-            max_val = search_clip(
-                linear.weight,
-                gram,
-                config.bits,
-                config.group_size,
-                config.sym,
-                max_shrink=config.max_shrink,
-                scale_dtype=scale_dtype,
-            )
-            apply_clip(linear, max_val)
-            report.clipped.append(f"{spec.blocks}.{index}.{name}")
+    def search(name: str, linear: nn.Linear) -> ClipThresholds:
+        head = group_of[name]
+        gram = stats[head].gram
+        s = folded.get(head)
+        if s is not None:
+            # The linear now reads x / s: its Gram is D^-1 C D^-1 per group.
+            inv = (1.0 / s).view(gram.shape[0], gram.shape[1])
+            gram = gram * inv.unsqueeze(2) * inv.unsqueeze(1)
+        max_val = search_clip(
+            linear.weight,
+            gram,
+            config.bits,
+            config.group_size,
+            config.sym,
+            max_shrink=config.max_shrink,
+            scale_dtype=scale_dtype,
+        )
+        return ClipThresholds(max_val)
+
+    # Each search reads only its own weight and the Gram taken before any clipping, so clipping
+    # after all the searches gives what clipping after each one did.
+    thresholds = solve_on_owners(parallel, clipped, clip_owners, search, ClipThresholds)
+    for name, (result, _seconds) in thresholds.items():
+        apply_clip(clipped[name], result.max_val)
+        report.clipped.append(f"{spec.blocks}.{index}.{name}")
     return outs

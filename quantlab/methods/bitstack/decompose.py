@@ -34,8 +34,14 @@ from quantlab.calib.capture import (
     run_block_with_taps,
 )
 from quantlab.calib.stats import HessianAccumulator
-from quantlab.formats.bitstack import pack
-from quantlab.methods.base import LayerReport, MethodContext, model_blocks
+from quantlab.formats.bitstack import BitStackResult, pack
+from quantlab.methods.base import (
+    LayerReport,
+    MethodContext,
+    linear_owners,
+    model_blocks,
+    solve_on_owners,
+)
 from quantlab.methods.bitstack.config import BitStackConfig
 from quantlab.methods.bitstack.distill import distill_prefix
 from quantlab.models.arch import (
@@ -124,6 +130,9 @@ def decompose_model(model: nn.Module, config: BitStackConfig, ctx: MethodContext
     spec = resolve(model)
     maps = smooth_maps_for(model, spec) if config.scale_alpha > 0 else ()
     samples = ctx.samples("BitStack")
+    if ctx.parallel.active:
+        # Data-parallel calibration: this rank's share of the windows.
+        samples = samples[ctx.parallel.share(samples.shape[0])]
     model_blocks_ = model_blocks(model, spec, ctx)
     blocks = model_blocks_.blocks
     batch = ctx.calib.batch_size or samples.shape[0]
@@ -173,7 +182,7 @@ def _decompose_block(
             group_of[name] = group[0]
     taps = {head: acc.add for head, acc in stats.items()}
     outs, _ = run_block_with_taps(block, inputs, device, taps)
-    hessians = {head: acc.hessian() for head, acc in stats.items()}
+    parallel = ctx.parallel
 
     folded: dict[str, torch.Tensor] = {}
     if config.scale_alpha > 0:
@@ -182,21 +191,33 @@ def _decompose_block(
                 skipped_maps.append(f"{spec.blocks}.{index}: {smooth.prev} -> {smooth.linears}")
                 continue
             head = group_of[smooth.linears[0]]
-            scales = activation_scales(hessians[head], config.scale_alpha)
+            # The scales read the Hessian's diagonal only: over every rank's tokens, the same on
+            # every rank, so every rank folds the same scales.
+            diagonal = stats[head].diagonal_over_ranks(parallel)
+            scales = activation_scales(diagonal, config.scale_alpha)
             fold_smooth_map(block, smooth, scales, spec.norm_weight_offset)
             folded[head] = scales.to(device)
 
-    for name in spec.block_linears:
-        full = f"{spec.blocks}.{index}.{name}"
-        if excluded(full, config.modules_to_not_convert):
-            continue
-        linear = block.get_submodule(name)
+    linears = {
+        name: block.get_submodule(name)
+        for name in spec.block_linears
+        if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
+    }
+    # Weight-parallel: each linear's owner decomposes it on the Hessian of every rank's tokens.
+    owners = linear_owners(parallel, linears, "bitstack")
+    for head, accumulator in stats.items():
+        readers = [owners[name] for name in linears if group_of[name] == head]
+        if readers:
+            accumulator.reduce_to_owners(parallel, readers)
+
+    def solve(name: str, linear: nn.Linear) -> BitStackResult:
         head = group_of[name]
-        h = hessians[head]
+        h = stats[head].hessian()
         s = folded.get(head)
         if s is not None:
             # The linear now reads x / s: its Hessian is D^-1 H D^-1.
             h = h / s.unsqueeze(0) / s.unsqueeze(1)
+        full = f"{spec.blocks}.{index}.{name}"
         result = decompose(
             linear.weight,
             config.n_blocks,
@@ -208,14 +229,23 @@ def _decompose_block(
             error_feedback=config.error_feedback,
             damp_percent=config.damp_percent,
         )
+        if config.distill_steps:  # a single process only (the method refuses it on several)
+            kept[full] = (linear.weight.detach().to(torch.float32).cpu().clone(), h.cpu().clone())
+        return result
+
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (result, _) in solve_on_owners(
+        parallel, linears, owners, solve, BitStackResult
+    ).items():
+        full = f"{spec.blocks}.{index}.{name}"
+        linear = linears[name]
         layer = BitStackLinear.from_packed(
             pack(result.positive, result.u, result.v), linear.bias, name=full
         )
         set_submodule(block, name, layer.to(linear.weight.device))
         records[full] = LayerRecord(result.errors, layer.block_bytes, result.svd_seconds)
-        if config.distill_steps:
-            records[full].weight = linear.weight.detach().to(torch.float32).cpu().clone()
-            records[full].hessian = h.detach().cpu().clone()
+        if full in kept:
+            records[full].weight, records[full].hessian = kept.pop(full)
         ctx.report.layers.append(
             LayerReport(
                 full,
@@ -227,6 +257,8 @@ def _decompose_block(
                 result.seconds,
             )
         )
+    for accumulator in stats.values():
+        accumulator.release()
     if config.replay_blocks:
         # The next block sees what a model of `replay_blocks` blocks per linear computes here.
         compressed = copy.deepcopy(block)

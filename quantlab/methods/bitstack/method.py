@@ -42,6 +42,11 @@ def _whole_model(config: BitStackConfig) -> str | None:
 def _run(model: nn.Module, config: BitStackConfig, ctx: MethodContext) -> None:
     reason = _whole_model(config)
     if reason is not None:
+        if ctx.parallel.active:
+            raise ValueError(
+                f"this BitStack configuration does not run on several ranks "
+                f"({ctx.parallel.world_size} were started): {reason}. Run it in a single process"
+            )
         require_resident(ctx, "this BitStack configuration", reason)
     decomposition = decompose_model(model, config, ctx)
     records, skipped_maps = decomposition.records, decomposition.skipped_maps
@@ -164,4 +169,5 @@ METHOD = Method(
     export_formats=("quantlab",),
     help="sign x low-rank residual blocks, loadable to any memory budget",
     whole_model=_whole_model,
+    runs_distributed=True,
 )
