@@ -168,7 +168,9 @@ step bench-decode "$T_DECODE" env QUANTLAB_DECODE_MODEL=random-llama3-8b QUANTLA
 # Issue #22: an 8B-shaped model streamed block by block through GPTQ on the GPU (the synthetic
 # checkpoint is written here, under /tmp, not in $OUT; random calibration ids, since the machine
 # has neither the calibration text's package nor the bundled tokenizer): peak GPU memory should be
-# about one block plus its solver and forward, whatever the number of blocks.
+# about one block plus its solver and forward, whatever the number of blocks. Issue #23: the JSON
+# it prints (block seconds, per-linear solve seconds: one rank's breakdown) gives the N-GPU time,
+# back home: python bench/distributed/ranks_vs_threads.py --predict-from RUN.json --link-gbps 3600
 step stream-gptq-8b "$T_STREAM" "$PYTHON" bench/memory/stream_quantize.py --preset llama3-8b \
   --blocks 4 --method gptq --dtype bfloat16 --device cuda --calib-samples 32 --calib-seq-len 512 \
   --random-calib --work /tmp/quantlab-stream --markdown

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from quantlab.config import CalibConfig
 from quantlab.methods.registry import config_from_dict
 from quantlab.pipeline import quantize_checkpoint
-from tests.distributed_helpers import one_thread
+from tests.distributed_helpers import one_thread, spawn_ranks
 from tests.families import tiny_model
 
 GPTQ = {"method": "gptq", "bits": 4, "group_size": 32}
@@ -68,62 +66,48 @@ def _quantize(model_dir: Path, out: Path, config: dict, batch_size: int | None =
     )
 
 
-def _rank_main(rank: int, world: int, work: str, model_dir: str, scenario: str) -> None:
-    torch.set_num_threads(1)  # the ranks share the cores, as under torchrun with OMP_NUM_THREADS=1
-    dist.init_process_group("gloo", init_method=f"file://{work}/store", rank=rank, world_size=world)
-    outcome: dict[str, object] = {"rank": rank}
-    try:
-        config = dict(GPTQ)
-        if scenario.startswith("{"):
-            config = json.loads(scenario)
-        if scenario == "rtn":
-            config = dict(RTN)
-        if scenario == "refused":
-            # A method registered without runs_distributed (every built-in one runs on ranks).
-            import dataclasses
+def _rank_main(rank: int, world: int, work: str, model_dir: str, scenario: str) -> dict[str, Any]:
+    outcome: dict[str, Any] = {}
+    config = dict(GPTQ)
+    if scenario.startswith("{"):
+        config = json.loads(scenario)
+    if scenario == "rtn":
+        config = dict(RTN)
+    if scenario == "refused":
+        # A method registered without runs_distributed (every built-in one runs on ranks).
+        import dataclasses
 
-            from quantlab.methods import rtn
-            from quantlab.methods.registry import register_method
+        from quantlab.methods import rtn
+        from quantlab.methods.registry import register_method
 
-            class SingleConfig(rtn.RTNConfig):
-                method = "single-process-rtn"
+        class SingleConfig(rtn.RTNConfig):
+            method = "single-process-rtn"
 
-            register_method(
-                dataclasses.replace(
-                    rtn.METHOD, name=SingleConfig.method, config_cls=SingleConfig,
-                    runs_distributed=False,
-                )
-            )  # fmt: skip
-            config = {"method": SingleConfig.method, "bits": 4, "group_size": 32}
-        if scenario == "refused-config":
-            config = {"method": "bitstack", "n_blocks": 4, "distill_steps": 2}
-        if scenario == "fail" and rank == 1:
-            import quantlab.methods.gptq as gptq_method
+        register_method(
+            dataclasses.replace(
+                rtn.METHOD, name=SingleConfig.method, config_cls=SingleConfig,
+                runs_distributed=False,
+            )
+        )  # fmt: skip
+        config = {"method": SingleConfig.method, "bits": 4, "group_size": 32}
+    if scenario == "refused-config":
+        config = {"method": "bitstack", "n_blocks": 4, "distill_steps": 2}
+    if scenario == "fail" and rank == 1:
+        import quantlab.methods.gptq as gptq_method
 
-            def broken(*args: object, name: str = "", **kwargs: object) -> object:
-                raise FloatingPointError(f"{name}: injected failure")
+        def broken(*args: object, name: str = "", **kwargs: object) -> object:
+            raise FloatingPointError(f"{name}: injected failure")
 
-            gptq_method.gptq_quantize = broken  # type: ignore[assignment]
-        report = _quantize(Path(model_dir), Path(work) / "out", config)
-        outcome["losses"] = [[row.name, row.loss] for row in report.layers]  # type: ignore[attr-defined]
-        outcome["ppl"] = report.ppl  # type: ignore[attr-defined]
-        outcome["parallel"] = report.details.get("parallel")  # type: ignore[attr-defined]
-    except Exception as error:  # reported to the test, which checks every rank's outcome
-        outcome["error"] = [type(error).__name__, str(error)]
-        outcome["trace"] = traceback.format_exc()
-    finally:
-        Path(work, f"rank{rank}.json").write_text(json.dumps(outcome))
-        dist.destroy_process_group()
+        gptq_method.gptq_quantize = broken  # type: ignore[assignment]
+    report = _quantize(Path(model_dir), Path(work) / "out", config)
+    outcome["losses"] = [[row.name, row.loss] for row in report.layers]  # type: ignore[attr-defined]
+    outcome["ppl"] = report.ppl  # type: ignore[attr-defined]
+    outcome["parallel"] = report.details.get("parallel")  # type: ignore[attr-defined]
+    return outcome
 
 
 def _spawn(tmp_path: Path, model_dir: Path, world: int, scenario: str) -> list[dict]:
-    mp.spawn(
-        _rank_main,
-        args=(world, str(tmp_path), str(model_dir), scenario),
-        nprocs=world,
-        join=True,
-    )
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return spawn_ranks(_rank_main, world, tmp_path, str(model_dir), scenario)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -27,6 +27,11 @@ owner receives over the link's bandwidth (``--link-gbps``; measured from the run
 not given). The model's prediction from the one-thread run is printed beside the measured
 ``R ranks x 1 thread`` time.
 
+``--predict-from RUN.json`` skips the runs and prints the model's ``T(R)`` for ``--predict-ranks``
+from a one-rank run's JSON (``bench/memory/stream_quantize.py``'s output: its block seconds and
+per-linear solve seconds; e.g. the GPU session's ``stream-gptq-8b`` step), with ``C(R)`` from the
+Hessian volume over ``--link-gbps``: the N-GPU time the issue asks for, from one GPU.
+
 The synthetic checkpoints come from scripts/make_synthetic_checkpoint.py (written once under
 ``--work``); ``--model bundled`` uses the bundled SmolLM2-135M. Prints one JSON object per run
 and the comparison, and with ``--markdown`` the table rows for docs/benchmarks.md.
@@ -204,6 +209,33 @@ def _model(
     }  # fmt: skip
 
 
+def predict(
+    run: dict, groups: tuple[tuple[str, ...], ...], ranks: list[int], link_bytes_per_s: float
+) -> list[dict]:
+    """``T(R)`` per block for each of ``ranks`` from a one-rank run: ``F / R`` (forwards, data
+    parallel) + the solve seconds of each group's slowest owner + ``C(R)``, the Hessians of the
+    block's groups (fp32 ``K x K`` from every other rank to an owner) over the link, taken one
+    group after another (an upper bound: the reductions of different owners overlap)."""
+    blocks = len(run["block_seconds"])
+    block = sum(run["block_seconds"]) / blocks
+    solve = sum(layer[3] for layer in run["layers"]) / blocks
+    widths = {}
+    for name, _, k, _ in run["layers"]:
+        for group in groups:
+            if any(name.endswith(f".{member}") for member in group):
+                widths[group] = k
+    rows = []
+    for r in ranks:
+        owned = _owned_solve_seconds(run["layers"], groups, blocks, r)
+        communicate = sum((r - 1) * 4 * k * k for k in widths.values()) / link_bytes_per_s
+        rows.append({
+            "ranks": r, "forward_s": block - solve, "owned_solve_s": owned,
+            "communicate_s": communicate,
+            "block_s": (block - solve) / r + owned + communicate,
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bundled", help="bundled, or a synthetic preset")
@@ -217,9 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link-gbps", type=float, default=None, help="model: link bandwidth")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "stream-bench")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--predict-from", type=Path, help="a one-rank run's JSON: model only")
+    parser.add_argument("--predict-ranks", default="1,2,4,8")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     bundled = args.model == "bundled"
+    if args.predict_from is not None:
+        run = json.loads(args.predict_from.read_text())
+        if "layers" not in run:
+            raise SystemExit(f"{args.predict_from} has no per-linear seconds ('layers')")
+        source = _synthetic(args.work, run["preset"], run["blocks"])
+        link = (args.link_gbps or 100.0) * 1e9 / 8
+        ranks = [int(r) for r in args.predict_ranks.split(",")]
+        for row in predict(run, _groups(source), ranks, link):
+            print(json.dumps({"preset": run["preset"], "device": run["device"], **row}))
+        return 0
     if bundled:
         from quantlab.export.default_model import default_model_dir
 

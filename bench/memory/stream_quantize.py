@@ -58,6 +58,8 @@ print(json.dumps({"quantize_s": time.perf_counter() - t0,
                   "total_s": time.perf_counter() - start,
                   "layers": len(report.layers),
                   "solver_s": sum(l.seconds for l in report.layers),
+                  "layers": [[l.name, l.out_features, l.in_features, l.seconds]
+                             for l in report.layers],
                   "block_seconds": report.block_seconds,
                   "peak_device_bytes": report.peak_device_bytes,
                   "plan_bytes": report.details["memory_plan"]["total"],
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         "quantize_s": child["quantize_s"],
         "seconds_per_block": child["quantize_s"] / args.blocks,
         "block_seconds": child["block_seconds"],
+        # Per linear: name, out and in features, solve seconds (the multi-rank time model's input:
+        # bench/distributed/ranks_vs_threads.py --predict-from).
+        "layers": child["layers"],
         "device": args.device,
         "peak_device_bytes": child["peak_device_bytes"],
         "plan_bytes": child["plan_bytes"],

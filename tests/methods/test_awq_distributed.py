@@ -9,15 +9,11 @@ rounding is RTN's or GPTQ's distributed solve.
 from __future__ import annotations
 
 import hashlib
-import json
-import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from quantlab.calib.parallel import Parallel
@@ -26,6 +22,7 @@ from quantlab.methods.awq.smoothing import rank_windows
 from quantlab.methods.base import QuantizationReport
 from quantlab.methods.registry import config_from_dict
 from quantlab.pipeline import quantize_checkpoint, quantize_model
+from tests.distributed_helpers import spawn_ranks
 from tests.families import tiny_model
 
 N_SAMPLES, SEQ_LEN = 6, 32
@@ -88,63 +85,49 @@ def _record_packed_layers(digests: dict[str, str]) -> None:
     gptq_method.packed_layer = recording  # type: ignore[assignment]
 
 
-def _rank_main(rank: int, world: int, work: str, model_dir: str, scenario: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{work}/store", rank=rank, world_size=world)
-    torch.set_num_threads(1)  # the ranks share the machine's cores
-    outcome: dict[str, Any] = {"rank": rank}
-    try:
-        if scenario == "too-few-windows":
-            # Fewer windows than ranks: the checkpoint pipeline and AWQ itself refuse.
-            errors = []
-            for run in (
-                lambda: _quantize(Path(model_dir), Path(work) / "out", _config("rtn"), world - 1),
-                lambda: quantize_model(
-                    tiny_model("llama"),
-                    config_from_dict(_config("gptq")),
-                    samples=_samples(world - 1),
-                    progress=False,
-                ),
-            ):
-                try:
-                    run()
-                    errors.append(None)
-                except ValueError as error:
-                    errors.append(str(error))
-            outcome["errors"] = errors
-        else:
-            if scenario == "fail" and rank == 1:
-                # A failure inside one rank's share of a scale-search loss.
-                import quantlab.methods.awq.smoothing as smoothing
+def _rank_main(rank: int, world: int, work: str, model_dir: str, scenario: str) -> dict[str, Any]:
+    outcome: dict[str, Any] = {}
+    if scenario == "too-few-windows":
+        # Fewer windows than ranks: the checkpoint pipeline and AWQ itself refuse.
+        errors = []
+        for run in (
+            lambda: _quantize(Path(model_dir), Path(work) / "out", _config("rtn"), world - 1),
+            lambda: quantize_model(
+                tiny_model("llama"),
+                config_from_dict(_config("gptq")),
+                samples=_samples(world - 1),
+                progress=False,
+            ),
+        ):
+            try:
+                run()
+                errors.append(None)
+            except ValueError as error:
+                errors.append(str(error))
+        outcome["errors"] = errors
+    else:
+        if scenario == "fail" and rank == 1:
+            # A failure inside one rank's share of a scale-search loss.
+            import quantlab.methods.awq.smoothing as smoothing
 
-                def broken(*args: object) -> object:
-                    raise FloatingPointError("injected failure in the scale search")
+            def broken(*args: object) -> object:
+                raise FloatingPointError("injected failure in the scale search")
 
-                smoothing.output_sse = broken  # type: ignore[assignment]
-            digests: dict[str, str] = {}
-            _record_packed_layers(digests)
-            rounding = "rtn" if scenario == "fail" else scenario
-            report = _quantize(Path(model_dir), Path(work) / "out", _config(rounding))
-            outcome["maps"] = report.details["awq"]["maps"]
-            outcome["clipped"] = report.details["awq"]["clipped"]
-            outcome["losses"] = [[row.name, row.loss] for row in report.layers]
-            outcome["digests"] = digests
-            outcome["ppl"] = report.ppl
-    except Exception as error:  # reported to the test, which checks every rank's outcome
-        outcome["error"] = [type(error).__name__, str(error)]
-        outcome["trace"] = traceback.format_exc()
-    finally:
-        Path(work, f"rank{rank}.json").write_text(json.dumps(outcome))
-        dist.destroy_process_group()
+            smoothing.output_sse = broken  # type: ignore[assignment]
+        digests: dict[str, str] = {}
+        _record_packed_layers(digests)
+        rounding = "rtn" if scenario == "fail" else scenario
+        report = _quantize(Path(model_dir), Path(work) / "out", _config(rounding))
+        outcome["maps"] = report.details["awq"]["maps"]
+        outcome["clipped"] = report.details["awq"]["clipped"]
+        outcome["losses"] = [[row.name, row.loss] for row in report.layers]
+        outcome["digests"] = digests
+        outcome["ppl"] = report.ppl
+    return outcome
 
 
 def _spawn(tmp_path: Path, model_dir: Path, world: int, scenario: str) -> list[dict[str, Any]]:
-    mp.spawn(
-        _rank_main,
-        args=(world, str(tmp_path), str(model_dir), scenario),
-        nprocs=world,
-        join=True,
-    )
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return spawn_ranks(_rank_main, world, tmp_path, str(model_dir), scenario)
 
 
 @pytest.mark.parametrize(("n_samples", "n_scored"), [(6, 2), (6, 4), (6, 6), (7, 3), (3, 1)])

@@ -11,20 +11,17 @@ threads, calibration batch size).
 
 from __future__ import annotations
 
-import json
-import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from quantlab.config import CalibConfig
 from quantlab.methods.registry import config_from_dict
 from quantlab.pipeline import quantize_checkpoint
-from tests.distributed_helpers import one_thread
+from tests.distributed_helpers import one_thread, spawn_ranks
 
 pytestmark = pytest.mark.model
 
@@ -49,29 +46,19 @@ def _quantize(
     )
 
 
-def _rank_main(rank: int, world: int, work: str, source: str, config: dict) -> None:
-    # One thread per rank: the ranks share the machine's cores (as torchrun's ranks would with
-    # OMP_NUM_THREADS=1); more would oversubscribe them.
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{work}/store", rank=rank, world_size=world)
-    outcome: dict[str, object] = {"rank": rank}
-    try:
-        samples = torch.load(Path(work, "samples.pt"), weights_only=True)
-        eval_tokens = torch.load(Path(work, "eval.pt"), weights_only=True)
-        report = _quantize(Path(source), Path(work) / "out", config, samples, eval_tokens)
-        outcome["losses"] = [[row.name, row.loss] for row in report.layers]  # type: ignore[attr-defined]
-        outcome["ppl"] = report.ppl  # type: ignore[attr-defined]
-        outcome["details"] = {
+def _rank_main(rank: int, world: int, work: str, source: str, config: dict) -> dict[str, Any]:
+    samples = torch.load(Path(work, "samples.pt"), weights_only=True)
+    eval_tokens = torch.load(Path(work, "eval.pt"), weights_only=True)
+    report = _quantize(Path(source), Path(work) / "out", config, samples, eval_tokens)
+    return {
+        "losses": [[row.name, row.loss] for row in report.layers],  # type: ignore[attr-defined]
+        "ppl": report.ppl,  # type: ignore[attr-defined]
+        "details": {
             k: v
             for k, v in report.details.items()  # type: ignore[attr-defined]
             if k in ("awq", "parallel")
-        }
-    except Exception as error:  # reported to the test, which checks every rank's outcome
-        outcome["error"] = [type(error).__name__, str(error)]
-        outcome["trace"] = traceback.format_exc()
-    finally:
-        Path(work, f"rank{rank}.json").write_text(json.dumps(outcome))
-        dist.destroy_process_group()
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +99,7 @@ def test_the_bundled_model_on_several_ranks(
     samples, eval_tokens = calibration
     torch.save(samples, tmp_path / "samples.pt")
     torch.save(eval_tokens, tmp_path / "eval.pt")
-    mp.spawn(
-        _rank_main,
-        args=(world, str(tmp_path), str(default_model_path), config),
-        nprocs=world,
-        join=True,
-    )
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = spawn_ranks(_rank_main, world, tmp_path, str(default_model_path), config)
     for outcome in ranks:
         assert "error" not in outcome, outcome.get("trace")
     assert all(o["losses"] == ranks[0]["losses"] for o in ranks)
