@@ -30,6 +30,8 @@ from quantlab.calib.stats import HessianAccumulator
 
 __all__ = [
     "BlockInputs",
+    "GroupCoverage",
+    "Stages",
     "ModuleCall",
     "run_block_with_taps",
     "GroupCallback",
@@ -38,9 +40,71 @@ __all__ = [
     "run_block",
     "run_block_until",
     "run_sequential",
+    "settle_coverage",
 ]
 
+IDENTITY_HESSIAN = "identity Hessian: the method's data-free rounding"
+
 GroupCallback = Callable[[int, nn.Module, Sequence[str], dict[str, HessianAccumulator]], None]
+
+# A block's sequential groups as calibration stages (the groups of one stage read inputs none of
+# them produces, so one pass gathers all their statistics): a function of the block (a mixture of
+# experts expands to one group per expert), or one fixed list of groups, each its own stage.
+Stages = Sequence[Sequence[str]] | Callable[[nn.Module], Sequence[Sequence[Sequence[str]]]]
+
+
+@dataclass
+class GroupCoverage:
+    """How many calibration tokens reached one sequential group's input.
+
+    Attributes:
+        block: the block's index.
+        names: the group's linears (paths inside the block).
+        tokens: tokens over every rank (fewer than ``block_tokens`` for a routed expert).
+        block_tokens: tokens that entered the block, over every rank.
+        white: too few tokens: the method did without this input's statistics.
+        fallback: what it did instead (``""`` where it did not fall back).
+    """
+
+    block: int
+    names: tuple[str, ...]
+    tokens: int
+    block_tokens: int
+    white: bool
+    fallback: str = ""
+
+
+def settle_coverage(
+    index: int,
+    groups: Sequence[Sequence[str]],
+    stats: Sequence[dict[str, HessianAccumulator]],
+    block_tokens: int,
+    min_tokens: int,
+    parallel: Parallel | None,
+    coverage: list[GroupCoverage] | None,
+) -> None:
+    """Before the groups of one stage are solved: count the tokens that reached each group's
+    input over every rank (one small gather), switch a group that a router fed fewer than
+    ``min_tokens`` tokens (``tokens < min(min_tokens, block_tokens)``: a group every token
+    reaches never falls back) to the identity Hessian, and record it all in ``coverage``."""
+    local = [float(each[group[0]].n_tokens) for group, each in zip(groups, stats, strict=True)]
+    local.append(float(block_tokens))
+    if parallel is not None and parallel.active:
+        totals = [sum(column) for column in zip(*parallel.gather_floats(local), strict=True)]
+    else:
+        totals = local
+    block_total = int(totals[-1])
+    for group, group_stats, tokens in zip(groups, stats, totals[:-1], strict=True):
+        white = int(tokens) < min(min_tokens, block_total)
+        if white:
+            group_stats[group[0]].assume_white()
+        if coverage is not None:
+            coverage.append(
+                GroupCoverage(
+                    index, tuple(group), int(tokens), block_total, white,
+                    IDENTITY_HESSIAN if white else "",
+                )
+            )  # fmt: skip
 
 
 class _StopForward(Exception):
@@ -352,23 +416,31 @@ def _process_block_single_pass(
 def _process_block_staged(
     index: int,
     block: nn.Module,
-    groups: Sequence[Sequence[str]],
+    stages: Sequence[Sequence[Sequence[str]]],
     inputs: BlockInputs,
     device: torch.device | str,
     on_group: GroupCallback,
     true_sequential: bool,
+    min_tokens: int = 0,
+    parallel: Parallel | None = None,
+    coverage: list[GroupCoverage] | None = None,
 ) -> list[torch.Tensor]:
-    """Several batches: one (truncated) pass per group to gather statistics, then a full replay."""
-    stages = [list(groups)] if not true_sequential else [[g] for g in groups]
+    """Several batches (or a stage of several groups): one pass per stage to gather statistics
+    (truncated at the input of a single-group stage), then a full replay. Without
+    ``true_sequential`` one pass gathers every stage."""
+    if not true_sequential:
+        stages = [[group for stage in stages for group in stage]]
     for stage in stages:
         all_stats = [_new_stats(block, group, device) for group in stage]
-        stop_after_last = true_sequential
+        # A stage of one group can end the pass at its input; with several (the experts), some
+        # may never be reached, so the pass runs to the end.
+        stop_early = true_sequential and len(stage) == 1
 
         def stop() -> None:
             raise _StopForward
 
         handles = [
-            _hook_group(block, group, stats, stop if stop_after_last else None)
+            _hook_group(block, group, stats, stop if stop_early else None)
             for group, stats in zip(stage, all_stats, strict=True)
         ]
         try:
@@ -378,6 +450,7 @@ def _process_block_staged(
         finally:
             for h in handles:
                 h.remove()
+        settle_coverage(index, stage, all_stats, inputs.n_tokens, min_tokens, parallel, coverage)
         for group, stats in zip(stage, all_stats, strict=True):
             on_group(index, block, group, stats)
             _release(stats)
@@ -387,7 +460,7 @@ def _process_block_staged(
 @torch.no_grad()
 def run_sequential(
     blocks: ModelBlocks,
-    groups: Sequence[Sequence[str]],
+    stages: Stages,
     samples: torch.Tensor,
     on_group: GroupCallback,
     on_block_done: Callable[[int, nn.Module], None] | None = None,
@@ -398,8 +471,14 @@ def run_sequential(
     on_start: Callable[[], None] | None = None,
     on_block_start: Callable[[int, nn.Module], None] | None = None,
     parallel: Parallel | None = None,
+    min_tokens: int = 0,
+    coverage: list[GroupCoverage] | None = None,
 ) -> None:
     """Quantize ``blocks`` one after another on calibration ``samples`` ``[S, L]``.
+
+    ``stages`` (:data:`Stages`): the block's sequential groups, in calibration stages. A group
+    (a routed expert) that fewer than ``min_tokens`` tokens reach is solved with an identity
+    Hessian (:func:`settle_coverage`); ``coverage`` receives every group's token count.
 
     For each block, ``on_group(block_index, block, group_names, stats)`` is called once per
     sequential group and must quantize those linears in place (their weights replaced by the
@@ -433,17 +512,27 @@ def run_sequential(
         )  # fmt: skip
         if on_start is not None:
             on_start()
-    single_pass = len(inputs) == 1 and true_sequential
     for index in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         with blocks.open(index) as block:
             if on_block_start is not None:
                 on_block_start(index, block)
+            block_stages = stages(block) if callable(stages) else [[group] for group in stages]
+            # One batch solves each group inside the forward pass -- but only where every group
+            # is surely reached (no routed experts, which some ranks' tokens may miss).
+            single_pass = (
+                len(inputs) == 1
+                and true_sequential
+                and all(len(stage) == 1 for stage in block_stages)
+            )
             if single_pass:
+                groups = [stage[0] for stage in block_stages]
+                # (Every token reaches every group: nothing for ``coverage`` to tell.)
                 outs = _process_block_single_pass(index, block, groups, inputs, device, on_group)
             else:
                 outs = _process_block_staged(
-                    index, block, groups, inputs, device, on_group, true_sequential
-                )
+                    index, block, block_stages, inputs, device, on_group, true_sequential,
+                    min_tokens, parallel, coverage,
+                )  # fmt: skip
             if on_block_done is not None:
                 on_block_done(index, block)
         inputs = inputs.with_hidden(outs)

@@ -30,6 +30,8 @@ class HessianAccumulator:
         self._sum: torch.Tensor | None = None
         self._released = False
         self.n_tokens = 0
+        # Set by assume_white(): too few tokens reached this input to estimate X^T X.
+        self.white = False
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]`` (any float dtype)."""
@@ -50,10 +52,23 @@ class HessianAccumulator:
         self._sum.addmm_(rows.t(), rows, alpha=2.0 / total)
         self.n_tokens = total
 
+    def assume_white(self) -> None:
+        """Too few tokens reached this input (an expert the router rarely picks) to estimate
+        ``X^T X``: from now on the Hessian is the identity, as if the inputs were white noise, so
+        a second-order solver falls back to its data-free rounding (GPTQ with ``H = I`` is
+        round-to-nearest). Every rank must decide this from the same global token count; no
+        collective is run for it afterwards."""
+        self._sum = None
+        self.white = True
+
     def hessian(self) -> torch.Tensor:
-        """``2 X^T X / n`` as fp32 ``[K, K]``."""
+        """``2 X^T X / n`` as fp32 ``[K, K]`` (the identity after :meth:`assume_white`)."""
         if self._released:
             raise RuntimeError("this Hessian was released after its solve")
+        if self.white:
+            if self._sum is None:
+                self._sum = torch.eye(self.in_features, dtype=torch.float32, device=self.device)
+            return self._sum
         if self._sum is None:
             raise ValueError("no calibration tokens reached this layer; its Hessian is empty")
         return self._sum
@@ -67,7 +82,7 @@ class HessianAccumulator:
         ``sum_r (n_r / n) H_r``, formed on the first owner in :meth:`Parallel.reduce_to`'s fixed
         order and sent on to the other owners. A single process keeps its matrix as it is.
         """
-        if not parallel.active:
+        if not parallel.active or self.white:
             return
         if self._released:
             raise RuntimeError("this Hessian was released after its solve")
@@ -92,7 +107,7 @@ class HessianAccumulator:
         rank's diagonal weighted by its share of the tokens, summed in rank order. What per-channel
         activation scales need, without moving the ``K x K`` matrix (call it before
         :meth:`reduce_to_owners`). A single process returns its own diagonal (a view)."""
-        if not parallel.active:
+        if not parallel.active or self.white:
             return torch.diagonal(self.hessian())
         local = (
             torch.diagonal(self.hessian())

@@ -147,6 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=32)
     q.add_argument("--calib-seq-len", type=int, default=512)
     q.add_argument("--calib-batch-size", type=int, default=None)
+    q.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=16,
+        help="mixtures of experts: an expert that fewer calibration tokens reach is solved with "
+        "an identity Hessian (the method's data-free rounding); listed in the summary",
+    )
+    q.add_argument(
+        "--calibrate-all-experts",
+        action="store_true",
+        help="mixtures of experts: every expert's statistics see every calibration token (the "
+        "block output still follows the router)",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ Hessian damping")
     q.add_argument(
@@ -278,7 +291,13 @@ def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
     check_exportable(config, args.format)
     args.max_shard_bytes = parse_size(args.max_shard_size, "--max-shard-size")
     calib = CalibConfig(
-        args.calib, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size
+        args.calib,
+        args.calib_samples,
+        args.calib_seq_len,
+        args.seed,
+        args.calib_batch_size,
+        expert_min_tokens=args.expert_min_tokens,
+        calibrate_all_experts=args.calibrate_all_experts,
     )
     inputs = _model_dirs(args.model)
     parallel = Parallel.current()
@@ -380,6 +399,7 @@ def _quantize_locked(
         "activations": report.details.get("activations"),
         "stereotype": fairness_after,
         "stereotype_baseline": fairness_before,
+        "experts": report.details.get("experts"),
         "layers": [
             {"name": layer.name, "loss": layer.loss, "seconds": layer.seconds}
             for layer in report.layers
@@ -412,6 +432,24 @@ def _quantize_locked(
     losses = [layer.loss for layer in report.layers if layer.loss is not None]
     if losses:
         rows.append(("mean layer loss", f"{sum(losses) / len(losses):.4g}"))
+    experts = report.details.get("experts")
+    if experts:
+        spread = experts["tokens_per_expert"]
+        rows.append(
+            (
+                "calibration tokens / expert",
+                f"min {spread['min']}, median {spread['median']}, max {spread['max']} "
+                f"({experts['experts']} experts"
+                + (", all tokens to all experts)" if experts["calibrate_all_experts"] else ")"),
+            )
+        )
+        low = experts["under_min_tokens"]
+        rows.append(
+            (
+                f"experts under {experts['min_tokens']} tokens",
+                f"{len(low)}: identity Hessian (data-free rounding)" if low else "none",
+            )
+        )
     result["backends"], kernels_row = _kernel_backends()
     if kernels_row:
         rows.append(kernels_row)

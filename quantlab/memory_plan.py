@@ -162,7 +162,18 @@ def plan_memory(
     embedding = model.get_input_embeddings().weight
     vocab, hidden = embedding.shape
     block_weights = max(sum(p.numel() for p in block.parameters()) for block in blocks) * elt
-    linears = [get_submodule(blocks[0], name) for name in spec.block_linears]
+    # Every distinct block layout (a family may mix dense and mixture-of-experts blocks).
+    layouts: dict[tuple[tuple[tuple[str, ...], ...], ...], nn.Module] = {}
+    for block in blocks:
+        stages = tuple(tuple(stage) for stage in spec.stages_of(block))
+        layouts.setdefault(stages, block)
+    linears = [
+        get_submodule(block, name)
+        for stages, block in layouts.items()
+        for stage in stages
+        for group in stage
+        for name in group
+    ]
     largest = max(m.in_features * m.out_features for m in linears)
     widest = max(max(m.in_features, m.out_features) for m in linears)
     block_weights += 3 * 4 * largest  # the solver's fp32 working copies of the largest weight
@@ -170,21 +181,30 @@ def plan_memory(
     solver = 0
     calibrated = bool(getattr(config, "needs_calibration", False))
     if calibrated:
-        group_inputs = [
-            get_submodule(blocks[0], group[0]).in_features for group in spec.sequential_groups
+        # Per layout and stage, the input width of each group: a stage's groups (a mixture's
+        # experts) gather their statistics in one pass, so their Hessians are alive together.
+        stage_inputs = [
+            [get_submodule(block, group[0]).in_features for group in stage]
+            for stages, block in layouts.items()
+            for stage in stages
         ]
-        widest_input = max(group_inputs)
+        widest_input = max(k for stage in stage_inputs for k in stage)
+        every_group = max(
+            sum(k * k for stage in stages_inputs for k in stage)
+            for stages_inputs in _per_layout(layouts, stage_inputs)
+        )
         if getattr(config, "method", "") == "gptq":
             # GPTQ frees each group's Hessian once it is solved and allocates the next at its
-            # first input, so with true-sequential groups one is alive at a time; its solver works
-            # in one more K x K (damped, factored and inverted in place; measured in
-            # tests/test_memory_plan.py).
-            live = widest_input**2 if config.true_sequential else sum(k * k for k in group_inputs)
+            # first input, so with true-sequential groups one stage's are alive at a time; its
+            # solver works in one more K x K (damped, factored and inverted in place; measured
+            # in tests/test_memory_plan.py).
+            largest_stage = max(sum(k * k for k in stage) for stage in stage_inputs)
+            live = largest_stage if config.true_sequential else every_group
             solver = 4 * live + 4 * widest_input**2
         else:
             # The other second-order solvers (Fair-GPTQ's group-bias matrix and its sums, PVQ,
             # ternary, BitStack) hold more: every group's Hessian and ~3.5 K x K of the widest.
-            solver = 4 * sum(k * k for k in group_inputs) + 14 * widest_input**2
+            solver = 4 * every_group + 14 * widest_input**2
 
     forward = 0
     activations = 0
@@ -231,3 +251,14 @@ def plan_memory(
         device=device,
         device_available=device_available,
     )
+
+
+def _per_layout(
+    layouts: dict[tuple[tuple[tuple[str, ...], ...], ...], nn.Module], stage_inputs: list[list[int]]
+) -> list[list[list[int]]]:
+    """``stage_inputs`` (every layout's stages, concatenated) split back per layout."""
+    out, start = [], 0
+    for stages in layouts:
+        out.append(stage_inputs[start : start + len(stages)])
+        start += len(stages)
+    return out

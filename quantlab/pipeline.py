@@ -35,7 +35,8 @@ from quantlab.methods.base import (
 )
 from quantlab.methods.registry import get_method
 from quantlab.methods.rtn import RTNConfig
-from quantlab.models.arch import excluded
+from quantlab.models.arch import excluded, linearize, resolve
+from quantlab.models.moe import coverage_summary, routed_experts
 from quantlab.nn.swap import set_submodule
 from quantlab.resources import PeakMemory
 from quantlab.solvers.rtn import rtn_quantize
@@ -135,8 +136,30 @@ def quantize_model(
         activations=activations,
         parallel=parallel,
     )
-    with PeakMemory(device) as peak:
-        method.run(model, config, context)
+    # Fused experts (3-D parameters no linear hook sees) as one linear per expert projection.
+    linearize(model)
+    experts = routed_experts(model)
+    for _, layer in experts:
+        layer.calibrate_all = calib.calibrate_all_experts
+    try:
+        with PeakMemory(device) as peak:
+            method.run(model, config, context)
+    finally:
+        for _, layer in experts:
+            layer.calibrate_all = False
+    if experts and config.needs_calibration:
+        blocks_path = resolve(model, float_linears=False).blocks
+        report.details["experts"] = coverage_summary(
+            report.coverage,
+            blocks_path,
+            {
+                path.removeprefix(blocks_path + ".").split(".", 1)[1]
+                for path, _ in experts
+                if path.startswith(blocks_path + ".")
+            },
+            calib.expert_min_tokens,
+            calib.calibrate_all_experts,
+        )
     report.peak_rss_bytes, report.peak_device_bytes = peak.rss_bytes, peak.device_bytes
     if parallel.active:
         report.details["parallel"] = _parallel_details(parallel, report)

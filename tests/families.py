@@ -63,3 +63,57 @@ def tiny_model(model_type: str, gqa: bool = False, seed: int = 0) -> nn.Module:
             if p.dim() == 1 and "norm" in name and "weight" in name:
                 p.add_(0.2 * torch.randn_like(p))
     return model
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+
+def tiny_moe_model(model_type: str, seed: int = 0, experts: int = 8) -> nn.Module:
+    """A 2-block mixture of experts of ``model_type`` (transformers' fused experts, top-2 of
+    ``experts``), random weights, eval mode, fp32. Qwen3-MoE's and DeepSeek-V3's first block is
+    dense (``mlp_only_layers`` / ``first_k_dense_replace``); Qwen2-MoE has a shared expert with its
+    gate, DeepSeek-V3 a shared expert and low-rank (MLA) attention."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=256,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+    )
+    if model_type == "mixtral":
+        config = tf.MixtralConfig(**common, intermediate_size=64, num_local_experts=experts)
+        model = tf.MixtralForCausalLM(config)
+    elif model_type == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(
+            **common, intermediate_size=256, moe_intermediate_size=64, num_experts=experts,
+            shared_expert_intermediate_size=128,
+        )  # fmt: skip
+        model = tf.Qwen2MoeForCausalLM(config)
+    elif model_type == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(
+            **common, intermediate_size=256, moe_intermediate_size=64, num_experts=experts,
+            head_dim=32, mlp_only_layers=[0], norm_topk_prob=True,
+        )  # fmt: skip
+        model = tf.Qwen3MoeForCausalLM(config)
+    elif model_type == "deepseek_v3":
+        common["num_key_value_heads"] = 4
+        config = tf.DeepseekV3Config(
+            **common, intermediate_size=256, moe_intermediate_size=64, n_routed_experts=experts,
+            n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+            q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+            v_head_dim=32,
+        )  # fmt: skip
+        model = tf.DeepseekV3ForCausalLM(config)
+    else:
+        raise ValueError(f"no tiny mixture of experts for {model_type!r}")
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name and "weight" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model

@@ -57,8 +57,13 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     says."""
     from transformers import AutoModelForCausalLM
 
+    from quantlab.models.arch import linearize
+
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # Fused experts become one linear per expert projection, named as checkpoints store
+        # them (model.layers.N.mlp.experts.E.gate_proj.weight), still on the meta device.
+        linearize(model)
     model.eval()
     return model
 

@@ -33,6 +33,7 @@ def build_model(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from quantlab.models.arch import linearize
     from quantlab.nn.swap import swap_in_empty
 
     cfg_path = root / "config.json"
@@ -54,6 +55,8 @@ def build_model(
             f"{cfg_path}: cannot build the model it describes "
             f"({getattr(config, 'model_type', '?')}): {exc}"
         ) from exc
+    # Fused experts as one linear per expert projection: the names checkpoints store.
+    linearize(model)
     for name, spec in specs.items():
         try:
             swap_in_empty(model, name, spec)

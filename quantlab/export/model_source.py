@@ -109,6 +109,8 @@ def load_model(
     loaded strictly; ``verify``: also check their files against the recorded checksums)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantlab.models.arch import linearize
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path, name = resolve_model_path(spec)
@@ -126,6 +128,9 @@ def load_model(
         )
     except OSError as exc:
         raise OSError(f"could not load model {spec!r}: {exc}") from exc
+    # Fused experts as one linear per expert projection (the same function): what quantlab's
+    # methods, layers and exports work on.
+    linearize(model)
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, name, path, quantized=False)

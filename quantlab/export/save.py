@@ -99,7 +99,7 @@ def estimate_checkpoint_bytes(
     patterns = getattr(config, "modules_to_not_convert", ())
     quantized: dict[str, tuple[int, int]] = {}
     for index, block in enumerate(blocks):
-        for name in spec.block_linears:
+        for name in spec.linears_of(block):
             full = f"{spec.blocks}.{index}.{name}"
             if not excluded(full, patterns):
                 weight = get_submodule(block, name).weight

@@ -25,6 +25,7 @@ from torch import nn
 
 from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks, WeightSource
+from quantlab.calib.capture import GroupCoverage
 from quantlab.calib.parallel import Parallel, assign_owners, solve_cost
 from quantlab.formats.groupwise_int import (
     SUPPORTED_BITS,
@@ -64,6 +65,12 @@ class CalibConfig:
         seq_len: tokens per window.
         seed: seed of the window offsets.
         batch_size: windows per forward pass (``None`` = all at once, which is fastest).
+        expert_min_tokens: a routed expert that fewer calibration tokens reach is solved as if
+            its inputs were white noise (an identity Hessian: the method's data-free rounding,
+            round-to-nearest for GPTQ); the report lists every such expert.
+        calibrate_all_experts: every expert's statistics see every calibration token (the
+            block's output still uses the router's choice), as llm-compressor's option of that
+            name does.
     """
 
     source: str = "wiki-calib"
@@ -71,6 +78,8 @@ class CalibConfig:
     seq_len: int = 512
     seed: int = 0
     batch_size: int | None = None
+    expert_min_tokens: int = 16
+    calibrate_all_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -79,6 +88,8 @@ class CalibConfig:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+        if self.expert_min_tokens < 0:
+            raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,6 +186,9 @@ class QuantizationReport:
     # run evaluated them.
     ppl: dict[str, Any] | None = None
     ppl_baseline: dict[str, Any] | None = None
+    # Tokens that reached each sequential group's input (calibrated methods; summarised for
+    # mixtures of experts under details["experts"]).
+    coverage: list[GroupCoverage] = field(default_factory=list)
 
     @property
     def n_weights(self) -> int:

@@ -192,10 +192,15 @@ class FairGPTQConfig(GPTQConfig):
 
 
 def _debiased_names(spec: ArchSpec, patterns: Sequence[str]) -> list[str]:
+    """The block linears ``patterns`` name. Routed experts are never debiased: the two sentences
+    of a pair route their tokens to different experts, so an expert has no aligned token pairs to
+    form ``X0 - X1`` from (they get plain GPTQ; attention and shared or dense MLPs are
+    debiased)."""
     names = [
         name
         for name in spec.block_linears
-        if any(name == p or fnmatch.fnmatch(name, p) or name.endswith("." + p) for p in patterns)
+        if "*" not in name
+        and any(name == p or fnmatch.fnmatch(name, p) or name.endswith("." + p) for p in patterns)
     ]
     if not names:
         raise ValueError(

@@ -215,7 +215,7 @@ def run_gptq(
 
     run_sequential(
         blocks,
-        spec.sequential_groups,
+        spec.stages_of,
         samples,
         on_group,
         on_block_done,
@@ -225,6 +225,8 @@ def run_gptq(
         on_start=lambda: terms.start(model, blocks.blocks, blocks.device),
         on_block_start=terms.block_start,
         parallel=parallel,
+        min_tokens=calib.expert_min_tokens,
+        coverage=report.coverage,
     )
 
 

@@ -298,7 +298,7 @@ def _quantized_linears(model: nn.Module, spec: ArchSpec, config: PVQConfig) -> l
     return [
         f"{spec.blocks}.{i}.{name}"
         for i in range(len(blocks))
-        for name in spec.block_linears
+        for name in spec.linears_of(blocks[i])
         if not excluded(f"{spec.blocks}.{i}.{name}", config.modules_to_not_convert)
     ]
 
@@ -414,7 +414,7 @@ def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
 
         run_sequential(
             blocks,
-            spec.sequential_groups,
+            spec.stages_of,
             ctx.samples("PVQ"),
             on_group,
             on_block_done,
@@ -422,11 +422,13 @@ def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
             true_sequential=config.true_sequential,
             progress=ctx.progress,
             parallel=parallel,
+            min_tokens=ctx.calib.expert_min_tokens,
+            coverage=ctx.report.coverage,
         )
     else:
         for index in tqdm(range(len(blocks)), desc="pvq", disable=not ctx.progress):
             with blocks.open(index) as block:
-                quantize(index, block, spec.block_linears, None)
+                quantize(index, block, spec.linears_of(block), None)
                 on_block_done(index, block)
 
     shapes = [(layer.out_features, layer.in_features) for layer in ctx.report.layers]

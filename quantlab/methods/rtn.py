@@ -65,7 +65,7 @@ def rtn_block(
     scale_dtype = dtype_from_name(config.scale_dtype)
     names = [
         name
-        for name in spec.block_linears
+        for name in spec.linears_of(block)
         if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
     ]
     linears = {name: block.get_submodule(name) for name in names}

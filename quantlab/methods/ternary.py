@@ -169,7 +169,7 @@ def _run_calibration_free(model: nn.Module, config: TernaryConfig, ctx: MethodCo
         with blocks.open(index) as block:
             linears = {
                 f"{spec.blocks}.{index}.{name}": block.get_submodule(name)
-                for name in spec.block_linears
+                for name in spec.linears_of(block)
                 if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
             }
             # On several ranks each linear is ternarized by one owner (balanced by size) and
@@ -240,7 +240,7 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
 
     run_sequential(
         model_blocks(model, spec, ctx),
-        spec.sequential_groups,
+        spec.stages_of,
         ctx.samples("ternary"),
         on_group,
         on_block_done,
@@ -248,6 +248,8 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
         true_sequential=config.true_sequential,
         progress=ctx.progress,
         parallel=parallel,
+        min_tokens=ctx.calib.expert_min_tokens,
+        coverage=report.coverage,
     )
     report.details["ternary"] = _details(config, zeros)
 

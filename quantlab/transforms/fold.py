@@ -44,10 +44,11 @@ def smooth_map_applies(block: nn.Module, smooth: SmoothMap) -> bool:
 def fold_smooth_map(
     block: nn.Module, smooth: SmoothMap, scales: torch.Tensor, norm_weight_offset: float = 0.0
 ) -> None:
-    """Fold ``scales`` along one of an architecture's smoothing maps inside ``block``."""
+    """Fold ``scales`` along one of an architecture's smoothing maps inside ``block`` (its
+    ``also`` readers, a router, take the scales too)."""
     fold_input_scales(
         block.get_submodule(smooth.prev),
-        [block.get_submodule(name) for name in smooth.linears],
+        [block.get_submodule(name) for name in smooth.linears + smooth.also],
         scales,
         norm_weight_offset,
         smooth.prev_slices,
@@ -57,7 +58,7 @@ def fold_smooth_map(
 @torch.no_grad()
 def fold_input_scales(
     prev: nn.Module,
-    linears: Sequence[nn.Linear],
+    linears: Sequence[nn.Module],
     scales: torch.Tensor,
     norm_weight_offset: float = 0.0,
     prev_slices: int = 1,
@@ -67,7 +68,8 @@ def fold_input_scales(
     Args:
         prev: an ``nn.Linear`` or a norm with a 1-D ``weight`` (and optional ``bias``) producing
             the linears' input; norms computing ``x * (weight + offset)`` pass that offset.
-        linears: the linears reading ``prev``'s output; each ``in_features == len(scales)``.
+        linears: the linears reading ``prev``'s output (or any module with an ``[out, K]``
+            ``weight`` reading it, such as a mixture's router); ``K == len(scales)``.
         scales: positive finite ``[K]``.
         norm_weight_offset: see ``prev``.
         prev_slices: ``prev`` (a linear) produces this many equal slices and the linears read the
@@ -88,8 +90,11 @@ def fold_input_scales(
             + (f" x {prev_slices} slices" if prev_slices > 1 else "")
         )
     for lin in linears:
-        if lin.in_features != k:
-            raise ValueError(f"linear with in_features {lin.in_features} cannot take {k} scales")
+        # A router is not always an nn.Linear; any [out, in] weight reading the input will do.
+        if lin.weight.dim() != 2 or lin.weight.shape[1] != k:
+            raise ValueError(
+                f"{type(lin).__name__} with weight {list(lin.weight.shape)} cannot take {k} scales"
+            )
 
     def update(t: torch.Tensor, new: torch.Tensor) -> None:
         t.copy_(new.to(t.dtype))

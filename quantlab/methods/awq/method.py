@@ -55,6 +55,8 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
             on_block=round_block,
             progress=ctx.progress,
             parallel=ctx.parallel,
+            min_tokens=ctx.calib.expert_min_tokens,
+            coverage=ctx.report.coverage,
         )
     else:
         # The smoother calibrates on this rank's windows of the scored and the other sequences,
@@ -68,6 +70,8 @@ def _run(model: nn.Module, config: AWQConfig, ctx: MethodContext) -> None:
             ctx.calib.batch_size,
             blocks.activations,
             ctx.parallel,
+            ctx.calib.expert_min_tokens,
+            ctx.report.coverage,
         )
         run_gptq(
             model,

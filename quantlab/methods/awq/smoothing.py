@@ -38,6 +38,7 @@ from quantlab.calib.activations import ActivationStore
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.capture import (
     BlockInputs,
+    GroupCoverage,
     ModuleCall,
     capture_block_inputs,
     run_block_with_taps,
@@ -47,7 +48,7 @@ from quantlab.calib.stats import ChannelStatsAccumulator
 from quantlab.formats.tensor_layout import dtype_from_name
 from quantlab.methods.awq.config import AWQConfig
 from quantlab.methods.base import linear_owners, solve_on_owners
-from quantlab.models.arch import ArchSpec, SmoothMap, smooth_maps_for
+from quantlab.models.arch import ArchSpec, SmoothMap, expand_smooth_maps, smooth_maps_for
 from quantlab.solvers.awq import (
     apply_clip,
     linear_output_mse,
@@ -156,10 +157,14 @@ class AWQSmoother:
         batch_size: int | None = None,
         store: ActivationStore | None = None,
         parallel: Parallel | None = None,
+        min_tokens: int = 0,
+        coverage: list[GroupCoverage] | None = None,
     ) -> None:
         """``store``: where the float block outputs are kept between blocks (RAM up to a budget,
         then disk). ``parallel``: this rank of a multi-process run, which calibrates on its
-        :func:`rank_windows` of ``samples`` (all of them in one process).
+        :func:`rank_windows` of ``samples`` (all of them in one process). A routed expert that
+        fewer than ``min_tokens`` calibration tokens reach gets no scales and no clipping (plain
+        rounding); ``coverage`` receives every input's token count.
 
         Raises:
             ValueError: fewer calibration windows than ranks.
@@ -184,6 +189,8 @@ class AWQSmoother:
         n_scored_here = self.scored_windows.stop - self.scored_windows.start
         self.record_batches = math.ceil(n_scored_here / self.per_batch)
         self.report = SmoothingReport()
+        self.min_tokens = min_tokens
+        self.coverage = coverage
         self.inputs: BlockInputs | None = None
         self.next_index = 0
 
@@ -238,6 +245,8 @@ class AWQSmoother:
             self.record_batches,
             self.report,
             self.parallel,
+            self.min_tokens,
+            self.coverage,
         )
         self.inputs = self.inputs.with_hidden(hidden)
         self.next_index = index + 1
@@ -258,6 +267,8 @@ def apply_awq(
     on_block: Callable[[int, nn.Module], None] | None = None,
     progress: bool = True,
     parallel: Parallel | None = None,
+    min_tokens: int = 0,
+    coverage: list[GroupCoverage] | None = None,
 ) -> SmoothingReport:
     """Fold AWQ scales and apply AWQ clipping to every block, in place, as ``blocks`` brings them
     in (resident or streamed from the checkpoint).
@@ -275,8 +286,9 @@ def apply_awq(
         UnsupportedArchitectureError: the architecture has no smoothing maps.
     """
     smoother = AWQSmoother(
-        blocks.model, spec, samples, config, blocks.device, batch_size, blocks.activations, parallel
-    )
+        blocks.model, spec, samples, config, blocks.device, batch_size, blocks.activations,
+        parallel, min_tokens, coverage,
+    )  # fmt: skip
     with blocks.outside_on_device():
         smoother.start(blocks.blocks)
     for index in tqdm(range(len(blocks)), desc="awq", disable=not progress):
@@ -286,6 +298,9 @@ def apply_awq(
                 on_block(index, block)
     smoother.release()
     return smoother.report
+
+
+_NO_SCALES = "no AWQ scales or clipping (too few calibration tokens): plain rounding"
 
 
 def _clip_skipped(name: str, spec: ArchSpec) -> bool:
@@ -366,60 +381,108 @@ def _process_block(
     record_batches: int,
     report: SmoothingReport,
     parallel: Parallel,
+    min_tokens: int = 0,
+    coverage: list[GroupCoverage] | None = None,
 ) -> list[torch.Tensor]:
     applicable = []
-    for smooth in maps:
+    for smooth in expand_smooth_maps(block, maps):
         if smooth_map_applies(block, smooth):
             applicable.append(smooth)
         else:
             report.skipped_maps.append(f"{spec.blocks}.{index}: {smooth.prev} -> {smooth.linears}")
 
-    # One statistics accumulator per sequential group (members share their input).
+    # One statistics accumulator per sequential group (members share their input), and one per
+    # map statistic read elsewhere (a mixture's whole input, which every token reaches).
     stats: dict[str, ChannelStatsAccumulator] = {}
     group_of: dict[str, str] = {}
-    for group in spec.sequential_groups:
+    groups = spec.groups_of(block)
+    for group in groups:
         first = block.get_submodule(group[0])
         stats[group[0]] = ChannelStatsAccumulator(first.in_features, config.group_size, device)
         for name in group:
             group_of[name] = group[0]
+    for smooth in applicable:
+        if smooth.statistic and smooth.statistic not in stats:
+            width = block.get_submodule(smooth.linears[0]).in_features
+            stats[smooth.statistic] = ChannelStatsAccumulator(width, config.group_size, device)
+
+    taps = {first: acc.add for first, acc in stats.items()}
+    record = [smooth.inspect for smooth in applicable]
+    error: BaseException | None = None
+    calls: dict[str, list[ModuleCall]] = {}
+    try:
+        outs, calls = run_block_with_taps(block, inputs, device, taps, record, record_batches)
+    except Exception as failure:  # every rank stops with it before the reductions
+        error = failure
+    parallel.settle(error)
+    # Tokens over every rank: of each input, of the block, and of each inspected module's
+    # recorded calls (one gather; every rank then makes the same decisions).
+    heads = list(stats)
+    local = [float(stats[h].n_tokens) for h in heads] + [float(inputs.n_tokens)]
+    local += [float(sum(c.hidden.flatten(0, -2).shape[0] for c in calls[m])) for m in record]
+    totals = (
+        [sum(column) for column in zip(*parallel.gather_floats(local), strict=True)]
+        if parallel.active
+        else local
+    )
+    tokens = dict(zip(heads, totals, strict=False))
+    block_tokens = totals[len(heads)]
+    scored = dict(zip(record, totals[len(heads) + 1 :], strict=True))
+    # A routed expert that (almost) no token reaches: no statistics to search or clip with.
+    starved = {h for h in heads if tokens[h] < min(min_tokens, block_tokens) or tokens[h] == 0}
+    if coverage is not None:
+        for group in groups:
+            white = group[0] in starved
+            coverage.append(
+                GroupCoverage(
+                    index, tuple(group), int(tokens[group[0]]), int(block_tokens), white,
+                    _NO_SCALES if white else "",
+                )
+            )  # fmt: skip
+    error = None
+    try:
+        for head, acc in stats.items():
+            if head not in starved:
+                acc.check()
+    except Exception as failure:
+        error = failure
+    parallel.settle(error)
     # The clip search is weight-parallel: each clipped linear has an owner rank (all rank 0 in
     # one process), which alone needs the Gram matrices of the input it reads.
     clipped = (
         {
             name: block.get_submodule(name)
-            for name in spec.block_linears
-            if not _clip_skipped(name, spec)
+            for name in spec.linears_of(block)
+            if not _clip_skipped(name, spec) and group_of[name] not in starved
         }
         if config.apply_clip
         else {}
     )
     clip_owners = linear_owners(parallel, clipped, "awq")
-
-    taps = {first: acc.add for first, acc in stats.items()}
-    record = [smooth.inspect for smooth in applicable]
-    error: BaseException | None = None
-    try:
-        outs, calls = run_block_with_taps(block, inputs, device, taps, record, record_batches)
-        for acc in stats.values():
-            acc.check()
-    except Exception as failure:  # every rank stops with it before the reductions
-        error = failure
-    parallel.settle(error)
     for head, acc in stats.items():
+        if head in starved:
+            continue
         acc.reduce_to_owners(
-            parallel, [clip_owners[name] for name in clip_owners if group_of[name] == head]
+            parallel, [clip_owners[name] for name in clip_owners if group_of.get(name) == head]
         )
 
     folded: dict[str, torch.Tensor] = {}  # group head -> scales folded into its input
     for smooth in applicable:
+        head = group_of[smooth.linears[0]]
+        statistic = smooth.statistic or head
+        if statistic in starved or scored[smooth.inspect] == 0:
+            report.skipped_maps.append(
+                f"{spec.blocks}.{index}: {smooth.prev} -> {smooth.linears} (no calibration "
+                "token reaches it)"
+            )
+            continue
         linears = [block.get_submodule(name) for name in smooth.linears]
         inspected = block.get_submodule(smooth.inspect)
         loss_fn = _scale_loss(parallel, linears, inspected, calls[smooth.inspect])
-        head = group_of[smooth.linears[0]]
         result = search_scales(
             linears,
             loss_fn,
-            stats[head].abs_mean,
+            stats[statistic].abs_mean,
             config.bits,
             config.group_size,
             config.sym,
@@ -434,7 +497,9 @@ def _process_block(
         )
         if result.alpha is not None:
             fold_smooth_map(block, smooth, result.scales, spec.norm_weight_offset)
-            folded[head] = result.scales.to(device)
+            # Every group the map's linears read: a mixture's norm scales every expert's input.
+            for name in smooth.linears:
+                folded[group_of[name]] = result.scales.to(device)
     del calls
 
     def search(name: str, linear: nn.Linear) -> ClipThresholds:

@@ -32,6 +32,7 @@ from quantlab.calib.capture import (
     capture_block_inputs,
     run_block,
     run_block_with_taps,
+    settle_coverage,
 )
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.bitstack import BitStackResult, pack
@@ -48,6 +49,7 @@ from quantlab.models.arch import (
     ArchSpec,
     SmoothMap,
     excluded,
+    expand_smooth_maps,
     get_submodule,
     resolve,
     smooth_maps_for,
@@ -176,31 +178,49 @@ def _decompose_block(
     device = ctx.device
     stats: dict[str, HessianAccumulator] = {}
     group_of: dict[str, str] = {}
-    for group in spec.sequential_groups:
+    groups = spec.groups_of(block)
+    for group in groups:
         stats[group[0]] = HessianAccumulator(block.get_submodule(group[0]).in_features, device)
         for name in group:
             group_of[name] = group[0]
-    taps = {head: acc.add for head, acc in stats.items()}
+    block_maps = expand_smooth_maps(block, maps)
+    # A map whose scales come from another input (a mixture's whole input, every token): its
+    # own accumulator, for the diagonal.
+    extra: dict[str, HessianAccumulator] = {}
+    for smooth in block_maps:
+        if smooth.statistic and smooth.statistic not in stats:
+            width = block.get_submodule(smooth.linears[0]).in_features
+            extra[smooth.statistic] = HessianAccumulator(width, device)
+    taps = {head: acc.add for head, acc in (stats | extra).items()}
     outs, _ = run_block_with_taps(block, inputs, device, taps)
     parallel = ctx.parallel
+    # Rarely routed experts: identity Hessians (unscaled, unweighted decomposition), reported.
+    settle_coverage(
+        index, groups, [stats] * len(groups), inputs.n_tokens, ctx.calib.expert_min_tokens,
+        parallel, ctx.report.coverage,
+    )  # fmt: skip
 
     folded: dict[str, torch.Tensor] = {}
     if config.scale_alpha > 0:
-        for smooth in maps:
+        for smooth in block_maps:
             if not smooth_map_applies(block, smooth):
                 skipped_maps.append(f"{spec.blocks}.{index}: {smooth.prev} -> {smooth.linears}")
                 continue
             head = group_of[smooth.linears[0]]
+            source = extra[smooth.statistic] if smooth.statistic else stats[head]
             # The scales read the Hessian's diagonal only: over every rank's tokens, the same on
             # every rank, so every rank folds the same scales.
-            diagonal = stats[head].diagonal_over_ranks(parallel)
+            diagonal = source.diagonal_over_ranks(parallel)
             scales = activation_scales(diagonal, config.scale_alpha)
             fold_smooth_map(block, smooth, scales, spec.norm_weight_offset)
-            folded[head] = scales.to(device)
+            for name in smooth.linears:  # a mixture's norm scales every expert's input
+                folded[group_of[name]] = scales.to(device)
+    for accumulator in extra.values():
+        accumulator.release()
 
     linears = {
         name: block.get_submodule(name)
-        for name in spec.block_linears
+        for name in spec.linears_of(block)
         if not excluded(f"{spec.blocks}.{index}.{name}", config.modules_to_not_convert)
     }
     # Weight-parallel: each linear's owner decomposes it on the Hessian of every rank's tokens.

@@ -1,0 +1,339 @@
+"""Mixtures of experts: fused experts as per-expert linears, per-expert calibration, quantized
+experts saved and loaded, for every family the architecture table lists."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import quantlab
+from quantlab.calib.blocks import ModelBlocks
+from quantlab.calib.capture import run_sequential
+from quantlab.methods.base import CalibConfig
+from quantlab.methods.registry import get_method
+from quantlab.models.arch import UnsupportedArchitectureError, linearize, resolve
+from quantlab.models.moe import RoutedExperts, routed_experts
+from quantlab.nn.groupwise_int_linear import QuantLinear
+from quantlab.pipeline import quantize_model
+from tests.families import MOE_FAMILIES, tiny_moe_model
+
+
+def _ids(seed: int, shape: tuple[int, int] = (2, 16)) -> torch.Tensor:
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_linearized_experts_compute_what_the_fused_experts_compute(family: str) -> None:
+    model = tiny_moe_model(family)
+    ids = _ids(1)
+    with torch.no_grad():
+        fused = model(ids).logits
+    with pytest.raises(UnsupportedArchitectureError, match="fused experts"):
+        resolve(model)
+    assert linearize(model) >= 1
+    assert linearize(model) == 0  # already per-expert
+    with torch.no_grad():
+        per_expert = model(ids).logits
+    # The same matmuls, gate and up as two products instead of one: measured 3e-7 apart.
+    torch.testing.assert_close(per_expert, fused, rtol=0, atol=2e-6)
+    spec = resolve(model)
+    names = spec.expert_names
+    layers = model.get_submodule(spec.blocks)
+    moe_block = layers[len(layers) - 1]
+    experts = [m for _, m in routed_experts(moe_block)]
+    assert len(experts) == 1 and experts[0].num_experts == 8
+    # Every expert's three projections are listed, in two stages (gate/up, then down).
+    listed = spec.linears_of(moe_block)
+    for e in range(8):
+        for leaf in (names.gate, names.up, names.down):
+            assert f"mlp.experts.{e}.{leaf}" in listed
+    first = f"mlp.experts.0.{names.gate}"
+    gate_up = next(s for s in spec.stages_of(moe_block) if any(g[0] == first for g in s))
+    assert [g for g in gate_up if ".experts." in g[0]] == [
+        (f"mlp.experts.{e}.{names.gate}", f"mlp.experts.{e}.{names.up}") for e in range(8)
+    ]
+    # The routers stay float and unlisted.
+    assert not any(name.endswith(("mlp.gate", "shared_expert_gate")) for name in listed)
+
+
+def _moe_input_and_routing(model: nn.Module, ids: torch.Tensor, block: int) -> tuple:
+    """The MoE layer's input rows and the experts the router picks for each, from one forward
+    of the float model."""
+    spec = resolve(model)
+    mlp = model.get_submodule(f"{spec.blocks}.{block}.mlp")
+    seen: dict[str, torch.Tensor] = {}
+
+    def catch(_m: nn.Module, args: tuple) -> None:
+        seen["x"] = args[0].reshape(-1, args[0].shape[-1]).detach().clone()
+
+    handle = mlp.register_forward_pre_hook(catch)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    with torch.no_grad():
+        _, _, chosen = mlp.gate(seen["x"])
+    return seen["x"], chosen
+
+
+def _never_expert_5(_module: nn.Module, _args: tuple, out: tuple) -> tuple:
+    logits, weights, chosen = out
+    chosen = chosen.clone()
+    for row in chosen:
+        for k in range(row.shape[0]):
+            if int(row[k]) == 5:
+                row[k] = next(e for e in range(8) if e not in row.tolist())
+    return logits, weights, chosen
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_each_expert_hessian_is_its_routed_tokens_gram(family: str) -> None:
+    """Per-expert calibration sees the tokens the router sends: expert e's gate/up Hessian is
+    2 X_e^T X_e / n_e over exactly the rows routed to e (hand-computed), and an expert that no
+    token reaches gets no tokens (and the identity Hessian, reported)."""
+    model = tiny_moe_model(family)
+    linearize(model)
+    spec = resolve(model)
+    ids = _ids(3, (3, 24))
+    # Keep expert 5 out of every token's choice (another expert takes its place).
+    model.model.layers[1].mlp.gate.register_forward_hook(_never_expert_5)
+    x, chosen = _moe_input_and_routing(model, ids, 1)
+    assert not bool((chosen == 5).any())
+    seen: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def on_group(i: int, block: nn.Module, group: Sequence[str], stats: dict) -> None:
+        acc = stats[group[0]]
+        seen[f"{i}.{group[0]}"] = (acc.hessian().clone(), acc.n_tokens)
+
+    coverage: list = []
+    run_sequential(
+        ModelBlocks(model, spec.blocks, "cpu"), spec.stages_of, ids, on_group,
+        batch_size=2, progress=False, min_tokens=4, coverage=coverage,
+    )  # fmt: skip
+    for e in range(8):
+        rows = x[(chosen == e).any(dim=-1)]
+        hessian, n = seen[f"1.mlp.experts.{e}.gate_proj"]
+        assert n == rows.shape[0]
+        if e == 5:
+            assert n == 0
+            torch.testing.assert_close(hessian, torch.eye(x.shape[1]), rtol=0, atol=0)
+            continue
+        reference = 2 * rows.T.double() @ rows.double() / rows.shape[0]
+        # fp32 running averages over two batches against one fp64 product: measured 4e-7.
+        torch.testing.assert_close(hessian.double(), reference, rtol=1e-5, atol=1e-5)
+    fell_back = [row for row in coverage if row.white]
+    assert [row.names[0] for row in fell_back] == [
+        "mlp.experts.5.gate_proj",
+        "mlp.experts.5.down_proj",
+    ]
+    assert all(row.block_tokens == 3 * 24 for row in coverage)
+
+
+def _quantized(family: str, method: str, **calib: object) -> tuple[nn.Module, object, torch.Tensor]:
+    model = tiny_moe_model(family)
+    ids = _ids(1)
+    with torch.no_grad():
+        reference = model(ids).logits
+    config = get_method(method).config_cls(bits=8, group_size=32)
+    report = quantize_model(
+        model, config, calib=CalibConfig(batch_size=2, **calib), progress=False,
+        samples=_ids(2, (4, 32)),
+    )  # fmt: skip
+    return model, report, reference
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_quantized_experts_save_load_and_stay_close_to_float(
+    tmp_path: Path, family: str, method: str
+) -> None:
+    model, report, reference = _quantized(family, method)
+    spec = resolve(model, float_linears=False)
+    names = {layer.name for layer in report.layers}
+    blocks = model.get_submodule(spec.blocks)
+    last = len(blocks) - 1
+    for e in range(8):
+        assert f"{spec.blocks}.{last}.mlp.experts.{e}.{spec.expert_names.down}" in names
+        expert = blocks[last].mlp.experts.expert(e)
+        assert isinstance(expert.get_submodule(spec.expert_names.gate), QuantLinear)
+    # Routers float.
+    assert isinstance(blocks[last].mlp.gate.weight, nn.Parameter)
+    assert not any(name.endswith(".mlp.gate") for name in names)
+    ids = _ids(1)
+    with torch.no_grad():
+        quantized = model(ids).logits
+    # 8-bit groups of 32 on random weights: measured up to 0.16 (DeepSeek-V3's sigmoid router
+    # flips a choice) against logits of spread ~1; a dropped expert or wrong weights give ~1.
+    assert float((quantized - reference).abs().max()) < 0.5
+    quantlab.save(model, str(tmp_path / "out"), report)
+    loaded = quantlab.load(str(tmp_path / "out"))
+    assert isinstance(loaded.get_submodule(f"{spec.blocks}.{last}.mlp.experts"), RoutedExperts)
+    with torch.no_grad():
+        again = loaded(ids).logits
+    torch.testing.assert_close(again, quantized, rtol=0, atol=0)
+    if method == "gptq":
+        experts = report.details["experts"]
+        assert (
+            experts["experts"] == 8 * sum(1 for b in blocks if routed_experts(b))
+            and experts["min_tokens"] == 16
+        )
+
+
+def test_calibrate_all_experts_gives_every_expert_every_token() -> None:
+    _, report, _ = _quantized("qwen3_moe", "gptq", calibrate_all_experts=True)
+    experts = report.details["experts"]
+    assert experts["calibrate_all_experts"] is True
+    assert experts["tokens_per_expert"] == {"min": 4 * 32, "median": 4 * 32, "max": 4 * 32}
+    assert experts["under_min_tokens"] == []
+    _, routed, _ = _quantized("qwen3_moe", "gptq")
+    assert routed.details["experts"]["tokens_per_expert"]["max"] < 4 * 32
+    # top-2 of 8: every token reaches two experts.
+    per_block = routed.details["experts"]["per_block"]["1"]
+    assert sum(per_block.values()) == 2 * 4 * 32
+
+
+def test_rarely_routed_experts_fall_back_and_are_reported() -> None:
+    _, report, _ = _quantized("mixtral", "gptq", expert_min_tokens=40)
+    experts = report.details["experts"]
+    low = [row for block in experts["per_block"].values() for row in block.values() if row < 40]
+    assert len(experts["under_min_tokens"]) == len(low) > 0
+    assert all(row["done"].startswith("identity Hessian") for row in experts["under_min_tokens"])
+
+
+def test_routed_experts_refuse_an_expert_index_out_of_range() -> None:
+    model = tiny_moe_model("mixtral")
+    linearize(model)
+    layer = model.model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match="experts 0..7"):
+        layer(torch.zeros(3, 128), torch.tensor([[0, 8]] * 3), torch.ones(3, 2))
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_a_checkpoint_streams_block_by_block_to_the_resident_result(
+    tmp_path: Path, family: str
+) -> None:
+    """transformers writes the experts one tensor per expert projection (its checkpoint layout);
+    quantlab's streamed run reads them into the per-expert linears block by block and writes the
+    same checkpoint as quantizing the whole model in memory."""
+    from quantlab.pipeline import quantize_checkpoint
+
+    source = tmp_path / "source"
+    tiny_moe_model(family).save_pretrained(source)
+    stored = _tensors(source)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in stored
+    assert not any(key.endswith("gate_up_proj") for key in stored)
+    config = get_method("gptq").config_cls(bits=4, group_size=32)
+    calib = CalibConfig(batch_size=2)
+    samples = _ids(2, (4, 32))
+    resident = tiny_moe_model(family)
+    report = quantize_model(resident, config, calib=calib, samples=samples, progress=False)
+    quantlab.save(resident, str(tmp_path / "resident"), report)
+    streamed = quantize_checkpoint(
+        source, tmp_path / "streamed", config, calib=calib, samples=samples, progress=False,
+        baseline=False,
+    )  # fmt: skip
+    assert streamed.details["experts"]["per_block"] == report.details["experts"]["per_block"]
+    want, got = _tensors(tmp_path / "resident"), _tensors(tmp_path / "streamed")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def _round_trip(tmp_path: Path, family: str, method: str, **options: object) -> dict:
+    """Quantize a tiny mixture with ``method``, check every expert was quantized and the saved
+    checkpoint loads to the same logits; returns the report's details."""
+    model = tiny_moe_model(family)
+    ids = _ids(1)
+    with torch.no_grad():
+        reference = model(ids).logits
+    config = get_method(method).config_cls(**options)
+    report = quantize_model(
+        model, config, calib=CalibConfig(batch_size=2), progress=False, samples=_ids(2, (4, 32))
+    )
+    spec = resolve(model, float_linears=False)
+    names = {layer.name for layer in report.layers}
+    blocks = model.get_submodule(spec.blocks)
+    last = len(blocks) - 1
+    for e in range(8):
+        for leaf in (spec.expert_names.gate, spec.expert_names.up, spec.expert_names.down):
+            assert f"{spec.blocks}.{last}.mlp.experts.{e}.{leaf}" in names
+    with torch.no_grad():
+        quantized = model(ids).logits
+    assert float((quantized - reference).abs().max()) < 2.0  # ternary: measured 0.8
+    quantlab.save(model, str(tmp_path / method), report)
+    with torch.no_grad():
+        again = quantlab.load(str(tmp_path / method))(ids).logits
+    torch.testing.assert_close(again, quantized, rtol=0, atol=0)
+    return report.details
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_awq_searches_the_norm_in_front_of_every_expert_and_each_experts_up_down(
+    tmp_path: Path, family: str, rounding: str
+) -> None:
+    details = _round_trip(tmp_path, family, "awq", bits=4, group_size=32, rounding=rounding)
+    maps = details["awq"]["maps"]
+    moe_block = 1
+    # The MoE layer's norm map (scored on the whole layer, router folded too) and one up -> down
+    # map per expert the calibration reached.
+    prevs = [m["prev"] for m in maps if m["block"] == moe_block]
+    assert "post_attention_layernorm" in prevs
+    per_expert = [p for p in prevs if ".experts." in p]
+    starved = [
+        row for row in details["experts"]["under_min_tokens"] if ".layers.1." in row["expert"]
+    ]
+    assert len(per_expert) == 8 - len(starved) > 0
+
+
+def test_folding_awq_scales_keeps_the_router_choice() -> None:
+    """The router reads the same normed input as the experts: AWQ folds the scales into its
+    columns too, so the float model with folded scales routes every token the same way."""
+    from quantlab.models.arch import expand_smooth_maps
+    from quantlab.transforms.fold import fold_smooth_map
+
+    model = tiny_moe_model("qwen2_moe")
+    linearize(model)
+    spec = resolve(model)
+    block = model.model.layers[1]
+    moe_map = next(m for m in expand_smooth_maps(block, spec.smooth_maps) if m.inspect == "mlp")
+    assert moe_map.also == ("mlp.gate", "mlp.shared_expert_gate")
+    assert len(moe_map.linears) == 2 * 8 + 2
+    ids = _ids(4)
+    x, chosen = _moe_input_and_routing(model, ids, 1)
+    with torch.no_grad():
+        before = model(ids).logits
+    scales = torch.rand(128, generator=torch.Generator().manual_seed(0)) + 0.5
+    fold_smooth_map(block, moe_map, scales)
+    _, chosen_after = _moe_input_and_routing(model, ids, 1)
+    assert torch.equal(chosen_after, chosen)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("ternary", {"solver": "gptq"}),
+        ("pvq", {"bits_per_weight": 3.0, "dim": 8}),
+        ("bitstack", {"n_blocks": 4, "order": "hessian"}),
+    ],
+)
+def test_the_other_methods_quantize_every_expert(
+    tmp_path: Path, method: str, options: dict
+) -> None:
+    details = _round_trip(tmp_path, "qwen2_moe", method, **options)
+    assert details["experts"]["experts"] == 16
