@@ -43,7 +43,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @dataclass(frozen=True)
 class Preset:
-    """The config fields of a Llama-family model (Llama 3 8B / 70B, and a tiny one for tests)."""
+    """The config fields of a Llama-family model (Llama 3 8B / 70B, and a tiny one for tests), or
+    of a Qwen3-MoE one (``experts`` > 0: q/k norms, ``experts`` routed experts of
+    ``moe_intermediate_size`` per block, top ``experts_per_token``)."""
 
     hidden_size: int
     intermediate_size: int
@@ -52,8 +54,43 @@ class Preset:
     vocab_size: int
     tie_word_embeddings: bool = False
     rope_theta: float = 500000.0
+    head_dim: int | None = None
+    experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+
+    @property
+    def head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def config(self, blocks: int, dtype: str) -> dict[str, object]:
+        if self.experts:
+            return {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe",
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "moe_intermediate_size": self.moe_intermediate_size,
+                "num_experts": self.experts,
+                "num_experts_per_tok": self.experts_per_token,
+                "norm_topk_prob": True,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head,
+                "num_hidden_layers": blocks,
+                "vocab_size": self.vocab_size,
+                "max_position_embeddings": 40960,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": self.rope_theta,
+                "hidden_act": "silu",
+                "attention_bias": False,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "dtype": dtype,
+            }
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -79,6 +116,30 @@ class Preset:
 PRESETS = {
     "llama3-8b": Preset(4096, 14336, 32, 8, 128256),
     "llama3-70b": Preset(8192, 28672, 64, 8, 128256),
+    # Qwen3-30B-A3B: 128 experts of 768, top 8, head_dim 128 (q_proj is 4096 wide).
+    "qwen3-30b-a3b": Preset(
+        2048,
+        6144,
+        32,
+        4,
+        151936,
+        rope_theta=1e6,
+        head_dim=128,
+        experts=128,
+        experts_per_token=8,
+        moe_intermediate_size=768,
+    ),  # fmt: skip
+    "tiny-moe": Preset(
+        256,
+        512,
+        4,
+        2,
+        49152,
+        head_dim=64,
+        experts=8,
+        experts_per_token=2,
+        moe_intermediate_size=128,
+    ),  # fmt: skip
     # Tests: every shape rule of the big ones (GQA, untied head) at a few MB; "tiny-tied" ties.
     "tiny": Preset(256, 512, 4, 2, 49152),
     "tiny-tied": Preset(256, 512, 4, 2, 49152, tie_word_embeddings=True),
@@ -86,11 +147,31 @@ PRESETS = {
 
 
 def block_shapes(preset: Preset, index: int) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of decoder block ``index`` (transformers' Llama names)."""
+    """Tensor names and shapes of decoder block ``index`` (transformers' Llama names; a
+    mixture's experts one tensor per expert projection, as its checkpoints store them)."""
     d, f = preset.hidden_size, preset.intermediate_size
-    head = d // preset.num_attention_heads
+    head = preset.head
     kv = preset.num_key_value_heads * head
     p = f"model.layers.{index}."
+    if preset.experts:
+        q = preset.num_attention_heads * head
+        m = preset.moe_intermediate_size
+        shapes = {
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "self_attn.q_norm.weight": (head,),
+            p + "self_attn.k_norm.weight": (head,),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "mlp.gate.weight": (preset.experts, d),
+        }
+        for e in range(preset.experts):
+            shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (m, d)
+            shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (m, d)
+            shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (d, m)
+        return shapes
     return {
         p + "input_layernorm.weight": (d,),
         p + "self_attn.q_proj.weight": (d, d),
@@ -181,7 +262,7 @@ def write_checkpoint(
             # calibration ids; said, since the checkpoint then has no tokenizer.
             print(f"[synthetic] no tokenizer copied: {exc}", file=sys.stderr)
         else:
-            for name in TOKENIZER_FILES:
+            for name in TOKENIZER_FILES:  # (ids < 49152: valid for every preset's vocabulary)
                 if (source / name).is_file():
                     shutil.copyfile(source / name, tmp / name)
         provenance = {"synthetic": True, "preset": preset_name, "blocks": blocks, "seed": seed}

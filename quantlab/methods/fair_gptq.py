@@ -50,7 +50,16 @@ __all__ = ["FairGPTQConfig", "fair_layer_indices"]
 # The output projections (they write into the residual stream), per architecture family's naming:
 # Llama/Mistral/Qwen/Gemma/Phi-3 o_proj and down_proj, OPT out_proj and fc2. Patterns that match
 # nothing in a model are ignored as long as one matches.
-_OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj", "self_attn.out_proj", "fc2")
+# The attention's and the MLP's output projections (a mixture's shared expert is its MLP that every
+# token reaches; routed experts are never debiased, see _debiased_names).
+_OUTPUT_PROJECTIONS = (
+    "self_attn.o_proj",
+    "mlp.down_proj",
+    "self_attn.out_proj",
+    "fc2",
+    "mlp.shared_expert.down_proj",
+    "mlp.shared_experts.down_proj",
+)
 PAIR_KINDS = ("group", "target", "both")
 _LAYER_PRESETS = ("all", "lower", "upper", "lower-upper")
 

@@ -97,6 +97,11 @@ class ArchSpec:
             post-norm variants, ``do_layer_norm_before=False``, have no foldable norm).
         expert_names: what the family's checkpoints call one routed expert's projections
             (:func:`linearize` gives each expert linears of these names).
+        stored_names: ``(attribute, name)`` pairs: a block submodule transformers keeps as
+            ``attribute`` but checkpoints (and serving engines) call ``name`` (Mixtral's MoE layer
+            is ``mlp`` in transformers, ``block_sparse_moe`` on disk and in vLLM).
+            :func:`linearize` registers it under ``name`` (``block.attribute`` still reaches it,
+            for the block's forward), so module paths, state-dict keys and checkpoint keys agree.
     """
 
     family: str
@@ -111,6 +116,7 @@ class ArchSpec:
     clip_skip: tuple[str, ...] = ()
     smooth_requires: tuple[tuple[str, object], ...] = ()
     expert_names: ExpertNames = field(default_factory=ExpertNames)
+    stored_names: tuple[tuple[str, str], ...] = ()
     stages: tuple[tuple[tuple[str, ...], ...], ...] = ()
 
     def __post_init__(self) -> None:
@@ -262,10 +268,11 @@ _MOE_MLP_STAGES = (
 )
 _QWEN_MOE_STAGES = _ATTENTION_STAGES + _MOE_MLP_STAGES
 
-# Mixtral's checkpoints call an expert's projections w1 (gate), w3 (up), w2 (down).
+# Mixtral's checkpoints call the MoE layer block_sparse_moe (transformers: mlp; see
+# ArchSpec.stored_names) and an expert's projections w1 (gate), w3 (up), w2 (down).
 _MIXTRAL_STAGES = _ATTENTION_STAGES + (
-    (("mlp.experts.*.w1", "mlp.experts.*.w3"),),
-    (("mlp.experts.*.w2",),),
+    (("block_sparse_moe.experts.*.w1", "block_sparse_moe.experts.*.w3"),),
+    (("block_sparse_moe.experts.*.w2",),),
 )
 
 # DeepSeek-V3's multi-head latent attention: q (or its low-rank q_a) and the compressed kv read the
@@ -278,12 +285,12 @@ _DEEPSEEK_V3_STAGES = (
 ) + _MOE_MLP_STAGES
 
 
-def _moe_mlp_smooth(gate: str, up: str, down: str) -> tuple[SmoothMap, ...]:
+def _moe_mlp_smooth(gate: str, up: str, down: str, layer: str = "mlp") -> tuple[SmoothMap, ...]:
     """The MLP maps of a mixture-of-experts family (and of its dense blocks, where a block has
     them): the norm in front of every expert's gate/up and the shared expert's, scored on the
-    whole MoE layer (router included) with the router's columns folded too; each expert's
+    whole MoE ``layer`` (router included) with the router's columns folded too; each expert's
     up -> down alone; the shared or dense MLP's up -> down."""
-    experts = "mlp.experts.*"
+    experts = f"{layer}.experts.*"
     shared = ("mlp.shared_expert", "mlp.shared_experts")
     return (
         SmoothMap("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
@@ -291,9 +298,9 @@ def _moe_mlp_smooth(gate: str, up: str, down: str) -> tuple[SmoothMap, ...]:
             "post_attention_layernorm",
             (f"{experts}.{gate}", f"{experts}.{up}")
             + tuple(f"{s}.{proj}" for s in shared for proj in ("gate_proj", "up_proj")),
-            "mlp",
-            also=("mlp.gate", "mlp.shared_expert_gate"),
-            statistic="mlp",
+            layer,
+            also=(f"{layer}.gate", "mlp.shared_expert_gate"),
+            statistic=layer,
         ),
         SmoothMap(f"{experts}.{up}", (f"{experts}.{down}",), f"{experts}.{down}"),
         SmoothMap("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
@@ -301,7 +308,7 @@ def _moe_mlp_smooth(gate: str, up: str, down: str) -> tuple[SmoothMap, ...]:
 
 
 _QWEN_MOE_SMOOTH = _LLAMA_SMOOTH[:2] + _moe_mlp_smooth("gate_proj", "up_proj", "down_proj")
-_MIXTRAL_SMOOTH = _LLAMA_SMOOTH[:2] + _moe_mlp_smooth("w1", "w3", "w2")
+_MIXTRAL_SMOOTH = _LLAMA_SMOOTH[:2] + _moe_mlp_smooth("w1", "w3", "w2", "block_sparse_moe")
 # MLA: the block's norm feeds q (or q_a) and the compressed kv; each latent's norm feeds its b
 # projection. o_proj reads the heads of kv_b's v part through attention: no fold.
 _DEEPSEEK_V3_SMOOTH = (
@@ -407,6 +414,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         smooth_maps=_MIXTRAL_SMOOTH,
         clip_skip=_QK,
         expert_names=ExpertNames(gate="w1", up="w3", down="w2"),
+        stored_names=(("mlp", "block_sparse_moe"),),
     ),
     ArchSpec(
         family="deepseek-v3",
@@ -442,10 +450,23 @@ def spec_for_type(model_type: str | None) -> ArchSpec | None:
 
 def linearize(model: nn.Module) -> int:
     """Give ``model``'s fused routed experts one linear per projection and expert, named as its
-    family's checkpoints name them (:func:`quantlab.models.moe.linearize_experts`); the model
-    computes the same function. Returns how many experts modules were replaced."""
+    family's checkpoints name them (:func:`quantlab.models.moe.linearize_experts`), and its
+    blocks' submodules the names checkpoints give them (:attr:`ArchSpec.stored_names`); the
+    model computes the same function. Returns how many experts modules were replaced."""
     spec = spec_for_type(getattr(getattr(model, "config", None), "model_type", None))
-    return linearize_experts(model, spec.expert_names if spec is not None else None)
+    replaced = linearize_experts(model, spec.expert_names if spec is not None else None)
+    if spec is not None and spec.stored_names:
+        blocks = get_submodule(model, spec.blocks)
+        for block in blocks:
+            for attribute, name in spec.stored_names:
+                module = block._modules.pop(attribute, None)
+                if module is None:
+                    continue  # renamed before
+                block._modules[name] = module
+                # The block's forward reads self.<attribute>: a plain attribute, which
+                # state_dict and named_modules do not walk.
+                object.__setattr__(block, attribute, module)
+    return replaced
 
 
 def resolve(model: nn.Module, float_linears: bool = True) -> ArchSpec:

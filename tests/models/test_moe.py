@@ -22,6 +22,12 @@ from quantlab.pipeline import quantize_model
 from tests.families import MOE_FAMILIES, tiny_moe_model
 
 
+def _layer(spec: object) -> str:
+    """The MoE layer's path in a block: Mixtral's checkpoints (and quantlab's model) call it
+    block_sparse_moe, the others mlp."""
+    return "block_sparse_moe" if getattr(spec, "stored_names", ()) else "mlp"
+
+
 def _ids(seed: int, shape: tuple[int, int] = (2, 16)) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -42,6 +48,7 @@ def test_linearized_experts_compute_what_the_fused_experts_compute(family: str) 
     torch.testing.assert_close(per_expert, fused, rtol=0, atol=2e-6)
     spec = resolve(model)
     names = spec.expert_names
+    layer = _layer(spec)
     layers = model.get_submodule(spec.blocks)
     moe_block = layers[len(layers) - 1]
     experts = [m for _, m in routed_experts(moe_block)]
@@ -50,14 +57,14 @@ def test_linearized_experts_compute_what_the_fused_experts_compute(family: str) 
     listed = spec.linears_of(moe_block)
     for e in range(8):
         for leaf in (names.gate, names.up, names.down):
-            assert f"mlp.experts.{e}.{leaf}" in listed
-    first = f"mlp.experts.0.{names.gate}"
+            assert f"{layer}.experts.{e}.{leaf}" in listed
+    first = f"{layer}.experts.0.{names.gate}"
     gate_up = next(s for s in spec.stages_of(moe_block) if any(g[0] == first for g in s))
     assert [g for g in gate_up if ".experts." in g[0]] == [
-        (f"mlp.experts.{e}.{names.gate}", f"mlp.experts.{e}.{names.up}") for e in range(8)
+        (f"{layer}.experts.{e}.{names.gate}", f"{layer}.experts.{e}.{names.up}") for e in range(8)
     ]
     # The routers stay float and unlisted.
-    assert not any(name.endswith(("mlp.gate", "shared_expert_gate")) for name in listed)
+    assert not any(name.endswith((".gate", "shared_expert_gate")) for name in listed)
 
 
 def _moe_input_and_routing(model: nn.Module, ids: torch.Tensor, block: int) -> tuple:
@@ -152,16 +159,17 @@ def test_quantized_experts_save_load_and_stay_close_to_float(
 ) -> None:
     model, report, reference = _quantized(family, method)
     spec = resolve(model, float_linears=False)
-    names = {layer.name for layer in report.layers}
+    layer = _layer(spec)
+    names = {row.name for row in report.layers}
     blocks = model.get_submodule(spec.blocks)
     last = len(blocks) - 1
     for e in range(8):
-        assert f"{spec.blocks}.{last}.mlp.experts.{e}.{spec.expert_names.down}" in names
+        assert f"{spec.blocks}.{last}.{layer}.experts.{e}.{spec.expert_names.down}" in names
         expert = blocks[last].mlp.experts.expert(e)
         assert isinstance(expert.get_submodule(spec.expert_names.gate), QuantLinear)
     # Routers float.
     assert isinstance(blocks[last].mlp.gate.weight, nn.Parameter)
-    assert not any(name.endswith(".mlp.gate") for name in names)
+    assert not any(name.endswith(".gate") for name in names)
     ids = _ids(1)
     with torch.no_grad():
         quantized = model(ids).logits
@@ -170,10 +178,18 @@ def test_quantized_experts_save_load_and_stay_close_to_float(
     assert float((quantized - reference).abs().max()) < 0.5
     quantlab.save(model, str(tmp_path / "out"), report)
     loaded = quantlab.load(str(tmp_path / "out"))
-    assert isinstance(loaded.get_submodule(f"{spec.blocks}.{last}.mlp.experts"), RoutedExperts)
+    experts_path = f"{spec.blocks}.{last}.{layer}.experts"
+    assert isinstance(loaded.get_submodule(experts_path), RoutedExperts)
     with torch.no_grad():
         again = loaded(ids).logits
     torch.testing.assert_close(again, quantized, rtol=0, atol=0)
+    # It generates (with its KV cache), the same tokens as the model it was saved from.
+    prompt = ids[:1, :6]
+    generated = loaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 12)
+    assert torch.equal(
+        generated, model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    )
     if method == "gptq":
         experts = report.details["experts"]
         assert (
@@ -220,7 +236,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_a_checkpoint_streams_block_by_block_to_the_resident_result(
     tmp_path: Path, family: str
 ) -> None:
@@ -232,7 +248,12 @@ def test_a_checkpoint_streams_block_by_block_to_the_resident_result(
     source = tmp_path / "source"
     tiny_moe_model(family).save_pretrained(source)
     stored = _tensors(source)
-    assert "model.layers.1.mlp.experts.7.down_proj.weight" in stored
+    expected = (
+        "model.layers.1.block_sparse_moe.experts.7.w2.weight"
+        if family == "mixtral"
+        else "model.layers.1.mlp.experts.7.down_proj.weight"
+    )
+    assert expected in stored
     assert not any(key.endswith("gate_up_proj") for key in stored)
     config = get_method("gptq").config_cls(bits=4, group_size=32)
     calib = CalibConfig(batch_size=2)
@@ -268,7 +289,7 @@ def _round_trip(tmp_path: Path, family: str, method: str, **options: object) -> 
     last = len(blocks) - 1
     for e in range(8):
         for leaf in (spec.expert_names.gate, spec.expert_names.up, spec.expert_names.down):
-            assert f"{spec.blocks}.{last}.mlp.experts.{e}.{leaf}" in names
+            assert f"{spec.blocks}.{last}.{_layer(spec)}.experts.{e}.{leaf}" in names
     with torch.no_grad():
         quantized = model(ids).logits
     assert float((quantized - reference).abs().max()) < 2.0  # ternary: measured 0.8
@@ -337,3 +358,139 @@ def test_the_other_methods_quantize_every_expert(
 ) -> None:
     details = _round_trip(tmp_path, "qwen2_moe", method, **options)
     assert details["experts"]["experts"] == 16
+
+
+def _expected_float_router_keys(family: str) -> list[str]:
+    layer = "block_sparse_moe" if family == "mixtral" else "mlp"
+    keys = [f"model.layers.1.{layer}.gate.weight"]
+    if family == "qwen2_moe":
+        keys.append("model.layers.1.mlp.shared_expert_gate.weight")
+    if family == "deepseek_v3":
+        keys.append("model.layers.1.mlp.gate.e_score_correction_bias")
+    return keys
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_gptq_and_awq_exports_name_every_expert_as_serving_engines_load_it(
+    tmp_path: Path, family: str, fmt: str
+) -> None:
+    """The names vLLM's loaders map onto their fused-expert kernels (and transformers' loaders
+    merge): ``<layer>.experts.<e>.<projection>.<qweight|qzeros|scales[|g_idx]>`` per expert
+    (Mixtral: ``block_sparse_moe`` and w1/w3/w2), routers in float under their own names; the
+    checkpoint loads back into quantlab's layers to the same logits, bit for bit."""
+    from quantlab.export.awq_checkpoint import save_awq
+    from quantlab.export.gptq_checkpoint import save_gptq
+
+    model = tiny_moe_model(family)
+    report = quantize_model(
+        model, get_method("gptq").config_cls(bits=4, group_size=32, sym=fmt == "gptq"),
+        calib=CalibConfig(batch_size=2), progress=False, samples=_ids(2, (4, 32)),
+    )  # fmt: skip
+    if fmt == "gptq":
+        out = save_gptq(model, tmp_path / fmt, report.config)[0]
+        suffixes = ("qweight", "qzeros", "scales", "g_idx")
+    else:
+        out = save_awq(model, tmp_path / fmt, report.config)
+        suffixes = ("qweight", "qzeros", "scales")
+    stored = _tensors(out)
+    spec = resolve(model, float_linears=False)
+    layer = _layer(spec)
+    names = spec.expert_names
+    for e in range(8):
+        for proj in (names.gate, names.up, names.down):
+            for suffix in suffixes:
+                assert f"model.layers.1.{layer}.experts.{e}.{proj}.{suffix}" in stored
+            assert f"model.layers.1.{layer}.experts.{e}.{proj}.weight" not in stored
+    for key in _expected_float_router_keys(family):
+        assert stored[key].is_floating_point(), key
+    assert not any(key.endswith(("gate.qweight", "shared_expert_gate.qweight")) for key in stored)
+    ids = _ids(1)
+    with torch.no_grad():
+        want = model(ids).logits
+        got = quantlab.load(str(out))(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_transformers_loads_a_quantized_mixture_after_register(tmp_path: Path, family: str) -> None:
+    """``AutoModelForCausalLM.from_pretrained`` builds the fused experts; quantlab's quantizer
+    gives them per-expert quantized layers before the weights stream in."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.integrations.transformers import register
+
+    model = tiny_moe_model(family)
+    report = quantize_model(
+        model, get_method("rtn").config_cls(bits=4, group_size=32), progress=False
+    )
+    quantlab.save(model, str(tmp_path / "out"), report)
+    register()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    spec = resolve(loaded, float_linears=False)
+    experts = loaded.get_submodule(f"{spec.blocks}.1.{_layer(spec)}.experts")
+    assert isinstance(experts, RoutedExperts)
+    assert isinstance(experts.expert(3).get_submodule(spec.expert_names.down), QuantLinear)
+    ids = _ids(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_the_command_line_reports_expert_coverage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quantlab quantize` on a Qwen3-MoE checkpoint (the synthetic tiny preset, streamed):
+    `--json` holds the coverage, the summary table prints the tokens per expert and the experts
+    that fell back."""
+    import importlib.util
+    import json
+    import sys
+
+    from quantlab.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_checkpoint", root / "scripts" / "make_synthetic_checkpoint.py"
+    )
+    synthetic = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = synthetic
+    spec.loader.exec_module(synthetic)
+    source = synthetic.write_checkpoint(tmp_path / "src", "tiny-moe", 2, "float32", progress=False)
+    args = [
+        "quantize", "--model", str(source), "--method", "gptq", "--bits", "4",
+        "--group-size", "64", "--calib-samples", "4", "--calib-seq-len", "32",
+        "--calib-batch-size", "2", "--expert-min-tokens", "20", "--eval-windows", "1",
+        "--eval-seq-len", "64", "--out", str(tmp_path / "out"), "--json",
+    ]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    experts = result["experts"]
+    assert experts["experts"] == 2 * 8 and experts["min_tokens"] == 20
+    per_block = experts["per_block"]
+    assert all(sum(block.values()) == 2 * 4 * 32 for block in per_block.values())  # top-2
+    low = sorted(
+        f"model.layers.{b}.{key}"
+        for b, block in per_block.items()
+        for key, tokens in block.items()
+        if tokens < 20
+    )
+    assert sorted(row["expert"] for row in experts["under_min_tokens"]) == low
+    assert "calibration tokens / expert" in captured.err
+    assert "experts under 20 tokens" in captured.err
+
+
+def test_fair_gptq_debiases_what_every_token_reaches_and_gptqs_the_experts() -> None:
+    from tests.fairness_helpers import WordTokenizer
+
+    model = tiny_moe_model("qwen2_moe")
+    config = get_method("fair-gptq").config_cls(bits=4, group_size=32, fair_layers="all")
+    report = quantize_model(
+        model, config, WordTokenizer(256), CalibConfig(batch_size=2), progress=False,
+        samples=_ids(2, (4, 32)),
+    )  # fmt: skip
+    names = {row.name for row in report.layers}
+    assert "model.layers.1.mlp.experts.7.down_proj" in names
+    debiased = [row["name"] for row in report.details["fair-gptq"]["debiased"]]
+    assert debiased and not any(".experts." in name for name in debiased)
+    assert any(".shared_expert." in name for name in debiased)
