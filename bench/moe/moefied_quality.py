@@ -86,6 +86,84 @@ def _rtn_weights_agree(dense_out: Path, moe_out: Path, experts: int) -> dict[str
     return worst
 
 
+_KINDS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
+          "w2": "down"}  # fmt: skip
+
+
+def loss_sums(checkpoint: Path, experts: int) -> dict[str, float]:
+    """The GPTQ layer losses of a checkpoint's MLP projections summed per kind (gate, up, down),
+    from its quantlab_report.json. An expert's down projection holds 8x the dense weight, so its
+    loss (``||(W - Q) X||^2 / n``) is divided by ``experts^2`` to be on the dense scale; the sum
+    over experts then leaves out the cross-expert terms of the dense down's error."""
+    report = json.loads((checkpoint / "quantlab_report.json").read_text())
+    sums = {"gate": 0.0, "up": 0.0, "down": 0.0}
+    for layer in report["layers"]:
+        kind = _KINDS.get(layer["name"].rsplit(".", 1)[-1])
+        if kind is None or layer["loss"] is None:
+            continue
+        scale = experts**2 if kind == "down" and ".experts." in layer["name"] else 1
+        sums[kind] += layer["loss"] / scale
+    return sums
+
+
+def down_hessian_blocks(
+    layers: tuple[int, ...], experts: int, windows: int = 16
+) -> list[dict[str, float]]:
+    """What per-expert calibration takes from GPTQ on a down projection, on the dense model: its
+    GPTQ W4 g64 (act-order, clip search) with the full ``1536 x 1536`` Hessian against GPTQ of
+    each expert's column block with only its diagonal block of it (what the MoEfied model's
+    experts have), and RTN, all scored on the full Hessian (``windows x 512`` wiki-calib
+    tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.calib.stats import HessianAccumulator
+    from quantlab.export.model_source import local_model_dir
+    from quantlab.solvers.gptq import gptq_quantize
+    from quantlab.solvers.hessian import proxy_loss
+    from quantlab.solvers.rtn import rtn_quantize
+
+    path, _ = local_model_dir("default")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = token_stream(tokenizer, load_text("wiki-calib"))[: windows * 512].view(windows, 512)
+    options = {"bits": 4, "group_size": 64, "act_order": True, "clip_search": True}
+    rows = []
+    for index in layers:
+        down = model.model.layers[index].mlp.down_proj
+        stats = HessianAccumulator(down.in_features)
+        handle = down.register_forward_pre_hook(lambda _m, args, acc=stats: acc.add(args[0]))
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+        hessian = stats.hessian().clone()
+        weight = down.weight.detach()
+        width = down.in_features // experts
+        full = gptq_quantize(weight, hessian.clone(), **options).dequantize()
+        per_block = torch.cat(
+            [
+                gptq_quantize(
+                    weight[:, e * width : (e + 1) * width],
+                    hessian[e * width : (e + 1) * width, e * width : (e + 1) * width].clone(),
+                    **options,
+                ).dequantize()
+                for e in range(experts)
+            ],
+            dim=1,
+        )
+        rtn = rtn_quantize(weight, 4, 64).dequantize()
+        rows.append(
+            {
+                "layer": index,
+                "gptq_full_hessian": proxy_loss(weight, full, hessian),
+                "gptq_expert_blocks": proxy_loss(weight, per_block, hessian),
+                "rtn": proxy_loss(weight, rtn, hessian),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
@@ -94,8 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "moefied-bench")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--down-hessian-blocks",
+        action="store_true",
+        help="only measure GPTQ on dense down projections with the full Hessian vs its expert "
+        "diagonal blocks (layers 0, 15, 29)",
+    )
     parser.add_argument("extra", nargs="*", help="more `quantlab quantize` options (after --)")
     args = parser.parse_args(argv)
+    if args.down_hessian_blocks:
+        rows = down_hessian_blocks((0, 15, 29), args.experts)
+        if args.markdown:
+            print("| layer | GPTQ, full Hessian | GPTQ, expert blocks | ratio | RTN |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                ratio = r["gptq_expert_blocks"] / r["gptq_full_hessian"]
+                print(
+                    f"| {r['layer']} | {r['gptq_full_hessian']:.3f} | "
+                    f"{r['gptq_expert_blocks']:.3f} | {ratio:.2f} | {r['rtn']:.3f} |"
+                )
+        return 0
 
     from quantlab.export.model_source import local_model_dir
     from scripts.moefy import moefy
@@ -127,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_dense": dense["peak_rss_bytes"],
             "peak_rss_moe": moe["peak_rss_bytes"],
         }
+        if method == "gptq":
+            dense_losses = loss_sums(runs["dense"][1], args.experts)
+            moe_losses = loss_sums(runs["moe"][1], args.experts)
+            row["loss_ratio_moe_to_dense"] = {
+                kind: moe_losses[kind] / dense_losses[kind] for kind in dense_losses
+            }
         if method == "rtn":
             row["rtn_max_weight_diff"] = _rtn_weights_agree(
                 runs["dense"][1], runs["moe"][1], args.experts

@@ -31,6 +31,7 @@ from quantlab.formats.groupwise_int import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     GroupwiseIntResult,
+    PackedGroupwiseInt,
     pack,
 )
 from quantlab.formats.tensor_layout import SCALE_DTYPES
@@ -327,10 +328,15 @@ def require_resident(ctx: MethodContext, what: str, why: str) -> None:
 
 
 def packed_layer(
-    result: GroupwiseIntResult, linear: nn.Linear, config: GroupwiseIntConfig, name: str
+    result: GroupwiseIntResult | PackedGroupwiseInt,
+    linear: nn.Linear,
+    config: GroupwiseIntConfig,
+    name: str,
 ) -> QuantLinear:
-    """The :class:`QuantLinear` holding ``result``, on ``linear``'s device with its bias."""
-    layer = QuantLinear.from_packed(pack(result, config.scale_dtype), linear.bias, name=name)
+    """The :class:`QuantLinear` holding ``result`` (a solver's result, or one already packed with
+    ``config.scale_dtype``), on ``linear``'s device with its bias."""
+    packed = result if isinstance(result, PackedGroupwiseInt) else pack(result, config.scale_dtype)
+    layer = QuantLinear.from_packed(packed, linear.bias, name=name)
     return layer.to(linear.weight.device)
 
 
