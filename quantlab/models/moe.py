@@ -232,7 +232,8 @@ def coverage_summary(
     than ``min_tokens`` reached with what was done for it. ``coverage``: the run's
     :class:`quantlab.calib.capture.GroupCoverage` rows."""
     per_block: dict[int, dict[str, int]] = {}
-    done: dict[str, list[str]] = {}  # expert -> what was done for it (in the order done)
+    # expert -> its tokens and what was done for it (in the order done)
+    done: dict[str, dict] = {}
     for row in coverage:
         found = expert_of(row.names[0], expert_paths)
         if found is None:
@@ -242,19 +243,11 @@ def coverage_summary(
         # Its down projection (and a second pass, AWQ's then GPTQ's) sees the same tokens.
         per_block.setdefault(row.block, {}).setdefault(key, row.tokens)
         if row.white:
-            steps = done.setdefault(f"{blocks_path}.{row.block}.{key}", [])
-            if row.fallback not in steps:
-                steps.append(row.fallback)
-    fallbacks = [
-        {
-            "expert": expert,
-            "tokens": per_block[int(expert.removeprefix(blocks_path + ".").split(".", 1)[0])][
-                expert.removeprefix(blocks_path + ".").split(".", 1)[1]
-            ],
-            "done": "; ".join(steps),
-        }
-        for expert, steps in done.items()
-    ]
+            expert = f"{blocks_path}.{row.block}.{key}"
+            entry = done.setdefault(expert, {"expert": expert, "tokens": row.tokens, "done": []})
+            if row.fallback not in entry["done"]:
+                entry["done"].append(row.fallback)
+    fallbacks = [{**entry, "done": "; ".join(entry["done"])} for entry in done.values()]
     counts = sorted(t for block in per_block.values() for t in block.values())
     summary: dict = {
         "calibrate_all_experts": calibrate_all,
