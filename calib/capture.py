@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from quantlab.calib.activations import Activation, ActivationStore, materialize
 from quantlab.calib.blocks import ModelBlocks
 from quantlab.calib.parallel import Parallel
-from quantlab.calib.stats import HessianAccumulator
+from quantlab.calib.stats import ROW_WEIGHTS_ATTRIBUTE, HessianAccumulator
 
 __all__ = [
     "BlockInputs",
@@ -41,6 +41,8 @@ __all__ = [
     "run_block_until",
     "run_sequential",
     "settle_coverage",
+    "split_stage",
+    "stage_parts",
 ]
 
 IDENTITY_HESSIAN = "identity Hessian: the method's data-free rounding"
@@ -337,10 +339,12 @@ def _hook_group(
     """
     first = block.get_submodule(group[0])
 
-    def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if paused is not None and paused():
             return
-        stats[group[0]].add(args[0])  # members share one accumulator (same input)
+        # Members share one accumulator (same input). Rows may carry weights (a routed expert's
+        # routing weights, while affinity-weighted calibration runs).
+        stats[group[0]].add(args[0], getattr(module, ROW_WEIGHTS_ATTRIBUTE, None))
         if after is not None:
             after()
 
@@ -412,6 +416,34 @@ def _process_block_single_pass(
             h.remove()
 
 
+def stage_parts(widths: Sequence[int], max_bytes: int | None) -> list[list[int]]:
+    """The indices of a stage's groups (their inputs ``widths``) in consecutive parts whose fp32
+    ``K x K`` Hessians together take at most ``max_bytes`` (a part holds one group at least,
+    however wide). ``None``: one part."""
+    if max_bytes is None:
+        return [list(range(len(widths)))]
+    parts: list[list[int]] = []
+    used = 0
+    for index, width in enumerate(widths):
+        size = 4 * width * width
+        if parts and used + size <= max_bytes:
+            parts[-1].append(index)
+            used += size
+        else:
+            parts.append([index])
+            used = size
+    return parts
+
+
+def split_stage(
+    block: nn.Module, stage: Sequence[Sequence[str]], max_bytes: int | None
+) -> list[list[Sequence[str]]]:
+    """``stage``'s groups in the parts of :func:`stage_parts`: one calibration pass gathers one
+    part's statistics."""
+    widths = [block.get_submodule(group[0]).in_features for group in stage]
+    return [[stage[i] for i in part] for part in stage_parts(widths, max_bytes)]
+
+
 @torch.no_grad()
 def _process_block_staged(
     index: int,
@@ -424,12 +456,17 @@ def _process_block_staged(
     min_tokens: int = 0,
     parallel: Parallel | None = None,
     coverage: list[GroupCoverage] | None = None,
+    max_stage_bytes: int | None = None,
 ) -> list[torch.Tensor]:
     """Several batches (or a stage of several groups): one pass per stage to gather statistics
     (truncated at the input of a single-group stage), then a full replay. Without
-    ``true_sequential`` one pass gathers every stage."""
+    ``true_sequential`` one pass gathers every stage. A stage whose Hessians exceed
+    ``max_stage_bytes`` runs as several passes (:func:`split_stage`): with ``true_sequential`` its
+    groups read inputs no group of the stage writes, so the parts see what one pass would;
+    without, a later part sees the earlier parts quantized."""
     if not true_sequential:
         stages = [[group for stage in stages for group in stage]]
+    stages = [part for stage in stages for part in split_stage(block, stage, max_stage_bytes)]
     for stage in stages:
         all_stats = [_new_stats(block, group, device) for group in stage]
         # A stage of one group can end the pass at its input; with several (the experts), some
@@ -473,12 +510,16 @@ def run_sequential(
     parallel: Parallel | None = None,
     min_tokens: int = 0,
     coverage: list[GroupCoverage] | None = None,
+    max_stage_bytes: int | None = None,
 ) -> None:
     """Quantize ``blocks`` one after another on calibration ``samples`` ``[S, L]``.
 
     ``stages`` (:data:`Stages`): the block's sequential groups, in calibration stages. A group
     (a routed expert) that fewer than ``min_tokens`` tokens reach is solved with an identity
-    Hessian (:func:`settle_coverage`); ``coverage`` receives every group's token count.
+    Hessian (:func:`settle_coverage`); ``coverage`` receives every group's token count. A stage
+    whose groups' Hessians together exceed ``max_stage_bytes`` (a large mixture's experts:
+    DeepSeek-V3's 256 gate/up Hessians take 52 GiB) gathers them in several passes over the
+    block, each within the budget.
 
     For each block, ``on_group(block_index, block, group_names, stats)`` is called once per
     sequential group and must quantize those linears in place (their weights replaced by the
@@ -531,7 +572,7 @@ def run_sequential(
             else:
                 outs = _process_block_staged(
                     index, block, block_stages, inputs, device, on_group, true_sequential,
-                    min_tokens, parallel, coverage,
+                    min_tokens, parallel, coverage, max_stage_bytes,
                 )  # fmt: skip
             if on_block_done is not None:
                 on_block_done(index, block)

@@ -10,7 +10,19 @@ import torch
 if TYPE_CHECKING:
     from quantlab.calib.parallel import Parallel
 
-__all__ = ["ChannelStatsAccumulator", "HessianAccumulator", "PairDifferenceAccumulator"]
+__all__ = [
+    "ROW_WEIGHTS_ATTRIBUTE",
+    "ChannelStatsAccumulator",
+    "HessianAccumulator",
+    "PairDifferenceAccumulator",
+]
+
+# The attribute under which a module holds one weight per row of the input it is being called with
+# (or None): the capture hooks pass it to HessianAccumulator.add. quantlab.models.moe's routed
+# experts set it on an expert's linears, with each routed token's routing weight, while the
+# affinity-weighted calibration runs (calib cannot import models, so the name is spelled there too;
+# tests/models/test_moe.py checks the two agree through a weighted Hessian).
+ROW_WEIGHTS_ATTRIBUTE = "calibration_row_weights"
 
 
 class HessianAccumulator:
@@ -19,6 +31,11 @@ class HessianAccumulator:
     ``X`` is every token's input vector (``[n, K]`` after flattening batch and sequence). The sum is
     kept as a running average (``H <- H * n / (n + m) + 2 x^T x / (n + m)``) so its magnitude does
     not grow with the token count, which keeps fp32 accurate over long calibration runs.
+
+    Rows may carry weights (:meth:`add`'s ``row_weights``; a module's inputs announce theirs under
+    :data:`ROW_WEIGHTS_ATTRIBUTE`): then ``H = 2 sum_i w_i x_i x_i^T / sum_i w_i``, the weighted
+    average. A routed expert's rows weighted by their routing weights give MoEQuant's
+    affinity-guided Hessian (Chen et al., ICML 2025).
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
@@ -30,11 +47,15 @@ class HessianAccumulator:
         self._sum: torch.Tensor | None = None
         self._released = False
         self.n_tokens = 0
+        # The rows' total weight (= n_tokens where no row carries a weight): each rank's share of
+        # the reduced Hessian.
+        self.weight = 0.0
         # Set by assume_white(): too few tokens reached this input to estimate X^T X.
         self.white = False
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``[..., K]`` (any float dtype)."""
+    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs ``[..., K]`` (any float dtype), each row weighted by
+        ``row_weights`` (one finite weight >= 0 per row; ``None``: every row 1)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
         if self._released:
@@ -43,14 +64,28 @@ class HessianAccumulator:
         m = rows.shape[0]
         if m == 0:
             return
+        if row_weights is None:
+            added = float(m)
+            weighted = rows
+        else:
+            weights = row_weights.reshape(-1).to(device=self.device, dtype=torch.float32)
+            if weights.numel() != m:
+                raise ValueError(f"{weights.numel()} row weights for {m} input rows")
+            if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise ValueError("row weights must be finite and >= 0")
+            added = float(weights.sum())
+            weighted = rows * weights[:, None]
         if self._sum is None:
             self._sum = torch.zeros(
                 self.in_features, self.in_features, dtype=torch.float32, device=self.device
             )
-        total = self.n_tokens + m
-        self._sum.mul_(self.n_tokens / total)
-        self._sum.addmm_(rows.t(), rows, alpha=2.0 / total)
-        self.n_tokens = total
+        self.n_tokens += m
+        if added == 0.0:
+            return
+        total = self.weight + added
+        self._sum.mul_(self.weight / total)
+        self._sum.addmm_(weighted.t(), rows, alpha=2.0 / total)
+        self.weight = total
 
     def assume_white(self) -> None:
         """Too few tokens reached this input (an expert the router rarely picks) to estimate
@@ -71,6 +106,11 @@ class HessianAccumulator:
             return self._sum
         if self._sum is None:
             raise ValueError("no calibration tokens reached this layer; its Hessian is empty")
+        if self.weight == 0.0:
+            raise ValueError(
+                f"all {self.n_tokens} calibration rows of this layer had weight 0; its Hessian "
+                "is empty"
+            )
         return self._sum
 
     def reduce_to_owners(self, parallel: Parallel, owners: Sequence[int]) -> None:
@@ -79,26 +119,31 @@ class HessianAccumulator:
         on the others (they no longer need it).
 
         Each rank's matrix is an average over its own tokens, so the total is
-        ``sum_r (n_r / n) H_r``, formed on the first owner in :meth:`Parallel.reduce_to`'s fixed
-        order and sent on to the other owners. A single process keeps its matrix as it is.
+        ``sum_r (n_r / n) H_r`` (``n``: the rows' total weight where they carry weights), formed
+        on the first owner in :meth:`Parallel.reduce_to`'s fixed order and sent on to the other
+        owners. A single process keeps its matrix as it is.
         """
         if not parallel.active or self.white:
             return
         if self._released:
             raise RuntimeError("this Hessian was released after its solve")
-        counts = parallel.gather_floats([float(self.n_tokens)])
+        counts = parallel.gather_floats([float(self.n_tokens), self.weight])
         n_total = int(sum(c[0] for c in counts))
+        weight_total = sum(c[1] for c in counts)
         if n_total == 0:
             raise ValueError("no calibration tokens reached this layer on any rank")
+        if weight_total == 0.0:
+            raise ValueError("every calibration row of this layer had weight 0 on every rank")
         if self._sum is None:  # this rank saw no token of it: its term is zero
             self._sum = torch.zeros(
                 self.in_features, self.in_features, dtype=torch.float32, device=self.device
             )
         ranks = sorted(set(owners))
-        total = parallel.reduce_to(ranks[0], self._sum, self.n_tokens / n_total)
+        total = parallel.reduce_to(ranks[0], self._sum, self.weight / weight_total)
         if parallel.rank in ranks:
             self._sum = parallel.pass_on(total, ranks, self._sum)
             self.n_tokens = n_total
+            self.weight = weight_total
         else:
             self.release()
 
@@ -114,10 +159,10 @@ class HessianAccumulator:
             if self._sum is not None
             else torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         )
-        counts = [c[0] for c in parallel.gather_floats([float(self.n_tokens)])]
+        counts = [c[0] for c in parallel.gather_floats([self.weight])]
         n_total = sum(counts)
         if n_total == 0:
-            raise ValueError("no calibration tokens reached this layer on any rank")
+            raise ValueError("no calibration tokens (of weight > 0) reached this layer on any rank")
         total = torch.zeros(self.in_features, dtype=torch.float32, device=self.device)
         for count, part in zip(counts, parallel.gather_floats(local.tolist()), strict=True):
             partial = torch.tensor(part, dtype=torch.float32, device=self.device)
@@ -252,10 +297,10 @@ class ChannelStatsAccumulator:
         if self._reduced:
             raise RuntimeError("these statistics were already reduced over the ranks")
         self._reduced = True
-        counts = [c[0] for c in parallel.gather_floats([float(self.n_tokens)])]
+        counts = [c[0] for c in parallel.gather_floats([self.weight])]
         n_total = sum(counts)
         if n_total == 0:
-            raise ValueError("no calibration tokens reached this layer on any rank")
+            raise ValueError("no calibration tokens (of weight > 0) reached this layer on any rank")
         # K floats per rank: small enough to travel to everyone; the sum is in float64 and in
         # rank order, so every rank rounds the same total to fp32.
         partials = parallel.gather_floats(self.abs_mean.tolist())

@@ -160,6 +160,20 @@ def _parser() -> argparse.ArgumentParser:
         help="mixtures of experts: every expert's statistics see every calibration token (the "
         "block output still follows the router)",
     )
+    q.add_argument(
+        "--max-stage-memory",
+        default=None,
+        metavar="SIZE",
+        help="the most memory one calibration pass's Hessians may take (e.g. 16GiB): a stage "
+        "of more (a large mixture's experts) runs as several passes over the block "
+        "(gptq, fair-gptq, pvq, ternary)",
+    )
+    q.add_argument(
+        "--routing-weighted-hessians",
+        action="store_true",
+        help="mixtures of experts: weight each token in an expert's Hessian by its routing "
+        "weight (MoEQuant's affinity-guided Hessian; gptq, fair-gptq, pvq, ternary)",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ Hessian damping")
     q.add_argument(
@@ -298,6 +312,12 @@ def cmd_quantize(args: argparse.Namespace, command: str) -> dict[str, Any]:
         args.calib_batch_size,
         expert_min_tokens=args.expert_min_tokens,
         calibrate_all_experts=args.calibrate_all_experts,
+        routing_weighted_hessians=args.routing_weighted_hessians,
+        max_stage_bytes=(
+            None
+            if args.max_stage_memory is None
+            else parse_size(args.max_stage_memory, "--max-stage-memory")
+        ),
     )
     inputs = _model_dirs(args.model)
     parallel = Parallel.current()
@@ -440,7 +460,9 @@ def _quantize_locked(
                 "calibration tokens / expert",
                 f"min {spread['min']}, median {spread['median']}, max {spread['max']} "
                 f"({experts['experts']} experts"
-                + (", all tokens to all experts)" if experts["calibrate_all_experts"] else ")"),
+                + (", all tokens to all experts" if experts["calibrate_all_experts"] else "")
+                + (", routing-weighted" if experts["routing_weighted_hessians"] else "")
+                + ")",
             )
         )
         low = experts["under_min_tokens"]

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.calib.capture import stage_parts
 from quantlab.models.arch import ArchSpec, get_submodule
 
 __all__ = ["MemoryPlan", "plan_memory"]
@@ -149,6 +150,7 @@ def plan_memory(
     available: int | None = None,
     device: str = "cpu",
     device_available: int | None = None,
+    max_stage_bytes: int | None = None,
 ) -> MemoryPlan:
     """The :class:`MemoryPlan` of quantizing ``model`` (a meta-device skeleton is enough: only
     shapes are read) with ``config`` on ``n_samples x seq_len`` calibration tokens in batches of
@@ -156,7 +158,8 @@ def plan_memory(
     in the same pass. ``activation_budget``: bytes of activations kept in RAM (``None``: what
     ``available`` leaves, when ``offload`` lets the rest spill; else all of them). ``device``: the
     type of device the blocks are computed on (``"cuda"``: block, solver and forward are planned
-    against ``device_available``)."""
+    against ``device_available``). ``max_stage_bytes``: the calibration's limit on one pass's
+    Hessians (:attr:`quantlab.methods.base.CalibConfig.max_stage_bytes`)."""
     elt = _element_size(dtype)
     blocks = get_submodule(model, spec.blocks)
     embedding = model.get_input_embeddings().weight
@@ -198,7 +201,12 @@ def plan_memory(
             # first input, so with true-sequential groups one stage's are alive at a time; its
             # solver works in one more K x K (damped, factored and inverted in place; measured
             # in tests/test_memory_plan.py).
-            largest_stage = max(sum(k * k for k in stage) for stage in stage_inputs)
+            # A stage over the calibration's stage limit is gathered in parts.
+            largest_stage = max(
+                sum(stage[i] ** 2 for i in part)
+                for stage in stage_inputs
+                for part in stage_parts(stage, max_stage_bytes)
+            )
             live = largest_stage if config.true_sequential else every_group
             solver = 4 * live + 4 * widest_input**2
         else:

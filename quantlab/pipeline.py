@@ -114,6 +114,17 @@ def quantize_model(
             f"method {config.method!r} does not run on several ranks yet ({parallel.world_size} "
             "were started): run it in a single process"
         )
+    sequential = config.needs_calibration and method.captures_hessians_sequentially
+    for wanted, option in (
+        (calib.routing_weighted_hessians, "routing-weighted Hessians"),
+        (calib.max_stage_bytes is not None, "a calibration stage memory limit"),
+    ):
+        if wanted and not sequential:
+            raise ValueError(
+                f"{option}: only methods that calibrate Hessians through the sequential capture "
+                f"take it (gptq, fair-gptq, pvq, ternary with calibration); {config.method!r} "
+                "with this configuration has none"
+            )
     last = [start]
 
     def block_done(index: int, block: nn.Module) -> None:
@@ -141,12 +152,14 @@ def quantize_model(
     experts = routed_experts(model)
     for _, layer in experts:
         layer.calibrate_all = calib.calibrate_all_experts
+        layer.weight_by_routing = calib.routing_weighted_hessians
     try:
         with PeakMemory(device) as peak:
             method.run(model, config, context)
     finally:
         for _, layer in experts:
             layer.calibrate_all = False
+            layer.weight_by_routing = False
     if experts and config.needs_calibration:
         blocks_path = resolve(model, float_linears=False).blocks
         report.details["experts"] = coverage_summary(
@@ -159,6 +172,7 @@ def quantize_model(
             },
             calib.expert_min_tokens,
             calib.calibrate_all_experts,
+            calib.routing_weighted_hessians,
         )
     report.peak_rss_bytes, report.peak_device_bytes = peak.rss_bytes, peak.device_bytes
     if parallel.active:
@@ -304,7 +318,7 @@ def quantize_checkpoint(
     plan = plan_memory(
         lazy.model, spec, config, n_samples, seq_len, calib.batch_size, dtype, windows,
         eval_seq_len, budget, offload_dir is not None, available, device.type,
-        free_device_memory_bytes(device),
+        free_device_memory_bytes(device), calib.max_stage_bytes,
     )  # fmt: skip
     if progress:
         print(f"quantlab: memory plan: {plan.describe()}", file=sys.stderr)
@@ -318,9 +332,10 @@ def quantize_checkpoint(
     if check_memory and not plan.fits():
         raise MemoryError(
             f"this run {plan.describe()}: it does not fit. Lower the calibration batch size "
-            "(forward), compute in bfloat16 (halves block, activations and forward), or give an "
-            "offload directory for the activations; check_memory=False (--no-memory-check) runs "
-            "it anyway"
+            "(forward), compute in bfloat16 (halves block, activations and forward), give an "
+            "offload directory for the activations, or limit the Hessians one calibration pass "
+            "gathers (--max-stage-memory: a mixture's experts in several passes); "
+            "check_memory=False (--no-memory-check) runs it anyway"
         )
     store = ActivationStore(plan.activation_budget if offload_dir else budget, offload_dir)
     blocks = ModelBlocks(

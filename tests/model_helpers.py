@@ -9,6 +9,7 @@ import torch
 
 import quantlab
 from quantlab.eval.perplexity import perplexity
+from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.pipeline import QuantizationReport
 
 
@@ -73,3 +74,9 @@ def first_q_proj_loss(
     q = quantized.model.layers[0].self_attn.q_proj.dequantized_weight().double()
     e = w - q
     return float(torch.trace(e @ h @ e.t())) / 2.0
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (one file or shards), by name."""
+    with CheckpointFiles(path) as files:
+        return {name: files.get(name) for name in files.tensors}

@@ -236,3 +236,15 @@ def test_a_mixture_plans_every_expert_hessian_of_a_stage_at_once() -> None:
     # q/k/v, o, 8 experts' gate/up, 8 experts' down).
     pvq = plan_memory(model, spec, config_from_dict({"method": "pvq"}), 4, 32, 2, torch.float32)
     assert pvq.solver == 4 * (2 * 128**2 + 8 * 128**2 + 8 * 64**2) + 14 * 256**2
+    # A stage limit of three 128-wide Hessians: the gate/up stage in passes of 3, 3 and 2
+    # experts, so GPTQ holds three at a time (the dense block's 256-wide down is still one group).
+    limited = plan_memory(
+        model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.float32,
+        max_stage_bytes=3 * 4 * 128**2,
+    )  # fmt: skip
+    assert limited.solver == 4 * 256**2 + 4 * 256**2
+    limited = plan_memory(
+        model, spec, config_from_dict(GPTQ), 4, 32, 2, torch.float32,
+        max_stage_bytes=5 * 4 * 128**2,
+    )  # fmt: skip
+    assert limited.solver == 4 * 5 * 128**2 + 4 * 256**2

@@ -72,6 +72,13 @@ class CalibConfig:
         calibrate_all_experts: every expert's statistics see every calibration token (the
             block's output still uses the router's choice), as llm-compressor's option of that
             name does.
+        routing_weighted_hessians: a routed expert's Hessian weights each token by the routing
+            weight the router gave it (``H_e = 2 sum_t w_te x_t x_t^T / sum_t w_te``: MoEQuant's
+            affinity-guided Hessian, Chen et al., ICML 2025); Hessian-based methods only.
+        max_stage_bytes: the most fp32 Hessian bytes one calibration pass gathers; a stage of
+            more (a large mixture's experts) runs as several passes over the block, each within
+            it (``None``: one pass per stage). Methods whose Hessians come from the sequential
+            capture only.
     """
 
     source: str = "wiki-calib"
@@ -81,6 +88,8 @@ class CalibConfig:
     batch_size: int | None = None
     expert_min_tokens: int = 16
     calibrate_all_experts: bool = False
+    routing_weighted_hessians: bool = False
+    max_stage_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -91,6 +100,13 @@ class CalibConfig:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         if self.expert_min_tokens < 0:
             raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
+        if self.max_stage_bytes is not None and self.max_stage_bytes < 1:
+            raise ValueError(f"max_stage_bytes must be >= 1 or None, got {self.max_stage_bytes}")
+        if self.calibrate_all_experts and self.routing_weighted_hessians:
+            raise ValueError(
+                "calibrate_all_experts and routing_weighted_hessians exclude each other: the "
+                "tokens an expert sees only for calibration have no routing weight"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,6 +295,9 @@ class Method:
             stream block by block), the reason; ``None`` for every other configuration.
         runs_distributed: it runs on several ranks (``ctx.parallel``: data-parallel
             calibration, weight-parallel solving); the others are refused in a multi-process run.
+        captures_hessians_sequentially: its Hessians come from the sequential capture's hooks, so
+            :attr:`CalibConfig.routing_weighted_hessians` and ``max_stage_bytes`` apply to it; the
+            others refuse them.
     """
 
     name: str
@@ -290,6 +309,7 @@ class Method:
     help: str = ""
     whole_model: Callable[[Any], str | None] | None = None
     runs_distributed: bool = False
+    captures_hessians_sequentially: bool = False
 
     def whole_model_reason(self, config: Any) -> str | None:
         """Why ``config`` needs the whole model in memory (None: it streams)."""

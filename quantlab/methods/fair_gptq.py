@@ -501,4 +501,5 @@ METHOD = Method(
     export_formats=("quantlab", "gptq", "awq"),
     help="GPTQ with a group-bias term from stereotype/anti-stereotype pairs",
     runs_distributed=True,
+    captures_hessians_sequentially=True,
 )

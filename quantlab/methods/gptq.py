@@ -228,6 +228,7 @@ def run_gptq(
         on_block_start=terms.block_start,
         parallel=parallel,
         min_tokens=calib.expert_min_tokens,
+        max_stage_bytes=calib.max_stage_bytes,
         coverage=report.coverage,
     )
 
@@ -248,4 +249,5 @@ METHOD = Method(
     export_formats=("quantlab", "gptq", "awq"),
     help="Hessian-aware rounding with error feedback",
     runs_distributed=True,
+    captures_hessians_sequentially=True,
 )

@@ -423,6 +423,7 @@ def _run(model: nn.Module, config: PVQConfig, ctx: MethodContext) -> None:
             progress=ctx.progress,
             parallel=parallel,
             min_tokens=ctx.calib.expert_min_tokens,
+            max_stage_bytes=ctx.calib.max_stage_bytes,
             coverage=ctx.report.coverage,
         )
     else:
@@ -499,4 +500,5 @@ METHOD = Method(
     add_arguments=_add_arguments,
     help="pyramid vector quantization in a rotated space, Hessian-aware",
     runs_distributed=True,
+    captures_hessians_sequentially=True,
 )

@@ -249,6 +249,7 @@ def _run_gptq(model: nn.Module, config: TernaryConfig, ctx: MethodContext) -> No
         progress=ctx.progress,
         parallel=parallel,
         min_tokens=ctx.calib.expert_min_tokens,
+        max_stage_bytes=ctx.calib.max_stage_bytes,
         coverage=report.coverage,
     )
     report.details["ternary"] = _details(config, zeros)
@@ -323,4 +324,5 @@ METHOD = Method(
     add_arguments=_add_arguments,
     help="ternary 1.58-bit weights (BitNet absmean, L2-optimal or Hessian-aware)",
     runs_distributed=True,
+    captures_hessians_sequentially=True,
 )

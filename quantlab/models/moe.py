@@ -60,6 +60,13 @@ class ExpertMLP(nn.Module):
         self.add_module(names.up, nn.Linear(hidden, intermediate, **kwargs))
         self.add_module(names.down, nn.Linear(intermediate, hidden, **kwargs))
 
+    def set_row_weights(self, weights: torch.Tensor | None) -> None:
+        """Announce one weight per row of the input of the next call (``None``: none) to the
+        calibration hooks on this expert's linears (``quantlab.calib.stats.ROW_WEIGHTS_ATTRIBUTE``:
+        calib imports nothing of models, so the name is spelled here too)."""
+        for name in (self.names.gate, self.names.up, self.names.down):
+            self._modules[name].calibration_row_weights = weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self._modules[self.names.gate]
         up = self._modules[self.names.up]
@@ -74,8 +81,11 @@ class RoutedExperts(nn.Module):
 
     The experts are submodules ``"0" .. "E-1"``. ``calibrate_all``: every expert also runs on the
     tokens it was not sent (so calibration statistics see every token), while the output still
-    uses only the routed ones (llm-compressor's calibrate-all-experts). ``routed_tokens`` counts,
-    per expert, the tokens routed to it since the last :meth:`reset_counts` (while ``counting``).
+    uses only the routed ones (llm-compressor's calibrate-all-experts). ``weight_by_routing``: each
+    expert announces every routed token's routing weight to the calibration hooks on its linears
+    (:meth:`ExpertMLP.set_row_weights`), so its Hessian weights the token by it (MoEQuant's
+    affinity-guided Hessian). ``routed_tokens`` counts, per expert, the tokens routed to it since
+    the last :meth:`reset_counts` (while ``counting``).
     """
 
     def __init__(self, experts: list[ExpertMLP]) -> None:
@@ -86,6 +96,7 @@ class RoutedExperts(nn.Module):
             self.add_module(str(index), expert)
         self.num_experts = len(experts)
         self.calibrate_all = False
+        self.weight_by_routing = False
         self.counting = False
         self.routed_tokens = torch.zeros(self.num_experts, dtype=torch.int64)
 
@@ -114,6 +125,11 @@ class RoutedExperts(nn.Module):
         hit = mask.sum(dim=(1, 2)).to("cpu", torch.int64)  # one device sync, not one per expert
         if self.counting:
             self.routed_tokens += hit
+        if self.calibrate_all and self.weight_by_routing:
+            raise ValueError(
+                "calibrate_all feeds every expert tokens the router did not send it, which have no "
+                "routing weight to weight them by: use one of calibrate_all and weight_by_routing"
+            )
         for index, count in enumerate(hit.tolist()):
             routed = count > 0
             if not routed and not self.calibrate_all:
@@ -125,11 +141,19 @@ class RoutedExperts(nn.Module):
                 if not routed:
                     continue
                 top_k_pos, token_idx = torch.where(mask[index])
+                routing = top_k_weights[token_idx, top_k_pos]
                 result = every[token_idx]
             else:
                 top_k_pos, token_idx = torch.where(mask[index])
-                result = expert(hidden_states[token_idx])
-            result = result * top_k_weights[token_idx, top_k_pos, None]
+                routing = top_k_weights[token_idx, top_k_pos]
+                if self.weight_by_routing:
+                    expert.set_row_weights(routing)
+                try:
+                    result = expert(hidden_states[token_idx])
+                finally:
+                    if self.weight_by_routing:
+                        expert.set_row_weights(None)
+            result = result * routing[:, None]
             out.index_add_(0, token_idx, result.to(out.dtype))
         return out
 
@@ -225,7 +249,12 @@ def expert_of(name: str, expert_paths: set[str]) -> tuple[str, int] | None:
 
 
 def coverage_summary(
-    coverage: list, blocks_path: str, expert_paths: set[str], min_tokens: int, calibrate_all: bool
+    coverage: list,
+    blocks_path: str,
+    expert_paths: set[str],
+    min_tokens: int,
+    calibrate_all: bool,
+    routing_weighted: bool,
 ) -> dict:
     """What the report says about a mixture of experts' calibration: tokens per expert (the
     input of its first projections) in every block, their spread, and every expert that fewer
@@ -251,6 +280,7 @@ def coverage_summary(
     counts = sorted(t for block in per_block.values() for t in block.values())
     summary: dict = {
         "calibrate_all_experts": calibrate_all,
+        "routing_weighted_hessians": routing_weighted,
         "min_tokens": min_tokens,
         "experts": len(counts),
         "tokens_per_expert": {

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantlab.calib.blocks import ModelBlocks
-from quantlab.calib.capture import capture_block_inputs, run_sequential
+from quantlab.calib.capture import capture_block_inputs, run_sequential, stage_parts
 from quantlab.calib.stats import HessianAccumulator
 from quantlab.models.arch import resolve
 from quantlab.solvers.rtn import rtn_quantize
@@ -135,3 +135,13 @@ def test_each_groups_hessian_is_freed_once_solved(
     assert len(earlier) == len(spec.sequential_groups) * len(tiny_llama.model.layers)
     with pytest.raises(RuntimeError, match="takes no more inputs"):
         earlier[-1].add(torch.zeros(1, widths[-1]))
+
+
+def test_stage_parts_fit_the_limit_in_order_and_never_split_a_group() -> None:
+    widths = [4, 4, 4, 8, 2]
+    assert stage_parts(widths, None) == [[0, 1, 2, 3, 4]]
+    # 4 * 4^2 = 64 bytes each for the 4-wide, 256 for the 8-wide (over any limit below: alone).
+    assert stage_parts(widths, 128) == [[0, 1], [2], [3], [4]]
+    assert stage_parts(widths, 192) == [[0, 1, 2], [3], [4]]
+    assert stage_parts(widths, 10_000) == [[0, 1, 2, 3, 4]]
+    assert stage_parts(widths, 1) == [[0], [1], [2], [3], [4]]

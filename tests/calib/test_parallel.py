@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from quantlab.calib.parallel import DistributedFailure, Parallel, assign_owners, solve_cost
+from quantlab.calib.stats import HessianAccumulator
 from quantlab.formats.bitstack import BitStackResult
 from quantlab.formats.pvq import PVQResult
 from quantlab.formats.pvq_codebook import PVQParams
@@ -106,6 +107,12 @@ def test_a_single_process_is_the_same_code_with_no_collectives() -> None:
         single.settle(KeyError("boom"))
 
 
+def _weighted_rows(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + rank)
+    rows = torch.randn(3 + rank, 6, generator=generator)
+    return rows, torch.rand(3 + rank, generator=generator) + 0.05
+
+
 def _rank_main(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -129,6 +136,16 @@ def _rank_main(rank: int, world: int, store: str, out: str) -> None:
         parallel.broadcast([codes, scales], owner=1)
         result["broadcast"] = [codes.flatten().tolist(), scales.tolist()]
         result["gathered"] = parallel.gather_floats([float(rank), rank * 0.5])
+        # Weighted rows (a routed expert's routing weights): each rank's share is its weight.
+        rows, weights = _weighted_rows(rank)
+        hessian = HessianAccumulator(6)
+        hessian.add(rows, weights)
+        hessian.reduce_to_owners(parallel, [0])
+        result["weighted_hessian"] = (
+            [hessian.hessian().flatten().tolist(), hessian.weight, hessian.n_tokens]
+            if rank == 0
+            else None
+        )
         # A solver's result from its owner: every rank gets it whole, knowing only its kind.
         records = []
         for expected in _records():
@@ -180,6 +197,20 @@ def test_the_collectives_on_gloo_ranks(tmp_path: Path, world: int) -> None:
         assert result["broadcast"] == [[1] * 12, [1.0] * 3]
         assert result["gathered"] == [[float(q), q * 0.5] for q in range(world)]
         assert result["records"] == [True, True]
+        if r == 0:
+            rows, weights = zip(*(_weighted_rows(q) for q in range(world)), strict=True)
+            x, w = torch.cat(rows).double(), torch.cat(weights).double()
+            hessian, weight, n_tokens = result["weighted_hessian"]
+            # fp32 per-rank averages summed by weight share, against one fp64 formula.
+            torch.testing.assert_close(
+                torch.tensor(hessian, dtype=torch.float64).view(6, 6),
+                2 * (x.t() * w) @ x / w.sum(),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+            assert n_tokens == x.shape[0] and weight == pytest.approx(float(w.sum()), rel=1e-6)
+        else:
+            assert result["weighted_hessian"] is None
         if r == 1:
             assert result["failure"] == ["ValueError", "bad Hessian in blk.0.down_proj"]
         else:

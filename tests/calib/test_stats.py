@@ -72,3 +72,36 @@ def test_channel_stats_refuse_bad_input() -> None:
     acc.add(torch.full((2, 24), float("nan")))
     with pytest.raises(ValueError, match="NaN"):
         acc.check()
+
+
+def test_row_weights_count_a_row_as_often_as_its_weight() -> None:
+    """Integer weights are exact repeats: weight 2 = the row twice, weight 0 = absent; the sum
+    is normalised by the total weight and n_tokens still counts rows."""
+    torch.manual_seed(2)
+    x = torch.randn(9, 12)
+    weights = torch.tensor([1.0, 2.0, 0.0, 3.0, 1.0, 0.0, 2.0, 1.0, 1.0])
+    weighted = HessianAccumulator(12)
+    weighted.add(x[:4], weights[:4])
+    weighted.add(x[4:], weights[4:])
+    repeated = HessianAccumulator(12)
+    repeated.add(x.repeat_interleave(weights.long(), dim=0))
+    assert weighted.n_tokens == 9 and weighted.weight == float(weights.sum())
+    torch.testing.assert_close(weighted.hessian(), repeated.hessian(), rtol=1e-5, atol=1e-6)
+    # A fractional weighting against the direct fp64 formula.
+    w = torch.rand(9, dtype=torch.float64) + 0.1
+    acc = HessianAccumulator(12)
+    acc.add(x, w)
+    direct = 2 * (x.double().t() * w) @ x.double() / w.sum()
+    torch.testing.assert_close(acc.hessian().double(), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_row_weights_are_clear_errors() -> None:
+    acc = HessianAccumulator(4)
+    with pytest.raises(ValueError, match="3 row weights for 2 input rows"):
+        acc.add(torch.randn(2, 4), torch.ones(3))
+    for bad in (torch.tensor([1.0, -0.5]), torch.tensor([1.0, float("nan")])):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            acc.add(torch.randn(2, 4), bad)
+    acc.add(torch.randn(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="all 2 calibration rows of this layer had weight 0"):
+        acc.hessian()

@@ -5,9 +5,7 @@ on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from quantlab.export.checkpoint_files import INDEX_FILE, CheckpointFiles, parse_size
 from quantlab.export.errors import CheckpointError
 from quantlab.export.lazy_model import LazyModel, empty_model
-
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "make_synthetic_checkpoint", ROOT / "scripts" / "make_synthetic_checkpoint.py"
-)
-synthetic = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = synthetic  # dataclasses look their module up
-_spec.loader.exec_module(synthetic)
+from scripts import make_synthetic_checkpoint as synthetic
 
 
 def _lazy(path: Path, dtype: torch.dtype = torch.float32) -> LazyModel:

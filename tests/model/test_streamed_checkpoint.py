@@ -5,8 +5,6 @@ method touches keep their stored dtype and bytes; an error mid-run leaves no out
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,22 +14,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import quantlab
-from quantlab.export.checkpoint_files import INDEX_FILE, CheckpointFiles
+from quantlab.export.checkpoint_files import INDEX_FILE
+from scripts import make_synthetic_checkpoint as synthetic
+from tests.model_helpers import checkpoint_tensors
 
 pytestmark = pytest.mark.model
-
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "make_synthetic_checkpoint", ROOT / "scripts" / "make_synthetic_checkpoint.py"
-)
-synthetic = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = synthetic
-_spec.loader.exec_module(synthetic)
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    with CheckpointFiles(path) as files:
-        return {name: files.get(name) for name in files.tensors}
 
 
 def _ids() -> torch.Tensor:
@@ -55,7 +42,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(
         progress=False,
     )
     assert (streamed / INDEX_FILE).is_file()  # sharded
-    want, got = _tensors(resident), _tensors(streamed)
+    want, got = checkpoint_tensors(resident), checkpoint_tensors(streamed)
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
@@ -71,7 +58,7 @@ def test_untouched_tensors_keep_their_stored_dtype(tmp_path: Path) -> None:
     assert len(report.layers) == 2 * 7
     with safe_open(str(source / "model.safetensors"), "pt") as f:
         pass_through = {n: f.get_tensor(n) for n in f.keys() if "_proj" not in n}  # noqa: SIM118
-    got = _tensors(out)
+    got = checkpoint_tensors(out)
     for name, tensor in pass_through.items():
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
     assert got["model.layers.1.mlp.down_proj.qweight"].dtype == torch.int32
@@ -90,15 +77,15 @@ def test_a_failure_mid_run_leaves_the_previous_output(tmp_path: Path) -> None:
     source = synthetic.write_checkpoint(tmp_path / "src", "tiny", 2, "bfloat16", progress=False)
     out = tmp_path / "out"
     quantlab.quantize_checkpoint(str(source), str(out), "rtn", progress=False)
-    before = _tensors(out)
+    before = checkpoint_tensors(out)
     # A NaN in the second block: the run fails there, after block 0 was written to the new shards.
     bad = synthetic.write_checkpoint(tmp_path / "bad", "tiny", 2, "bfloat16", progress=False)
-    tensors = _tensors(bad)
+    tensors = checkpoint_tensors(bad)
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.*(NaN|Inf)"):
         quantlab.quantize_checkpoint(str(bad), str(out), "rtn", progress=False)
-    after = _tensors(out)
+    after = checkpoint_tensors(out)
     assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
     assert not [p.name for p in tmp_path.iterdir() if ".quantlab-tmp" in p.name]
 
@@ -131,7 +118,7 @@ def test_a_whole_model_configuration_is_held_in_memory_and_says_so(
     )
     assert "prefix distillation" in streamed.details["whole_model"]
     assert "the whole model (0.5 GiB in float32) is held in memory" in capsys.readouterr().err
-    want, got = _tensors(resident), _tensors(tmp_path / "streamed")
+    want, got = checkpoint_tensors(resident), checkpoint_tensors(tmp_path / "streamed")
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name

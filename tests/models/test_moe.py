@@ -20,6 +20,7 @@ from quantlab.models.moe import RoutedExperts, routed_experts
 from quantlab.nn.groupwise_int_linear import QuantLinear
 from quantlab.pipeline import quantize_model
 from tests.families import MOE_FAMILIES, tiny_moe_model
+from tests.model_helpers import checkpoint_tensors
 
 
 def _layer(spec: object) -> str:
@@ -139,6 +140,97 @@ def test_each_expert_hessian_is_its_routed_tokens_gram(family: str) -> None:
     assert all(row.block_tokens == 3 * 24 for row in coverage)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_routing_weighted_hessians_weight_each_routed_token(family: str) -> None:
+    """With routing weights on (MoEQuant's affinity-guided Hessian), expert e's gate/up Hessian
+    is 2 sum_t w_te x_t x_t^T / sum_t w_te over the rows routed to e, and its down Hessian the
+    same over the expert's hidden activations: hand-computed from the router's weights."""
+    model = tiny_moe_model(family)
+    linearize(model)
+    spec = resolve(model)
+    layer = _layer(spec)
+    ids = _ids(5, (3, 24))
+    x, chosen = _moe_input_and_routing(model, ids, 1)
+    with torch.no_grad():
+        _, routing, _ = model.get_submodule(f"{spec.blocks}.1.mlp").gate(x)
+    seen: dict[str, tuple[torch.Tensor, int, float]] = {}
+
+    def on_group(i: int, block: nn.Module, group: Sequence[str], stats: dict) -> None:
+        acc = stats[group[0]]
+        seen[f"{i}.{group[0]}"] = (acc.hessian().clone(), acc.n_tokens, acc.weight)
+
+    for _, experts in routed_experts(model):
+        experts.weight_by_routing = True
+    run_sequential(
+        ModelBlocks(model, spec.blocks, "cpu"), spec.stages_of, ids, on_group,
+        batch_size=2, progress=False,
+    )  # fmt: skip
+    names = spec.expert_names
+    block = model.get_submodule(f"{spec.blocks}.1")
+    for e in range(8):
+        picked = chosen == e
+        rows = picked.any(dim=-1)
+        w = (routing * picked).sum(dim=-1)[rows].double()
+        xe = x[rows].double()
+        expert = block.mlp.experts.expert(e)
+        with torch.no_grad():
+            inner = expert.act_fn(expert.get_submodule(names.gate)(x[rows]))
+            inner = (inner * expert.get_submodule(names.up)(x[rows])).double()
+        for proj, inputs in ((names.gate, xe), (names.down, inner)):
+            hessian, n, weight = seen[f"1.{layer}.experts.{e}.{proj}"]
+            assert n == int(rows.sum()) > 0 and weight == pytest.approx(float(w.sum()), rel=1e-5)
+            reference = 2 * (inputs.t() * w) @ inputs / w.sum()
+            scale = float(reference.abs().max())
+            # fp32 running averages over two batches against one fp64 product. Unweighted, the
+            # Hessians differ by up to 3 % of the largest entry (3000x this tolerance).
+            torch.testing.assert_close(hessian.double(), reference, rtol=1e-5, atol=1e-5 * scale)
+    # The weights are off again after the forward: a plain call sets nothing.
+    assert getattr(expert.get_submodule(names.gate), "calibration_row_weights", None) is None
+
+
+def test_a_stage_over_the_memory_limit_runs_in_passes_to_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--max-stage-memory: one expert's Hessian per pass (a limit below any Hessian) quantizes
+    every expert bit for bit as one pass over all of them does (the experts of a stage read
+    inputs none of them writes)."""
+    import quantlab.calib.capture as capture
+
+    whole, whole_report, _ = _quantized("qwen3_moe", "gptq")
+    passes: list[int] = []
+    split = capture.split_stage
+
+    def spy(block: nn.Module, stage: Sequence, max_bytes: int | None) -> list:
+        parts = split(block, stage, max_bytes)
+        passes.extend(len(part) for part in parts)
+        return parts
+
+    monkeypatch.setattr(capture, "split_stage", spy)
+    parts, report, _ = _quantized("qwen3_moe", "gptq", max_stage_bytes=1)
+    # Every stage's groups one per pass: 8 experts' gate/up, 8 downs, ... in the MoE blocks.
+    assert set(passes) == {1} and len(passes) > 16
+    state = parts.state_dict()
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    # The same coverage rows (one per group), in the same order.
+    assert report.coverage == whole_report.coverage
+
+
+def test_hessian_capture_options_refuse_methods_without_them_and_each_other() -> None:
+    with pytest.raises(ValueError, match="calibrate_all_experts and routing_weighted_hessians"):
+        CalibConfig(calibrate_all_experts=True, routing_weighted_hessians=True)
+    for calib, what in (
+        (CalibConfig(routing_weighted_hessians=True), "routing-weighted Hessians"),
+        (CalibConfig(max_stage_bytes=1 << 20), "a calibration stage memory limit"),
+    ):
+        for method in ("awq", "rtn", "bitstack"):
+            with pytest.raises(ValueError, match=f"{what}: only .* {method!r}"):
+                quantize_model(
+                    tiny_moe_model("qwen3_moe"), get_method(method).config_cls(), calib=calib,
+                    progress=False, samples=_ids(2, (4, 32)),
+                )  # fmt: skip
+
+
 def _quantized(family: str, method: str, **calib: object) -> tuple[nn.Module, object, torch.Tensor]:
     model = tiny_moe_model(family)
     ids = _ids(1)
@@ -227,15 +319,6 @@ def test_routed_experts_refuse_an_expert_index_out_of_range() -> None:
         layer(torch.zeros(3, 128), torch.tensor([[0, 8]] * 3), torch.ones(3, 2))
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_a_checkpoint_streams_block_by_block_to_the_resident_result(
     tmp_path: Path, family: str
@@ -247,7 +330,7 @@ def test_a_checkpoint_streams_block_by_block_to_the_resident_result(
 
     source = tmp_path / "source"
     tiny_moe_model(family).save_pretrained(source)
-    stored = _tensors(source)
+    stored = checkpoint_tensors(source)
     expected = (
         "model.layers.1.block_sparse_moe.experts.7.w2.weight"
         if family == "mixtral"
@@ -266,7 +349,7 @@ def test_a_checkpoint_streams_block_by_block_to_the_resident_result(
         baseline=False,
     )  # fmt: skip
     assert streamed.details["experts"]["per_block"] == report.details["experts"]["per_block"]
-    want, got = _tensors(tmp_path / "resident"), _tensors(tmp_path / "streamed")
+    want, got = checkpoint_tensors(tmp_path / "resident"), checkpoint_tensors(tmp_path / "streamed")
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
@@ -395,7 +478,7 @@ def test_gptq_and_awq_exports_name_every_expert_as_serving_engines_load_it(
     else:
         out = save_awq(model, tmp_path / fmt, report.config)
         suffixes = ("qweight", "qzeros", "scales")
-    stored = _tensors(out)
+    stored = checkpoint_tensors(out)
     spec = resolve(model, float_linears=False)
     layer = _layer(spec)
     names = spec.expert_names
@@ -444,19 +527,11 @@ def test_the_command_line_reports_expert_coverage(
     """`quantlab quantize` on a Qwen3-MoE checkpoint (the synthetic tiny preset, streamed):
     `--json` holds the coverage, the summary table prints the tokens per expert and the experts
     that fell back."""
-    import importlib.util
     import json
-    import sys
 
     from quantlab.cli import main
+    from scripts import make_synthetic_checkpoint as synthetic
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location(
-        "make_synthetic_checkpoint", root / "scripts" / "make_synthetic_checkpoint.py"
-    )
-    synthetic = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = synthetic
-    spec.loader.exec_module(synthetic)
     source = synthetic.write_checkpoint(tmp_path / "src", "tiny-moe", 2, "float32", progress=False)
     args = [
         "quantize", "--model", str(source), "--method", "gptq", "--bits", "4",
