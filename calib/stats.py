@@ -297,10 +297,10 @@ class ChannelStatsAccumulator:
         if self._reduced:
             raise RuntimeError("these statistics were already reduced over the ranks")
         self._reduced = True
-        counts = [c[0] for c in parallel.gather_floats([self.weight])]
+        counts = [c[0] for c in parallel.gather_floats([float(self.n_tokens)])]
         n_total = sum(counts)
         if n_total == 0:
-            raise ValueError("no calibration tokens (of weight > 0) reached this layer on any rank")
+            raise ValueError("no calibration tokens reached this layer on any rank")
         # K floats per rank: small enough to travel to everyone; the sum is in float64 and in
         # rank order, so every rank rounds the same total to fp32.
         partials = parallel.gather_floats(self.abs_mean.tolist())
