@@ -35,6 +35,36 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def short_default_model_path(
+    default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The bundled model cut to its first 6 blocks (real weights, the tokenizer and everything
+    else unchanged): for tests of what does not depend on the depth (streamed == resident),
+    at a fifth of the full model's time."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    blocks = 6
+    out = tmp_path_factory.mktemp("smollm2-6-blocks")
+    state = load_file(default_model_path / "model.safetensors")
+    kept = {
+        name: tensor
+        for name, tensor in state.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < blocks
+    }
+    save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((default_model_path / "config.json").read_text())
+    config["num_hidden_layers"] = blocks
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (default_model_path / name).is_file():
+            shutil.copy(default_model_path / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_tokenizer(default_model_path: Path):  # noqa: ANN201
     from transformers import AutoTokenizer
 
