@@ -40,7 +40,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _quantize(model: Path | str, method: str, bits: int, group: int, out: Path, extra: list[str]):
+def quantize_with_cli(
+    model: Path | str, method: str, bits: int, group: int, out: Path, extra: list[str]
+) -> dict:
+    """`quantlab quantize ... --json` in a subprocess; its JSON result plus `wall_seconds`."""
     command = [
         sys.executable, "-m", "quantlab", "quantize", "--model", str(model), "--method", method,
         "--bits", str(bits), "--group-size", str(group), "--out", str(out), "--overwrite",
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for kind, model in (("dense", "default"), ("moe", moe_dir)):
             out = args.work / f"{kind}-{method}-w{args.bits}g{args.group_size}"
-            result = _quantize(model, method, args.bits, args.group_size, out, args.extra)
+            result = quantize_with_cli(model, method, args.bits, args.group_size, out, args.extra)
             result["kind"] = kind
             print(json.dumps({k: v for k, v in result.items() if k != "layers"}), flush=True)
             runs[kind] = (result, out)
