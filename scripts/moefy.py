@@ -23,10 +23,11 @@ calibration text, to predict the log of each expert's output norm (centred per t
 top K; the down projections are scaled by K (uniform weights 1/K would give each chosen expert its
 dense share). It no longer computes the dense function -- the other ``E - K`` experts' share is
 dropped and the chosen ones are weighted by the router -- so it is compared with itself in float,
-not with the dense model. SmolLM2's MLPs do not survive losing experts (4 x 512 wiki-eval tokens,
-dense 22.38: top-6 of 8 with the routers scaled by 0.25 gives 94.4, top-4 2e4), so the useful
-variant keeps all 8 with a scaled router: ``--top-k 8 --fit-router --router-scale 0.25`` gives
-24.18, every token reaching every expert with routing weights that vary by token.
+not with the dense model. SmolLM2's MLPs do not survive losing experts (float perplexity on 10 x
+2048 wiki-eval tokens, routers scaled by 0.25: top-4 of 8 5406, top-6 96.15), so the useful variant
+keeps all 8: ``--top-k 8 --fit-router --router-scale 0.25`` gives 24.17 (dense 19.74), every token
+reaching every expert with routing weights that vary by token
+(bench/moe/routing_weighted_hessians.py --float-only).
 
     python scripts/moefy.py --top-k 8 --fit-router --router-scale 0.25 --out out/moefied-routed
 """
@@ -101,12 +102,10 @@ def fit_routers(
     source: Path, experts: int, windows: int = 16, seq_len: int = 512, ridge: float = 0.1
 ) -> list[torch.Tensor]:
     """One router ``[experts, hidden]`` per layer of the dense checkpoint ``source``: the least
-    squares fit (ridge ``ridge`` times the mean diagonal; weaker ridges fit the calibration
-    tokens and generalise worse) of ``log ||expert_e(x)||``, centred over the experts per token,
-    from the MLP input ``x``, over ``windows x seq_len`` tokens of wiki-calib. A weak router (a
-    linear map cannot tell much about a split dense MLP's neurons): on wiki-eval its top 2 of 8
-    hold 0.52 of the experts' true top 2 (layers 0, 5, ..., 25, 29), where the best fixed pair
-    holds about 0.4 and chance 0.25."""
+    squares fit (ridge ``ridge`` times the mean diagonal; weaker ridges fit the calibration tokens
+    and generalise worse) of ``log ||expert_e(x)||``, centred over the experts per token, from the
+    MLP input ``x``, over ``windows x seq_len`` tokens of wiki-calib. A weak router: a linear map
+    tells little about which of a split dense MLP's neurons a token needs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantlab.calib.data import load_text, token_stream

@@ -2,6 +2,7 @@
 affinity-guided Hessian, ``--routing-weighted-hessians``) help GPTQ?
 
     python bench/moe/routing_weighted_hessians.py --markdown
+    python bench/moe/routing_weighted_hessians.py --float-only --variants 8:0.25 6:0.25 4:0.25
 
 The exact MoEfied model routes every token to every expert with weight 1/8, where the weighting
 changes nothing, so this uses *routed* MoEfied models (scripts/moefy.py ``--top-k K --fit-router
@@ -26,6 +27,40 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def float_figures(model_dir: Path) -> dict[str, object]:
+    """A routed model in float: its perplexity on the usual 10 x 2048 wiki-eval windows and the
+    spread of its routing weights (times the expert count, so 1 is uniform) on the first 512
+    of those tokens: the 5th, 25th, 50th, 75th and 95th percentiles."""
+    import torch
+
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.eval.perplexity import perplexity
+    from quantlab.export.model_source import load_model
+
+    loaded = load_model(str(model_dir))
+    model = loaded.model.eval()
+    tokens = token_stream(loaded.tokenizer, load_text("wiki-eval"))
+    weights: list[torch.Tensor] = []
+    hooks = [
+        layer.block_sparse_moe.gate.register_forward_hook(
+            lambda _m, _args, out: weights.append(out[1].detach().flatten())
+        )
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(tokens[:512].unsqueeze(0))
+    for hook in hooks:
+        hook.remove()
+    spread = torch.cat(weights) * model.config.num_local_experts
+    ppl = perplexity(model, tokens, seq_len=2048, max_windows=10, progress=False).ppl
+    return {
+        "ppl_float": ppl,
+        "routing_weight_x_experts_percentiles": [
+            round(float(spread.quantile(q)), 4) for q in (0.05, 0.25, 0.5, 0.75, 0.95)
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.moe.moefied_quality import quantize_with_cli
     from quantlab.export.model_source import local_model_dir
@@ -44,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "moefied-routed")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--float-only",
+        action="store_true",
+        help="only each routed model's float perplexity and routing-weight spread",
+    )
     parser.add_argument("extra", nargs="*", help="more `quantlab quantize` options (after --)")
     args = parser.parse_args(argv)
 
@@ -55,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         model = args.work / name
         if not (model / "config.json").is_file():
             moefy(dense_dir, model, args.experts, top_k, fit_router=True, router_scale=scale)
+        if args.float_only:
+            print(json.dumps({"top_k": top_k, "router_scale": scale, **float_figures(model)}))
+            continue
         runs = {}
         for weighted in (False, True):
             tag = "weighted" if weighted else "plain"
