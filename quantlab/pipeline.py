@@ -37,6 +37,7 @@ from quantlab.methods.registry import get_method
 from quantlab.methods.rtn import RTNConfig
 from quantlab.models.arch import excluded, linearize, resolve
 from quantlab.models.moe import coverage_summary, routed_experts
+from quantlab.nn.groupwise_int_experts import stack_groupwise_experts
 from quantlab.nn.swap import set_submodule
 from quantlab.resources import PeakMemory
 from quantlab.solvers.rtn import rtn_quantize
@@ -448,7 +449,10 @@ def replace_linear(
 
     Names are matched with shell-style patterns against the module's dotted path. Layers whose
     ``in_features`` the group size does not divide raise ``ValueError`` (exclude them or pick
-    another group size). Returns the names of the replaced modules.
+    another group size). A mixture's experts (``RoutedExperts``) whose projections all end up
+    quantized run as one grouped op per projection afterwards
+    (:func:`quantlab.nn.groupwise_int_experts.stack_groupwise_experts`). Returns the names of
+    the replaced modules.
     """
     config = RTNConfig(bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
     targets = [
@@ -464,4 +468,5 @@ def replace_linear(
             linear.weight, bits, group_size, sym, dtype_from_name(scale_dtype), name=name
         )
         set_submodule(model, name, packed_layer(result, linear, config, name))
+    stack_groupwise_experts(model)
     return targets

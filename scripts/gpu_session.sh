@@ -139,7 +139,7 @@ step build "$T_BUILD" bash -c build
 
 # ---- Verification first: each family's GPU tests; a family is recorded only if they pass. ----
 declare -A VERIFY_TESTS=(
-  [groupwise_int]="tests/ops/test_groupwise_int_mma_cuda.py tests/ops/test_groupwise_int_gemm_cuda.py tests/ops/test_groupwise_int_ops.py tests/ops/test_kernel_policy.py"
+  [groupwise_int]="tests/ops/test_groupwise_int_mma_cuda.py tests/ops/test_groupwise_int_gemm_cuda.py tests/ops/test_groupwise_int_grouped_cuda.py tests/ops/test_groupwise_int_ops.py tests/ops/test_kernel_policy.py"
   [ternary]="tests/ops/test_ternary_ops_cuda.py"
   [bitstack]="tests/ops/test_bitstack_ops.py"
   [pvq]="tests/ops/test_pvq_ops.py"

@@ -9,7 +9,8 @@ default otherwise, e.g. on a lent GPU machine that cannot install the 98 MB mode
 default 32: every linear is HBM-bound there, unlike SmolLM2's, which fit in L2) or ``moefied``
 (the bundled SmolLM2 split into 8 experts per MLP by scripts/moefy.py, written once under
 out/moefied-smollm2: the float variant is transformers' own model with its fused experts, the
-quantized one quantlab's per-expert layers in ``RoutedExperts``). Random weights
+quantized one quantlab's experts as one grouped op per projection (``GroupwiseIntExperts``), and
+a third variant the same quantized experts run one by one (``RoutedExperts``' loop)). Random weights
 give the same tokens/s as trained ones (the work per token does not depend on the values); on
 the GPU the quantized variant keeps its scales in the model dtype, so the mma kernel runs its
 half-precision dequant. Each run records the kernel path of the quantized layers.
@@ -42,6 +43,7 @@ import torch
 import quantlab
 from bench.timing import git_commit
 from quantlab.models.arch import linearize
+from quantlab.nn.groupwise_int_experts import GroupwiseIntExperts
 from quantlab.ops import groupwise_int as ops
 
 if TYPE_CHECKING:
@@ -63,6 +65,11 @@ if MODEL not in ("default", "random-smollm2", "random-llama3-8b", "moefied"):
     )
 BITS, GROUP = 4, 128 if MODEL == "random-llama3-8b" else 64
 VARIANTS = ("float", f"w{BITS}g{GROUP}")
+# A mixture's quantized experts also run one by one (RoutedExperts' per-expert loop): the grouped
+# op's gain, measured in the same run.
+PER_EXPERT = f"w{BITS}g{GROUP}-per-expert"
+if MODEL == "moefied":
+    VARIANTS = (*VARIANTS, PER_EXPERT)
 # Architectures of the random models (SmolLM2-135M's and Llama-3-8B's published configs).
 _RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
     "random-smollm2": dict(
@@ -153,9 +160,15 @@ def models() -> dict[str, Any]:
     replaced = quantlab.replace_linear(
         quantized, bits=BITS, group_size=GROUP, scale_dtype=scale_dtype
     )
+    variants = {"float": model, VARIANTS[1]: quantized}
+    if PER_EXPERT in VARIANTS:
+        per_expert = copy.deepcopy(quantized)
+        for module in per_expert.modules():
+            if isinstance(module, GroupwiseIntExperts):
+                module.grouped = False
+        variants[PER_EXPERT] = per_expert
     return {
-        "float": model,
-        VARIANTS[1]: quantized,
+        **variants,
         "replaced": len(replaced),
         "ids": ids,
         "name": name,

@@ -77,6 +77,43 @@ at::Tensor mm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+// Every expert's rows through its own weight in one call: gemv_cpu for the experts whose rows
+// it takes (each expert's scales converted to fp32 alone, so a call touches only the experts it
+// uses), dequantize + GEMM for the others, each written straight into its rows of y. Per expert
+// the result is what groupwise_int_mm gives on that expert's rows.
+at::Tensor grouped_mm_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& qweight,
+                          const at::Tensor& scales, const c10::optional<at::Tensor>& qzeros,
+                          int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.device().is_cpu(), "groupwise_int_grouped_mm: x must be on the CPU, got ",
+              x.device());
+  const GroupedArgs g = check_grouped(x, offsets, qweight, scales, qzeros, bits, group_size, "cpu");
+  const GroupwiseIntArgs& a = g.weight;
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor qw = qweight.contiguous();
+  const c10::optional<at::Tensor> qz =
+      qzeros.has_value() ? c10::optional<at::Tensor>(qzeros->contiguous()) : c10::nullopt;
+  const at::Tensor off = offsets.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  at::Tensor y = at::empty({x.size(0), a.n}, x32.options());
+  for (int64_t e = 0; e < g.experts; ++e) {
+    const int64_t rows = o[e + 1] - o[e];
+    if (rows == 0) continue;
+    const at::Tensor qw_e = qw[e];
+    const at::Tensor s_e = scales[e].to(at::kFloat).contiguous();
+    const c10::optional<at::Tensor> qz_e =
+        qz.has_value() ? c10::optional<at::Tensor>((*qz)[e]) : c10::nullopt;
+    if (cpu_gemv_takes(rows, a.n * a.k)) {
+      groupwise_int::gemv_cpu(cpu_params(a, qw_e, s_e, qz_e), x32.data_ptr<float>() + o[e] * a.k,
+                              rows, y.data_ptr<float>() + o[e] * a.n);
+    } else {
+      const at::Tensor w = dequant_cpu(qw_e, s_e, qz_e, bits, group_size, a.k, at::kFloat);
+      at::Tensor y_e = y.narrow(0, o[e], rows);
+      at::mm_out(y_e, x32.narrow(0, o[e], rows), w.t());
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
 // The mma-layout repack (csrc/groupwise_int/mma_repack.h): (qweight, scales, zeros), zeros empty
 // when symmetric.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_repack_cpu(
@@ -109,6 +146,9 @@ TORCH_LIBRARY_FRAGMENT(quantlab, m) {
   m.def(
       "groupwise_int_mma_repack(Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
       "int group_size, int in_features) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "groupwise_int_grouped_mm(Tensor x, Tensor offsets, Tensor qweight, Tensor scales, "
+      "Tensor? qzeros, int bits, int group_size) -> Tensor");
   m.def("groupwise_int_cpu_path(int bits, int group_size, int in_features) -> str",
         &quantlab::cpu_path);
 }
@@ -117,4 +157,5 @@ TORCH_LIBRARY_IMPL(quantlab, CPU, m) {
   m.impl("groupwise_int_dequant", &quantlab::dequant_cpu);
   m.impl("groupwise_int_mm", &quantlab::mm_cpu);
   m.impl("groupwise_int_mma_repack", &quantlab::mma_repack_cpu);
+  m.impl("groupwise_int_grouped_mm", &quantlab::grouped_mm_cpu);
 }

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "common/bitstream.h"
 #include "groupwise_int/mma_repack.h"
 
@@ -59,6 +61,52 @@ inline GroupwiseIntArgs check_groupwise_int(const at::Tensor& qweight, const at:
   TORCH_CHECK(on_device(qweight) && on_device(scales) && (!qzeros || on_device(*qzeros)),
               "groupwise_int: qweight, scales and qzeros must all be on the ", device);
   return {n, in_features, gs, groups, bits};
+}
+
+// The stacked experts of groupwise_int_grouped_mm: qweight [E, N, words_k], scales [E, N, G],
+// qzeros [E, N, words_g] or none, each expert's slice checked as every groupwise_int op checks a
+// weight; offsets a CPU int64 [E + 1] from 0, nondecreasing, to x's row count (read on the host,
+// so a bad one is an error here, never an out-of-bounds read in a kernel).
+struct GroupedArgs {
+  GroupwiseIntArgs weight;  // one expert's
+  int64_t experts;
+  int64_t max_rows;  // most rows any expert gets
+};
+
+inline GroupedArgs check_grouped(const at::Tensor& x, const at::Tensor& offsets,
+                                 const at::Tensor& qweight, const at::Tensor& scales,
+                                 const c10::optional<at::Tensor>& qzeros, int64_t bits,
+                                 int64_t group_size, const char* device) {
+  TORCH_CHECK(x.dim() == 2, "groupwise_int_grouped_mm: x must be 2-D [R, K], got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "groupwise_int_grouped_mm: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(qweight.dim() == 3 && scales.dim() == 3 && (!qzeros || qzeros->dim() == 3),
+              "groupwise_int_grouped_mm: qweight, scales and qzeros must be stacked 3-D "
+              "[E, N, ...], got qweight ", qweight.sizes(), " and scales ", scales.sizes());
+  const int64_t experts = qweight.size(0);
+  TORCH_CHECK(experts >= 1, "groupwise_int_grouped_mm: no experts");
+  TORCH_CHECK(scales.size(0) == experts && (!qzeros || qzeros->size(0) == experts),
+              "groupwise_int_grouped_mm: qweight, scales and qzeros must hold the same number of "
+              "experts, got ", experts, " and ", scales.size(0));
+  const c10::optional<at::Tensor> z0 =
+      qzeros ? c10::optional<at::Tensor>((*qzeros)[0]) : c10::nullopt;
+  GroupedArgs g{check_groupwise_int(qweight[0], scales[0], z0, bits, group_size, x.size(1), device),
+                experts, 0};
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
+                  offsets.dim() == 1 && offsets.size(0) == experts + 1,
+              "groupwise_int_grouped_mm: offsets must be a CPU int64 tensor of experts + 1 = ",
+              experts + 1, " entries, got ", offsets.scalar_type(), " ", offsets.sizes(), " on ",
+              offsets.device());
+  const at::Tensor off = offsets.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[experts] == x.size(0), "groupwise_int_grouped_mm: offsets must run "
+              "from 0 to x's ", x.size(0), " rows, got ", o[0], " .. ", o[experts]);
+  for (int64_t e = 0; e < experts; ++e) {
+    TORCH_CHECK(o[e + 1] >= o[e], "groupwise_int_grouped_mm: offsets must be nondecreasing, got ",
+                o[e], " then ", o[e + 1], " at expert ", e);
+    g.max_rows = std::max(g.max_rows, o[e + 1] - o[e]);
+  }
+  return g;
 }
 
 // One call of the repack into the mma layout, prepared for either device: the exported tensors

@@ -172,6 +172,65 @@ at::Tensor mm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   return y;
 }
 
+// Every expert's rows through its own weight. When no expert has more rows than a tile of the
+// grouped GEMV (decode: a few tokens spread over many experts), one launch runs them all, reading
+// the scales in their stored dtype; otherwise each expert with rows takes groupwise_int_mm's own
+// path (fused GEMM or dequantize + cuBLAS), which reads its weight once instead of once per tile
+// of 8 rows. The offsets are read on the host (check_grouped) and copied to the device.
+at::Tensor grouped_mm_cuda(const at::Tensor& x, const at::Tensor& offsets,
+                           const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& qzeros, int64_t bits,
+                           int64_t group_size) {
+  TORCH_CHECK(x.is_cuda() && x.device() == qweight.device(),
+              "groupwise_int_grouped_mm: x must be on ", qweight.device(), ", got ", x.device());
+  const GroupedArgs g =
+      check_grouped(x, offsets, qweight, scales, qzeros, bits, group_size, "cuda");
+  const GroupwiseIntArgs& a = g.weight;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, a.n}, x.options());
+  if (rows == 0 || a.n == 0) return y;
+  const bool one_launch =
+      g.max_rows <= groupwise_int::kGroupedTileRows &&
+      groupwise_int::grouped_gemv_grid_rows(rows, g.experts) <= groupwise_int::kGroupedMaxGridRows;
+  if (!one_launch) {
+    const at::Tensor off = offsets.contiguous();
+    const int64_t* o = off.data_ptr<int64_t>();
+    for (int64_t e = 0; e < g.experts; ++e) {
+      const int64_t n_rows = o[e + 1] - o[e];
+      if (n_rows == 0) continue;
+      const c10::optional<at::Tensor> qz_e =
+          qzeros.has_value() ? c10::optional<at::Tensor>((*qzeros)[e]) : c10::nullopt;
+      y.narrow(0, o[e], n_rows)
+          .copy_(mm_cuda(x.narrow(0, o[e], n_rows), qweight[e], scales[e], qz_e, bits,
+                         group_size));
+    }
+    return y;
+  }
+  const at::Tensor qw = qweight.contiguous();
+  const at::Tensor sc = scales.contiguous();
+  at::Tensor qz;
+  if (qzeros.has_value()) qz = qzeros->contiguous();
+  const at::Tensor off = offsets.to(x.device());
+  const at::Tensor xc = x.contiguous();
+  groupwise_int::GroupedWeight w{};
+  w.qweight = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
+  w.scales = sc.data_ptr();
+  w.qzeros = qz.defined() ? reinterpret_cast<const uint32_t*>(qz.data_ptr<int32_t>()) : nullptr;
+  w.scale_dtype = kernel_dtype(sc.scalar_type(), "scales");
+  w.experts = g.experts;
+  w.n = a.n;
+  w.k = a.k;
+  w.group_size = a.group_size;
+  w.bits = static_cast<int>(a.bits);
+  check_launch(groupwise_int::launch_grouped_gemv(w, off.data_ptr<int64_t>(), xc.data_ptr(),
+                                                  y.data_ptr(), rows,
+                                                  kernel_dtype(x.scalar_type(), "x"),
+                                                  c10::cuda::getCurrentCUDAStream()),
+               "grouped_gemv");
+  return y;
+}
+
 // The fused GEMM alone, for any M >= 1, with split-K forced (split_k >= 1) or chosen by the
 // heuristic (split_k == 0): lets tests and benchmarks reach every configuration.
 at::Tensor gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -364,4 +423,5 @@ TORCH_LIBRARY_IMPL(quantlab, CUDA, m) {
   m.impl("groupwise_int_gemm_cuda", &quantlab::gemm_cuda);
   m.impl("groupwise_int_mma_mm", &quantlab::mma_mm_cuda);
   m.impl("groupwise_int_mma_repack", &quantlab::mma_repack_cuda);
+  m.impl("groupwise_int_grouped_mm", &quantlab::grouped_mm_cuda);
 }

@@ -183,6 +183,20 @@ void run(Command& c) {
     check(gw::launch_gemv(groupwise_weight(c), c.buf("x"), c.buf("y"), c.p("m"),
                           dtype<gw::DType>(c.p("dtype")), nullptr),
           op);
+  } else if (op == "groupwise_int_grouped_gemv") {
+    gw::GroupedWeight w{};
+    w.qweight = c.buf<uint32_t>("qweight");
+    w.scales = c.buf("scales");
+    w.qzeros = c.opt_buf<uint32_t>("qzeros");
+    w.scale_dtype = dtype<gw::DType>(c.p("scale_dtype"));
+    w.experts = c.p("experts");
+    w.n = c.p("n");
+    w.k = c.p("k");
+    w.group_size = c.p("group_size");
+    w.bits = static_cast<int>(c.p("bits"));
+    check(gw::launch_grouped_gemv(w, c.buf<int64_t>("offsets"), c.opt_buf("x"), c.opt_buf("y"),
+                                  c.p("rows"), dtype<gw::DType>(c.p("dtype")), nullptr),
+          op);
   } else if (op == "groupwise_int_gemm") {
     const gw::CudaWeight w = groupwise_weight(c);
     const int64_t m = c.p("m");

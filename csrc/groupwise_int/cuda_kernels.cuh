@@ -35,6 +35,43 @@ constexpr int kGemvMaxRows = 8;
 cudaError_t launch_gemv(const CudaWeight& w, const void* x, void* y, int64_t m, DType dtype,
                         cudaStream_t stream);
 
+// ---- Grouped GEMV over a mixture's experts (cuda_grouped.cu) ----
+// E weights of one shape stacked: qweight uint32 [E, N, words_k], scales [E, N, G] in
+// scale_dtype (read as stored: fp32, fp16 or bf16), qzeros uint32 [E, N, words_g] or null.
+struct GroupedWeight {
+  const uint32_t* qweight;
+  const void* scales;
+  const uint32_t* qzeros;
+  DType scale_dtype;
+  int64_t experts;
+  int64_t n;
+  int64_t k;
+  int64_t group_size;  // effective (K for per-channel)
+  int bits;
+};
+
+// Rows of one expert a CTA of the grouped GEMV takes at once (its rows are split into tiles of
+// this many).
+constexpr int kGroupedTileRows = 8;
+
+// Most CTA rows (grid.y) one grouped launch may use; grouped_gemv_grid_rows gives the need.
+constexpr int64_t kGroupedMaxGridRows = 65535;
+
+// grid.y of a grouped launch over `rows` rows of x and `experts` experts: an upper bound on
+// sum_e ceil(rows_e / kGroupedTileRows) that needs no look at the offsets.
+inline int64_t grouped_gemv_grid_rows(int64_t rows, int64_t experts) {
+  return (rows + kGroupedTileRows - 1) / kGroupedTileRows + (rows < experts ? rows : experts);
+}
+
+// y [R, N]: rows offsets[e] .. offsets[e + 1] of x [R, K] times expert e's W^T, one launch for
+// every expert (a CTA finds its expert and row tile from the offsets; experts without rows cost
+// no CTA that reads weights). offsets: int64 [E + 1] in device memory, offsets[0] = 0,
+// nondecreasing, offsets[E] = R (the caller checks; the torch binding does so on the host). x and
+// y share `dtype`; fp32 accumulation; the per-row arithmetic of launch_gemv. cudaErrorInvalidValue
+// when grouped_gemv_grid_rows(R, E) exceeds kGroupedMaxGridRows.
+cudaError_t launch_grouped_gemv(const GroupedWeight& w, const int64_t* offsets, const void* x,
+                                void* y, int64_t rows, DType dtype, cudaStream_t stream);
+
 // ---- Tensor-core GEMM for mid-size batches (cuda_gemm.cu) ----
 // y [M, N] = x [M, K] @ W^T for fp16 / bf16 x and y (fp32 accumulation), any M >= 1, bits 2, 3, 4
 // and 8, group sizes that are a multiple of 8 or per-channel; needs sm_80+ (nvcuda::wmma). The

@@ -13,6 +13,7 @@ from torch import nn
 from quantlab.export.errors import CheckpointError
 from quantlab.export.safetensors_file import TensorInfo
 from quantlab.export.state_check import check_state_matches_model
+from quantlab.nn.groupwise_int_experts import stack_groupwise_experts
 from quantlab.nn.registry import quantized_modules
 
 __all__ = [
@@ -112,14 +113,16 @@ def fill_model(
 
 def finish_loaded_layers(model: nn.Module, source: object) -> None:
     """Run every quantized layer's ``after_load`` (dtype fix-ups, its format's value checks,
-    kernel layouts) once its tensors are in; a ``ValueError`` becomes a :class:`CheckpointError`
-    naming ``source`` and the module."""
+    kernel layouts) once its tensors are in, then give mixtures whose experts are groupwise
+    integers of one encoding their grouped path (:func:`stack_groupwise_experts`); a
+    ``ValueError`` becomes a :class:`CheckpointError` naming ``source`` and the module."""
     for name, layer in quantized_modules(model):
         if hasattr(layer, "after_load"):
             try:
                 layer.after_load()
             except ValueError as exc:
                 raise CheckpointError(f"{source}: module {name}: {exc}") from exc
+    stack_groupwise_experts(model)
 
 
 def checked_after_load(source: object) -> Callable[[nn.Module, str], None]:

@@ -108,10 +108,8 @@ class RoutedExperts(nn.Module):
     def reset_counts(self) -> None:
         self.routed_tokens = torch.zeros(self.num_experts, dtype=torch.int64)
 
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
+    def check_routing(self, top_k_index: torch.Tensor) -> None:
+        """A ``ValueError`` when the router chose an expert this layer does not have."""
         if top_k_index.numel() and (
             int(top_k_index.min()) < 0 or int(top_k_index.max()) >= self.num_experts
         ):
@@ -119,6 +117,12 @@ class RoutedExperts(nn.Module):
                 f"the router chose expert {int(top_k_index.max())} or {int(top_k_index.min())}; "
                 f"this layer has experts 0..{self.num_experts - 1}"
             )
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        self.check_routing(top_k_index)
         # [E, k, T]: the same mask and iteration order as transformers' eager experts, so the
         # sum over a token's experts is formed in the same order.
         mask = torch.nn.functional.one_hot(top_k_index, self.num_experts).permute(2, 1, 0)

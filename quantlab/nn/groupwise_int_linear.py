@@ -143,9 +143,7 @@ class QuantLinear(PackedLinear):
         """(Re)build the repacked copy for the CUDA tensor-core kernel, or drop it where that
         kernel does not apply (CPU tensors, no CUDA build, an encoding it does not take).
         Returns whether the layer now holds one."""
-        for name in _KERNEL_BUFFERS:
-            setattr(self, name, None)
-        self._mma_source = None
+        self.drop_kernel_layout()
         device = self.qweight.device
         reason = fast_path_reason(self.bits, self.group_size, self.in_features, self.scales.dtype)
         if reason is not None or not _mma_device_ok(device):
@@ -157,6 +155,14 @@ class QuantLinear(PackedLinear):
         self.mma_qweight, self.mma_scales, self.mma_zeros = rep.qweight, rep.scales, rep.zeros
         self._mma_source = self._source_key()
         return True
+
+    def drop_kernel_layout(self) -> None:
+        """Free the repacked copy (for an owner that runs this weight through another kernel,
+        such as the grouped experts op); ``forward`` then takes ``groupwise_int_mm`` until
+        :meth:`prepare_kernel_layout` (or a move) makes the copy again."""
+        for name in _KERNEL_BUFFERS:
+            setattr(self, name, None)
+        self._mma_source = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         # Drop the repacked copy first (no point converting it), then derive it again from the

@@ -10,6 +10,8 @@ by ``torch.compile``.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from quantlab.formats.groupwise_int_mma_layout import (
@@ -27,6 +29,7 @@ __all__ = [
     "backend",
     "compiled",
     "dequant",
+    "grouped_matmul",
     "has_mma_kernel",
     "matmul",
     "mma_kernel_enabled",
@@ -42,6 +45,12 @@ _SCHEMAS = {
     "groupwise_int_mm": (
         "groupwise_int_mm(Tensor x, Tensor qweight, Tensor scales, Tensor? qzeros, int bits, "
         "int group_size) -> Tensor"
+    ),
+    # A mixture's experts: rows offsets[e]..offsets[e+1] of x through expert e (offsets: CPU int64
+    # [E + 1]; qweight/scales/qzeros stacked [E, N, ...]).
+    "groupwise_int_grouped_mm": (
+        "groupwise_int_grouped_mm(Tensor x, Tensor offsets, Tensor qweight, Tensor scales, "
+        "Tensor? qzeros, int bits, int group_size) -> Tensor"
     ),
     # The tensor-core kernel on weights repacked by groupwise_int_mma_repack (CUDA builds define
     # it with its kernel; elsewhere it runs the reference of
@@ -75,6 +84,7 @@ def _mma_repack_reference(
 _REFERENCES = {
     "groupwise_int_dequant": reference.groupwise_int_dequant,
     "groupwise_int_mm": reference.groupwise_int_mm,
+    "groupwise_int_grouped_mm": reference.groupwise_int_grouped_mm,
     "groupwise_int_mma_mm": mma_mm_reference,
     "groupwise_int_mma_repack": _mma_repack_reference,
 }
@@ -107,6 +117,18 @@ def _register() -> None:
         group_size: int,
     ) -> torch.Tensor:
         return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    @torch.library.register_fake("quantlab::groupwise_int_grouped_mm")
+    def _grouped_mm_fake(
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        qzeros: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return x.new_empty((x.shape[0], qweight.shape[1]))
 
     @torch.library.register_fake("quantlab::groupwise_int_mma_mm")
     def _mma_mm_fake(
@@ -220,6 +242,60 @@ def matmul(
     if not use_kernel(FAMILY, device, compiled(device)):
         return _torch_mm(x, qweight, scales, qzeros, bits, group_size)
     return torch.ops.quantlab.groupwise_int_mm(x, qweight, scales, qzeros, bits, group_size)
+
+
+def check_offsets(offsets: torch.Tensor, experts: int, rows: int) -> None:
+    """``offsets`` is what :func:`grouped_matmul` takes: a CPU int64 ``[experts + 1]`` running
+    from 0 to ``rows`` without decreasing; else a ``ValueError`` naming what is wrong."""
+    if offsets.device.type != "cpu" or offsets.dtype != torch.int64 or offsets.dim() != 1:
+        raise ValueError(
+            f"offsets must be a 1-D CPU int64 tensor, got {offsets.dtype} "
+            f"{list(offsets.shape)} on {offsets.device}"
+        )
+    if offsets.numel() != experts + 1:
+        raise ValueError(
+            f"offsets must hold experts + 1 = {experts + 1} entries, got {offsets.numel()}"
+        )
+    if int(offsets[0]) != 0 or int(offsets[-1]) != rows:
+        raise ValueError(
+            f"offsets must run from 0 to x's {rows} rows, "
+            f"got {int(offsets[0])} .. {int(offsets[-1])}"
+        )
+    if experts and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("offsets must be nondecreasing (the rows sorted by expert)")
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """A mixture's experts in one op: rows ``offsets[e] .. offsets[e + 1]`` of ``x [R, K]`` times
+    expert ``e``'s weight, ``qweight``/``scales``/``qzeros`` stacked ``[E, N, ...]``, ``offsets``
+    a CPU int64 ``[E + 1]`` (:func:`check_offsets`). Returns ``[R, N]`` in ``x.dtype``; see
+    :func:`quantlab.ops.groupwise_int_reference.groupwise_int_grouped_mm`.
+
+    The CPU kernel runs every expert in one call; the CUDA one in one launch when no expert has
+    more than 8 rows, else each expert through :func:`matmul`'s kernels. Without a kernel the
+    torch path loops over the experts (dequantize + cuBLAS on CUDA)."""
+    check_offsets(offsets, qweight.shape[0], x.shape[0])
+    device = x.device.type
+    op = "groupwise_int_grouped_mm"
+    if use_kernel(FAMILY, device, compiled(device, op)):
+        return torch.ops.quantlab.groupwise_int_grouped_mm(
+            x, offsets, qweight, scales, qzeros, bits, group_size
+        )
+    bounds = offsets.tolist()
+    out = x.new_empty((x.shape[0], qweight.shape[1]))
+    for e, (first, end) in enumerate(pairwise(bounds)):
+        if end > first:
+            zeros = None if qzeros is None else qzeros[e]
+            out[first:end] = _torch_mm(x[first:end], qweight[e], scales[e], zeros, bits, group_size)
+    return out
 
 
 def mma_repack(

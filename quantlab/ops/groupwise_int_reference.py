@@ -9,6 +9,8 @@ tests compare against, and the documentation of the arithmetic.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from quantlab.formats.bitstream import unpack_bitstream
@@ -16,6 +18,7 @@ from quantlab.formats.groupwise_int import check_bits
 
 __all__ = [
     "groupwise_int_dequant",
+    "groupwise_int_grouped_mm",
     "groupwise_int_mm",
 ]
 
@@ -80,3 +83,36 @@ def groupwise_int_mm(
     """
     w = groupwise_int_dequant(qweight, scales, qzeros, bits, group_size, x.shape[-1], torch.float32)
     return (x.to(torch.float32) @ w.t()).to(x.dtype)
+
+
+def groupwise_int_grouped_mm(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Every expert's rows through its own weight: rows ``offsets[e] .. offsets[e + 1]`` of ``x``
+    times expert ``e``'s ``dequant(W).T`` (a mixture's routed tokens, sorted by expert).
+
+    Args:
+        x: ``[R, K]`` activations (fp32, fp16 or bf16).
+        offsets: int64 ``[E + 1]``, ``offsets[0] = 0``, nondecreasing, ``offsets[E] = R``.
+        qweight, scales, qzeros: the E experts' tensors of :func:`groupwise_int_dequant` stacked
+            along a first dimension (``[E, N, ...]``; ``qzeros`` ``None`` for symmetric weights).
+        bits, group_size: as in :func:`groupwise_int_dequant`, shared by every expert.
+
+    Returns:
+        ``[R, N]`` in ``x.dtype``: per expert, :func:`groupwise_int_mm` of its rows.
+    """
+    bounds = [int(v) for v in offsets.tolist()]
+    out = x.new_empty((x.shape[0], qweight.shape[1]))
+    for e, (first, end) in enumerate(pairwise(bounds)):
+        if end > first:
+            zeros = None if qzeros is None else qzeros[e]
+            out[first:end] = groupwise_int_mm(
+                x[first:end], qweight[e], scales[e], zeros, bits, group_size
+            )
+    return out

@@ -9,6 +9,8 @@ converted to fp32) is done here as the binding does it.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -100,3 +102,108 @@ def test_wmma_gemm_integer_products_are_exact(
         calls.append(c)
     for out, dt in zip(emulator.run(calls), (torch.float16, torch.bfloat16), strict=True):
         assert_exact(out["y"], (x64 @ dense.T).to(dt))
+
+
+def stacked_weight(experts: int, n: int, k: int, bits: int, group: int, sym: bool, sdt) -> tuple:  # noqa: ANN001
+    """``experts`` different weights of one shape, stacked ``[E, N, ...]`` (one integer weight of
+    E * N rows cut into experts, so a CTA that reads the wrong expert gets other codes)."""
+    qw, s, qz, dense = integer_weight(experts * n, k, bits, group, sym, sdt, max_scale_exp=1)
+    stack = (t.reshape(experts, n, -1) if t is not None else None for t in (qw, s, qz, dense))
+    return tuple(stack)
+
+
+def grouped_call(w: tuple, offsets: list[int], x: torch.Tensor, bits: int, group: int) -> Call:
+    qw, s, qz, _dense = w
+    experts, n, k = qw.shape[0], qw.shape[1], x.shape[1]
+    inputs = {"qweight": qw, "scales": s, "offsets": torch.tensor(offsets, dtype=torch.int64)}
+    if qz is not None:
+        inputs["qzeros"] = qz
+    if x.shape[0]:
+        inputs["x"] = x
+    params = {
+        "experts": experts,
+        "n": n,
+        "k": k,
+        "bits": bits,
+        "group_size": k if group == -1 else group,
+        "rows": x.shape[0],
+        "dtype": DTYPE_CODE[x.dtype],
+        "scale_dtype": DTYPE_CODE[s.dtype],
+    }
+    c = Call("groupwise_int_grouped_gemv", params, inputs)
+    if x.shape[0]:
+        c.outputs["y"] = (x.dtype, (x.shape[0], n))
+    return c
+
+
+def grouped_oracle(w: tuple, offsets: list[int], x64: torch.Tensor) -> torch.Tensor:
+    dense = w[3]
+    parts = [x64[a:b] @ dense[e].T for e, (a, b) in enumerate(pairwise(offsets))]
+    return torch.cat(parts)
+
+
+# Rows per expert: experts without rows first, last and between; tiles of 8 cut at 1, 7, 8, 9 and
+# 17 rows (one expert spans three CTA rows); every row count of a tile appears.
+GROUPED_COUNTS = [0, 3, 0, 9, 1, 8, 17, 0, 2, 4, 5, 6, 7, 0]
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "sym", "scale_dtype"),
+    [
+        (4, 32, False, torch.float16),
+        (3, 64, False, torch.bfloat16),
+        (2, -1, True, torch.float32),
+        (8, 32, True, torch.float16),
+    ],
+)
+def test_grouped_gemv_is_every_experts_gemv(
+    emulator: Emulator, bits: int, group: int, sym: bool, scale_dtype: torch.dtype
+) -> None:
+    """Each row of the sorted tokens gets exactly its own expert's product: integer data, so the
+    output is the fp64 oracle rounded once, bit for bit; N = 45 is not a multiple of a CTA's 8
+    warps, per-channel K = 101 takes the scalar tail."""
+    n, k = 45, 101 if group == -1 else 128
+    counts = GROUPED_COUNTS
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    w = stacked_weight(len(counts), n, k, bits, group, sym, scale_dtype)
+    gen = torch.Generator().manual_seed(bits * 11 + k)
+    x64 = torch.randint(-2, 3, (offsets[-1], k), generator=gen).double()
+    calls = [grouped_call(w, offsets, x64.to(dt), bits, group) for dt in DTYPES]
+    want = grouped_oracle(w, offsets, x64)
+    for out, dt in zip(emulator.run(calls), DTYPES, strict=True):
+        assert_exact(out["y"], want.to(dt))
+
+
+def test_grouped_gemv_single_expert_and_single_row(emulator: Emulator) -> None:
+    """Degenerate mixtures: one expert holding every row (several tiles), and one row among many
+    experts (grid.y's bound far above the one tile)."""
+    n, k, bits, group = 19, 64, 4, 32
+    one = stacked_weight(1, n, k, bits, group, False, torch.float16)
+    many = stacked_weight(64, n, k, bits, group, False, torch.float16)
+    gen = torch.Generator().manual_seed(5)
+    x_all = torch.randint(-2, 3, (20, k), generator=gen).double()
+    x_one = x_all[:1]
+    lone = [0] * 41 + [1] * 24  # the row goes to expert 40
+    calls = [
+        grouped_call(one, [0, 20], x_all.half(), bits, group),
+        grouped_call(many, lone, x_one.half(), bits, group),
+    ]
+    out = emulator.run(calls)
+    assert_exact(out[0]["y"], grouped_oracle(one, [0, 20], x_all).half())
+    assert_exact(out[1]["y"], (x_one @ many[3][40].T).half())
+
+
+def test_grouped_gemv_refuses_a_grid_it_cannot_launch(emulator: Emulator) -> None:
+    """More CTA rows than a launch takes: the launcher refuses (no launch, no partial output)
+    rather than computing part of the rows; zero rows launch nothing and succeed."""
+    n, k, bits, group = 8, 32, 4, 32
+    w = stacked_weight(2, n, k, bits, group, True, torch.float16)
+    rows = 8 * 65535  # grid rows = 65535 + 2 > 65535
+    big = grouped_call(w, [0, 0, rows], torch.zeros(1, k, dtype=torch.float16), bits, group)
+    big.params["rows"] = rows
+    big.params["expect_error"] = 1
+    empty = grouped_call(w, [0, 0, 0], torch.zeros(0, k, dtype=torch.float16), bits, group)
+    emulator.run([big, empty])
+    assert emulator.last_stdout.count("error invalid argument") == 1

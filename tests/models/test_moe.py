@@ -16,7 +16,8 @@ from quantlab.calib.capture import run_sequential
 from quantlab.methods.base import CalibConfig
 from quantlab.methods.registry import get_method
 from quantlab.models.arch import UnsupportedArchitectureError, linearize, resolve
-from quantlab.models.moe import RoutedExperts, routed_experts
+from quantlab.models.moe import routed_experts
+from quantlab.nn.groupwise_int_experts import GroupwiseIntExperts
 from quantlab.nn.groupwise_int_linear import QuantLinear
 from quantlab.pipeline import quantize_model
 from tests.families import MOE_FAMILIES, tiny_moe_model
@@ -271,7 +272,8 @@ def test_quantized_experts_save_load_and_stay_close_to_float(
     quantlab.save(model, str(tmp_path / "out"), report)
     loaded = quantlab.load(str(tmp_path / "out"))
     experts_path = f"{spec.blocks}.{last}.{layer}.experts"
-    assert isinstance(loaded.get_submodule(experts_path), RoutedExperts)
+    # Loaded groupwise experts run as one grouped op per projection (bit for bit on CPU).
+    assert isinstance(loaded.get_submodule(experts_path), GroupwiseIntExperts)
     with torch.no_grad():
         again = loaded(ids).logits
     torch.testing.assert_close(again, quantized, rtol=0, atol=0)
@@ -288,6 +290,41 @@ def test_quantized_experts_save_load_and_stay_close_to_float(
             experts["experts"] == 8 * sum(1 for b in blocks if routed_experts(b))
             and experts["min_tokens"] == 16
         )
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_lazily_loaded_experts_are_grouped_and_released(tmp_path: Path, family: str) -> None:
+    """A checkpoint opened block by block (the streamed evaluation of a model larger than
+    memory): each loaded block's experts are grouped and compute what the saved model's experts
+    compute; releasing the block returns every expert tensor (and so the stacked storage) to the
+    meta device, and loading it again groups them again."""
+    from quantlab.export.load import open_checkpoint_lazily
+
+    model = tiny_moe_model(family)
+    report = quantize_model(
+        model, get_method("rtn").config_cls(bits=4, group_size=32), progress=False
+    )
+    quantlab.save(model, str(tmp_path / "out"), report)
+    spec = resolve(model, float_linears=False)
+    path = f"{spec.blocks}.1.{_layer(spec)}.experts"
+    saved = model.get_submodule(path)
+    lazy = open_checkpoint_lazily(tmp_path / "out")
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, saved.expert(0).get_submodule(spec.expert_names.gate).in_features,
+                         generator=gen)  # fmt: skip
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(5)])
+    weights = torch.rand(5, 2, generator=gen)
+    with torch.no_grad():
+        want = saved(hidden, index, weights)
+    for _ in range(2):
+        lazy.load(f"{spec.blocks}.1")
+        experts = lazy.model.get_submodule(path)
+        assert isinstance(experts, GroupwiseIntExperts)
+        with torch.no_grad():
+            assert torch.equal(experts(hidden, index, weights), want)
+        lazy.release(f"{spec.blocks}.1")
+        assert all(buf.device.type == "meta" for buf in experts.buffers())
+        assert lazy.loaded_bytes() == 0
 
 
 def test_calibrate_all_experts_gives_every_expert_every_token() -> None:
@@ -514,7 +551,7 @@ def test_transformers_loads_a_quantized_mixture_after_register(tmp_path: Path, f
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     spec = resolve(loaded, float_linears=False)
     experts = loaded.get_submodule(f"{spec.blocks}.1.{_layer(spec)}.experts")
-    assert isinstance(experts, RoutedExperts)
+    assert isinstance(experts, GroupwiseIntExperts)
     assert isinstance(experts.expert(3).get_submodule(spec.expert_names.down), QuantLinear)
     ids = _ids(1)
     with torch.no_grad():
