@@ -347,12 +347,13 @@ def _quantize_locked(
     from transformers import AutoTokenizer
 
     from quantlab.calib.data import load_text, token_stream
+    from quantlab.export.fp8_source import is_float_source
     from quantlab.export.load import checkpoint_kind
     from quantlab.export.model_source import DTYPES, checkpoint_dtype, dtype_name, local_model_dir
     from quantlab.pipeline import quantize_checkpoint
 
     source, name = local_model_dir(args.model)
-    if checkpoint_kind(source) is not None:
+    if not is_float_source(checkpoint_kind(source)):
         raise ValueError(f"--model {args.model} is already a quantized checkpoint")
     if args.dtype == "auto":
         args.dtype = dtype_name(checkpoint_dtype(source, args.device))
@@ -540,6 +541,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     from quantlab.calib.data import load_text, token_stream
     from quantlab.eval.generation import generate_text
+    from quantlab.export.fp8_source import is_float_source
     from quantlab.export.load import checkpoint_kind
     from quantlab.export.model_source import checkpoint_dtype, dtype_name, local_model_dir
 
@@ -566,7 +568,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             sample = generate_text(model, tokenizer, args.prompt) if args.prompt else None
             if args.fairness:
                 fairness = _eval_fairness(model, tokenizer, args)
-    quantized = kind is not None
+    quantized = not is_float_source(kind)
     stored_bits, n_weights = done.storage
     result = {
         "model": name,
@@ -629,15 +631,15 @@ def _open_lazily(path: Path, kind: str | None, args: argparse.Namespace) -> Any:
     AWQ), else None."""
     from transformers import AutoConfig
 
-    from quantlab.export.checkpoint_files import CheckpointFiles
+    from quantlab.export.fp8_source import is_float_source, open_source_checkpoint
     from quantlab.export.lazy_model import LazyModel, empty_model
     from quantlab.export.load import open_checkpoint_lazily
     from quantlab.export.model_source import DTYPES
 
     dtype = DTYPES[args.dtype]
-    if kind is None:
+    if is_float_source(kind):
         model = empty_model(AutoConfig.from_pretrained(path), dtype)
-        return LazyModel(model, CheckpointFiles(path), args.device)
+        return LazyModel(model, open_source_checkpoint(path), args.device)
     return open_checkpoint_lazily(path, args.device, dtype, verify=not args.no_verify)
 
 

@@ -262,7 +262,8 @@ def quantize_checkpoint(
     from transformers import AutoConfig
 
     from quantlab.eval.perplexity import WindowStream
-    from quantlab.export.checkpoint_files import CheckpointFiles, parse_size
+    from quantlab.export.checkpoint_files import parse_size
+    from quantlab.export.fp8_source import open_source_checkpoint, source_reading_notes
     from quantlab.export.lazy_model import LazyModel, empty_model
     from quantlab.export.model_source import checkpoint_dtype
     from quantlab.export.output_guard import check_free_space
@@ -281,8 +282,12 @@ def quantize_checkpoint(
     shard_bytes = parse_size(max_shard_size)
     device = torch.device(device)
     dtype = dtype or checkpoint_dtype(source, device)
-    files = CheckpointFiles(source)
+    files = open_source_checkpoint(source)
     lazy = LazyModel(empty_model(AutoConfig.from_pretrained(source), dtype), files, device)
+    source_notes = source_reading_notes(files, lazy.dropped)
+    if main:
+        for line in source_notes.get("said", []):
+            print(f"quantlab: {line}", file=sys.stderr)
     spec = resolve(lazy.model)
     # Before hours of quantization: a disk that cannot take the result fails now.
     if main:
@@ -414,6 +419,8 @@ def quantize_checkpoint(
                     report.ppl_baseline = before.finish(lazy.model, blocks.blocks, device).to_dict()
         report.details["memory_plan"] = plan.to_dict()
         report.details["storage"] = _linear_storage(lazy.model, files)
+        if source_notes:
+            report.details["source"] = source_notes
         if out is not None:
             report.details["export"] = {"format": out.describe(lazy.model)}
             out.finish(lazy.model, tokenizer, report.to_dict())

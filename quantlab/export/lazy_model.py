@@ -18,7 +18,8 @@ differs from the model's is a :class:`CheckpointError` naming it before any bloc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.export.errors import CheckpointError
 
-__all__ = ["LazyModel", "StoredWeight", "empty_model"]
+__all__ = ["LazyModel", "StoredWeight", "empty_model", "unused_source_tensors"]
 
 
 @contextlib.contextmanager
@@ -68,6 +69,26 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
+def unused_source_tensors(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The checkpoint tensors among ``names`` that ``model``'s transformers class drops when it
+    loads them: those matching its ``_keys_to_ignore_on_load_unexpected`` and those of the
+    multi-token-prediction layers a ``num_nextn_predict_layers`` config appends after the last
+    decoder block (DeepSeek-V3's ``model.layers.61``: transformers has no module for them)."""
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    patterns = [re.compile(p) for p in ignored]
+    config = getattr(model, "config", None)
+    extra_layers = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+    blocks = int(getattr(config, "num_hidden_layers", 0) or 0)
+    mtp = {str(i) for i in range(blocks, blocks + extra_layers)}
+    layer = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    dropped = []
+    for name in names:
+        found = layer.search(name)
+        if any(p.search(name) for p in patterns) or (found and found.group(1) in mtp):
+            dropped.append(name)
+    return dropped
+
+
 class LazyModel:
     """A meta-device ``model`` and the checkpoint its weights come from.
 
@@ -101,6 +122,10 @@ class LazyModel:
             tensors[id(tensor)] = tensor
         known = {name for names in aliases.values() for name in names}
         extra = sorted(set(weights.tensors) - known)
+        # What transformers itself drops on load (DeepSeek-V3's multi-token-prediction layer) is
+        # dropped here too; callers report it.
+        self.dropped = unused_source_tensors(model, extra)
+        extra = sorted(set(extra) - set(self.dropped))
         if extra:
             raise CheckpointError(
                 f"{weights.path}: {len(extra)} tensors the {type(model).__name__} built from its "

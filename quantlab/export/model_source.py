@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from quantlab.export.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from quantlab.export.fp8_source import FP8_QUANT_METHOD, open_source_checkpoint
+from quantlab.export.lazy_model import LazyModel, empty_model
 from quantlab.export.load import LOADABLE_KINDS, checkpoint_kind, load_checkpoint
 
 __all__ = [
@@ -118,9 +120,22 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
-    if checkpoint_kind(path) in LOADABLE_KINDS:
+    kind = checkpoint_kind(path)
+    if kind in LOADABLE_KINDS:
         model = load_checkpoint(path, device=device, dtype=DTYPES[dtype], verify=verify)
         return LoadedModel(model, tokenizer, name, path, quantized=True)
+    if kind == FP8_QUANT_METHOD:
+        # Dequantized as the streamed pipeline reads it (transformers' own FP8 loading wants a
+        # GPU), every tensor at once.
+        from transformers import AutoConfig
+
+        lazy = LazyModel(
+            empty_model(AutoConfig.from_pretrained(path), DTYPES[dtype]),
+            open_source_checkpoint(path),
+            device,
+        )
+        model = lazy.load()
+        return LoadedModel(model, tokenizer, name, path, quantized=False)
     try:
         # safetensors only: a pytorch_model.bin would be unpickled, which quantlab never does.
         model = AutoModelForCausalLM.from_pretrained(
