@@ -10,8 +10,6 @@ by ``torch.compile``.
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import torch
 
 from quantlab.formats.groupwise_int_mma_layout import (
@@ -289,13 +287,10 @@ def grouped_matmul(
         return torch.ops.quantlab.groupwise_int_grouped_mm(
             x, offsets, qweight, scales, qzeros, bits, group_size
         )
-    bounds = offsets.tolist()
-    out = x.new_empty((x.shape[0], qweight.shape[1]))
-    for e, (first, end) in enumerate(pairwise(bounds)):
-        if end > first:
-            zeros = None if qzeros is None else qzeros[e]
-            out[first:end] = _torch_mm(x[first:end], qweight[e], scales[e], zeros, bits, group_size)
-    return out
+    return reference.per_expert(
+        x, offsets, qweight, scales, qzeros,
+        lambda rows, q, sc, z: _torch_mm(rows, q, sc, z, bits, group_size),
+    )  # fmt: skip
 
 
 def mma_repack(

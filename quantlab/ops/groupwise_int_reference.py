@@ -9,6 +9,7 @@ tests compare against, and the documentation of the arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "groupwise_int_dequant",
     "groupwise_int_grouped_mm",
     "groupwise_int_mm",
+    "per_expert",
 ]
 
 
@@ -107,12 +109,26 @@ def groupwise_int_grouped_mm(
     Returns:
         ``[R, N]`` in ``x.dtype``: per expert, :func:`groupwise_int_mm` of its rows.
     """
-    bounds = [int(v) for v in offsets.tolist()]
+    return per_expert(
+        x, offsets, qweight, scales, qzeros,
+        lambda rows, q, sc, z: groupwise_int_mm(rows, q, sc, z, bits, group_size),
+    )  # fmt: skip
+
+
+def per_expert(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    matmul: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """``matmul(rows, qweight[e], scales[e], qzeros[e])`` for each expert ``e`` with rows, written
+    into one ``[R, N]`` result in ``x.dtype`` (the loop of :func:`groupwise_int_grouped_mm`, shared
+    with the ops' torch path)."""
     out = x.new_empty((x.shape[0], qweight.shape[1]))
-    for e, (first, end) in enumerate(pairwise(bounds)):
+    for e, (first, end) in enumerate(pairwise(int(v) for v in offsets.tolist())):
         if end > first:
             zeros = None if qzeros is None else qzeros[e]
-            out[first:end] = groupwise_int_mm(
-                x[first:end], qweight[e], scales[e], zeros, bits, group_size
-            )
+            out[first:end] = matmul(x[first:end], qweight[e], scales[e], zeros)
     return out
