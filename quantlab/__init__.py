@@ -125,15 +125,32 @@ def save(
     report: QuantizationReport,
     tokenizer: Any = None,
     max_shard_size: str | int = "5GB",
+    format: str = "quantlab",  # noqa: A002 (the CLI's --format)
 ) -> Any:
     """Save a model quantized by :func:`quantize` (``report`` is what it returned), atomically and
     with a checksum manifest, in safetensors shards of at most ``max_shard_size`` (one
     ``model.safetensors`` when it fits). ``out_dir`` may be new, empty, or a checkpoint quantlab
     wrote (then replaced once the new one is complete); a file or another non-empty directory
-    there is refused (docs/reliability.md)."""
+    there is refused (docs/reliability.md). ``format``: ``"quantlab"``, or for the
+    groupwise-integer methods ``"gptq"``, ``"awq"`` or ``"compressed-tensors"`` (the layouts
+    transformers and vLLM load; docs/formats.md)."""
     from quantlab.export.checkpoint_files import parse_size
-    from quantlab.export.quantlab_checkpoint import save_quantized
+    from quantlab.export.quantlab_checkpoint import save_quantized, write_in_layout
 
+    if format != "quantlab":
+        from quantlab.export.save import layout_for
+        from quantlab.methods.registry import get_method
+
+        allowed = get_method(report.method).export_formats
+        if format not in allowed:
+            raise ValueError(
+                f"{report.method} checkpoints cannot be written as {format!r} "
+                f"(it writes: {', '.join(allowed)})"
+            )
+        layout = layout_for(format, report.method, report.config)
+        return write_in_layout(
+            model, out_dir, layout, tokenizer, report.to_dict(), parse_size(max_shard_size)
+        )
     return save_quantized(
         model,
         out_dir,

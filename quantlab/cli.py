@@ -115,9 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--format",
         default="quantlab",
-        choices=["quantlab", "gptq", "awq"],
-        help="checkpoint layout: quantlab's own, or the GPTQ or AWQ (GEMM, 4-bit) layout "
-        "transformers/vLLM read (groupwise-integer methods only)",
+        choices=["quantlab", "gptq", "awq", "compressed-tensors"],
+        help="checkpoint layout: quantlab's own, or the GPTQ, AWQ (GEMM, 4-bit) or "
+        "compressed-tensors (pack-quantized, vLLM's native) layout transformers/vLLM read "
+        "(groupwise-integer methods only)",
     )
     q.add_argument(
         "--max-shard-size",

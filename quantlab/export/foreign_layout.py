@@ -1,6 +1,6 @@
-"""What the readers of other tools' groupwise layouts (GPTQ, AWQ) share: finding and checking the
-checkpoint's files and ``quantization_config``, and turning each quantized module's tensors into
-quantlab's groupwise format."""
+"""What the readers of other tools' groupwise layouts (GPTQ, AWQ, compressed-tensors) share:
+finding and checking the checkpoint's files and ``quantization_config``, and turning each
+quantized module's tensors into quantlab's groupwise format."""
 
 from __future__ import annotations
 
@@ -111,10 +111,15 @@ class GroupwiseReading:
     bits: int
     group_size: int
     sym: bool
+    # The suffix that marks a quantized module's tensors (GPTQ's and AWQ's qweight,
+    # compressed-tensors' weight_packed) and the dtype its layers keep their scales in.
+    marker: str = "qweight"
+    scale_dtype: str = "float16"
 
     def module_names(self, stored: Iterable[str]) -> list[str]:
-        """The quantized modules among the ``stored`` tensor names (those with a ``.qweight``)."""
-        return sorted(k[: -len(".qweight")] for k in stored if k.endswith(".qweight"))
+        """The quantized modules among the ``stored`` tensor names (those with a ``marker``)."""
+        end = f".{self.marker}"
+        return sorted(k[: -len(end)] for k in stored if k.endswith(end))
 
     def check_complete(
         self, name: str, stored: Iterable[str] | Mapping[str, Any], where: object
@@ -125,17 +130,18 @@ class GroupwiseReading:
             raise CheckpointError(f"{where}: {name} lacks {missing}")
 
     def specs(self, names: list[str]) -> dict[str, dict[str, Any]]:
-        return groupwise_specs(names, self.bits, self.group_size, self.sym)
+        return groupwise_specs(names, self.bits, self.group_size, self.sym, self.scale_dtype)
 
     def converted(
         self, name: str, tensors: dict[str, torch.Tensor], where: object
     ) -> dict[str, torch.Tensor]:
-        """Module ``name``'s groupwise tensors (fp16 scales) from its ``suffixes`` tensors; a
-        tensor the converter rejects is a :class:`CheckpointError` naming ``where`` and it."""
+        """Module ``name``'s groupwise tensors (scales in ``scale_dtype``) from its ``suffixes``
+        tensors; a tensor the converter rejects is a :class:`CheckpointError` naming ``where``
+        and it."""
         try:
             q, scales, zeros = self.convert(tensors)
             result = GroupwiseIntResult(q, scales, zeros, self.bits, self.group_size)
-            return pack(result, "float16").tensors()
+            return pack(result, self.scale_dtype).tensors()
         except ValueError as exc:
             raise CheckpointError(f"{where}: {name}: {exc}") from exc
 

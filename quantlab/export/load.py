@@ -21,6 +21,10 @@ from quantlab.export.awq_checkpoint import awq_reading, load_awq
 from quantlab.export.bitnet_checkpoint import load_bitnet
 from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint, load_bitstack
 from quantlab.export.checksums import verify_checksums
+from quantlab.export.compressed_tensors_checkpoint import (
+    compressed_tensors_reading,
+    load_compressed_tensors,
+)
 from quantlab.export.errors import CheckpointError
 from quantlab.export.foreign_layout import open_groupwise_lazily
 from quantlab.export.gptq_checkpoint import gptq_reading, load_gptq
@@ -30,6 +34,7 @@ from quantlab.export.quantlab_checkpoint import load_quantized, open_lazily
 from quantlab.export.safetensors_file import TensorInfo, read_header
 from quantlab.export.schema import read_config_json
 from quantlab.export.state_check import check_state_matches_model
+from quantlab.formats.compressed_tensors_layout import CT_QUANT_METHOD
 from quantlab.models.arch import linearize
 from quantlab.nn.swap import swap_in_empty
 
@@ -43,7 +48,7 @@ __all__ = [
 ]
 
 # quant_method values of the layouts :func:`load_checkpoint` reads.
-LOADABLE_KINDS = ("quantlab", "gptq", "awq", "bitnet")
+LOADABLE_KINDS = ("quantlab", "gptq", "awq", CT_QUANT_METHOD, "bitnet")
 
 
 def checkpoint_kind(path: str | os.PathLike[str]) -> str | None:
@@ -87,6 +92,8 @@ def load_checkpoint(
         return load_gptq(path, device=device, dtype=dtype, verify=verify)
     if kind == "awq":
         return load_awq(path, device=device, dtype=dtype, verify=verify)
+    if kind == CT_QUANT_METHOD:
+        return load_compressed_tensors(path, device=device, dtype=dtype, verify=verify)
     if kind == "bitnet":
         return load_bitnet(path, device=device, dtype=dtype)
     return load_quantized(path, device=device, dtype=dtype, verify=verify)
@@ -106,7 +113,11 @@ def open_checkpoint_lazily(
     kind = checkpoint_kind(str(path))
     if kind == "quantlab":
         return open_lazily(path, device, dtype, verify)
-    readings = {"gptq": gptq_reading, "awq": awq_reading}
+    readings = {
+        "gptq": gptq_reading,
+        "awq": awq_reading,
+        CT_QUANT_METHOD: compressed_tensors_reading,
+    }
     if kind in readings:
         return open_groupwise_lazily(readings[kind](path, verify), device, dtype)
     return None

@@ -4,8 +4,9 @@ bound on a checkpoint's size that lets the CLI refuse a full disk before quantiz
 ``quantlab``: quantlab's own layout (:mod:`quantlab.export.quantlab_checkpoint`), any method.
 ``gptq`` and ``awq``: the layouts transformers, vLLM, GPTQModel and AutoAWQ load, for the
 groupwise-integer methods (:mod:`quantlab.export.gptq_checkpoint`,
-:mod:`quantlab.export.awq_checkpoint`). Each method lists the formats it can be written in
-(``Method.export_formats``).
+:mod:`quantlab.export.awq_checkpoint`); ``compressed-tensors``: llm-compressor's
+``pack-quantized``, vLLM's native format (:mod:`quantlab.export.compressed_tensors_checkpoint`).
+Each method lists the formats it can be written in (``Method.export_formats``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from quantlab.export.awq_checkpoint import AWQLayout
 from quantlab.export.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, CheckpointFiles
+from quantlab.export.compressed_tensors_checkpoint import CompressedTensorsLayout
 from quantlab.export.gptq_checkpoint import GPTQLayout
 from quantlab.export.layout import CheckpointLayout, QuantlabLayout
 from quantlab.export.quantlab_checkpoint import write_in_layout
@@ -30,10 +32,11 @@ __all__ = [
     "check_exportable",
     "checkpoint_layout",
     "estimate_checkpoint_bytes",
+    "layout_for",
     "save_checkpoint",
 ]
 
-EXPORT_FORMATS = ("quantlab", "gptq", "awq")
+EXPORT_FORMATS = ("quantlab", "gptq", "awq", "compressed-tensors")
 # config.json (with one quantization_config entry per module), generation config, report,
 # checksum manifest: a fixed allowance plus one per tensor (also covers its safetensors header).
 _FIXED_BYTES = 1 << 20
@@ -54,14 +57,21 @@ def check_exportable(config: Any, export_format: str) -> None:
 
 def checkpoint_layout(export_format: str, config: Any) -> CheckpointLayout:
     """The layout object that writes ``export_format`` for a model quantized with ``config``."""
-    cfg = config.to_dict()
+    return layout_for(export_format, config.method, config.to_dict())
+
+
+def layout_for(export_format: str, method: str, method_config: dict[str, Any]) -> CheckpointLayout:
+    """The layout object that writes ``export_format`` for a model quantized by ``method`` with
+    the settings ``method_config`` (a config's ``to_dict()``, as a report records it)."""
     if export_format == "gptq":
-        return GPTQLayout(cfg)
+        return GPTQLayout(method_config)
     if export_format == "awq":
-        return AWQLayout(cfg)
+        return AWQLayout(method_config)
+    if export_format == "compressed-tensors":
+        return CompressedTensorsLayout(method_config)
     if export_format != "quantlab":
         raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {export_format!r}")
-    return QuantlabLayout(config.method, cfg)
+    return QuantlabLayout(method, method_config)
 
 
 def save_checkpoint(

@@ -113,7 +113,7 @@ METHOD = Method(
     config_cls=RTNConfig,
     run=_run,
     config_from_args=lambda args: RTNConfig(**groupwise_options(args)),
-    export_formats=("quantlab", "gptq", "awq"),
+    export_formats=("quantlab", "gptq", "awq", "compressed-tensors"),
     help="round to nearest, groupwise integers (no calibration)",
     runs_distributed=True,
 )

@@ -3,6 +3,7 @@ experts saved and loaded, for every family the architecture table lists."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -492,7 +493,7 @@ def _expected_float_router_keys(family: str) -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "compressed-tensors"])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_gptq_and_awq_exports_name_every_expert_as_serving_engines_load_it(
     tmp_path: Path, family: str, fmt: str
@@ -502,6 +503,7 @@ def test_gptq_and_awq_exports_name_every_expert_as_serving_engines_load_it(
     (Mixtral: ``block_sparse_moe`` and w1/w3/w2), routers in float under their own names; the
     checkpoint loads back into quantlab's layers to the same logits, bit for bit."""
     from quantlab.export.awq_checkpoint import save_awq
+    from quantlab.export.compressed_tensors_checkpoint import save_compressed_tensors
     from quantlab.export.gptq_checkpoint import save_gptq
 
     model = tiny_moe_model(family)
@@ -512,9 +514,16 @@ def test_gptq_and_awq_exports_name_every_expert_as_serving_engines_load_it(
     if fmt == "gptq":
         out = save_gptq(model, tmp_path / fmt, report.config)[0]
         suffixes = ("qweight", "qzeros", "scales", "g_idx")
-    else:
+    elif fmt == "awq":
         out = save_awq(model, tmp_path / fmt, report.config)
         suffixes = ("qweight", "qzeros", "scales")
+    else:
+        out = save_compressed_tensors(model, tmp_path / fmt, report.config)
+        suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+        ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+        layer_path = f"model.layers.1.{_layer(resolve(model, float_linears=False))}"
+        assert "lm_head" in ignore and f"{layer_path}.gate" in ignore
+        assert not any(".experts." in name for name in ignore)
     stored = checkpoint_tensors(out)
     spec = resolve(model, float_linears=False)
     layer = _layer(spec)
@@ -526,7 +535,7 @@ def test_gptq_and_awq_exports_name_every_expert_as_serving_engines_load_it(
             assert f"model.layers.1.{layer}.experts.{e}.{proj}.weight" not in stored
     for key in _expected_float_router_keys(family):
         assert stored[key].is_floating_point(), key
-    assert not any(key.endswith(("gate.qweight", "shared_expert_gate.qweight")) for key in stored)
+    assert not any(key.endswith(("gate.qweight", "gate.weight_packed")) for key in stored)
     ids = _ids(1)
     with torch.no_grad():
         want = model(ids).logits

@@ -140,7 +140,7 @@ METHOD = Method(
     run=_run,
     config_from_args=_config_from_args,
     add_arguments=_add_arguments,
-    export_formats=("quantlab", "gptq", "awq"),
+    export_formats=("quantlab", "gptq", "awq", "compressed-tensors"),
     help="activation-aware scale search and clipping",
     runs_distributed=True,
 )
