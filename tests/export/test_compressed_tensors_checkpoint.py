@@ -109,3 +109,37 @@ def test_a_method_without_groupwise_layers_cannot_be_written(
     report.method = "bitstack"  # the check is by method, before anything is written
     with pytest.raises(ValueError, match="cannot be written as 'compressed-tensors'"):
         quantlab.save(tiny_llama, str(tmp_path / "ct"), report, format="compressed-tensors")
+
+
+def test_streamed_sharded_export_is_the_in_memory_one(
+    tiny_llama: nn.Module, tmp_path: Path
+) -> None:
+    """``quantlab quantize --format compressed-tensors`` streams block by block into shards; the
+    tensors and the config are those of saving the model quantized in memory."""
+    from quantlab.methods.base import CalibConfig
+    from quantlab.methods.registry import get_method
+    from quantlab.pipeline import quantize_checkpoint, quantize_model
+
+    tiny_llama.save_pretrained(tmp_path / "src")
+    config = get_method("gptq").config_cls(bits=4, group_size=32)
+    samples = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    calib = CalibConfig(batch_size=2)
+    report = quantize_model(tiny_llama, config, calib=calib, samples=samples, progress=False)
+    resident = quantlab.save(
+        tiny_llama, str(tmp_path / "resident"), report, format="compressed-tensors"
+    )
+    quantize_checkpoint(
+        tmp_path / "src", tmp_path / "streamed", config, calib=calib, samples=samples,
+        progress=False, baseline=False, export_format="compressed-tensors",
+        max_shard_size="200KB",
+    )  # fmt: skip
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    want, got = checkpoint_tensors(Path(resident)), checkpoint_tensors(tmp_path / "streamed")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    qc = [
+        json.loads((d / "config.json").read_text())["quantization_config"]
+        for d in (Path(resident), tmp_path / "streamed")
+    ]
+    assert qc[0]["config_groups"] == qc[1]["config_groups"] and qc[0]["ignore"] == qc[1]["ignore"]
