@@ -69,9 +69,50 @@ def _add_eval_args(p: argparse.ArgumentParser, text_default: str) -> None:
     f.add_argument("--fairness-max-pairs", type=int, default=None, help="score only the first N")
 
 
+# What `quantlab` alone prints: the commands a newcomer needs first.
+GETTING_STARTED = """quantlab: low-bit quantization of LLM weights (README.md, docs/).
+
+  quantlab quantize --method gptq --out out/smollm2-gptq     quantize the bundled SmolLM2-135M
+                                                             (4-bit, groups of 64) and evaluate it
+  quantlab eval --model out/smollm2-gptq                     perplexity and a generation check
+  quantlab quantize --model DIR|hub-id --method awq --format compressed-tensors --out OUT
+                                                             your model, in the layout vLLM serves
+
+  quantlab quantize --help      every method and option
+  quantlab --version            versions of quantlab and what it runs on
+"""
+
+
+def _versions() -> str:
+    """quantlab's version and those of what it runs on, without importing them."""
+    import platform
+    from importlib import metadata
+
+    from quantlab import __version__
+
+    parts = [f"quantlab {__version__}", f"python {platform.python_version()}"]
+    for package in ("torch", "transformers"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} (not installed)")
+    built = sorted(
+        p.name.split(".")[0].removeprefix("_C_") for p in Path(__file__).parent.glob("_C_*.so")
+    )
+    parts.append(f"kernel libraries: {', '.join(built) if built else 'none built'}")
+    return ", ".join(parts)
+
+
+class _VersionAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(_versions())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print versions and exit")
+    sub = parser.add_subparsers(dest="command")
 
     q = sub.add_parser("quantize", help="quantize a model, save it, and evaluate it")
     q.add_argument(
@@ -205,6 +246,12 @@ def _parser() -> argparse.ArgumentParser:
         "--prompt",
         default="What is the capital of France?",
         help="prompt for the greedy generation smoke check ('' to skip)",
+    )
+    e.add_argument(
+        "--memory-budget",
+        default=None,
+        help="BitStack checkpoints: load the best prefix of residual blocks that fits this many "
+        "bytes of weights (e.g. 40MB, 0.5GiB); refused for other layouts",
     )
     _add_eval_args(e, "wiki-eval")
     return parser
@@ -542,6 +589,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     from quantlab.calib.data import load_text, token_stream
     from quantlab.eval.generation import generate_text
+    from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint
     from quantlab.export.fp8_source import is_float_source
     from quantlab.export.load import checkpoint_kind
     from quantlab.export.model_source import checkpoint_dtype, dtype_name, local_model_dir
@@ -556,6 +604,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise OSError(f"could not load the tokenizer of {args.model!r}: {exc}") from exc
     tokens = token_stream(tokenizer, load_text(args.text))
     kind = checkpoint_kind(path)
+    if args.memory_budget is not None and not is_bitstack_checkpoint(path):
+        raise ValueError(
+            f"--memory-budget applies to BitStack checkpoints, whose residual blocks load as a "
+            f"prefix; {args.model} is {'a ' + kind if kind else 'a float'} checkpoint"
+        )
     lazy = _open_lazily(path, kind, args)
     streamed = lazy is not None
     done = _streamed_ppl(lazy, tokens, args) if streamed else _resident_ppl(path, tokens, args)
@@ -580,6 +633,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         "eval_tokens": ppl["tokens"],
         # An unquantized model stores its linears in the compute dtype.
         "bits_per_weight": stored_bits / n_weights if n_weights else _dtype_bits(args.dtype),
+        "memory_budget": args.memory_budget,
         "generation": sample,
         "stereotype": fairness,
         "skipped": skipped,
@@ -595,6 +649,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         ("eval tokens", str(result["eval_tokens"])),
         ("bits / weight", f"{result['bits_per_weight']:.3f}"),
     ]
+    if args.memory_budget is not None:
+        rows.append(("memory budget", f"{args.memory_budget} (BitStack blocks loaded to fit)"))
     if fairness is not None:
         rows.append(("stereotype score", _fmt_fairness(fairness)))
     if sample is not None:
@@ -676,7 +732,10 @@ def _resident_ppl(path: Path, tokens: Any, args: argparse.Namespace) -> _Evaluat
     from quantlab.resources import PeakMemory
 
     with PeakMemory(args.device) as peak:
-        loaded = load_model(str(path), args.dtype, args.device, verify=not args.no_verify)
+        loaded = load_model(
+            str(path), args.dtype, args.device, verify=not args.no_verify,
+            memory_budget=args.memory_budget,
+        )  # fmt: skip
         ppl = _eval_ppl(loaded.model, tokens, args)
     return _Evaluated(ppl, quantized_storage(loaded.model), peak, loaded.model)
 
@@ -724,6 +783,9 @@ def _start_distributed(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command is None:
+        print(GETTING_STARTED, end="")
+        return 0
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
     command = shlex.join(["quantlab", *(sys.argv[1:] if argv is None else argv)])

@@ -325,7 +325,7 @@ def test_the_predicate_knows_quantlab_exports_of_foreign_layouts(tmp_path: Path)
         check_output_target(broken, overwrite=True)
 
 
-@pytest.mark.parametrize("fmt", ["quantlab", "gptq", "awq"])
+@pytest.mark.parametrize("fmt", ["quantlab", "gptq", "awq", "compressed-tensors"])
 def test_quantize_streams_and_its_ppl_is_the_written_checkpoints(
     tmp_path: Path,
     tiny_model_dir: Path,
@@ -388,3 +388,56 @@ def test_eval_skips_the_generation_check_when_the_model_does_not_fit(
     again = json.loads(capsys.readouterr().out)
     assert again["generation"] is not None and again["skipped"] is None
     assert again["ppl"] == result["ppl"]
+
+
+def test_eval_loads_a_bitstack_checkpoint_to_a_memory_budget(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quantlab eval --memory-budget` loads the BitStack prefix that fits (the perplexity of
+    ``quantlab.load(..., memory_budget=)``), and refuses the option for any other layout."""
+    from quantlab.calib.data import load_text, token_stream
+    from quantlab.eval.perplexity import perplexity
+    from quantlab.export.bitstack_checkpoint import plan_from_checkpoint
+
+    bs = tmp_path / "bs"
+    quantize = ["quantize", "--model", str(tiny_model_dir), "--method", "bitstack", "--blocks"]
+    common = ["--no-progress", "--json", "--eval-windows", "1", "--eval-seq-len", "64"]
+    assert main([*quantize, "3", "--calib-samples", "4", "--calib-seq-len", "64",
+                 "--out", str(bs), "--no-eval", *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    import torch
+    from transformers import AutoTokenizer
+
+    budget = plan_from_checkpoint(bs, torch.float32).config_bytes(1)
+    evaluate = ["eval", "--model", str(bs), "--prompt", "", *common]
+    assert main([*evaluate, "--memory-budget", str(budget)]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert main(evaluate) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert (
+        small["memory_budget"] == str(budget) and small["bits_per_weight"] < full["bits_per_weight"]
+    )
+    tokens = token_stream(AutoTokenizer.from_pretrained(tiny_model_dir), load_text("wiki-eval"))
+    model = quantlab.load(str(bs), memory_budget=budget)
+    assert small["ppl"] == perplexity(model, tokens, 64, 1, progress=False).ppl
+
+    rtn = tmp_path / "rtn"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--group-size",
+                 "32", "--out", str(rtn), "--no-eval", *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", "--model", str(rtn), "--memory-budget", "1MB", *common]) == 2
+    assert "--memory-budget applies to BitStack checkpoints" in capsys.readouterr().err
+
+
+def test_version_and_the_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`quantlab --version` names quantlab, torch and the kernel libraries; `quantlab` alone
+    prints the commands to start with (and succeeds)."""
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"quantlab {quantlab.__version__}, python ") and "torch " in out
+    assert "kernel libraries: " in out
+    assert main([]) == 0
+    guide = capsys.readouterr().out
+    assert "quantlab quantize --method gptq" in guide and "quantlab eval --model" in guide

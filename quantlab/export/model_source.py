@@ -105,10 +105,15 @@ def local_model_dir(spec: str) -> tuple[Path, str]:
 
 
 def load_model(
-    spec: str, dtype: str = "float32", device: str = "cpu", verify: bool = True
+    spec: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    verify: bool = True,
+    memory_budget: str | int | float | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer (quantlab checkpoints come back with QuantLinear layers,
-    loaded strictly; ``verify``: also check their files against the recorded checksums)."""
+    loaded strictly; ``verify``: also check their files against the recorded checksums;
+    ``memory_budget``: a BitStack checkpoint's prefix, see :func:`quantlab.load`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantlab.models.arch import linearize
@@ -122,7 +127,9 @@ def load_model(
         raise OSError(f"could not load the tokenizer of {spec!r}: {exc}") from exc
     kind = checkpoint_kind(path)
     if kind in LOADABLE_KINDS:
-        model = load_checkpoint(path, device=device, dtype=DTYPES[dtype], verify=verify)
+        model = load_checkpoint(
+            path, device=device, dtype=DTYPES[dtype], memory_budget=memory_budget, verify=verify
+        )
         return LoadedModel(model, tokenizer, name, path, quantized=True)
     if kind == FP8_QUANT_METHOD:
         # Dequantized as the streamed pipeline reads it (transformers' own FP8 loading wants a
