@@ -254,7 +254,54 @@ def _parser() -> argparse.ArgumentParser:
         "bytes of weights (e.g. 40MB, 0.5GiB); refused for other layouts",
     )
     _add_eval_args(e, "wiki-eval")
+
+    i = sub.add_parser("info", help="what a checkpoint is: layout, method, bits, sizes, engines")
+    i.add_argument("path", help="checkpoint directory")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    i.add_argument(
+        "--no-hash", action="store_true", help="skip the content hash (it reads every tensor)"
+    )
+    i.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    """``quantlab info DIR``: the checkpoint's description (quantlab.export.info) as a table."""
+    from quantlab.export.info import checkpoint_info
+
+    info = checkpoint_info(args.path, with_hash=not args.no_hash)
+    rows = [
+        ("path", info["path"]),
+        ("layout", f"{info['layout']}" + (f" ({info['format']})" if info.get("format") else "")),
+        ("model", f"{info['model_type']} {info['architectures']}"),
+    ]
+    if info.get("method"):
+        rows.append(("method", str(info["method"])))
+    if info.get("method_config"):
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(info["method_config"].items()))
+        rows.append(("settings", settings))
+    if info.get("quantized_linears") is not None:
+        rows.append(("quantized linears", str(info["quantized_linears"])))
+    for encoding, count in (info.get("modules") or {}).items():
+        rows.append((f"  {count} x", encoding))
+    if info.get("bits_per_weight") is not None:
+        rows.append(("bits / weight", f"{info['bits_per_weight']:.3f}"))
+    rows.append(("on disk", f"{info['disk_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files"))
+    rows.append(
+        ("in memory", f"{info['memory_bytes'] / 2**20:.1f} MiB (floats in {info['float_dtype']})")
+    )
+    for point in info.get("budget_curve") or []:
+        rows.append(
+            (
+                "  budget",
+                f"{point['memory_bytes'] / 2**20:.1f} MiB: +{point['blocks_added']} blocks",
+            )
+        )
+    if "content_hash" in info:
+        rows.append(("content hash", info["content_hash"]))
+    rows.append(("loads in", ", ".join(info["engines"])))
+    _print_table("quantlab info", rows, to_stderr=args.json)
+    return info
 
 
 def _method_config(args: argparse.Namespace) -> Any:
@@ -795,7 +842,9 @@ def main(argv: list[str] | None = None) -> int:
 
         started = _start_distributed(args)
         reset_usage()
-        result = cmd_quantize(args, command) if args.command == "quantize" else cmd_eval(args)
+        commands = {"quantize": lambda: cmd_quantize(args, command), "eval": lambda: cmd_eval(args)}
+        commands["info"] = lambda: cmd_info(args)
+        result = commands[args.command]()
     except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError, MemoryError) as exc:
         if os.environ.get("QUANTLAB_DEBUG"):
             raise

@@ -441,3 +441,58 @@ def test_version_and_the_bare_command(capsys: pytest.CaptureFixture[str]) -> Non
     assert main([]) == 0
     guide = capsys.readouterr().out
     assert "quantlab quantize --method gptq" in guide and "quantlab eval --model" in guide
+
+
+def test_info_describes_every_layout(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quantlab info` on a float checkpoint and on quantlab's, GPTQ, AWQ, compressed-tensors and
+    BitStack layouts: the layout, the quantized linears and their encoding, bits per weight, the
+    engines, and a content hash that depends on the weights only (not on sharding)."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.export.checkpoint_files import CheckpointFiles
+    from quantlab.export.info import content_hash
+
+    def info(path: Path, *extra: str) -> dict:
+        assert main(["info", str(path), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    float_info = info(tiny_model_dir)
+    assert float_info["layout"] == "float" and "vLLM" in float_info["engines"]
+    assert float_info["content_hash"].startswith("sha256:")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    report = quantlab.quantize(model, "rtn", bits=4, group_size=32, progress=False)
+    seen = {}
+    for fmt in ("quantlab", "gptq", "awq", "compressed-tensors"):
+        out = Path(quantlab.save(model, str(tmp_path / fmt), report, format=fmt))
+        got = info(out)
+        assert got["layout"] == fmt, fmt
+        assert got["quantized_linears"] == 14 and 4 < got["bits_per_weight"] < 5, fmt
+        (encoding,) = got["modules"]
+        assert "bits 4" in encoding and "group_size 32" in encoding, encoding
+        assert got["method"] == "rtn" or fmt == "awq", (fmt, got["method"])
+        assert got["engines"], fmt
+        seen[fmt] = got
+    assert "vLLM" in seen["compressed-tensors"]["engines"]
+    assert "vLLM" not in seen["quantlab"]["engines"]
+    assert "content_hash" not in info(tmp_path / "gptq", "--no-hash")
+    # The same tensors sharded hash the same.
+    sharded = tmp_path / "sharded"
+    quantlab.save(model, str(sharded), report, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert content_hash(CheckpointFiles(sharded)) == content_hash(
+        CheckpointFiles(tmp_path / "quantlab")
+    )
+
+    bs = tmp_path / "bs"
+    common = ["--no-progress", "--no-eval", "--calib-samples", "4", "--calib-seq-len", "64"]
+    assert main(["quantize", "--model", str(tiny_model_dir), "--method", "bitstack", "--blocks",
+                 "3", "--out", str(bs), *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    got = info(bs, "--no-hash")
+    curve = got["budget_curve"]
+    assert got["layout"] == "bitstack" and curve[0]["blocks_added"] == 0
+    assert [p["memory_bytes"] for p in curve] == sorted(p["memory_bytes"] for p in curve)
+    assert curve[-1]["memory_bytes"] > curve[0]["memory_bytes"]
