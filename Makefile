@@ -6,7 +6,7 @@ OUT ?= out/smollm2-rtn-w4g64
 .PHONY: setup demo demo-gptq demo-awq test test-fast lint bench bench-gpu cuda-check clean
 
 setup:
-	bash scripts/setup_env.sh
+	@bash scripts/setup_env.sh
 
 ## Quantize the bundled SmolLM2-135M-Instruct with RTN W4 g64, evaluate it, print the summary table.
 demo: setup

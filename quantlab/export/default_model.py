@@ -8,10 +8,14 @@ quantlab cache, and every later use loads that directory (about 1.5 s).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from quantlab.export.atomic import OutputLockedError, atomic_directory, output_lock
@@ -88,6 +92,19 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and notices while it converts go to a buffer, shown only if
+    the conversion fails (one summary line says it succeeded)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue()[-4000:])
+        raise
+
+
 def _is_converted(target: Path, gguf: Path) -> bool:
     try:
         info = json.loads((target / _MARKER).read_text())
@@ -109,8 +126,14 @@ def default_model_dir() -> Path:
         try:
             with output_lock(target, command="default model conversion"):
                 if not _is_converted(target, gguf):
-                    with atomic_directory(target) as tmp:
+                    start = time.monotonic()
+                    with atomic_directory(target) as tmp, _quiet_transformers():
                         _convert(gguf, tmp)
+                    print(
+                        f"quantlab: converted the bundled {DEFAULT_MODEL_NAME} GGUF once into "
+                        f"{target} ({time.monotonic() - start:.0f} s)",
+                        file=sys.stderr,
+                    )
         except OutputLockedError:
             if time.monotonic() > deadline:
                 raise
