@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from quantlab.export.bitnet_checkpoint import bitnet_modules
 from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint, plan_from_checkpoint
 from quantlab.export.checkpoint_files import CheckpointFiles
 from quantlab.export.fp8_source import FP8_QUANT_METHOD
+from quantlab.export.lazy_model import empty_model
 from quantlab.export.load import checkpoint_kind, open_checkpoint_lazily
 from quantlab.export.schema import read_config_json
 from quantlab.formats.compressed_tensors_layout import CT_QUANT_METHOD
@@ -73,6 +75,26 @@ def _memory_bytes(model: torch.nn.Module, float_bytes: int) -> int:
     return total
 
 
+def _bitnet_summary(root: Path, qcfg: dict[str, Any], files: CheckpointFiles) -> dict[str, Any]:
+    """A BitNet b1.58 checkpoint's ternary linears (as :func:`load_bitnet` finds them) and the
+    bits quantlab stores them in once loaded (2-bit codes, one fp32 scale per tensor)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root)
+    config.quantization_config = None
+    model = empty_model(config)
+    dtypes = {name: t.dtype for name, t in files.tensors.items()}
+    names = bitnet_modules(model, qcfg, dtypes)
+    weights = sum(model.get_submodule(n).weight.numel() for n in names)
+    mode = qcfg.get("quantization_mode", "offline")
+    linear = qcfg.get("linear_class", "bitlinear")
+    return {
+        "modules": {f"ternary (BitNet b1.58, {mode}, {linear})": len(names)},
+        "quantized_linears": len(names),
+        "bits_per_weight": (2 * weights + 32 * len(names)) / weights if weights else None,
+    }
+
+
 def checkpoint_info(path: str | os.PathLike[str], with_hash: bool = True) -> dict[str, Any]:
     """The description ``quantlab info`` prints (module docstring); ``with_hash`` reads every
     tensor once for the content hash."""
@@ -121,6 +143,8 @@ def checkpoint_info(path: str | os.PathLike[str], with_hash: bool = True) -> dic
         info["bits_per_weight"] = bits / weights if weights else None
         info["memory_bytes"] = _memory_bytes(lazy.model, float_bytes)
         lazy.weights.close()
+    if layout == "bitnet":
+        info.update(_bitnet_summary(root, qcfg, files))
     if bitstack:
         plan = plan_from_checkpoint(root, float_dtype, verify=False)
         info["modules"] = {"bitstack": len(plan.modules)}

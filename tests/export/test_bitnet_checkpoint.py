@@ -188,3 +188,15 @@ def test_bad_checkpoints_are_reported(tmp_path: Path) -> None:
     (root / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not a BitNet checkpoint"):
         load_bitnet(root)
+
+
+def test_info_describes_a_bitnet_checkpoint(tmp_path: Path) -> None:
+    """``quantlab info`` finds the ternary linears the loader converts and the bits it stores."""
+    from quantlab.export.info import checkpoint_info
+
+    root = _write(_bitnet_model(), tmp_path / "bitnet")
+    info = checkpoint_info(root, with_hash=False)
+    assert info["layout"] == "bitnet" and "transformers" in info["engines"]
+    assert info["quantized_linears"] == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert info["modules"] == {"ternary (BitNet b1.58, offline, autobitlinear)": 14}
+    assert 2.0 < info["bits_per_weight"] < 2.1
