@@ -181,3 +181,16 @@ def test_fp8_checkpoints_quantlab_cannot_read_are_refused(
         path = _rewrite(checkpoints["fp8"], tmp_path / str(i), content, config)
         with pytest.raises(CheckpointError, match=message):
             open_source_checkpoint(path)
+
+
+def test_info_describes_an_fp8_release(checkpoints: dict[str, Path]) -> None:
+    from quantlab.export.info import checkpoint_info
+
+    info = checkpoint_info(checkpoints["fp8"], with_hash=False)
+    assert info["layout"] == "fp8" and info["quantized_linears"] == len(
+        open_source_checkpoint(checkpoints["fp8"]).scaled
+    )
+    assert info["modules"] == {
+        "fp8 (block scales 20 x 24; read as bf16)": info["quantized_linears"]
+    }
+    assert 8 < info["bits_per_weight"] < 8.1
