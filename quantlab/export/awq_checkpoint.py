@@ -22,7 +22,7 @@ from quantlab.export.foreign_layout import (
     load_groupwise,
     read_foreign_checkpoint,
 )
-from quantlab.export.layout import layer_state, validated_packed
+from quantlab.export.layout import float_linear_names, layer_state, validated_packed
 from quantlab.export.quantlab_checkpoint import write_in_layout
 from quantlab.formats.awq_layout import awq_quantization_config, from_awq_tensors, to_awq_tensors
 from quantlab.formats.groupwise_int import unpack
@@ -73,7 +73,7 @@ class AWQLayout:
     def quantization_config(self, model: nn.Module) -> dict[str, Any]:
         if self.encoding is None:
             raise ValueError("the model has no QuantLinear modules; quantize it before saving")
-        float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        float_linears = float_linear_names(model)
         qconfig = awq_quantization_config(*self.encoding, float_linears or None)
         qconfig["quantlab"] = {"method": self.method_config.get("method", "unknown")}
         return qconfig

@@ -27,7 +27,7 @@ from quantlab.export.foreign_layout import (
     load_groupwise,
     read_foreign_checkpoint,
 )
-from quantlab.export.layout import layer_state, validated_packed
+from quantlab.export.layout import float_linear_names, layer_state, validated_packed
 from quantlab.export.quantlab_checkpoint import write_in_layout
 from quantlab.formats.compressed_tensors_layout import (
     CT_FORMAT,
@@ -52,18 +52,6 @@ __all__ = [
 
 CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 _PACKED = ("qweight", "scales", "qzeros")
-
-
-def _float_linear(module: nn.Module) -> bool:
-    """A linear map left in float: an ``nn.Linear`` (the head) or a module holding a 2-D weight
-    like one (transformers' MoE routers, ``MixtralTopKRouter``), not an embedding. The config's
-    ``ignore`` lists them so that a loader matching ``Linear`` quantizes none of them."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) or (
-        isinstance(weight, nn.Parameter)
-        and weight.dim() == 2
-        and not isinstance(module, (nn.Embedding, QuantLinear))
-    )
 
 
 class CompressedTensorsLayout:
@@ -91,7 +79,7 @@ class CompressedTensorsLayout:
     def quantization_config(self, model: nn.Module) -> dict[str, Any]:
         if not self.groups:
             raise ValueError("the model has no QuantLinear modules; quantize it before saving")
-        ignore = [name for name, m in model.named_modules() if _float_linear(m)]
+        ignore = float_linear_names(model)
         act_order = bool(self.method_config.get("act_order", False))
         qconfig = ct_quantization_config(self.groups, len(self.groups) == 1, ignore, act_order)
         qconfig["quantlab"] = {"method": self.method_config.get("method", "unknown")}
@@ -199,9 +187,4 @@ def load_compressed_tensors(
 ) -> nn.Module:
     """Load a compressed-tensors ``pack-quantized`` checkpoint as a transformers model with
     QuantLinear layers."""
-    try:
-        return load_groupwise(compressed_tensors_reading(path, verify), device, dtype)
-    except ValueError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: {exc}") from exc
+    return load_groupwise(compressed_tensors_reading(path, verify), device, dtype)

@@ -20,7 +20,7 @@ import torch
 from quantlab.export.bitnet_checkpoint import bitnet_modules
 from quantlab.export.bitstack_checkpoint import is_bitstack_checkpoint, plan_from_checkpoint
 from quantlab.export.checkpoint_files import CheckpointFiles
-from quantlab.export.fp8_source import FP8_QUANT_METHOD, Fp8BlockFiles, open_source_checkpoint
+from quantlab.export.fp8_source import FP8_QUANT_METHOD, Fp8BlockFiles, fp8_block_size
 from quantlab.export.lazy_model import empty_model
 from quantlab.export.load import checkpoint_kind, open_checkpoint_lazily
 from quantlab.export.schema import read_config_json
@@ -146,9 +146,10 @@ def checkpoint_info(path: str | os.PathLike[str], with_hash: bool = True) -> dic
     if layout == "bitnet":
         info.update(_bitnet_summary(root, qcfg, files))
     if layout == FP8_QUANT_METHOD:
-        source = open_source_checkpoint(root)
-        assert isinstance(source, Fp8BlockFiles)
-        bn, bk = source.block
+        block = fp8_block_size(config, root)
+        assert block is not None
+        source = Fp8BlockFiles(files, block)
+        bn, bk = block
         info["modules"] = {f"fp8 (block scales {bn} x {bk}; read as bf16)": len(source.scaled)}
         info["quantized_linears"] = len(source.scaled)
         info["bits_per_weight"] = 8 + 32 / (bn * bk)

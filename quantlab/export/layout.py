@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from quantlab.export.schema import quantization_config_of
-from quantlab.nn.registry import quantized_modules
+from quantlab.nn.registry import is_quantized, quantized_modules
 
 __all__ = [
     "CheckpointLayout",
     "QuantlabLayout",
+    "float_linear_names",
     "layer_state",
     "layout_state",
     "state_dict_without_shared",
@@ -47,6 +48,24 @@ class CheckpointLayout(Protocol):
     def describe(self) -> str:
         """The layout written, for the summary (``"quantlab groupwise_int v1"``, ``"gptq_v2"``)."""
         ...
+
+
+def float_linear_names(model: nn.Module) -> list[str]:
+    """The linear maps a quantized ``model`` leaves in float, sorted: every ``nn.Linear`` (the
+    head) and every module holding a 2-D weight like one (transformers' MoE routers such as
+    ``MixtralTopKRouter``), embeddings and quantized layers excepted. What a layout's config
+    lists as not converted, so a loader that quantizes by class converts none of them."""
+    names = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) or (
+            isinstance(weight, nn.Parameter)
+            and weight.dim() == 2
+            and not isinstance(module, nn.Embedding)
+            and not is_quantized(module)
+        ):
+            names.append(name)
+    return sorted(names)
 
 
 def validated_packed(name: str, layer: nn.Module) -> Any:
